@@ -1,0 +1,36 @@
+//! `/shoal/v1/dataplane`: the node's desired overlay state (read, replace) and the BPF
+//! programs' counters.
+
+use std::sync::Arc;
+
+use axum::{body::Bytes, extract::State, Json};
+use shoal_api::dataplane::{Counter, DataplaneSpec};
+
+use crate::{
+    api::{ApiError, Node},
+    daemon,
+};
+
+pub async fn show(State(node): State<Arc<Node>>) -> Json<DataplaneSpec> {
+    Json(node.dataplane.lock().await.spec().clone())
+}
+
+/// Replaces the whole desired state. Answers only once the kernel matches it and it is on
+/// disk, so an acknowledged state survives a restart.
+pub async fn replace(
+    State(node): State<Arc<Node>>,
+    body: Bytes,
+) -> Result<Json<DataplaneSpec>, ApiError> {
+    let spec: DataplaneSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+    let mut dataplane = node.dataplane.lock().await;
+    dataplane.apply(spec.clone()).await?;
+    daemon::save_json(&node.dataplane_file, &spec).map_err(|e| {
+        ApiError::Internal(format!("saving {}: {e}", node.dataplane_file.display()))
+    })?;
+    Ok(Json(spec))
+}
+
+pub async fn stats(State(node): State<Arc<Node>>) -> Result<Json<Vec<Counter>>, ApiError> {
+    Ok(Json(node.dataplane.lock().await.counters()?))
+}

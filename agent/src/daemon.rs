@@ -1,0 +1,148 @@
+//! `shoald`'s life: parse the configuration, bring up the network role and the API, serve
+//! until SIGTERM or SIGINT, then detach from the kernel in order.
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context;
+use clap::Parser;
+use serde::{de::DeserializeOwned, Serialize};
+use shoal_api::dataplane::DataplaneSpec;
+use tokio::{
+    net::UnixListener,
+    signal::unix::{signal, SignalKind},
+    sync::Mutex,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    api::{self, Node},
+    net::{Dataplane, NetConfig, VXLAN_PORT},
+};
+
+/// The shoal node daemon.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "shoald", version)]
+pub struct Config {
+    /// Name of this node (defaults to the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// This node's address on the underlay network, used for VXLAN.
+    #[arg(long)]
+    pub advertise_addr: Ipv4Addr,
+    /// Directory for the node's state.
+    #[arg(long, default_value = "/var/lib/shoal")]
+    pub data_root: PathBuf,
+    /// Unix socket of the API.
+    #[arg(long, default_value = "/run/shoal/shoal.sock")]
+    pub socket: PathBuf,
+    /// bpffs directory under which this node pins its maps (in `<bpf-root>/<node-name>`).
+    #[arg(long, default_value = "/sys/fs/bpf/shoal")]
+    pub bpf_root: PathBuf,
+    /// UDP port of the VXLAN data path.
+    #[arg(long, default_value_t = VXLAN_PORT)]
+    pub vxlan_port: u16,
+}
+
+impl Config {
+    fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".into())
+        })
+    }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let node_name = config.node_name();
+    info!(node = %node_name, addr = %config.advertise_addr, "shoald starting");
+    std::fs::create_dir_all(&config.data_root)
+        .with_context(|| format!("creating {}", config.data_root.display()))?;
+    // Signals first: a SIGTERM during start-up must still end in an orderly shutdown.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let net = NetConfig {
+        node_addr: config.advertise_addr,
+        pin_dir: config.bpf_root.join(&node_name),
+        vxlan_port: config.vxlan_port,
+    };
+    let mut dataplane = Dataplane::start(net)
+        .await
+        .context("starting the data plane")?;
+    let dataplane_file = config.data_root.join("dataplane.json");
+    match load_json::<DataplaneSpec>(&dataplane_file) {
+        Ok(Some(spec)) => {
+            if let Err(e) = dataplane.apply(spec).await {
+                warn!(error = %e, "the saved dataplane state no longer applies; starting empty");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(error = %e, file = %dataplane_file.display(), "ignoring unreadable saved state")
+        }
+    }
+    let node = Arc::new(Node {
+        dataplane: Mutex::new(dataplane),
+        dataplane_file,
+    });
+
+    let listener = bind(&config.socket)?;
+    info!(socket = %config.socket.display(), "API listening");
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("SIGINT: shutting down"),
+        }
+    };
+    let served = api::serve(listener, node.clone(), shutdown).await;
+    if let Err(e) = &served {
+        error!(error = %e, "API server failed");
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    match Arc::try_unwrap(node) {
+        Ok(node) => node.dataplane.into_inner().shutdown(),
+        Err(node) => node.dataplane.lock().await.detach_all(),
+    }
+    info!("shoald stopped");
+    served.context("serving the API")
+}
+
+fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a daemon that was killed refuses new binds.
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
+    }
+    UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))
+}
+
+/// Writes `value` to `path` atomically and durably: temp file, fsync, rename, fsync dir.
+pub fn save_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(value)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn load_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,56 @@
+//! Errors of the network role, split by whether the caller's input or the kernel is at fault.
+
+use shoal_api::dataplane::SpecError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The desired state is inconsistent in itself.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A local endpoint names an interface this node does not have.
+    #[error("no such interface: {0}")]
+    InterfaceNotFound(String),
+    /// An endpoint on this node came without its host-side interface.
+    #[error("endpoint {0} runs on this node but names no interface")]
+    MissingInterface(std::net::Ipv4Addr),
+    /// Two endpoints claim the same host-side interface.
+    #[error("interface {0} is claimed by more than one endpoint")]
+    InterfaceShared(String),
+    /// A local endpoint's interface has no Ethernet address (not a veth).
+    #[error("interface {0} has no Ethernet address")]
+    NotEthernet(String),
+    #[error("bpffs: {0}")]
+    BpfFs(String),
+    #[error("loading the BPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl NetError {
+    /// True when the request was wrong and nothing was changed (HTTP 400).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            NetError::Spec(_)
+                | NetError::InterfaceNotFound(_)
+                | NetError::MissingInterface(_)
+                | NetError::InterfaceShared(_)
+                | NetError::NotEthernet(_)
+        )
+    }
+}

@@ -1,0 +1,137 @@
+//! Network devices through rtnetlink: finding workload interfaces and owning the node's
+//! `vxlan external` device. The only module that speaks netlink.
+
+use futures::TryStreamExt;
+use rtnetlink::{
+    packet_route::link::{
+        InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage,
+    },
+    Handle, LinkVxlan,
+};
+use tracing::info;
+
+use crate::net::{overlay::LinkInfo, NetError};
+
+/// errno of "no such device", the answer to a lookup by a name that does not exist.
+const ENODEV: i32 = 19;
+
+/// A netlink connection in the agent's network namespace.
+pub struct Links {
+    handle: Handle,
+}
+
+impl Links {
+    /// Opens the connection; must run inside the tokio runtime that will drive it.
+    pub fn connect() -> Result<Self, NetError> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Links { handle })
+    }
+
+    /// The interface called `name`, or `None` when there is none.
+    pub async fn by_name(&self, name: &str) -> Result<Option<LinkInfo>, NetError> {
+        let Some(msg) = self.message(name).await? else {
+            return Ok(None);
+        };
+        let mac = msg
+            .attributes
+            .iter()
+            .find_map(|attr| match attr {
+                LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| NetError::NotEthernet(name.to_owned()))?;
+        Ok(Some(LinkInfo {
+            index: msg.header.index,
+            mac,
+        }))
+    }
+
+    /// Makes sure a collect-metadata VXLAN device called `name` exists on `port` and is up;
+    /// returns its ifindex. A device left by an earlier run is adopted when it has the right
+    /// shape (so a restart does not disturb traffic) and replaced otherwise.
+    pub async fn ensure_vxlan(&self, name: &str, port: u16, mtu: u32) -> Result<u32, NetError> {
+        if let Some(existing) = self.message(name).await? {
+            if is_external_vxlan(&existing, port) {
+                self.set_up(existing.header.index).await?;
+                return Ok(existing.header.index);
+            }
+            info!(
+                device = name,
+                "replacing a device that is not an external VXLAN on our port"
+            );
+            self.handle
+                .link()
+                .del(existing.header.index)
+                .execute()
+                .await?;
+        }
+        let request = LinkVxlan::new(name, 0)
+            .port(port)
+            .collect_metadata(true)
+            .learning(false)
+            .mtu(mtu)
+            .up()
+            .build();
+        // `LinkVxlan::new` always sets a VNI; an external device must not carry one.
+        let request = strip_vni(request);
+        self.handle.link().add(request).execute().await?;
+        let created = self
+            .message(name)
+            .await?
+            .ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
+        Ok(created.header.index)
+    }
+
+    async fn set_up(&self, index: u32) -> Result<(), NetError> {
+        let msg = rtnetlink::LinkUnspec::new_with_index(index).up().build();
+        self.handle.link().set(msg).execute().await?;
+        Ok(())
+    }
+
+    async fn message(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(msg) => Ok(msg),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -ENODEV => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn strip_vni(mut msg: LinkMessage) -> LinkMessage {
+    for attr in &mut msg.attributes {
+        if let LinkAttribute::LinkInfo(infos) = attr {
+            for info in infos {
+                if let NlLinkInfo::Data(InfoData::Vxlan(vxlan)) = info {
+                    vxlan.retain(|v| !matches!(v, InfoVxlan::Id(_)));
+                }
+            }
+        }
+    }
+    msg
+}
+
+fn is_external_vxlan(msg: &LinkMessage, port: u16) -> bool {
+    let infos = msg.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::LinkInfo(infos) => Some(infos),
+        _ => None,
+    });
+    let Some(infos) = infos else { return false };
+    let is_vxlan = infos
+        .iter()
+        .any(|i| matches!(i, NlLinkInfo::Kind(InfoKind::Vxlan)));
+    let data = infos.iter().find_map(|i| match i {
+        NlLinkInfo::Data(InfoData::Vxlan(data)) => Some(data),
+        _ => None,
+    });
+    is_vxlan
+        && data.is_some_and(|d| {
+            d.contains(&InfoVxlan::CollectMetadata(true)) && d.contains(&InfoVxlan::Port(port))
+        })
+}

@@ -1,0 +1,272 @@
+//! A node's desired overlay state: networks and the endpoints on them, anywhere in the cluster.
+//!
+//! The control plane computes one of these per node; until it exists the lab and tests send it
+//! to the agent's `PUT /shoal/v1/dataplane`. The agent turns it into BPF map entries.
+
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::MacAddr;
+
+/// Largest VXLAN network identifier (24 bits).
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+/// MTU of an overlay interface over a 1500-byte underlay: VXLAN adds 50 bytes.
+pub const DEFAULT_OVERLAY_MTU: u32 = 1450;
+/// Longest Linux interface name (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DataplaneSpec {
+    #[serde(default)]
+    pub networks: Vec<OverlayNetwork>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One overlay network: a flat IPv4 subnet carried over VXLAN with its own VNI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct OverlayNetwork {
+    pub name: String,
+    /// VXLAN network identifier, 1..=2^24-1, unique in the cluster.
+    pub vni: u32,
+    pub subnet: Ipv4Net,
+    /// MTU for workload interfaces; `DEFAULT_OVERLAY_MTU` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// One address on an overlay network, on some node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Endpoint {
+    /// Name of the `OverlayNetwork` it is attached to.
+    pub network: String,
+    pub addr: Ipv4Addr,
+    pub mac: MacAddr,
+    /// Underlay address of the node that runs it.
+    pub node_addr: Ipv4Addr,
+    /// Host-side veth of the endpoint; required on the node that runs it, ignored elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+}
+
+/// What is wrong with a `DataplaneSpec`; the agent answers 400 with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("network name must not be empty")]
+    EmptyNetworkName,
+    #[error("network {0:?} is declared twice")]
+    DuplicateNetwork(String),
+    #[error("network {name:?}: VNI {vni} is outside 1..={VNI_MAX}")]
+    VniOutOfRange { name: String, vni: u32 },
+    #[error("network {name:?}: VNI {vni} is already used by another network")]
+    DuplicateVni { name: String, vni: u32 },
+    #[error("network {name:?}: MTU {mtu} is outside 576..=9000")]
+    MtuOutOfRange { name: String, mtu: u32 },
+    #[error("endpoint {addr}: network {network:?} is not declared")]
+    UnknownNetwork { network: String, addr: Ipv4Addr },
+    #[error("endpoint {addr}: not a host address of network {network:?} ({subnet})")]
+    AddrOutsideSubnet {
+        network: String,
+        addr: Ipv4Addr,
+        subnet: Ipv4Net,
+    },
+    #[error("endpoint {addr} appears twice on network {network:?}")]
+    DuplicateEndpoint { network: String, addr: Ipv4Addr },
+    #[error("endpoint {addr}: invalid interface name {name:?}")]
+    InvalidInterfaceName { addr: Ipv4Addr, name: String },
+}
+
+impl DataplaneSpec {
+    /// Checks everything that can be checked without the node's kernel.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut names = HashSet::new();
+        let mut vnis = HashSet::new();
+        for net in &self.networks {
+            if net.name.is_empty() {
+                return Err(SpecError::EmptyNetworkName);
+            }
+            if !names.insert(net.name.as_str()) {
+                return Err(SpecError::DuplicateNetwork(net.name.clone()));
+            }
+            if net.vni == 0 || net.vni > VNI_MAX {
+                return Err(SpecError::VniOutOfRange {
+                    name: net.name.clone(),
+                    vni: net.vni,
+                });
+            }
+            if !vnis.insert(net.vni) {
+                return Err(SpecError::DuplicateVni {
+                    name: net.name.clone(),
+                    vni: net.vni,
+                });
+            }
+            if let Some(mtu) = net.mtu.filter(|m| !(576..=9000).contains(m)) {
+                return Err(SpecError::MtuOutOfRange {
+                    name: net.name.clone(),
+                    mtu,
+                });
+            }
+        }
+        let mut addrs = HashSet::new();
+        for ep in &self.endpoints {
+            let net = self
+                .network(&ep.network)
+                .ok_or_else(|| SpecError::UnknownNetwork {
+                    network: ep.network.clone(),
+                    addr: ep.addr,
+                })?;
+            if !is_host_addr(net.subnet, ep.addr) {
+                return Err(SpecError::AddrOutsideSubnet {
+                    network: net.name.clone(),
+                    addr: ep.addr,
+                    subnet: net.subnet,
+                });
+            }
+            if !addrs.insert((ep.network.as_str(), ep.addr)) {
+                return Err(SpecError::DuplicateEndpoint {
+                    network: ep.network.clone(),
+                    addr: ep.addr,
+                });
+            }
+            if let Some(name) = &ep.interface {
+                if !is_valid_ifname(name) {
+                    return Err(SpecError::InvalidInterfaceName {
+                        addr: ep.addr,
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn network(&self, name: &str) -> Option<&OverlayNetwork> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+}
+
+impl OverlayNetwork {
+    pub fn mtu(&self) -> u32 {
+        self.mtu.unwrap_or(DEFAULT_OVERLAY_MTU)
+    }
+}
+
+/// In the subnet, and neither its network nor its broadcast address (for prefixes that have
+/// them: /31 and /32 are all hosts).
+fn is_host_addr(subnet: Ipv4Net, addr: Ipv4Addr) -> bool {
+    subnet.contains(&addr)
+        && (subnet.prefix_len() >= 31 || (addr != subnet.network() && addr != subnet.broadcast()))
+}
+
+fn is_valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= IFNAME_MAX
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// One outcome counter of the BPF programs, summed over CPUs (`GET /shoal/v1/dataplane/stats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Counter {
+    pub code: u32,
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DataplaneSpec {
+        DataplaneSpec {
+            networks: vec![OverlayNetwork {
+                name: "blue".into(),
+                vni: 4097,
+                subnet: "10.78.0.0/24".parse().unwrap(),
+                mtu: None,
+            }],
+            endpoints: vec![Endpoint {
+                network: "blue".into(),
+                addr: "10.78.0.2".parse().unwrap(),
+                mac: MacAddr::from_ipv4("10.78.0.2".parse().unwrap()),
+                node_addr: "10.77.0.11".parse().unwrap(),
+                interface: Some("shw-a".into()),
+            }],
+        }
+    }
+
+    #[test]
+    fn accepts_a_consistent_spec() {
+        assert_eq!(spec().validate(), Ok(()));
+        assert_eq!(spec().networks[0].mtu(), DEFAULT_OVERLAY_MTU);
+    }
+
+    #[test]
+    fn rejects_each_inconsistency() {
+        let mut s = spec();
+        s.networks[0].vni = 0;
+        assert!(matches!(s.validate(), Err(SpecError::VniOutOfRange { .. })));
+
+        let mut s = spec();
+        s.networks.push(s.networks[0].clone());
+        assert!(matches!(s.validate(), Err(SpecError::DuplicateNetwork(_))));
+
+        let mut s = spec();
+        let mut other = s.networks[0].clone();
+        other.name = "red".into();
+        s.networks.push(other);
+        assert!(matches!(s.validate(), Err(SpecError::DuplicateVni { .. })));
+
+        let mut s = spec();
+        s.networks[0].mtu = Some(100);
+        assert!(matches!(s.validate(), Err(SpecError::MtuOutOfRange { .. })));
+
+        let mut s = spec();
+        s.endpoints[0].network = "red".into();
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::UnknownNetwork { .. })
+        ));
+
+        for addr in ["10.79.0.2", "10.78.0.0", "10.78.0.255"] {
+            let mut s = spec();
+            s.endpoints[0].addr = addr.parse().unwrap();
+            assert!(
+                matches!(s.validate(), Err(SpecError::AddrOutsideSubnet { .. })),
+                "{addr}"
+            );
+        }
+
+        let mut s = spec();
+        s.endpoints.push(s.endpoints[0].clone());
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::DuplicateEndpoint { .. })
+        ));
+
+        let mut s = spec();
+        s.endpoints[0].interface = Some("a-name-that-is-too-long".into());
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::InvalidInterfaceName { .. })
+        ));
+    }
+
+    #[test]
+    fn reads_pascal_case_json() {
+        let json =
+            r#"{"Networks":[{"Name":"blue","Vni":7,"Subnet":"10.78.0.0/24"}],"Endpoints":[]}"#;
+        let s: DataplaneSpec = serde_json::from_str(json).unwrap();
+        assert_eq!(s.networks[0].vni, 7);
+    }
+}

@@ -1,0 +1,14 @@
+//! The types shared by shoal's API server, store, agent and CLI: one definition of each.
+//!
+//! Names and JSON shapes follow the Docker Engine API where Docker has the object
+//! (`moby/api/types`); shoal-only objects (the agent's desired data-plane state) live under
+//! `/shoal/v1/...` and say so.
+#![forbid(unsafe_code)]
+
+pub mod dataplane;
+pub mod error;
+pub mod mac;
+pub mod system;
+
+pub use error::ErrorResponse;
+pub use mac::MacAddr;

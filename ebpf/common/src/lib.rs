@@ -1,0 +1,22 @@
+//! Map keys and values shared by the BPF programs (`ebpf/shoal-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]` with integer fields and explicit padding: no `bool`,
+//! enums or `Option`, because the kernel hands these over as raw bytes and every bit pattern
+//! must be a valid value. Each type has a `size_of` assertion; changing a layout means giving
+//! the map a new name (`..._V2`) so a pinned map of the old shape is never reinterpreted.
+#![no_std]
+
+pub mod overlay;
+pub mod stats;
+
+/// Names of the pinned maps, shared so the agent and the programs cannot disagree.
+pub mod maps {
+    /// `EndpointKey` -> `EndpointEntry`: where each overlay address lives.
+    pub const ENDPOINTS: &str = "SHOAL_ENDPOINTS";
+    /// host-side ifindex -> `InterfaceEntry`: which network a workload interface belongs to.
+    pub const INTERFACES: &str = "SHOAL_INTERFACES";
+    /// index 0 -> `NodeConfig`: per-node settings the programs need.
+    pub const NODE_CONFIG: &str = "SHOAL_NODE_CONFIG";
+    /// `stats::*` code -> `Counter`, per CPU.
+    pub const STATS: &str = "SHOAL_STATS";
+}

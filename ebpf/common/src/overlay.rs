@@ -1,0 +1,65 @@
+//! Overlay forwarding state: endpoints by (VNI, address), workload interfaces, node config.
+
+/// Key of the endpoint map: one overlay address on one overlay network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// VXLAN network identifier of the overlay network.
+    pub vni: u32,
+    /// IPv4 address in network byte order, exactly as it sits in the packet.
+    pub addr: u32,
+}
+
+/// Where an overlay address lives, and how to hand a packet to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointEntry {
+    /// Host-side veth of a local endpoint; 0 when the endpoint is on another node.
+    pub ifindex: u32,
+    /// Underlay IPv4 address of the node running the endpoint, in host byte order
+    /// (the order `bpf_skb_set_tunnel_key` expects in `remote_ipv4`).
+    pub node_addr: u32,
+    /// The endpoint's own MAC address: the destination MAC of frames handed to it.
+    pub mac: [u8; 6],
+    /// Source MAC of frames handed to a local endpoint (its host-side veth, the address our
+    /// ARP replies give out); zero for remote endpoints.
+    pub router_mac: [u8; 6],
+}
+
+/// A workload interface (host side of a veth) attached to an overlay network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterfaceEntry {
+    /// VNI of the network this interface is attached to.
+    pub vni: u32,
+    /// MAC of the host-side veth: the answer to every ARP request from the workload, so all
+    /// its overlay traffic comes to us.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Node-wide settings, stored at index 0 of `NODE_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// ifindex of the node's `vxlan external` device; 0 while it does not exist.
+    pub vxlan_ifindex: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 20);
+const _: () = assert!(core::mem::size_of::<InterfaceEntry>() == 12);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four types are repr(C), made only of integers and byte arrays with explicit
+    // padding, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::EndpointKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndpointEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InterfaceEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeConfig {}
+}

@@ -1,0 +1,28 @@
+//! shoal's BPF programs, one file per attach point, over shared helpers:
+//!
+//! - `from_workload`: TC ingress on the host side of a workload's veth (what the workload sends).
+//! - `from_overlay`: TC ingress on the node's `vxlan external` device (what other nodes send).
+//!
+//! All maps are declared in `maps.rs`; packet layouts in `headers.rs`; shared steps (ARP
+//! answers, delivery, encapsulation, counters) in modules of their own, as in Cilium's `bpf/lib`.
+#![no_std]
+#![no_main]
+
+mod arp;
+mod forward;
+mod from_overlay;
+mod from_workload;
+mod headers;
+mod maps;
+mod stats;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects code that could get here.
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,70 @@
+//! Bad input to the agent's API gets Docker's status codes and JSON messages and changes
+//! nothing.
+
+use shoal_api::{dataplane::DataplaneSpec, ErrorResponse};
+use shoal_tests::{addr, apply_everywhere, lab, overlay_spec};
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let lab = lab("e2einput", 1, 0);
+    let host = lab.host("mgr1").unwrap();
+    let api = host.api();
+    let w = lab
+        .add_workload("mgr1", "w", addr("10.78.0.2"), 24, 1450)
+        .unwrap();
+    let good = overlay_spec("blue", 4097, "10.78.0.0/24", &[&w]);
+    apply_everywhere(&lab, &good).unwrap();
+
+    let mut unknown_network = good.clone();
+    unknown_network.endpoints[0].network = "red".into();
+    let mut missing_interface = good.clone();
+    missing_interface.endpoints[0].interface = Some("shw-nope".into());
+    let mut bad_vni = good.clone();
+    bad_vni.networks[0].vni = 1 << 24;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "malformed JSON",
+            b"{\"Networks\": [".to_vec(),
+            "invalid JSON",
+        ),
+        ("wrong type", br#"{"Networks": 3}"#.to_vec(), "invalid JSON"),
+        (
+            "unknown network",
+            serde_json::to_vec(&unknown_network).unwrap(),
+            "not declared",
+        ),
+        (
+            "missing interface",
+            serde_json::to_vec(&missing_interface).unwrap(),
+            "no such interface",
+        ),
+        (
+            "VNI out of range",
+            serde_json::to_vec(&bad_vni).unwrap(),
+            "VNI",
+        ),
+    ];
+    for (what, body, expected) in cases {
+        let response = api
+            .request("PUT", "/shoal/v1/dataplane", Some(&body))
+            .unwrap();
+        assert_eq!(response.status, 400, "{what}: {}", response.text());
+        let error: ErrorResponse = response.json().unwrap();
+        assert!(
+            error.message.contains(expected),
+            "{what}: message {:?}",
+            error.message
+        );
+        let now: DataplaneSpec = api.get("/shoal/v1/dataplane").unwrap().json().unwrap();
+        assert_eq!(now, good, "{what} changed the state");
+    }
+
+    let not_found = api.get("/v1.51/no/such/thing").unwrap();
+    assert_eq!(not_found.status, 404);
+    assert!(not_found.json::<ErrorResponse>().is_ok());
+    let too_new = api.get("/v1.99/version").unwrap();
+    assert_eq!(too_new.status, 400);
+    assert!(too_new.text().contains("too new"));
+    let ping = api.get("/v1.24/_ping").unwrap();
+    assert_eq!((ping.status, ping.text().as_str()), (200, "OK"));
+}

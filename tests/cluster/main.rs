@@ -1,0 +1,6 @@
+//! End-to-end tests: each brings up a lab of its own (hosts as network namespaces running the
+//! real shoald with the real BPF programs) and tears it down afterwards, pass or fail.
+//! They need root.
+
+mod api_input;
+mod overlay;

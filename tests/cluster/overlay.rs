@@ -1,0 +1,189 @@
+//! Overlay traffic between workloads on different hosts goes through shoal's BPF programs
+//! and VXLAN, and stops when the programs are detached.
+//!
+//! ```text
+//!   mgr1/a 10.78.0.2        wrk1/b 10.78.0.3        wrk2/c 10.78.0.4
+//!      | veth (from_workload)   |                       |
+//!   [mgr1] --vxlan/4789--  [ switch br0 ]  --vxlan-- [wrk1]   [wrk2]
+//!   10.77.1.1                                        10.77.2.1 10.77.2.2
+//! ```
+
+use shoal_api::dataplane::DEFAULT_OVERLAY_MTU;
+use shoal_common::stats::{ARP_REPLY, DELIVER_FROM_OVERLAY, DROP_FIRST, FORWARD_REMOTE};
+use shoal_lab::{ping, tcp_exchange, TextServer};
+use shoal_tests::{addr, apply_everywhere, lab, overlay_spec, packets, vxlan_packets};
+
+const PORT: u16 = 7000;
+
+#[test]
+fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
+    // Setup: three hosts, a workload on each, one overlay network everywhere.
+    let lab = lab("e2eoverlay", 1, 2);
+    let a = lab
+        .add_workload("mgr1", "a", addr("10.78.0.2"), 24, DEFAULT_OVERLAY_MTU)
+        .unwrap();
+    let b = lab
+        .add_workload("wrk1", "b", addr("10.78.0.3"), 24, DEFAULT_OVERLAY_MTU)
+        .unwrap();
+    let c = lab
+        .add_workload("wrk2", "c", addr("10.78.0.4"), 24, DEFAULT_OVERLAY_MTU)
+        .unwrap();
+    apply_everywhere(
+        &lab,
+        &overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b, &c]),
+    )
+    .unwrap();
+    let _b_server = TextServer::start(&b.netns, PORT, "b says").unwrap();
+    let _c_server = TextServer::start(&c.netns, PORT, "c says").unwrap();
+    let (mgr1, wrk1) = (lab.host("mgr1").unwrap(), lab.host("wrk1").unwrap());
+    let (vx_tx_before, _) = vxlan_packets(mgr1).unwrap();
+    let (_, vx_rx_before) = vxlan_packets(wrk1).unwrap();
+
+    // Run: ping and a TCP exchange across hosts, both ways.
+    assert_eq!(
+        ping(&a.netns, b.addr, 5).unwrap(),
+        5,
+        "mgr1/a -> wrk1/b ping"
+    );
+    assert_eq!(
+        ping(&c.netns, a.addr, 5).unwrap(),
+        5,
+        "wrk2/c -> mgr1/a ping"
+    );
+    assert_eq!(
+        tcp_exchange(&a.netns, b.addr, PORT, "hi").unwrap(),
+        "b says hi"
+    );
+    assert_eq!(
+        tcp_exchange(&b.netns, c.addr, PORT, "yo").unwrap(),
+        "c says yo"
+    );
+
+    // Check: our programs answered ARP and carried the packets, and the kernel's VXLAN
+    // devices really sent and received them.
+    assert!(
+        packets(mgr1, ARP_REPLY).unwrap() >= 1,
+        "mgr1 answered a's ARP"
+    );
+    assert!(
+        packets(mgr1, FORWARD_REMOTE).unwrap() >= 10,
+        "mgr1 encapsulated a's packets"
+    );
+    assert!(
+        packets(wrk1, DELIVER_FROM_OVERLAY).unwrap() >= 10,
+        "wrk1 delivered them to b"
+    );
+    let (vx_tx_after, _) = vxlan_packets(mgr1).unwrap();
+    let (_, vx_rx_after) = vxlan_packets(wrk1).unwrap();
+    assert!(
+        vx_tx_after - vx_tx_before >= 10,
+        "mgr1's VXLAN device sent {}",
+        vx_tx_after - vx_tx_before
+    );
+    assert!(
+        vx_rx_after - vx_rx_before >= 10,
+        "wrk1's VXLAN device received {}",
+        vx_rx_after - vx_rx_before
+    );
+    for host in &lab.hosts {
+        let drops: u64 = (DROP_FIRST..shoal_common::stats::MAX)
+            .map(|code| packets(host, code).unwrap())
+            .sum();
+        assert_eq!(
+            drops, 0,
+            "{} dropped packets on a healthy overlay",
+            host.name
+        );
+    }
+
+    // Detach: stopping wrk1's shoald detaches its programs, and b becomes unreachable.
+    lab.stop("wrk1").unwrap();
+    assert_eq!(
+        ping(&a.netns, b.addr, 3).unwrap(),
+        0,
+        "b still reachable with wrk1's programs detached"
+    );
+    assert!(tcp_exchange(&a.netns, b.addr, PORT, "hi").is_err());
+    assert_eq!(
+        ping(&a.netns, c.addr, 3).unwrap(),
+        3,
+        "c is on another host and unaffected"
+    );
+
+    // Restart: shoald comes back with the state it acknowledged, and b is reachable again.
+    lab.start("wrk1").unwrap();
+    assert_eq!(
+        ping(&a.netns, b.addr, 3).unwrap(),
+        3,
+        "b reachable after wrk1's shoald restarted"
+    );
+    assert_eq!(
+        tcp_exchange(&a.netns, b.addr, PORT, "back").unwrap(),
+        "b says back"
+    );
+}
+
+#[test]
+fn networks_are_isolated_by_vni() {
+    let lab = lab("e2eisolation", 1, 1);
+    let a = lab
+        .add_workload("mgr1", "a", addr("10.78.0.2"), 24, DEFAULT_OVERLAY_MTU)
+        .unwrap();
+    let b = lab
+        .add_workload("wrk1", "b", addr("10.78.0.3"), 24, DEFAULT_OVERLAY_MTU)
+        .unwrap();
+    // Same subnet, different networks: a must not reach b.
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&a]);
+    let red = overlay_spec("red", 4098, "10.78.0.0/24", &[&b]);
+    spec.networks.extend(red.networks);
+    spec.endpoints.extend(red.endpoints);
+    apply_everywhere(&lab, &spec).unwrap();
+
+    assert_eq!(ping(&a.netns, b.addr, 2).unwrap(), 0, "blue reached red");
+    assert_eq!(
+        packets(lab.host("mgr1").unwrap(), FORWARD_REMOTE).unwrap(),
+        0
+    );
+}
+
+#[test]
+fn lab_down_leaves_nothing_behind() {
+    let lab = lab("e2ecleanup", 1, 1);
+    let w = lab
+        .add_workload("wrk1", "w", addr("10.78.0.5"), 24, DEFAULT_OVERLAY_MTU)
+        .unwrap();
+    apply_everywhere(&lab, &overlay_spec("blue", 4097, "10.78.0.0/24", &[&w])).unwrap();
+    let pids: Vec<u32> = lab
+        .hosts
+        .iter()
+        .filter_map(|h| {
+            std::fs::read_to_string(&h.pid_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(pids.len(), 2);
+    drop(lab);
+
+    let namespaces = shoal_lab::run_ok(&["ip", "netns", "list"]).unwrap();
+    assert!(
+        !namespaces.contains("e2ecleanup-"),
+        "namespaces left: {namespaces}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/shoal/e2ecleanup").exists(),
+        "pins left"
+    );
+    assert!(
+        !std::path::Path::new("/run/shoal-lab/e2ecleanup").exists(),
+        "state left"
+    );
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "shoald {pid} still running"
+        );
+    }
+}

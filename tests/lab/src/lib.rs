@@ -1,0 +1,269 @@
+//! The multi-host lab: hosts are network namespaces on one machine, wired by veths to a
+//! switch (a bridge in a namespace of its own), each running its own `shoald` with its own
+//! data root, API socket and BPF pin directory.
+//!
+//! Every name the lab creates starts with the lab's name (`shoal-` by default), so
+//! [`down`] finds and removes all of it, also after a crash. Used by `cargo xtask lab ...`
+//! and by the end-to-end tests (each test runs its own lab under its own name).
+//!
+//! Addresses (only ever inside the lab's namespaces): the underlay is 10.77.0.0/16, managers
+//! at 10.77.1.N, workers at 10.77.2.N.
+
+mod api;
+mod cmd;
+mod netns;
+mod shoald;
+mod teardown;
+mod workload;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub use api::{ApiClient, Response};
+pub use cmd::{run, run_ok};
+pub use netns::{command as netns_command, in_netns};
+pub use teardown::down;
+pub use workload::{ping, tcp_exchange, TextServer, Workload};
+
+/// Lab name used by `cargo xtask lab` when none is given.
+pub const DEFAULT_LAB: &str = "shoal";
+/// Prefix length of the underlay network.
+pub const UNDERLAY_PREFIX: u8 = 16;
+/// Where labs keep their state: one directory per lab.
+pub const STATE_ROOT: &str = "/run/shoal-lab";
+/// bpffs directory under which each lab pins its hosts' maps (`<root>/<lab>/<host>`).
+pub const BPF_ROOT: &str = "/sys/fs/bpf/shoal";
+
+/// The shape of a lab to bring up.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Prefix of every namespace and directory of this lab.
+    pub name: String,
+    pub managers: usize,
+    pub workers: usize,
+    /// Directory holding the `shoald` and `shoal` binaries.
+    pub bin_dir: PathBuf,
+}
+
+impl LabConfig {
+    /// The seeds' shape: 3 managers and 3 workers.
+    pub fn new(name: &str, bin_dir: impl Into<PathBuf>) -> Self {
+        LabConfig {
+            name: name.to_owned(),
+            managers: 3,
+            workers: 3,
+            bin_dir: bin_dir.into(),
+        }
+    }
+}
+
+/// One host of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Host {
+    /// `mgr1`, `wrk2`, ...
+    pub name: String,
+    pub netns: String,
+    /// Address on the lab underlay (the host's `eth0`).
+    pub addr: Ipv4Addr,
+    pub data_root: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Host {
+    /// The `DOCKER_HOST` value that reaches this host's API.
+    pub fn docker_host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(&self.socket)
+    }
+}
+
+/// A running lab. Dropping it leaves the lab up unless it was made with
+/// [`Lab::teardown_on_drop`], which tests use so a failing test still cleans up.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lab {
+    pub name: String,
+    pub hosts: Vec<Host>,
+    pub bin_dir: PathBuf,
+    #[serde(skip)]
+    teardown_on_drop: bool,
+}
+
+impl Lab {
+    /// Clears whatever an earlier run of this lab left, then builds the switch and the hosts
+    /// and starts `shoald` on each, printing a progress line per step.
+    pub fn up(config: &LabConfig) -> Result<Lab> {
+        if config.name.is_empty()
+            || !config
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            // `down` finds a lab's namespaces by the prefix `<name>-`: a name with a dash
+            // could match another lab's.
+            bail!(
+                "lab name {:?}: use lowercase letters and digits only",
+                config.name
+            );
+        }
+        if config.managers == 0 || config.managers > 9 || config.workers > 9 {
+            bail!("a lab has 1-9 managers and 0-9 workers");
+        }
+        let _lock = teardown::lock()?;
+        teardown::down_locked(&config.name)?;
+        for bin in ["shoald", "shoal"] {
+            let path = config.bin_dir.join(bin);
+            if !path.is_file() {
+                bail!(
+                    "{} is missing: build the workspace first (`cargo build --bins`)",
+                    path.display()
+                );
+            }
+        }
+        let started = Instant::now();
+        let state_dir = state_dir(&config.name);
+        std::fs::create_dir_all(&state_dir)?;
+        netns::ensure_bpffs(Path::new(STATE_ROOT))?;
+        netns::create_switch(&config.name)?;
+        let names = (1..=config.managers)
+            .map(|i| (format!("mgr{i}"), Ipv4Addr::new(10, 77, 1, i as u8)))
+            .chain(
+                (1..=config.workers)
+                    .map(|i| (format!("wrk{i}"), Ipv4Addr::new(10, 77, 2, i as u8))),
+            );
+        let mut lab = Lab {
+            name: config.name.clone(),
+            hosts: Vec::new(),
+            bin_dir: config.bin_dir.clone(),
+            teardown_on_drop: false,
+        };
+        for (name, addr) in names {
+            let dir = state_dir.join(&name);
+            let host = Host {
+                netns: format!("{}-{name}", config.name),
+                addr,
+                data_root: dir.join("data"),
+                socket: dir.join("shoald.sock"),
+                log: dir.join("shoald.log"),
+                pid_file: dir.join("shoald.pid"),
+                name,
+            };
+            std::fs::create_dir_all(&dir)?;
+            netns::create_host(&config.name, &host)?;
+            lab.hosts.push(host);
+            lab.save()?;
+        }
+        for host in &lab.hosts {
+            let t = Instant::now();
+            let pid = shoald::start(&lab, host)?;
+            eprintln!(
+                "  {:<5} {:<12} shoald ready (pid {pid}) in {:.2}s",
+                host.name,
+                host.addr.to_string(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        eprintln!(
+            "lab {} up: {} hosts in {:.1}s",
+            lab.name,
+            lab.hosts.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(lab)
+    }
+
+    /// The lab `name` as `up` left it.
+    pub fn load(name: &str) -> Result<Lab> {
+        let file = state_dir(name).join("lab.json");
+        let bytes = std::fs::read(&file)
+            .with_context(|| format!("lab {name} is not up (no {})", file.display()))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// Makes dropping this lab tear it down (for tests).
+    pub fn teardown_on_drop(mut self) -> Self {
+        self.teardown_on_drop = true;
+        self
+    }
+
+    pub fn host(&self, name: &str) -> Result<&Host> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .with_context(|| format!("lab {} has no host {name}", self.name))
+    }
+
+    /// Stops `host`'s shoald (SIGTERM, then SIGKILL after a grace period); keeps its data.
+    pub fn stop(&self, host: &str) -> Result<()> {
+        shoald::stop(self.host(host)?)
+    }
+
+    /// Starts `host`'s shoald again on its existing data root.
+    pub fn start(&self, host: &str) -> Result<u32> {
+        shoald::start(self, self.host(host)?)
+    }
+
+    /// Whether `host`'s shoald is running and answers on its socket.
+    pub fn is_serving(&self, host: &str) -> Result<bool> {
+        let host = self.host(host)?;
+        Ok(shoald::running_pid(host).is_some()
+            && host.api().get("/_ping").is_ok_and(|r| r.status == 200))
+    }
+
+    /// A command that runs `argv` inside `host`'s network namespace with `DOCKER_HOST` set to
+    /// the host's API and `shoal` on `PATH`.
+    pub fn command(&self, host: &str, argv: &[String]) -> Result<std::process::Command> {
+        let host = self.host(host)?;
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![self.bin_dir.clone()];
+        dirs.extend(std::env::split_paths(&path));
+        let mut command = netns::command(&host.netns, argv);
+        command
+            .env("DOCKER_HOST", host.docker_host())
+            .env("PATH", std::env::join_paths(dirs)?);
+        Ok(command)
+    }
+
+    /// Adds a workload namespace on `host`: a veth whose host side is `shw-<name>` and whose
+    /// inside is `eth0` with `addr`/`prefix` and the overlay MTU.
+    pub fn add_workload(
+        &self,
+        host: &str,
+        name: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: u32,
+    ) -> Result<Workload> {
+        workload::create(&self.name, self.host(host)?, name, addr, prefix, mtu)
+    }
+
+    fn save(&self) -> Result<()> {
+        let file = state_dir(&self.name).join("lab.json");
+        std::fs::write(&file, serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.teardown_on_drop {
+            if let Err(e) = down(&self.name) {
+                eprintln!("lab {}: teardown failed: {e:#}", self.name);
+            }
+        }
+    }
+}
+
+fn state_dir(lab: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(lab)
+}

@@ -1,0 +1,180 @@
+//! Workloads: namespaces with one veth and an overlay address, standing in for containers
+//! until the executor exists.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Result};
+use shoal_api::MacAddr;
+
+use crate::{cmd::run_ok, Host};
+
+/// A workload namespace on one host.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub netns: String,
+    /// Host-side veth, in the host's namespace (what shoald attaches to).
+    pub host_iface: String,
+    pub addr: Ipv4Addr,
+    pub mac: MacAddr,
+    /// Underlay address of the host it runs on.
+    pub node_addr: Ipv4Addr,
+}
+
+pub fn create(
+    lab: &str,
+    host: &Host,
+    name: &str,
+    addr: Ipv4Addr,
+    prefix: u8,
+    mtu: u32,
+) -> Result<Workload> {
+    let host_iface = format!("shw-{name}");
+    if host_iface.len() > 15 {
+        bail!("workload name {name:?} is too long (at most 11 characters)");
+    }
+    let netns = format!("{lab}-{}-{name}", host.name);
+    let mac = MacAddr::from_ipv4(addr);
+    let (mtu, cidr, mac_text) = (mtu.to_string(), format!("{addr}/{prefix}"), mac.to_string());
+    run_ok(&["ip", "netns", "add", &netns])?;
+    run_ok(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+    run_ok(&[
+        "ip",
+        "-n",
+        &host.netns,
+        "link",
+        "add",
+        &host_iface,
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &netns,
+    ])?;
+    run_ok(&["ip", "-n", &host.netns, "link", "set", &host_iface, "up"])?;
+    run_ok(&[
+        "ip", "-n", &netns, "link", "set", "eth0", "address", &mac_text, "mtu", &mtu,
+    ])?;
+    run_ok(&["ip", "-n", &netns, "addr", "add", &cidr, "dev", "eth0"])?;
+    run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
+    Ok(Workload {
+        netns,
+        host_iface,
+        addr,
+        mac,
+        node_addr: host.addr,
+    })
+}
+
+impl Workload {
+    /// The endpoint the data plane needs for this workload on `network`.
+    pub fn endpoint(&self, network: &str) -> shoal_api::dataplane::Endpoint {
+        shoal_api::dataplane::Endpoint {
+            network: network.to_owned(),
+            addr: self.addr,
+            mac: self.mac,
+            node_addr: self.node_addr,
+            interface: Some(self.host_iface.clone()),
+        }
+    }
+}
+
+/// A TCP server inside a namespace that answers each line `x` with `<text> <x>`, on a thread
+/// of this process. Stops when dropped.
+pub struct TextServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TextServer {
+    pub fn start(netns: &str, port: u16, text: &str) -> Result<TextServer> {
+        use std::sync::{atomic::AtomicBool, Arc};
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = crate::in_netns(netns, move || {
+            let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            listener.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(listener)
+        })??;
+        // The socket belongs to the namespace it was made in, whichever thread uses it.
+        let (flag, text) = (stop.clone(), text.to_owned());
+        let thread = std::thread::spawn(move || serve(listener, &flag, &text));
+        Ok(TextServer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn serve(listener: std::net::TcpListener, stop: &std::sync::atomic::AtomicBool, text: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut line = String::new();
+                let mut reader = BufReader::new(&stream);
+                if reader.read_line(&mut line).is_ok() {
+                    let _ = writeln!(&stream, "{text} {}", line.trim_end());
+                }
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
+impl Drop for TextServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// From inside `netns`: connects to `addr:port`, sends `message` and returns the reply line.
+pub fn tcp_exchange(netns: &str, addr: Ipv4Addr, port: u16, message: &str) -> Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let message = message.to_owned();
+    crate::in_netns(netns, move || -> Result<String> {
+        let timeout = std::time::Duration::from_secs(3);
+        let stream = std::net::TcpStream::connect_timeout(&(addr, port).into(), timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        writeln!(&stream, "{message}")?;
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply)?;
+        Ok(reply.trim_end().to_owned())
+    })?
+}
+
+/// From inside `netns`: `busybox ping -c count` to `addr`; returns how many replies came back.
+pub fn ping(netns: &str, addr: Ipv4Addr, count: u32) -> Result<u32> {
+    let argv: Vec<String> = [
+        "busybox",
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-W",
+        "2",
+        "-i",
+        "0.2",
+        &addr.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = crate::netns::command(netns, &argv).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "3 packets transmitted, 3 packets received, 0% packet loss"
+    let received = text.lines().find_map(|l| {
+        l.split(", ")
+            .nth(1)?
+            .strip_suffix(" packets received")?
+            .parse()
+            .ok()
+    });
+    Ok(received.unwrap_or(0))
+}

@@ -1,0 +1,111 @@
+//! Helpers shared by the end-to-end tests in `cluster/`: where the binaries are, labs that
+//! tear themselves down, and reading a host's BPF counters.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context, Result};
+use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork};
+use shoal_lab::{Host, Lab, LabConfig, Workload};
+
+/// `<target>/debug`: the test binary runs from `<target>/debug/deps`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("<target>/debug/deps")
+        .to_owned()
+}
+
+/// Brings up lab `name` with the given shape; it is torn down when dropped, pass or fail.
+pub fn lab(name: &str, managers: usize, workers: usize) -> Lab {
+    assert!(
+        nix_is_root(),
+        "the end-to-end tests build network namespaces: run them as root"
+    );
+    let config = LabConfig {
+        managers,
+        workers,
+        ..LabConfig::new(name, bin_dir())
+    };
+    match Lab::up(&config) {
+        Ok(lab) => lab.teardown_on_drop(),
+        Err(e) => {
+            let _ = shoal_lab::down(name);
+            panic!("lab {name} did not come up: {e:#}");
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// One overlay network with every workload on it.
+pub fn overlay_spec(
+    network: &str,
+    vni: u32,
+    subnet: &str,
+    workloads: &[&Workload],
+) -> DataplaneSpec {
+    DataplaneSpec {
+        networks: vec![OverlayNetwork {
+            name: network.into(),
+            vni,
+            subnet: subnet.parse().unwrap(),
+            mtu: None,
+        }],
+        endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
+    }
+}
+
+/// Sends `spec` to every host and insists each one accepts it.
+pub fn apply_everywhere(lab: &Lab, spec: &DataplaneSpec) -> Result<()> {
+    for host in &lab.hosts {
+        let response = host.api().put_json("/shoal/v1/dataplane", spec)?;
+        anyhow::ensure!(response.status == 200, "{}: {}", host.name, response.text());
+    }
+    Ok(())
+}
+
+/// Packets counted under `code` by `host`'s programs.
+pub fn packets(host: &Host, code: u32) -> Result<u64> {
+    let counters: Vec<Counter> = host.api().get("/shoal/v1/dataplane/stats")?.json()?;
+    Ok(counters
+        .iter()
+        .find(|c| c.code == code)
+        .map_or(0, |c| c.packets))
+}
+
+/// Packets the kernel's VXLAN device on `host` has sent and received: independent evidence
+/// that traffic was really encapsulated.
+pub fn vxlan_packets(host: &Host) -> Result<(u64, u64)> {
+    let out = shoal_lab::run_ok(&[
+        "ip",
+        "-n",
+        &host.netns,
+        "-s",
+        "-j",
+        "link",
+        "show",
+        "shoal_vxlan",
+    ])?;
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let stats = &json[0]["stats64"];
+    let read = |dir: &str| {
+        stats[dir]["packets"]
+            .as_u64()
+            .with_context(|| format!("no {dir} packets in {out}"))
+    };
+    Ok((read("tx")?, read("rx")?))
+}
+
+pub fn addr(text: &str) -> Ipv4Addr {
+    text.parse().unwrap()
+}

@@ -1,0 +1,133 @@
+//! `cargo xtask demo`, README's main job: bring up the seeds' 3+3 lab, put one workload per
+//! host on an overlay network, and show traffic between every pair of hosts going through
+//! shoal's BPF programs and VXLAN.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::{bail, Result};
+use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork, DEFAULT_OVERLAY_MTU};
+use shoal_common::stats;
+use shoal_lab::{ping, tcp_exchange, Lab, LabConfig, TextServer, DEFAULT_LAB};
+
+use crate::workspace;
+
+const NETWORK: &str = "demo";
+const VNI: u32 = 4097;
+const PORT: u16 = 8080;
+
+pub fn run(keep: bool) -> Result<()> {
+    let started = Instant::now();
+    workspace::build()?;
+    eprintln!("== lab up: 3 managers + 3 workers");
+    let lab = Lab::up(&LabConfig::new(DEFAULT_LAB, workspace::bin_dir()))?;
+    let lab = if keep { lab } else { lab.teardown_on_drop() };
+
+    eprintln!("== overlay network {NETWORK:?}: VNI {VNI}, 10.78.0.0/24, one workload per host");
+    let mut workloads = Vec::new();
+    for (i, host) in lab.hosts.iter().enumerate() {
+        let addr = Ipv4Addr::new(10, 78, 0, 11 + i as u8);
+        let w = lab.add_workload(&host.name, "web", addr, 24, DEFAULT_OVERLAY_MTU)?;
+        eprintln!(
+            "  {}/web  {addr}  (veth {} on {})",
+            host.name, w.host_iface, host.addr
+        );
+        workloads.push((host.name.clone(), w));
+    }
+    let spec = DataplaneSpec {
+        networks: vec![OverlayNetwork {
+            name: NETWORK.into(),
+            vni: VNI,
+            subnet: "10.78.0.0/24".parse()?,
+            mtu: None,
+        }],
+        endpoints: workloads.iter().map(|(_, w)| w.endpoint(NETWORK)).collect(),
+    };
+    for host in &lab.hosts {
+        let response = host.api().put_json("/shoal/v1/dataplane", &spec)?;
+        if response.status != 200 {
+            bail!("{}: dataplane refused: {}", host.name, response.text());
+        }
+    }
+    let _servers = workloads
+        .iter()
+        .map(|(host, w)| TextServer::start(&w.netns, PORT, &format!("hello from {host}/web")))
+        .collect::<Result<Vec<_>>>()?;
+
+    eprintln!("== traffic between workloads (ping, then a TCP exchange on port {PORT})");
+    print!("{:<10}", "from \\ to");
+    for (host, _) in &workloads {
+        print!("{host:>8}");
+    }
+    println!();
+    let mut failures = Vec::new();
+    for (from_host, from) in &workloads {
+        print!("{:<10}", format!("{from_host}/web"));
+        for (to_host, to) in &workloads {
+            if from_host == to_host {
+                print!("{:>8}", "-");
+                continue;
+            }
+            let pinged = ping(&from.netns, to.addr, 1)? == 1;
+            let reply = tcp_exchange(&from.netns, to.addr, PORT, from_host);
+            let talked = reply
+                .as_deref()
+                .is_ok_and(|r| r == format!("hello from {to_host}/web {from_host}"));
+            print!("{:>8}", if pinged && talked { "ok" } else { "FAIL" });
+            if !(pinged && talked) {
+                failures.push(format!(
+                    "{from_host} -> {to_host}: ping {pinged}, tcp {reply:?}"
+                ));
+            }
+        }
+        println!();
+    }
+    let (from_host, from) = &workloads[0];
+    let (to_host, to) = &workloads[workloads.len() - 1];
+    println!(
+        "\n{from_host}/web -> {to_host}/web: {}",
+        tcp_exchange(&from.netns, to.addr, PORT, "are you there?")?
+    );
+
+    eprintln!("== what the BPF programs counted (from each host's pinned SHOAL_STATS map)");
+    println!(
+        "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8}",
+        "HOST", "arp_reply", "forward_remote", "deliver_from_overlay", "forward_local", "drops"
+    );
+    for host in &lab.hosts {
+        let counters: Vec<Counter> = host.api().get("/shoal/v1/dataplane/stats")?.json()?;
+        let get = |code| {
+            counters
+                .iter()
+                .find(|c| c.code == code)
+                .map_or(0, |c| c.packets)
+        };
+        let drops: u64 = counters
+            .iter()
+            .filter(|c| c.code >= stats::DROP_FIRST)
+            .map(|c| c.packets)
+            .sum();
+        println!(
+            "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8}",
+            host.name,
+            get(stats::ARP_REPLY),
+            get(stats::FORWARD_REMOTE),
+            get(stats::DELIVER_FROM_OVERLAY),
+            get(stats::FORWARD_LOCAL),
+            drops
+        );
+    }
+
+    if keep {
+        eprintln!("\nthe lab is still up: `cargo xtask lab status`, `cargo xtask lab exec mgr1 -- shoal dataplane stats`,");
+        eprintln!("`cargo xtask lab down` to remove it.");
+    } else {
+        eprintln!("== lab down");
+    }
+    drop(_servers);
+    drop(lab);
+    if !failures.is_empty() {
+        bail!("{} paths failed:\n{}", failures.len(), failures.join("\n"));
+    }
+    eprintln!("demo finished in {:.0}s: every workload reached every other host's workload over the overlay", started.elapsed().as_secs_f64());
+    Ok(())
+}

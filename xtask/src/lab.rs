@@ -1,0 +1,108 @@
+//! `cargo xtask lab ...`: the lab as a command-line tool over the `shoal-lab` library.
+
+use anyhow::Result;
+use clap::Subcommand;
+use shoal_lab::{Lab, LabConfig, DEFAULT_LAB};
+
+use crate::workspace;
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Build and bring up a lab (clearing any stale one of the same name first).
+    Up {
+        #[arg(long, default_value_t = 3)]
+        managers: usize,
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// Remove everything the lab made (idempotent; also after a crash).
+    Down {
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// One line per host: address, shoald state, socket.
+    Status {
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// Run a command inside HOST's network namespace, with DOCKER_HOST set and shoal on PATH.
+    Exec {
+        host: String,
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print the `export DOCKER_HOST=...` line for HOST.
+    Env {
+        host: String,
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+}
+
+pub fn run(command: LabCommand) -> Result<()> {
+    match command {
+        LabCommand::Up {
+            managers,
+            workers,
+            name,
+        } => {
+            workspace::build()?;
+            let config = LabConfig {
+                managers,
+                workers,
+                ..LabConfig::new(&name, workspace::bin_dir())
+            };
+            let lab = Lab::up(&config)?;
+            eprintln!(
+                "try: cargo xtask lab exec {} -- shoal version",
+                lab.hosts[0].name
+            );
+            Ok(())
+        }
+        LabCommand::Down { name } => {
+            let started = std::time::Instant::now();
+            shoal_lab::down(&name)?;
+            eprintln!("lab {name} down in {:.2}s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        LabCommand::Status { name } => {
+            let lab = Lab::load(&name)?;
+            println!("{:<6} {:<12} {:<10} SOCKET", "HOST", "ADDRESS", "SHOALD");
+            for host in &lab.hosts {
+                let state = if lab.is_serving(&host.name)? {
+                    "serving"
+                } else {
+                    "down"
+                };
+                println!(
+                    "{:<6} {:<12} {:<10} {}",
+                    host.name,
+                    host.addr.to_string(),
+                    state,
+                    host.socket.display()
+                );
+            }
+            Ok(())
+        }
+        LabCommand::Exec {
+            host,
+            name,
+            command,
+        } => {
+            let status = Lab::load(&name)?.command(&host, &command)?.status()?;
+            // Hand the command's own exit code on, as `docker exec` does.
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        LabCommand::Env { host, name } => {
+            println!(
+                "export DOCKER_HOST={}",
+                Lab::load(&name)?.host(&host)?.docker_host()
+            );
+            Ok(())
+        }
+    }
+}
