@@ -264,3 +264,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), NetError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "bpf_privileged.rs"]
+mod privileged;

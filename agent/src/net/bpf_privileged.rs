@@ -1,0 +1,252 @@
+//! The real BPF programs run by the kernel on crafted packets (BPF_PROG_TEST_RUN), in
+//! Cilium's setup -> run -> check shape. Needs root (loads programs, pins maps).
+//!
+//! Under test_run the packet "arrives" on `lo` (ifindex 1), so `lo` plays the workload's
+//! host-side veth; redirect helpers only record their target, so the verdict and the
+//! rewritten bytes are what we check.
+
+use std::path::PathBuf;
+
+use aya::programs::{TestRun, TestRunOptions};
+use shoal_common::{
+    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
+    stats,
+};
+
+use super::*;
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const LO: u32 = 1;
+const VNI: u32 = 4097;
+const ROUTER_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0xfe];
+const CLIENT_MAC: [u8; 6] = [0x02, 0x42, 10, 78, 0, 2];
+const CLIENT: [u8; 4] = [10, 78, 0, 2];
+const REMOTE: [u8; 4] = [10, 78, 0, 3];
+const REMOTE_MAC: [u8; 6] = [0x02, 0x42, 10, 78, 0, 3];
+const LOCAL: [u8; 4] = [10, 78, 0, 4];
+const LOCAL_MAC: [u8; 6] = [0x02, 0x42, 10, 78, 0, 4];
+const LOCAL_VETH: u32 = 4242;
+const LOCAL_VETH_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x04];
+
+/// A datapath with its own pin directory, removed (with bpffs if we mounted it) on drop.
+struct Fixture {
+    /// Fixtures run one at a time: one may have to mount bpffs and unmount it afterwards.
+    _serial: std::sync::MutexGuard<'static, ()>,
+    datapath: Option<Datapath>,
+    pin_dir: PathBuf,
+    mounted_bpffs: bool,
+}
+
+impl Fixture {
+    /// Setup: lo is a workload interface on VNI 4097; one remote peer, one local peer.
+    fn new() -> Fixture {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "BPF program tests load programs: run as root"
+        );
+        let mounted_bpffs =
+            !statfs(Path::new(BPFFS)).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+        let pin_dir = PathBuf::from(format!("{BPFFS}/shoal-unit-{}", std::process::id()));
+        let mut fixture = Fixture {
+            _serial: serial,
+            datapath: None,
+            pin_dir,
+            mounted_bpffs,
+        };
+        let mut datapath = Datapath::load(&fixture.pin_dir).expect("load programs");
+        let key = |a: [u8; 4]| EndpointKey {
+            vni: VNI,
+            addr: u32::from_ne_bytes(a),
+        };
+        let plan = Plan {
+            endpoints: [
+                (
+                    key(REMOTE),
+                    EndpointEntry {
+                        ifindex: 0,
+                        node_addr: 0x0a4d_0201,
+                        mac: REMOTE_MAC,
+                        router_mac: [0; 6],
+                    },
+                ),
+                (
+                    key(LOCAL),
+                    EndpointEntry {
+                        ifindex: LOCAL_VETH,
+                        node_addr: 0,
+                        mac: LOCAL_MAC,
+                        router_mac: LOCAL_VETH_MAC,
+                    },
+                ),
+                (
+                    key(CLIENT),
+                    EndpointEntry {
+                        ifindex: LO,
+                        node_addr: 0,
+                        mac: CLIENT_MAC,
+                        router_mac: ROUTER_MAC,
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            interfaces: [(
+                LO,
+                InterfaceEntry {
+                    vni: VNI,
+                    mac: ROUTER_MAC,
+                    _pad: [0; 2],
+                },
+            )]
+            .into_iter()
+            .collect(),
+            attach: BTreeMap::new(),
+        };
+        datapath.apply(&plan).expect("fill maps");
+        let mut config: Array<&mut MapData, NodeConfig> =
+            datapath.map_mut(maps::NODE_CONFIG).unwrap();
+        config.set(0, NodeConfig { vxlan_ifindex: LO }, 0).unwrap();
+        fixture.datapath = Some(datapath);
+        fixture
+    }
+
+    /// Run: the program on one packet; returns the verdict and the packet as it left.
+    fn run(&self, program: &'static str, packet: &[u8]) -> (u32, Vec<u8>) {
+        let datapath = self.datapath.as_ref().unwrap();
+        let prog: &SchedClassifier = datapath.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 64];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "BPF_PROG_TEST_RUN of {program} on {} bytes: {e}",
+                    packet.len()
+                )
+            });
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn count(&self, code: u32) -> u64 {
+        let counters = self.datapath.as_ref().unwrap().counters().unwrap();
+        counters
+            .iter()
+            .find(|c| c.code == code)
+            .map_or(0, |c| c.packets)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.datapath.take());
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if self.mounted_bpffs {
+            let _ = nix::mount::umount(BPFFS);
+        }
+    }
+}
+
+fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&[0xff; 6]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&CLIENT);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&target);
+    p
+}
+
+fn ipv4_to(dst: [u8; 4]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&ROUTER_MAC);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x00]);
+    p.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&CLIENT);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[0x30, 0x39, 0x1f, 0x40, 0, 8, 0, 0]);
+    p
+}
+
+#[test]
+fn from_workload_answers_arp_for_peers_only() {
+    let fx = Fixture::new();
+
+    let (verdict, reply) = fx.run(FROM_WORKLOAD, &arp_request(REMOTE));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "reply is sent back out of the veth"
+    );
+    assert_eq!(&reply[0..6], &CLIENT_MAC, "eth dst: the asker");
+    assert_eq!(&reply[6..12], &ROUTER_MAC, "eth src: the veth");
+    assert_eq!(&reply[20..22], &[0, 2], "ARP reply");
+    assert_eq!(&reply[22..28], &ROUTER_MAC, "sender hw: the veth");
+    assert_eq!(&reply[28..32], &REMOTE, "sender ip: the peer asked for");
+    assert_eq!(&reply[32..38], &CLIENT_MAC);
+    assert_eq!(&reply[38..42], &CLIENT);
+    assert_eq!(fx.count(stats::ARP_REPLY), 1);
+
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &arp_request([10, 78, 0, 99]));
+    assert_eq!(verdict, TC_ACT_SHOT, "no answer for a non-endpoint");
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &arp_request(CLIENT));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "no answer to a probe for the asker's own address"
+    );
+    assert_eq!(fx.count(stats::DROP_ARP_UNANSWERED), 2);
+}
+
+#[test]
+fn from_workload_encapsulates_remote_and_delivers_local() {
+    let fx = Fixture::new();
+
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &ipv4_to(REMOTE));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out[0..6],
+        &REMOTE_MAC,
+        "inner eth dst: the remote endpoint"
+    );
+    assert_eq!(fx.count(stats::FORWARD_REMOTE), 1);
+
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &ipv4_to(LOCAL));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &LOCAL_MAC, "eth dst: the local endpoint");
+    assert_eq!(&out[6..12], &LOCAL_VETH_MAC, "eth src: its veth");
+    assert_eq!(fx.count(stats::FORWARD_LOCAL), 1);
+}
+
+#[test]
+fn every_failure_is_a_counted_drop() {
+    let fx = Fixture::new();
+
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &ipv4_to([10, 78, 0, 99]));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.count(stats::DROP_NO_ENDPOINT), 1);
+
+    // The kernel refuses to test-run an IPv4 frame shorter than its header, so the short
+    // frame is an ARP one.
+    let truncated = &arp_request(REMOTE)[..24];
+    let (verdict, _) = fx.run(FROM_WORKLOAD, truncated);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.count(stats::DROP_MALFORMED), 1);
+
+    let (verdict, _) = fx.run(FROM_OVERLAY, &ipv4_to(LOCAL));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a frame without tunnel metadata is not from the overlay"
+    );
+    assert_eq!(fx.count(stats::DROP_TUNNEL_KEY), 1);
+}
