@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, Result};
-use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork};
+use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork, DEFAULT_OVERLAY_MTU};
 use shoal_lab::{Host, Lab, LabConfig, Workload};
 
 /// `<target>/debug`: the test binary runs from `<target>/debug/deps`.
@@ -108,4 +108,10 @@ pub fn vxlan_packets(host: &Host) -> Result<(u64, u64)> {
 
 pub fn addr(text: &str) -> Ipv4Addr {
     text.parse().unwrap()
+}
+
+/// A workload called `name` on `host` at `address`/24 with the default overlay MTU.
+pub fn workload(lab: &Lab, host: &str, name: &str, address: &str) -> Workload {
+    lab.add_workload(host, name, addr(address), 24, DEFAULT_OVERLAY_MTU)
+        .unwrap_or_else(|e| panic!("workload {host}/{name}: {e:#}"))
 }

@@ -2,16 +2,14 @@
 //! nothing.
 
 use shoal_api::{dataplane::DataplaneSpec, ErrorResponse};
-use shoal_tests::{addr, apply_everywhere, lab, overlay_spec};
+use shoal_tests::{apply_everywhere, lab, overlay_spec, workload};
 
 #[test]
 fn bad_requests_are_refused_and_change_nothing() {
     let lab = lab("e2einput", 1, 0);
     let host = lab.host("mgr1").unwrap();
     let api = host.api();
-    let w = lab
-        .add_workload("mgr1", "w", addr("10.78.0.2"), 24, 1450)
-        .unwrap();
+    let w = workload(&lab, "mgr1", "w", "10.78.0.2");
     let good = overlay_spec("blue", 4097, "10.78.0.0/24", &[&w]);
     apply_everywhere(&lab, &good).unwrap();
 

@@ -8,10 +8,9 @@
 //!   10.77.1.1                                        10.77.2.1 10.77.2.2
 //! ```
 
-use shoal_api::dataplane::DEFAULT_OVERLAY_MTU;
 use shoal_common::stats::{ARP_REPLY, DELIVER_FROM_OVERLAY, DROP_FIRST, FORWARD_REMOTE};
 use shoal_lab::{ping, tcp_exchange, TextServer};
-use shoal_tests::{addr, apply_everywhere, lab, overlay_spec, packets, vxlan_packets};
+use shoal_tests::{apply_everywhere, lab, overlay_spec, packets, vxlan_packets, workload};
 
 const PORT: u16 = 7000;
 
@@ -19,15 +18,9 @@ const PORT: u16 = 7000;
 fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
     // Setup: three hosts, a workload on each, one overlay network everywhere.
     let lab = lab("e2eoverlay", 1, 2);
-    let a = lab
-        .add_workload("mgr1", "a", addr("10.78.0.2"), 24, DEFAULT_OVERLAY_MTU)
-        .unwrap();
-    let b = lab
-        .add_workload("wrk1", "b", addr("10.78.0.3"), 24, DEFAULT_OVERLAY_MTU)
-        .unwrap();
-    let c = lab
-        .add_workload("wrk2", "c", addr("10.78.0.4"), 24, DEFAULT_OVERLAY_MTU)
-        .unwrap();
+    let a = workload(&lab, "mgr1", "a", "10.78.0.2");
+    let b = workload(&lab, "wrk1", "b", "10.78.0.3");
+    let c = workload(&lab, "wrk2", "c", "10.78.0.4");
     apply_everywhere(
         &lab,
         &overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b, &c]),
@@ -126,12 +119,8 @@ fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
 #[test]
 fn networks_are_isolated_by_vni() {
     let lab = lab("e2eisolation", 1, 1);
-    let a = lab
-        .add_workload("mgr1", "a", addr("10.78.0.2"), 24, DEFAULT_OVERLAY_MTU)
-        .unwrap();
-    let b = lab
-        .add_workload("wrk1", "b", addr("10.78.0.3"), 24, DEFAULT_OVERLAY_MTU)
-        .unwrap();
+    let a = workload(&lab, "mgr1", "a", "10.78.0.2");
+    let b = workload(&lab, "wrk1", "b", "10.78.0.3");
     // Same subnet, different networks: a must not reach b.
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&a]);
     let red = overlay_spec("red", 4098, "10.78.0.0/24", &[&b]);
@@ -149,9 +138,7 @@ fn networks_are_isolated_by_vni() {
 #[test]
 fn lab_down_leaves_nothing_behind() {
     let lab = lab("e2ecleanup", 1, 1);
-    let w = lab
-        .add_workload("wrk1", "w", addr("10.78.0.5"), 24, DEFAULT_OVERLAY_MTU)
-        .unwrap();
+    let w = workload(&lab, "wrk1", "w", "10.78.0.5");
     apply_everywhere(&lab, &overlay_spec("blue", 4097, "10.78.0.0/24", &[&w])).unwrap();
     let pids: Vec<u32> = lab
         .hosts
