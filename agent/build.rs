@@ -32,6 +32,7 @@ fn main() {
     for watched in [
         programs.join("src"),
         programs.join("Cargo.toml"),
+        programs.join("Cargo.lock"),
         programs.join(".cargo/config.toml"),
         programs.join("rust-toolchain.toml"),
         ebpf_root.join("common/src"),

@@ -1,11 +1,14 @@
 //! Helpers shared by the end-to-end tests in `cluster/`: where the binaries are, labs that
 //! tear themselves down, and reading a host's BPF counters.
+#![forbid(unsafe_code)]
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, Result};
-use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork, DEFAULT_OVERLAY_MTU};
+use shoal_api::dataplane::DEFAULT_OVERLAY_MTU;
 use shoal_lab::{Host, Lab, LabConfig, Workload};
+
+pub use shoal_lab::overlay_spec;
 
 /// `<target>/debug`: the test binary runs from `<target>/debug/deps`.
 pub fn bin_dir() -> PathBuf {
@@ -19,7 +22,7 @@ pub fn bin_dir() -> PathBuf {
 /// Brings up lab `name` with the given shape; it is torn down when dropped, pass or fail.
 pub fn lab(name: &str, managers: usize, workers: usize) -> Lab {
     assert!(
-        nix_is_root(),
+        is_root(),
         "the end-to-end tests build network namespaces: run them as root"
     );
     let config = LabConfig {
@@ -36,51 +39,8 @@ pub fn lab(name: &str, managers: usize, workers: usize) -> Lab {
     }
 }
 
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// One overlay network with every workload on it.
-pub fn overlay_spec(
-    network: &str,
-    vni: u32,
-    subnet: &str,
-    workloads: &[&Workload],
-) -> DataplaneSpec {
-    DataplaneSpec {
-        networks: vec![OverlayNetwork {
-            name: network.into(),
-            vni,
-            subnet: subnet.parse().unwrap(),
-            mtu: None,
-        }],
-        endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
-    }
-}
-
-/// Sends `spec` to every host and insists each one accepts it.
-pub fn apply_everywhere(lab: &Lab, spec: &DataplaneSpec) -> Result<()> {
-    for host in &lab.hosts {
-        let response = host.api().put_json("/shoal/v1/dataplane", spec)?;
-        anyhow::ensure!(response.status == 200, "{}: {}", host.name, response.text());
-    }
-    Ok(())
-}
-
-/// Packets counted under `code` by `host`'s programs.
-pub fn packets(host: &Host, code: u32) -> Result<u64> {
-    let counters: Vec<Counter> = host.api().get("/shoal/v1/dataplane/stats")?.json()?;
-    Ok(counters
-        .iter()
-        .find(|c| c.code == code)
-        .map_or(0, |c| c.packets))
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 /// Packets the kernel's VXLAN device on `host` has sent and received: independent evidence

@@ -8,7 +8,6 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::Context;
 use clap::Parser;
 use serde::{de::DeserializeOwned, Serialize};
 use shoal_api::dataplane::DataplaneSpec;
@@ -21,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, Node},
-    net::{Dataplane, NetConfig, VXLAN_PORT},
+    net::{Dataplane, NetConfig, NetError, VXLAN_PORT},
 };
 
 /// The shoal node daemon.
@@ -58,35 +57,40 @@ impl Config {
     }
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Why `shoald` could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the data plane: {0}")]
+    Net(#[from] NetError),
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("serving the API: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+pub async fn run(config: Config) -> Result<(), DaemonError> {
     let node_name = config.node_name();
     info!(node = %node_name, addr = %config.advertise_addr, "shoald starting");
-    std::fs::create_dir_all(&config.data_root)
-        .with_context(|| format!("creating {}", config.data_root.display()))?;
+    std::fs::create_dir_all(&config.data_root).map_err(io("creating", &config.data_root))?;
     // Signals first: a SIGTERM during start-up must still end in an orderly shutdown.
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
     let net = NetConfig {
         node_addr: config.advertise_addr,
         pin_dir: config.bpf_root.join(&node_name),
         vxlan_port: config.vxlan_port,
     };
-    let mut dataplane = Dataplane::start(net)
-        .await
-        .context("starting the data plane")?;
+    let mut dataplane = Dataplane::start(net).await?;
     let dataplane_file = config.data_root.join("dataplane.json");
-    match load_json::<DataplaneSpec>(&dataplane_file) {
-        Ok(Some(spec)) => {
-            if let Err(e) = dataplane.apply(spec).await {
-                warn!(error = %e, "the saved dataplane state no longer applies; starting empty");
-            }
-        }
-        Ok(None) => {}
-        Err(e) => {
-            warn!(error = %e, file = %dataplane_file.display(), "ignoring unreadable saved state")
-        }
-    }
+    restore_dataplane(&mut dataplane, &dataplane_file).await;
     let node = Arc::new(Node {
         dataplane: Mutex::new(dataplane),
         dataplane_file,
@@ -105,25 +109,59 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         error!(error = %e, "API server failed");
     }
     let _ = std::fs::remove_file(&config.socket);
-    match Arc::try_unwrap(node) {
-        Ok(node) => node.dataplane.into_inner().shutdown(),
-        Err(node) => node.dataplane.lock().await.detach_all(),
-    }
+    node.dataplane.lock().await.detach_all();
     info!("shoald stopped");
-    served.context("serving the API")
+    served.map_err(DaemonError::Serve)
 }
 
-fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+/// Brings the kernel to the last acknowledged state. The pinned maps may hold anything an
+/// earlier run left, so when there is no saved state, or it no longer applies (a workload's
+/// veth vanished while we were down), the maps are emptied rather than left stale; the
+/// saved file stays for whoever pushes the state again.
+async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) {
+    let saved = match load_json::<DataplaneSpec>(file) {
+        Ok(saved) => saved,
+        Err(e) => {
+            warn!(error = %e, file = %file.display(), "ignoring unreadable saved state");
+            None
+        }
+    };
+    if let Some(spec) = saved {
+        match dataplane.replace(spec, |_| Ok(())).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(error = %e, "the saved dataplane state no longer applies; starting empty")
+            }
+        }
+    }
+    if let Err(e) = dataplane
+        .replace(DataplaneSpec::default(), |_| Ok(()))
+        .await
+    {
+        error!(error = %e, "could not clear the dataplane maps");
+    }
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+    move |source| DaemonError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     }
     // A socket file left by a daemon that was killed refuses new binds.
     match std::fs::remove_file(socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("removing stale", socket)(e))
+        }
+        _ => {}
     }
-    UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))
+    UnixListener::bind(socket).map_err(io("binding", socket))
 }
 
 /// Writes `value` to `path` atomically and durably: temp file, fsync, rename, fsync dir.

@@ -7,6 +7,7 @@
 //!
 //! Only `net::bpf` touches BPF and only `net::link` touches netlink; everything else works on
 //! plain values, so it is tested without privileges.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod daemon;

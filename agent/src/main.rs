@@ -1,4 +1,5 @@
 //! `shoald`: the shoal node daemon.
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 use shoal_agent::daemon::{self, Config};
@@ -17,5 +18,6 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(daemon::run(config))
+        .block_on(daemon::run(config))?;
+    Ok(())
 }

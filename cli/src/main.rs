@@ -1,6 +1,7 @@
 //! `shoal`: the command-line client of a shoal node, speaking the same API as `docker`.
 //!
 //! Commands grow with the API: today `version` and the agent's `dataplane` commands.
+#![forbid(unsafe_code)]
 
 mod client;
 

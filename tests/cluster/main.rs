@@ -1,6 +1,7 @@
 //! End-to-end tests: each brings up a lab of its own (hosts as network namespaces running the
 //! real shoald with the real BPF programs) and tears it down afterwards, pass or fail.
 //! They need root.
+#![forbid(unsafe_code)]
 
 mod api_input;
 mod overlay;

@@ -10,22 +10,20 @@
 
 use shoal_common::stats::{ARP_REPLY, DELIVER_FROM_OVERLAY, DROP_FIRST, FORWARD_REMOTE};
 use shoal_lab::{ping, tcp_exchange, TextServer};
-use shoal_tests::{apply_everywhere, lab, overlay_spec, packets, vxlan_packets, workload};
+use shoal_tests::{lab, overlay_spec, vxlan_packets, workload};
 
 const PORT: u16 = 7000;
 
 #[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
     // Setup: three hosts, a workload on each, one overlay network everywhere.
     let lab = lab("e2eoverlay", 1, 2);
     let a = workload(&lab, "mgr1", "a", "10.78.0.2");
     let b = workload(&lab, "wrk1", "b", "10.78.0.3");
     let c = workload(&lab, "wrk2", "c", "10.78.0.4");
-    apply_everywhere(
-        &lab,
-        &overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b, &c]),
-    )
-    .unwrap();
+    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b, &c]).unwrap())
+        .unwrap();
     let _b_server = TextServer::start(&b.netns, PORT, "b says").unwrap();
     let _c_server = TextServer::start(&c.netns, PORT, "c says").unwrap();
     let (mgr1, wrk1) = (lab.host("mgr1").unwrap(), lab.host("wrk1").unwrap());
@@ -55,15 +53,15 @@ fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
     // Check: our programs answered ARP and carried the packets, and the kernel's VXLAN
     // devices really sent and received them.
     assert!(
-        packets(mgr1, ARP_REPLY).unwrap() >= 1,
+        mgr1.packets(ARP_REPLY).unwrap() >= 1,
         "mgr1 answered a's ARP"
     );
     assert!(
-        packets(mgr1, FORWARD_REMOTE).unwrap() >= 10,
+        mgr1.packets(FORWARD_REMOTE).unwrap() >= 10,
         "mgr1 encapsulated a's packets"
     );
     assert!(
-        packets(wrk1, DELIVER_FROM_OVERLAY).unwrap() >= 10,
+        wrk1.packets(DELIVER_FROM_OVERLAY).unwrap() >= 10,
         "wrk1 delivered them to b"
     );
     let (vx_tx_after, _) = vxlan_packets(mgr1).unwrap();
@@ -80,7 +78,7 @@ fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
     );
     for host in &lab.hosts {
         let drops: u64 = (DROP_FIRST..shoal_common::stats::MAX)
-            .map(|code| packets(host, code).unwrap())
+            .map(|code| host.packets(code).unwrap())
             .sum();
         assert_eq!(
             drops, 0,
@@ -117,29 +115,32 @@ fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
 }
 
 #[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn networks_are_isolated_by_vni() {
     let lab = lab("e2eisolation", 1, 1);
     let a = workload(&lab, "mgr1", "a", "10.78.0.2");
     let b = workload(&lab, "wrk1", "b", "10.78.0.3");
     // Same subnet, different networks: a must not reach b.
-    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&a]);
-    let red = overlay_spec("red", 4098, "10.78.0.0/24", &[&b]);
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&a]).unwrap();
+    let red = overlay_spec("red", 4098, "10.78.0.0/24", &[&b]).unwrap();
     spec.networks.extend(red.networks);
     spec.endpoints.extend(red.endpoints);
-    apply_everywhere(&lab, &spec).unwrap();
+    lab.apply_dataplane(&spec).unwrap();
 
     assert_eq!(ping(&a.netns, b.addr, 2).unwrap(), 0, "blue reached red");
     assert_eq!(
-        packets(lab.host("mgr1").unwrap(), FORWARD_REMOTE).unwrap(),
+        lab.host("mgr1").unwrap().packets(FORWARD_REMOTE).unwrap(),
         0
     );
 }
 
 #[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn lab_down_leaves_nothing_behind() {
     let lab = lab("e2ecleanup", 1, 1);
     let w = workload(&lab, "wrk1", "w", "10.78.0.5");
-    apply_everywhere(&lab, &overlay_spec("blue", 4097, "10.78.0.0/24", &[&w])).unwrap();
+    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&w]).unwrap())
+        .unwrap();
     let pids: Vec<u32> = lab
         .hosts
         .iter()
@@ -160,7 +161,7 @@ fn lab_down_leaves_nothing_behind() {
         "namespaces left: {namespaces}"
     );
     assert!(
-        !std::path::Path::new("/sys/fs/bpf/shoal/e2ecleanup").exists(),
+        !std::path::Path::new("/sys/fs/bpf/shoal-lab/e2ecleanup").exists(),
         "pins left"
     );
     assert!(

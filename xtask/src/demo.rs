@@ -5,9 +5,11 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{bail, Result};
-use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork, DEFAULT_OVERLAY_MTU};
+use shoal_api::dataplane::DEFAULT_OVERLAY_MTU;
 use shoal_common::stats;
-use shoal_lab::{ping, tcp_exchange, Lab, LabConfig, TextServer, DEFAULT_LAB};
+use shoal_lab::{
+    overlay_spec, ping, tcp_exchange, Lab, LabConfig, TextServer, Workload, DEFAULT_LAB,
+};
 
 use crate::workspace;
 
@@ -33,21 +35,8 @@ pub fn run(keep: bool) -> Result<()> {
         );
         workloads.push((host.name.clone(), w));
     }
-    let spec = DataplaneSpec {
-        networks: vec![OverlayNetwork {
-            name: NETWORK.into(),
-            vni: VNI,
-            subnet: "10.78.0.0/24".parse()?,
-            mtu: None,
-        }],
-        endpoints: workloads.iter().map(|(_, w)| w.endpoint(NETWORK)).collect(),
-    };
-    for host in &lab.hosts {
-        let response = host.api().put_json("/shoal/v1/dataplane", &spec)?;
-        if response.status != 200 {
-            bail!("{}: dataplane refused: {}", host.name, response.text());
-        }
-    }
+    let members: Vec<&Workload> = workloads.iter().map(|(_, w)| w).collect();
+    lab.apply_dataplane(&overlay_spec(NETWORK, VNI, "10.78.0.0/24", &members)?)?;
     let _servers = workloads
         .iter()
         .map(|(host, w)| TextServer::start(&w.netns, PORT, &format!("hello from {host}/web")))
@@ -94,7 +83,7 @@ pub fn run(keep: bool) -> Result<()> {
         "HOST", "arp_reply", "forward_remote", "deliver_from_overlay", "forward_local", "drops"
     );
     for host in &lab.hosts {
-        let counters: Vec<Counter> = host.api().get("/shoal/v1/dataplane/stats")?.json()?;
+        let counters = host.counters()?;
         let get = |code| {
             counters
                 .iter()

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the chores around shoal — set up a fresh machine, build, run the lab, the
 //! demo and the tests.
+#![forbid(unsafe_code)]
 
 mod bootstrap;
 mod demo;

@@ -24,10 +24,9 @@ pub async fn replace(
     let spec: DataplaneSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let mut dataplane = node.dataplane.lock().await;
-    dataplane.apply(spec.clone()).await?;
-    daemon::save_json(&node.dataplane_file, &spec).map_err(|e| {
-        ApiError::Internal(format!("saving {}: {e}", node.dataplane_file.display()))
-    })?;
+    dataplane
+        .replace(spec.clone(), |s| daemon::save_json(&node.dataplane_file, s))
+        .await?;
     Ok(Json(spec))
 }
 

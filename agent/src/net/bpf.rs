@@ -1,15 +1,16 @@
 //! The BPF side of the network role: loads shoal's programs with their maps pinned under the
-//! node's pin directory, attaches them (TCX on kernels >= 6.6), and writes map entries.
+//! node's pin directory, attaches them (TCX, kernels >= 6.6), and writes map entries.
 //! The only module that touches BPF.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap as StdHashMap},
     path::Path,
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use nix::{
@@ -37,6 +38,9 @@ const FROM_OVERLAY: &str = "from_overlay";
 /// Where bpffs is mounted on every Linux host.
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// TCX (fd-based TC attachments, no clsact qdisc to manage) arrived in Linux 6.6.
+const MIN_KERNEL: (u8, u8) = (6, 6);
+
 pub struct Datapath {
     ebpf: Ebpf,
     /// `from_workload` attachments by ifindex (with the name, for logs).
@@ -47,10 +51,27 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs; maps already pinned in `pin_dir` are reused, with their contents.
     pub fn load(pin_dir: &Path) -> Result<Self, NetError> {
+        let kernel = KernelVersion::current().map_err(|e| NetError::Kernel(e.to_string()))?;
+        if kernel < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
+            return Err(NetError::Kernel(format!(
+                "kernel {kernel} is too old: shoal needs {}.{} or newer (TCX)",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            )));
+        }
         ensure_bpffs(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)?;
+        for name in [
+            maps::ENDPOINTS,
+            maps::INTERFACES,
+            maps::NODE_CONFIG,
+            maps::STATS,
+        ] {
+            if ebpf.map(name).is_none() {
+                return Err(map_error(name, MapError::InvalidName { name: name.into() }));
+            }
+        }
         for name in [FROM_WORKLOAD, FROM_OVERLAY] {
             classifier(&mut ebpf, name)?
                 .load()
@@ -59,7 +80,7 @@ impl Datapath {
                     source,
                 })?;
         }
-        info!(pin_dir = %pin_dir.display(), "BPF programs loaded");
+        info!(pin_dir = %pin_dir.display(), %kernel, "BPF programs loaded");
         Ok(Datapath {
             ebpf,
             workload_links: BTreeMap::new(),
@@ -69,16 +90,16 @@ impl Datapath {
 
     /// Attaches `from_overlay` to the VXLAN device and tells the programs its ifindex.
     pub fn attach_overlay(&mut self, device: &str, ifindex: u32) -> Result<(), NetError> {
-        let config = NodeConfig {
-            vxlan_ifindex: ifindex,
-        };
-        let mut config_map: Array<&mut MapData, NodeConfig> = self.map_mut(maps::NODE_CONFIG)?;
-        config_map
-            .set(0, config, 0)
-            .map_err(|source| NetError::Map {
-                map: maps::NODE_CONFIG,
-                source,
-            })?;
+        let mut config: Array<&mut MapData, NodeConfig> = self.map_mut(maps::NODE_CONFIG)?;
+        config
+            .set(
+                0,
+                NodeConfig {
+                    vxlan_ifindex: ifindex,
+                },
+                0,
+            )
+            .map_err(|e| map_error(maps::NODE_CONFIG, e))?;
         if let Some(old) = self.overlay_link.take() {
             self.detach(FROM_OVERLAY, old);
         }
@@ -97,10 +118,10 @@ impl Datapath {
     pub fn apply(&mut self, plan: &Plan) -> Result<(), NetError> {
         let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> =
             self.map_mut(maps::ENDPOINTS)?;
-        sync_hash_map(&mut endpoints, maps::ENDPOINTS, plan.endpoints.iter())?;
+        sync_hash_map(&mut endpoints, maps::ENDPOINTS, &plan.endpoints)?;
         let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> =
             self.map_mut(maps::INTERFACES)?;
-        sync_hash_map(&mut interfaces, maps::INTERFACES, plan.interfaces.iter())?;
+        sync_hash_map(&mut interfaces, maps::INTERFACES, &plan.interfaces)?;
 
         let stale: Vec<u32> = self
             .workload_links
@@ -130,29 +151,26 @@ impl Datapath {
         Ok(())
     }
 
-    /// Every named counter, summed over CPUs.
+    /// Every counter in use, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<Counter>, NetError> {
-        let map = self.ebpf.map(maps::STATS).ok_or(NetError::Map {
-            map: maps::STATS,
-            source: aya::maps::MapError::InvalidName {
-                name: maps::STATS.into(),
-            },
+        let map = self.ebpf.map(maps::STATS).ok_or_else(|| {
+            map_error(
+                maps::STATS,
+                MapError::InvalidName {
+                    name: maps::STATS.into(),
+                },
+            )
         })?;
         let per_cpu: PerCpuArray<&MapData, stats::Counter> =
-            PerCpuArray::try_from(map).map_err(|source| NetError::Map {
-                map: maps::STATS,
-                source,
-            })?;
+            PerCpuArray::try_from(map).map_err(|e| map_error(maps::STATS, e))?;
         let mut out = Vec::new();
         for code in 0..stats::MAX {
-            let name = stats::name(code);
-            if name == "unused" {
+            let Some(name) = stats::name(code) else {
                 continue;
-            }
-            let values = per_cpu.get(&code, 0).map_err(|source| NetError::Map {
-                map: maps::STATS,
-                source,
-            })?;
+            };
+            let values = per_cpu
+                .get(&code, 0)
+                .map_err(|e| map_error(maps::STATS, e))?;
             let (packets, bytes) = values
                 .iter()
                 .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
@@ -190,14 +208,18 @@ impl Datapath {
 
     fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, NetError>
     where
-        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self.ebpf.map_mut(name).ok_or(NetError::Map {
-            map: name,
-            source: aya::maps::MapError::InvalidName { name: name.into() },
-        })?;
-        T::try_from(map).map_err(|source| NetError::Map { map: name, source })
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))?;
+        T::try_from(map).map_err(|e| map_error(name, e))
     }
+}
+
+fn map_error(map: &'static str, source: MapError) -> NetError {
+    NetError::Map { map, source }
 }
 
 fn classifier<'a>(
@@ -214,28 +236,30 @@ fn classifier<'a>(
     })
 }
 
-/// Makes the map hold exactly `want`: upserts every wanted entry, then removes the rest.
-fn sync_hash_map<'w, K, V>(
+/// Makes the map hold exactly `want`. Stale keys go first, so the map never needs room for
+/// old and new together; unchanged entries are not rewritten, so programs reading them see
+/// no churn.
+fn sync_hash_map<K, V>(
     map: &mut HashMap<&mut MapData, K, V>,
     name: &'static str,
-    want: impl Iterator<Item = (&'w K, &'w V)> + Clone,
+    want: &StdHashMap<K, V>,
 ) -> Result<(), NetError>
 where
-    K: aya::Pod + Eq + std::hash::Hash + 'w,
-    V: aya::Pod + 'w,
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
 {
-    let err = |source| NetError::Map { map: name, source };
-    let wanted: HashSet<K> = want.clone().map(|(k, _)| *k).collect();
-    for (key, value) in want {
-        map.insert(key, value, 0).map_err(err)?;
-    }
-    let stale: Vec<K> = map
+    let present: Vec<K> = map
         .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !wanted.contains(k))
-        .collect();
-    for key in stale {
-        map.remove(&key).map_err(err)?;
+        .collect::<Result<_, _>>()
+        .map_err(|e| map_error(name, e))?;
+    for key in present.iter().filter(|k| !want.contains_key(k)) {
+        map.remove(key).map_err(|e| map_error(name, e))?;
+    }
+    for (key, value) in want {
+        if map.get(key, 0).is_ok_and(|current| current == *value) {
+            continue;
+        }
+        map.insert(key, value, 0).map_err(|e| map_error(name, e))?;
     }
     Ok(())
 }
@@ -252,15 +276,12 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), NetError> {
             MsFlags::empty(),
             None::<&str>,
         )
-        .map_err(|e| NetError::BpfFs(format!("mounting bpffs on {BPFFS}: {e}")))?;
+        .map_err(NetError::MountBpfFs)?;
         info!(path = BPFFS, "mounted bpffs");
     }
     std::fs::create_dir_all(pin_dir)?;
     if !is_bpffs(pin_dir) {
-        return Err(NetError::BpfFs(format!(
-            "{} is not on bpffs",
-            pin_dir.display()
-        )));
+        return Err(NetError::NotBpfFs(pin_dir.to_owned()));
     }
     Ok(())
 }

@@ -99,6 +99,7 @@ impl Fixture {
                 LO,
                 InterfaceEntry {
                     vni: VNI,
+                    addr: u32::from_ne_bytes(CLIENT),
                     mac: ROUTER_MAC,
                     _pad: [0; 2],
                 },
@@ -181,6 +182,7 @@ fn ipv4_to(dst: [u8; 4]) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn from_workload_answers_arp_for_peers_only() {
     let fx = Fixture::new();
 
@@ -209,6 +211,7 @@ fn from_workload_answers_arp_for_peers_only() {
 }
 
 #[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn from_workload_encapsulates_remote_and_delivers_local() {
     let fx = Fixture::new();
 
@@ -229,6 +232,7 @@ fn from_workload_encapsulates_remote_and_delivers_local() {
 }
 
 #[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn every_failure_is_a_counted_drop() {
     let fx = Fixture::new();
 
@@ -242,6 +246,23 @@ fn every_failure_is_a_counted_drop() {
     let (verdict, _) = fx.run(FROM_WORKLOAD, truncated);
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(fx.count(stats::DROP_MALFORMED), 1);
+
+    let mut spoofed = ipv4_to(REMOTE);
+    spoofed[26..30].copy_from_slice(&LOCAL);
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &spoofed);
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a workload may only send from its own address"
+    );
+    assert_eq!(fx.count(stats::DROP_SPOOFED_SOURCE), 1);
+
+    let mut ipv6 = ipv4_to(REMOTE);
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    ipv6[14] = 0x60;
+    ipv6.resize(14 + 40 + 8, 0); // the kernel refuses a test frame shorter than its header
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &ipv6);
+    assert_eq!(verdict, TC_ACT_SHOT, "only IPv4 and ARP leave a workload");
+    assert_eq!(fx.count(stats::DROP_NOT_IPV4), 1);
 
     let (verdict, _) = fx.run(FROM_OVERLAY, &ipv4_to(LOCAL));
     assert_eq!(

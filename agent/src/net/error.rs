@@ -1,4 +1,6 @@
-//! Errors of the network role, split by whether the caller's input or the kernel is at fault.
+//! Errors of the network role, split by whether the caller's input or the node is at fault.
+
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use shoal_api::dataplane::SpecError;
 
@@ -12,15 +14,20 @@ pub enum NetError {
     InterfaceNotFound(String),
     /// An endpoint on this node came without its host-side interface.
     #[error("endpoint {0} runs on this node but names no interface")]
-    MissingInterface(std::net::Ipv4Addr),
+    MissingInterface(Ipv4Addr),
     /// Two endpoints claim the same host-side interface.
     #[error("interface {0} is claimed by more than one endpoint")]
     InterfaceShared(String),
-    /// A local endpoint's interface has no Ethernet address (not a veth).
-    #[error("interface {0} has no Ethernet address")]
-    NotEthernet(String),
-    #[error("bpffs: {0}")]
-    BpfFs(String),
+    /// A local endpoint names an interface that is not a veth (the underlay, the VXLAN
+    /// device, ...): attaching the workload program there would cut the node off.
+    #[error("interface {0} is not a veth")]
+    NotVeth(String),
+    #[error("kernel: {0}")]
+    Kernel(String),
+    #[error("mounting bpffs on /sys/fs/bpf: {0}")]
+    MountBpfFs(#[source] nix::Error),
+    #[error("{} is not on bpffs", .0.display())]
+    NotBpfFs(PathBuf),
     #[error("loading the BPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("BPF program {program}: {source}")]
@@ -37,6 +44,9 @@ pub enum NetError {
     },
     #[error("netlink: {0}")]
     Netlink(#[from] rtnetlink::Error),
+    /// The new state is in the kernel but could not be saved; the old one was put back.
+    #[error("saving the desired state: {0}")]
+    Persist(#[source] std::io::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -50,7 +60,7 @@ impl NetError {
                 | NetError::InterfaceNotFound(_)
                 | NetError::MissingInterface(_)
                 | NetError::InterfaceShared(_)
-                | NetError::NotEthernet(_)
+                | NetError::NotVeth(_)
         )
     }
 }

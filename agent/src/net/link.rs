@@ -12,9 +12,6 @@ use tracing::info;
 
 use crate::net::{overlay::LinkInfo, NetError};
 
-/// errno of "no such device", the answer to a lookup by a name that does not exist.
-const ENODEV: i32 = 19;
-
 /// A netlink connection in the agent's network namespace.
 pub struct Links {
     handle: Handle,
@@ -28,11 +25,14 @@ impl Links {
         Ok(Links { handle })
     }
 
-    /// The interface called `name`, or `None` when there is none.
-    pub async fn by_name(&self, name: &str) -> Result<Option<LinkInfo>, NetError> {
+    /// The veth called `name`, or `None` when there is no interface of that name.
+    pub async fn veth(&self, name: &str) -> Result<Option<LinkInfo>, NetError> {
         let Some(msg) = self.message(name).await? else {
             return Ok(None);
         };
+        if link_kind(&msg) != Some(&InfoKind::Veth) {
+            return Err(NetError::NotVeth(name.to_owned()));
+        }
         let mac = msg
             .attributes
             .iter()
@@ -40,7 +40,7 @@ impl Links {
                 LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
                 _ => None,
             })
-            .ok_or_else(|| NetError::NotEthernet(name.to_owned()))?;
+            .ok_or_else(|| NetError::NotVeth(name.to_owned()))?;
         Ok(Some(LinkInfo {
             index: msg.header.index,
             mac,
@@ -98,7 +98,11 @@ impl Links {
             .execute();
         match links.try_next().await {
             Ok(msg) => Ok(msg),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -ENODEV => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -117,20 +121,29 @@ fn strip_vni(mut msg: LinkMessage) -> LinkMessage {
     msg
 }
 
-fn is_external_vxlan(msg: &LinkMessage, port: u16) -> bool {
-    let infos = msg.attributes.iter().find_map(|attr| match attr {
-        LinkAttribute::LinkInfo(infos) => Some(infos),
-        _ => None,
-    });
-    let Some(infos) = infos else { return false };
-    let is_vxlan = infos
+fn link_infos(msg: &LinkMessage) -> &[NlLinkInfo] {
+    msg.attributes
         .iter()
-        .any(|i| matches!(i, NlLinkInfo::Kind(InfoKind::Vxlan)));
-    let data = infos.iter().find_map(|i| match i {
+        .find_map(|attr| match attr {
+            LinkAttribute::LinkInfo(infos) => Some(infos.as_slice()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn link_kind(msg: &LinkMessage) -> Option<&InfoKind> {
+    link_infos(msg).iter().find_map(|i| match i {
+        NlLinkInfo::Kind(kind) => Some(kind),
+        _ => None,
+    })
+}
+
+fn is_external_vxlan(msg: &LinkMessage, port: u16) -> bool {
+    let data = link_infos(msg).iter().find_map(|i| match i {
         NlLinkInfo::Data(InfoData::Vxlan(data)) => Some(data),
         _ => None,
     });
-    is_vxlan
+    link_kind(msg) == Some(&InfoKind::Vxlan)
         && data.is_some_and(|d| {
             d.contains(&InfoVxlan::CollectMetadata(true)) && d.contains(&InfoVxlan::Port(port))
         })

@@ -12,11 +12,11 @@ pub mod overlay;
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use shoal_api::dataplane::{Counter, DataplaneSpec, DEFAULT_OVERLAY_MTU};
-use tracing::info;
+use tracing::{error, info, instrument};
 
 pub use error::NetError;
 
-use crate::net::{bpf::Datapath, link::Links};
+use crate::net::{bpf::Datapath, link::Links, overlay::Plan};
 
 /// Name of the node's `vxlan external` device.
 pub const VXLAN_DEVICE: &str = "shoal_vxlan";
@@ -38,11 +38,14 @@ pub struct Dataplane {
     config: NetConfig,
     links: Links,
     datapath: Datapath,
+    /// What the kernel holds now: the last state applied in full.
     spec: DataplaneSpec,
+    plan: Plan,
 }
 
 impl Dataplane {
-    /// Loads the programs, creates (or adopts) the VXLAN device and attaches to it.
+    /// Loads the programs, creates (or adopts) the VXLAN device and attaches to it. The
+    /// pinned maps keep whatever an earlier run left until the first `replace`.
     pub async fn start(config: NetConfig) -> Result<Self, NetError> {
         let links = Links::connect()?;
         let mut datapath = Datapath::load(&config.pin_dir)?;
@@ -61,31 +64,33 @@ impl Dataplane {
             links,
             datapath,
             spec: DataplaneSpec::default(),
+            plan: Plan::default(),
         })
     }
 
-    /// Makes the kernel match `spec`. On error nothing was changed unless the error is a
-    /// kernel failure part-way through (`NetError::is_bad_input` is false then).
-    pub async fn apply(&mut self, spec: DataplaneSpec) -> Result<(), NetError> {
+    /// Makes the kernel match `spec`, then calls `persist` with it; answers Ok only when
+    /// both succeeded. Input errors are found before anything changes. If the kernel
+    /// update or `persist` fails, the previous state is put back, so the kernel, `spec()`
+    /// and what `persist` saved never disagree.
+    #[instrument(skip_all, fields(networks = spec.networks.len(), endpoints = spec.endpoints.len()))]
+    pub async fn replace(
+        &mut self,
+        spec: DataplaneSpec,
+        persist: impl FnOnce(&DataplaneSpec) -> std::io::Result<()>,
+    ) -> Result<(), NetError> {
         spec.validate()?;
-        let mut local = overlay::LocalLinks::default();
-        for name in overlay::local_interfaces(&spec, self.config.node_addr) {
-            let link = self
-                .links
-                .by_name(name)
-                .await?
-                .ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
-            local.insert(name.to_owned(), link);
+        let plan = self.plan(&spec).await?;
+        if let Err(e) = self.datapath.apply(&plan) {
+            self.restore();
+            return Err(e);
         }
-        let plan = overlay::plan(&spec, self.config.node_addr, &local)?;
-        self.datapath.apply(&plan)?;
-        info!(
-            networks = spec.networks.len(),
-            endpoints = plan.endpoints.len(),
-            interfaces = plan.interfaces.len(),
-            "dataplane converged"
-        );
+        if let Err(e) = persist(&spec) {
+            self.restore();
+            return Err(NetError::Persist(e));
+        }
+        info!(interfaces = plan.interfaces.len(), "dataplane converged");
         self.spec = spec;
+        self.plan = plan;
         Ok(())
     }
 
@@ -98,11 +103,27 @@ impl Dataplane {
     }
 
     /// Detaches every program. Pinned maps stay, so a restarted agent finds its state.
-    pub fn shutdown(mut self) {
-        self.detach_all();
-    }
-
     pub fn detach_all(&mut self) {
         self.datapath.detach_all();
+    }
+
+    async fn plan(&self, spec: &DataplaneSpec) -> Result<Plan, NetError> {
+        let mut local = overlay::LocalLinks::default();
+        for name in overlay::local_interfaces(spec, self.config.node_addr) {
+            let link = self
+                .links
+                .veth(name)
+                .await?
+                .ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
+            local.insert(name.to_owned(), link);
+        }
+        overlay::plan(spec, self.config.node_addr, &local)
+    }
+
+    /// Puts the last fully applied plan back after a failed update.
+    fn restore(&mut self) {
+        if let Err(e) = self.datapath.apply(&self.plan) {
+            error!(error = %e, "could not restore the previous dataplane state");
+        }
     }
 }

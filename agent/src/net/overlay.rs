@@ -25,7 +25,7 @@ pub type LocalLinks = BTreeMap<String, LinkInfo>;
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub endpoints: HashMap<EndpointKey, EndpointEntry>,
-    pub interfaces: BTreeMap<u32, InterfaceEntry>,
+    pub interfaces: HashMap<u32, InterfaceEntry>,
     /// ifindex -> name of every interface that needs `from_workload`.
     pub attach: BTreeMap<u32, String>,
 }
@@ -69,6 +69,7 @@ pub fn plan(
                 link.index,
                 InterfaceEntry {
                     vni: net.vni,
+                    addr: key.addr,
                     mac: link.mac,
                     _pad: [0; 2],
                 },
@@ -168,6 +169,11 @@ mod tests {
         );
 
         assert_eq!(plan.interfaces[&7].vni, 4097);
+        assert_eq!(
+            plan.interfaces[&7].addr,
+            u32::from_ne_bytes([10, 78, 0, 2]),
+            "packet byte order"
+        );
         assert_eq!(plan.attach, [(7, "shw-a".to_owned())].into_iter().collect());
         assert_eq!(local_interfaces(&spec, HERE).collect::<Vec<_>>(), ["shw-a"]);
     }

@@ -34,7 +34,8 @@ pub struct OverlayNetwork {
     /// VXLAN network identifier, 1..=2^24-1, unique in the cluster.
     pub vni: u32,
     pub subnet: Ipv4Net,
-    /// MTU for workload interfaces; `DEFAULT_OVERLAY_MTU` when absent.
+    /// MTU whoever creates a workload's interface on this network gives it (the lab today,
+    /// the executor later); `DEFAULT_OVERLAY_MTU` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
 }

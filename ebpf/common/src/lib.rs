@@ -9,7 +9,9 @@
 pub mod overlay;
 pub mod stats;
 
-/// Names of the pinned maps, shared so the agent and the programs cannot disagree.
+/// Names of the pinned maps. The programs' `#[map(name = ...)]` takes only literals, so
+/// `ebpf/shoal-ebpf/src/maps.rs` spells them again; the agent refuses to start when the
+/// object lacks any of these (`net::bpf::Datapath::load`), so a mismatch cannot go unseen.
 pub mod maps {
     /// `EndpointKey` -> `EndpointEntry`: where each overlay address lives.
     pub const ENDPOINTS: &str = "SHOAL_ENDPOINTS";

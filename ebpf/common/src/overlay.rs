@@ -32,6 +32,9 @@ pub struct EndpointEntry {
 pub struct InterfaceEntry {
     /// VNI of the network this interface is attached to.
     pub vni: u32,
+    /// The workload's own address on that network, network byte order: the only source
+    /// address its packets and ARP requests may carry.
+    pub addr: u32,
     /// MAC of the host-side veth: the answer to every ARP request from the workload, so all
     /// its overlay traffic comes to us.
     pub mac: [u8; 6],
@@ -48,7 +51,7 @@ pub struct NodeConfig {
 
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 20);
-const _: () = assert!(core::mem::size_of::<InterfaceEntry>() == 12);
+const _: () = assert!(core::mem::size_of::<InterfaceEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 4);
 
 #[cfg(feature = "user")]

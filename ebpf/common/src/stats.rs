@@ -1,8 +1,8 @@
 //! The one numbered list of what the programs did with a packet: forwarding outcomes and
 //! drop reasons, counted per CPU in the `STATS` map.
 //!
-//! Codes are never reused: a retired code stays here as `UNUSED_<n>`. The agent's
-//! `net::stats` module prints these names; nothing else mirrors the list.
+//! Once released, codes are never reused: a retired code stays here as `UNUSED_<n>`. Nothing
+//! mirrors this list; the agent reports counters with `name`.
 
 /// Packets and bytes for one code.
 #[repr(C)]
@@ -26,12 +26,11 @@ pub const FORWARD_REMOTE: u32 = 1;
 pub const DELIVER_FROM_OVERLAY: u32 = 2;
 /// ARP request from a workload answered by the program.
 pub const ARP_REPLY: u32 = 3;
-/// Not IPv4 or ARP (IPv6 neighbour discovery, ...): left to the stack.
-pub const PASS_OTHER: u32 = 4;
 
 /// First drop code; everything from here on is a drop.
 pub const DROP_FIRST: u32 = 16;
-/// Frame too short for the headers its EtherType promises.
+/// Frame too short for the headers its EtherType promises, or an ARP that is not
+/// Ethernet/IPv4.
 pub const DROP_MALFORMED: u32 = 16;
 /// Packet from a veth the agent has not registered as a workload interface.
 pub const DROP_UNKNOWN_INTERFACE: u32 = 17;
@@ -43,27 +42,33 @@ pub const DROP_NO_OVERLAY_DEVICE: u32 = 19;
 pub const DROP_TUNNEL_KEY: u32 = 20;
 /// ARP request we do not answer (not for an endpoint of the network, or not a request).
 pub const DROP_ARP_UNANSWERED: u32 = 21;
-/// Rewriting the packet failed.
-pub const DROP_REWRITE: u32 = 22;
+/// A `bpf_redirect*` helper refused the redirect.
+pub const DROP_REDIRECT: u32 = 22;
+/// Neither IPv4 nor ARP (IPv6, VLAN tags, ...): overlays carry IPv4 only, and a workload's
+/// other traffic must not reach the host's stack through its veth.
+pub const DROP_NOT_IPV4: u32 = 23;
+/// IPv4 or ARP whose sender address is not the workload's own: no spoofing peers.
+pub const DROP_SPOOFED_SOURCE: u32 = 24;
 
 /// Size of the `STATS` array.
 pub const MAX: u32 = 32;
 
-/// Human name of a code, for `shoal` output and test messages.
-pub fn name(code: u32) -> &'static str {
-    match code {
+/// Human name of a code, for `shoal` output and test messages; `None` for codes not in use.
+pub fn name(code: u32) -> Option<&'static str> {
+    Some(match code {
         FORWARD_LOCAL => "forward_local",
         FORWARD_REMOTE => "forward_remote",
         DELIVER_FROM_OVERLAY => "deliver_from_overlay",
         ARP_REPLY => "arp_reply",
-        PASS_OTHER => "pass_other",
         DROP_MALFORMED => "drop_malformed",
         DROP_UNKNOWN_INTERFACE => "drop_unknown_interface",
         DROP_NO_ENDPOINT => "drop_no_endpoint",
         DROP_NO_OVERLAY_DEVICE => "drop_no_overlay_device",
         DROP_TUNNEL_KEY => "drop_tunnel_key",
         DROP_ARP_UNANSWERED => "drop_arp_unanswered",
-        DROP_REWRITE => "drop_rewrite",
-        _ => "unused",
-    }
+        DROP_REDIRECT => "drop_redirect",
+        DROP_NOT_IPV4 => "drop_not_ipv4",
+        DROP_SPOOFED_SOURCE => "drop_spoofed_source",
+        _ => return None,
+    })
 }

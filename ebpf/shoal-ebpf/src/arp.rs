@@ -5,7 +5,7 @@
 use aya_ebpf::{helpers::generated::bpf_redirect, programs::TcContext};
 use shoal_common::{
     overlay::{EndpointKey, InterfaceEntry},
-    stats::{ARP_REPLY, DROP_ARP_UNANSWERED, DROP_MALFORMED},
+    stats::{ARP_REPLY, DROP_ARP_UNANSWERED, DROP_MALFORMED, DROP_SPOOFED_SOURCE},
 };
 
 use crate::{
@@ -14,7 +14,7 @@ use crate::{
         ptr_at, ArpHdr, EthHdr, ARP_HTYPE_ETHER_BE, ARP_OP_REPLY_BE, ARP_OP_REQUEST_BE, ETH_HLEN,
         ETH_P_IP_BE,
     },
-    maps::ENDPOINTS,
+    maps::{lookup, ENDPOINTS},
     stats::count,
 };
 
@@ -26,29 +26,40 @@ pub fn answer(ctx: &TcContext, ifindex: u32, iface: &InterfaceEntry) -> Result<i
     let arp: *mut ArpHdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: both pointers were bounds-checked against data_end by ptr_at just above, and
     // nothing since has changed the packet.
-    unsafe {
+    let (sender, target) = unsafe {
         if (*arp).htype != ARP_HTYPE_ETHER_BE
             || (*arp).ptype != ETH_P_IP_BE
-            || (*arp).op != ARP_OP_REQUEST_BE
+            || (*arp).hlen != 6
+            || (*arp).plen != 4
         {
+            return Err(DROP_MALFORMED);
+        }
+        if (*arp).op != ARP_OP_REQUEST_BE {
             return Err(DROP_ARP_UNANSWERED);
         }
-        let target = (*arp).tpa;
-        let key = EndpointKey {
-            vni: iface.vni,
-            addr: u32::from_ne_bytes(target),
-        };
-        let Some(entry) = ENDPOINTS.get(key) else {
-            return Err(DROP_ARP_UNANSWERED);
-        };
-        // A workload probing for its own address (duplicate address detection, gratuitous
-        // ARP) must not hear that someone else holds it.
-        if entry.ifindex == ifindex || (*arp).spa == target {
-            return Err(DROP_ARP_UNANSWERED);
-        }
+        ((*arp).spa, (*arp).tpa)
+    };
+    // A probe (sender 0.0.0.0, duplicate address detection) may come before the workload's
+    // address is configured; anything else must come from the workload's own address.
+    let sender_addr = u32::from_ne_bytes(sender);
+    if sender_addr != 0 && sender_addr != iface.addr {
+        return Err(DROP_SPOOFED_SOURCE);
+    }
+    let key = EndpointKey {
+        vni: iface.vni,
+        addr: u32::from_ne_bytes(target),
+    };
+    let entry = lookup(&ENDPOINTS, &key).ok_or(DROP_ARP_UNANSWERED)?;
+    // Probes and announcements for the workload's own address must not hear that someone
+    // else holds it.
+    if entry.ifindex == ifindex || sender_addr == 0 {
+        return Err(DROP_ARP_UNANSWERED);
+    }
+    // SAFETY: the same bounds-checked pointers; no helper has changed the packet since.
+    unsafe {
         (*arp).op = ARP_OP_REPLY_BE;
         (*arp).tha = (*arp).sha;
-        (*arp).tpa = (*arp).spa;
+        (*arp).tpa = sender;
         (*arp).sha = iface.mac;
         (*arp).spa = target;
         (*eth).dst = (*eth).src;

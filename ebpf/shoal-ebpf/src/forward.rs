@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use shoal_common::{
     overlay::EndpointEntry,
-    stats::{DROP_MALFORMED, DROP_NO_OVERLAY_DEVICE, DROP_REWRITE, DROP_TUNNEL_KEY},
+    stats::{DROP_MALFORMED, DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TUNNEL_KEY},
 };
 
 use crate::{
@@ -79,6 +79,6 @@ pub fn redirect_verdict(rc: i64) -> Result<i32, u32> {
     if rc == i64::from(TC_ACT_REDIRECT) {
         Ok(TC_ACT_REDIRECT)
     } else {
-        Err(DROP_REWRITE)
+        Err(DROP_REDIRECT)
     }
 }

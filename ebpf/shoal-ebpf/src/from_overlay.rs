@@ -2,21 +2,21 @@
 //! already decapsulated by the kernel, with the VNI in the tunnel metadata.
 
 use aya_ebpf::{
-    bindings::{bpf_tunnel_key, TC_ACT_OK},
-    helpers::generated::bpf_skb_get_tunnel_key,
-    macros::classifier,
+    bindings::bpf_tunnel_key, helpers::generated::bpf_skb_get_tunnel_key, macros::classifier,
     programs::TcContext,
 };
 use shoal_common::{
     overlay::EndpointKey,
-    stats::{DELIVER_FROM_OVERLAY, DROP_MALFORMED, DROP_NO_ENDPOINT, DROP_TUNNEL_KEY, PASS_OTHER},
+    stats::{
+        DELIVER_FROM_OVERLAY, DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_ENDPOINT, DROP_TUNNEL_KEY,
+    },
 };
 
 use crate::{
     forward::deliver_local,
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
-    maps::ENDPOINTS,
-    stats::{count, drop_packet},
+    maps::{lookup, ENDPOINTS},
+    stats::drop_packet,
 };
 
 #[classifier]
@@ -46,19 +46,17 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     if unsafe { (*eth).proto } != ETH_P_IP_BE {
-        count(ctx, PASS_OTHER);
-        return Ok(TC_ACT_OK);
+        return Err(DROP_NOT_IPV4);
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     let daddr = unsafe { (*ip).daddr };
-    let lookup = EndpointKey {
+    let lookup_key = EndpointKey {
         vni: key.tunnel_id,
         addr: u32::from_ne_bytes(daddr),
     };
-    // SAFETY: read-only use of a value the agent only replaces whole.
-    match unsafe { ENDPOINTS.get(lookup) } {
-        Some(to) if to.ifindex != 0 => deliver_local(ctx, to, DELIVER_FROM_OVERLAY),
+    match lookup(&ENDPOINTS, &lookup_key) {
+        Some(to) if to.ifindex != 0 => deliver_local(ctx, &to, DELIVER_FROM_OVERLAY),
         _ => Err(DROP_NO_ENDPOINT),
     }
 }

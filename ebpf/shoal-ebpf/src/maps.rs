@@ -25,3 +25,12 @@ pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 /// Outcome counters, indexed by `shoal_common::stats` codes.
 #[map(name = "SHOAL_STATS")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX, 0);
+
+/// Looks `key` up and copies the value out. A preallocated hash map may recycle an element
+/// for a concurrent update while a program still holds a reference to it, so programs never
+/// keep references into the maps across helper calls.
+#[inline(always)]
+pub fn lookup<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: the pointer is valid for this program run; the value is copied at once.
+    map.get_ptr(key).map(|value| unsafe { *value })
+}

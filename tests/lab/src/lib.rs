@@ -8,6 +8,7 @@
 //!
 //! Addresses (only ever inside the lab's namespaces): the underlay is 10.77.0.0/16, managers
 //! at 10.77.1.N, workers at 10.77.2.N.
+#![forbid(unsafe_code)]
 
 mod api;
 mod cmd;
@@ -24,6 +25,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork};
 
 pub use api::{ApiClient, Response};
 pub use cmd::{run, run_ok};
@@ -37,8 +39,9 @@ pub const DEFAULT_LAB: &str = "shoal";
 pub const UNDERLAY_PREFIX: u8 = 16;
 /// Where labs keep their state: one directory per lab.
 pub const STATE_ROOT: &str = "/run/shoal-lab";
-/// bpffs directory under which each lab pins its hosts' maps (`<root>/<lab>/<host>`).
-pub const BPF_ROOT: &str = "/sys/fs/bpf/shoal";
+/// bpffs directory under which each lab pins its hosts' maps (`<root>/<lab>/<host>`); apart
+/// from a real node's `/sys/fs/bpf/shoal/<node>`, so `down` never touches a real node's maps.
+pub const BPF_ROOT: &str = "/sys/fs/bpf/shoal-lab";
 
 /// The shape of a lab to bring up.
 #[derive(Debug, Clone)]
@@ -86,6 +89,38 @@ impl Host {
     pub fn api(&self) -> ApiClient {
         ApiClient::new(&self.socket)
     }
+
+    /// The counters of this host's BPF programs.
+    pub fn counters(&self) -> Result<Vec<Counter>> {
+        self.api().get("/shoal/v1/dataplane/stats")?.json()
+    }
+
+    /// Packets this host's programs counted under `code` (`shoal_common::stats`).
+    pub fn packets(&self, code: u32) -> Result<u64> {
+        Ok(self
+            .counters()?
+            .iter()
+            .find(|c| c.code == code)
+            .map_or(0, |c| c.packets))
+    }
+}
+
+/// One overlay network with every given workload on it.
+pub fn overlay_spec(
+    network: &str,
+    vni: u32,
+    subnet: &str,
+    workloads: &[&Workload],
+) -> Result<DataplaneSpec> {
+    Ok(DataplaneSpec {
+        networks: vec![OverlayNetwork {
+            name: network.into(),
+            vni,
+            subnet: subnet.parse()?,
+            mtu: None,
+        }],
+        endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
+    })
 }
 
 /// A running lab. Dropping it leaves the lab up unless it was made with
@@ -103,19 +138,7 @@ impl Lab {
     /// Clears whatever an earlier run of this lab left, then builds the switch and the hosts
     /// and starts `shoald` on each, printing a progress line per step.
     pub fn up(config: &LabConfig) -> Result<Lab> {
-        if config.name.is_empty()
-            || !config
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        {
-            // `down` finds a lab's namespaces by the prefix `<name>-`: a name with a dash
-            // could match another lab's.
-            bail!(
-                "lab name {:?}: use lowercase letters and digits only",
-                config.name
-            );
-        }
+        check_name(&config.name)?;
         if config.managers == 0 || config.managers > 9 || config.workers > 9 {
             bail!("a lab has 1-9 managers and 0-9 workers");
         }
@@ -247,6 +270,22 @@ impl Lab {
         workload::create(&self.name, self.host(host)?, name, addr, prefix, mtu)
     }
 
+    /// Sends `spec` to every host's shoald; fails unless each one accepts it.
+    pub fn apply_dataplane(&self, spec: &DataplaneSpec) -> Result<()> {
+        for host in &self.hosts {
+            let response = host.api().put_json("/shoal/v1/dataplane", spec)?;
+            if response.status != 200 {
+                bail!(
+                    "{}: dataplane refused ({}): {}",
+                    host.name,
+                    response.status,
+                    response.text()
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn save(&self) -> Result<()> {
         let file = state_dir(&self.name).join("lab.json");
         std::fs::write(&file, serde_json::to_vec_pretty(self)?)?;
@@ -262,6 +301,20 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// Lab names are lowercase letters and digits: `down` finds a lab's namespaces by the
+/// prefix `<name>-` and removes directories named after it, so a name with a dash could
+/// match another lab's, and an empty or `..` name could reach outside the lab's own.
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        bail!("lab name {name:?}: use lowercase letters and digits only");
+    }
+    Ok(())
 }
 
 fn state_dir(lab: &str) -> PathBuf {

@@ -20,6 +20,7 @@ use crate::{netns, Host, Lab, BPF_ROOT};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(10);
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts shoald in `host`'s namespace and waits until its API answers.
 pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
@@ -75,6 +76,7 @@ pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
             return Ok(pid);
         }
         if Instant::now() > deadline {
+            stop_pid(pid, STOP_GRACE);
             bail!(
                 "{}: shoald did not answer within {READY_TIMEOUT:?}; its log:\n{}",
                 host.name,
@@ -88,26 +90,38 @@ pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
 /// SIGTERM, then SIGKILL if it has not exited after a grace period.
 pub fn stop(host: &Host) -> Result<()> {
     if let Some(pid) = running_pid(host) {
-        stop_pid(pid, STOP_GRACE);
+        if !stop_pid(pid, STOP_GRACE) {
+            bail!(
+                "{}: shoald (pid {pid}) did not exit even after SIGKILL",
+                host.name
+            );
+        }
     }
     let _ = std::fs::remove_file(&host.pid_file);
     Ok(())
 }
 
-/// Ends a process the lab started and waits for it to be gone.
-pub fn stop_pid(pid: u32, grace: Duration) {
+/// Ends a process the lab started: SIGTERM, then SIGKILL after `grace`. Returns whether it
+/// is gone (a process stuck in the kernel may outlive even SIGKILL for a while).
+pub fn stop_pid(pid: u32, grace: Duration) -> bool {
     let target = Pid::from_raw(pid as i32);
     let _ = kill(target, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while alive(pid) && Instant::now() < deadline {
+    if wait_gone(pid, grace) {
+        return true;
+    }
+    let _ = kill(target, Signal::SIGKILL);
+    wait_gone(pid, KILL_WAIT)
+}
+
+fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if alive(pid) {
-        let _ = kill(target, Signal::SIGKILL);
-        while alive(pid) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    true
 }
 
 /// The PID in `host`'s pid file if that process is still a running shoald.

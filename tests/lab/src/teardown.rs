@@ -23,6 +23,7 @@ const KERNEL_BPFFS_FILES: &[&str] = &["maps.debug", "progs.debug"];
 /// Tears down lab `name`: processes in its namespaces, the namespaces (and with them every
 /// link inside), its pinned maps and its state directory.
 pub fn down(name: &str) -> Result<()> {
+    crate::check_name(name)?;
     let _lock = lock()?;
     down_locked(name)
 }
@@ -54,7 +55,9 @@ pub(crate) fn down_locked(name: &str) -> Result<()> {
         let pids = run(&["ip", "netns", "pids", ns])?;
         for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse() {
-                stop_pid(pid, Duration::from_secs(5));
+                if !stop_pid(pid, Duration::from_secs(5)) {
+                    eprintln!("lab {name}: pid {pid} in {ns} survived SIGKILL; its namespace goes when it exits");
+                }
             }
         }
     }

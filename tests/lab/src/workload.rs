@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use shoal_api::MacAddr;
 
 use crate::{cmd::run_ok, Host};
@@ -59,6 +59,17 @@ pub fn create(
         "ip", "-n", &netns, "link", "set", "eth0", "address", &mac_text, "mtu", &mtu,
     ])?;
     run_ok(&["ip", "-n", &netns, "addr", "add", &cidr, "dev", "eth0"])?;
+    // As Docker does for containers on networks without IPv6: no link-local addresses, no
+    // router solicitations (the overlay carries IPv4 only and drops the rest).
+    let nsenter_net = format!("--net=/run/netns/{netns}");
+    run_ok(&[
+        "nsenter",
+        &nsenter_net,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ])?;
     run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
     Ok(Workload {
         netns,
@@ -168,13 +179,21 @@ pub fn ping(netns: &str, addr: Ipv4Addr, count: u32) -> Result<u32> {
     .collect();
     let out = crate::netns::command(netns, &argv).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    // "3 packets transmitted, 3 packets received, 0% packet loss"
-    let received = text.lines().find_map(|l| {
-        l.split(", ")
-            .nth(1)?
-            .strip_suffix(" packets received")?
-            .parse()
-            .ok()
-    });
-    Ok(received.unwrap_or(0))
+    // "3 packets transmitted, 3 packets received, 0% packet loss"; busybox prints it whether
+    // or not replies came (exit status 1 then), so its absence means ping itself failed.
+    text.lines()
+        .find_map(|l| {
+            l.split(", ")
+                .nth(1)?
+                .strip_suffix(" packets received")?
+                .parse()
+                .ok()
+        })
+        .with_context(|| {
+            format!(
+                "ping {addr} from {netns} failed: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }
