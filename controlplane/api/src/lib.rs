@@ -7,7 +7,10 @@
 
 pub mod dataplane;
 pub mod error;
+pub mod info;
 pub mod mac;
+pub mod node;
+pub mod swarm;
 pub mod system;
 
 pub use error::ErrorResponse;

@@ -1,0 +1,42 @@
+//! The cluster's root of trust, as Swarm builds it (swarmkit `ca/`):
+//!
+//! - `root`: the cluster root CA made at `swarm init`, which signs every node certificate.
+//! - `node`: a node's key, its certificate request, and the identity a certificate carries
+//!   (CN = node ID, OU = role, O = cluster ID).
+//! - `token`: join tokens `SWMTKN-1-<CA digest>-<secret>`; the digest pins the CA.
+//! - `unlock`: autolock keys `SWMKEY-1-...` and the data key they wrap.
+//! - `seal`: authenticated encryption of data at rest with the data key.
+//! - `tls`: rustls configurations for mutual TLS between nodes, and for joining.
+#![forbid(unsafe_code)]
+
+mod base36;
+mod error;
+pub mod node;
+pub mod root;
+pub mod seal;
+pub mod tls;
+pub mod token;
+pub mod unlock;
+
+pub use error::CaError;
+pub use node::{NodeIdentity, NodeKey};
+pub use root::RootCa;
+pub use seal::DataKey;
+pub use token::JoinToken;
+pub use unlock::UnlockKey;
+
+/// Fills `buf` from the OS's secure random source.
+pub(crate) fn random(buf: &mut [u8]) -> Result<(), CaError> {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| CaError::Random)
+}
+
+/// A random ID in Swarm's shape: 25 characters of base36 (128 random bits), as node and
+/// cluster IDs are.
+pub fn new_id() -> Result<String, CaError> {
+    let mut bytes = [0u8; 16];
+    random(&mut bytes)?;
+    Ok(base36::encode(&bytes, 25))
+}

@@ -1,0 +1,137 @@
+//! The cluster root CA: made once at `swarm init`, it signs every node certificate. Its
+//! certificate's SHA-256 digest goes into the join tokens, so a joining node can tell the
+//! real cluster from an impostor before it sends anything secret.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::{node::NodeIdentity, CaError};
+
+/// Common name of the root CA certificate, as swarmkit names it.
+const ROOT_CN: &str = "swarm-ca";
+/// Lifetime of the root CA (swarmkit: 20 years).
+const ROOT_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
+/// Backdating of `not_before`, so nodes with slightly skewed clocks accept new certificates.
+const CLOCK_SKEW: Duration = Duration::from_secs(3600);
+
+pub struct RootCa {
+    cert: rcgen::Certificate,
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl RootCa {
+    /// A new self-signed root (ECDSA P-256).
+    pub fn generate() -> Result<Self, CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, ROOT_CN);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + ROOT_LIFETIME;
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Ok(RootCa {
+            cert,
+            cert_pem,
+            key,
+        })
+    }
+
+    /// The root as stored in the cluster state.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        // rcgen signs with an issuer `Certificate`; re-deriving it from the stored one keeps
+        // the subject and key, which is all a signature by this root depends on.
+        let cert = CertificateParams::from_ca_cert_pem(cert_pem)?.self_signed(&key)?;
+        Ok(RootCa {
+            cert,
+            cert_pem: cert_pem.to_owned(),
+            key,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The private key in PEM; only ever stored sealed.
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.key.serialize_pem())
+    }
+
+    /// SHA-256 of the root certificate (DER): what join tokens pin.
+    pub fn digest(&self) -> Result<[u8; 32], CaError> {
+        Ok(digest_of_pem(&self.cert_pem)?)
+    }
+
+    /// Signs the key in `csr_pem` into a certificate for `identity`, valid for `lifetime`.
+    /// The subject comes from `identity`, never from the request: a node cannot choose its
+    /// own ID or role.
+    pub fn issue(
+        &self,
+        csr_pem: &str,
+        identity: &NodeIdentity,
+        lifetime: Duration,
+    ) -> Result<String, CaError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.node_id.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, identity.role_ou());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, identity.cluster_id.as_str());
+        params.subject_alt_names = vec![
+            SanType::DnsName(identity.role_ou().try_into()?),
+            SanType::DnsName(identity.node_id.as_str().try_into()?),
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + lifetime;
+        csr.params = params;
+        Ok(csr.signed_by(&self.cert, &self.key)?.pem())
+    }
+}
+
+/// SHA-256 of the DER inside a PEM certificate.
+pub fn digest_of_pem(cert_pem: &str) -> Result<[u8; 32], CaError> {
+    Ok(digest_of_der(&pem_to_der(cert_pem)?))
+}
+
+pub fn digest_of_der(der: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// The DER of the first certificate in `pem`.
+pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, CaError> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+    Ok(parsed.contents)
+}

@@ -1,0 +1,258 @@
+//! rustls configurations for traffic between nodes (port 2377).
+//!
+//! Managers serve with a certificate chain `[node cert, root]` and verify client
+//! certificates against the root; client certificates are optional at the TLS layer only
+//! because a joining node has none yet — every endpoint but `join` requires one, and reads
+//! the caller's identity from it (`NodeIdentity::from_cert_der`). Nodes dial managers by the
+//! server name `swarm-manager`, which only manager certificates carry. A joining node trusts
+//! nothing but the root whose digest is in its token (`join_client_config`).
+
+use std::sync::Arc;
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{self, CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::WebPkiClientVerifier,
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
+
+use crate::{root::digest_of_der, CaError, JoinToken};
+
+pub use crate::node::MANAGER_OU as MANAGER_SERVER_NAME;
+
+/// The provider every config uses (ring: one crypto library for TLS, certificates and
+/// sealing).
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(crypto::ring::default_provider())
+}
+
+/// A node's certificate, its private key and the cluster root, as PEM.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub root_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TlsMaterial {
+    fn root_store(&self) -> Result<RootCertStore, CaError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(parse_cert(&self.root_pem)?)?;
+        Ok(roots)
+    }
+
+    /// `[node cert, root]`: the root rides along so a joining node can match it to its token.
+    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        Ok(vec![
+            parse_cert(&self.cert_pem)?,
+            parse_cert(&self.root_pem)?,
+        ])
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>, CaError> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| CaError::InvalidCertificate(format!("private key: {e}")))
+    }
+}
+
+fn parse_cert(pem: &str) -> Result<CertificateDer<'static>, CaError> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| CaError::InvalidCertificate(e.to_string()))
+}
+
+/// What a manager serves with.
+pub fn server_config(material: &TlsMaterial) -> Result<Arc<ServerConfig>, CaError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(material.root_store()?), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(material.chain()?, material.key()?)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What a node dials managers with: the cluster root as the only trust anchor, its own
+/// certificate as the client certificate.
+pub fn client_config(material: &TlsMaterial) -> Result<ClientConfig, CaError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(material.root_store()?)
+        .with_client_auth_cert(material.chain()?, material.key()?)?)
+}
+
+/// What a node without a certificate dials a manager with to join: it accepts a server
+/// only if the chain includes a root whose digest is the token's, and the server's
+/// certificate verifies against that root.
+pub fn join_client_config(token: &JoinToken) -> Result<ClientConfig, CaError> {
+    let provider = provider();
+    let verifier = PinnedRootVerifier {
+        token: token.clone(),
+        algorithms: provider.signature_verification_algorithms,
+        provider: provider.clone(),
+    };
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+#[derive(Debug)]
+struct PinnedRootVerifier {
+    token: JoinToken,
+    algorithms: WebPkiSupportedAlgorithms,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedRootVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let root = intermediates
+            .iter()
+            .find(|cert| self.token.pins(&digest_of_der(cert)))
+            .ok_or_else(|| {
+                rustls::Error::General("the manager's root CA does not match the join token".into())
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(root.clone().into_owned())?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The server name managers are dialled by.
+pub fn manager_server_name() -> ServerName<'static> {
+    ServerName::try_from(MANAGER_SERVER_NAME).expect("a valid DNS name")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shoal_api::node::NodeRole;
+
+    use super::*;
+    use crate::{NodeIdentity, NodeKey, RootCa};
+
+    fn material(root: &RootCa, role: NodeRole) -> TlsMaterial {
+        let key = NodeKey::generate().unwrap();
+        let who = NodeIdentity {
+            node_id: "n1".into(),
+            role,
+            cluster_id: "c".into(),
+        };
+        TlsMaterial {
+            root_pem: root.cert_pem().to_owned(),
+            cert_pem: root
+                .issue(&key.csr_pem().unwrap(), &who, Duration::from_secs(600))
+                .unwrap(),
+            key_pem: key.to_pem().to_string(),
+        }
+    }
+
+    /// Runs a TLS handshake in memory between `client` and `server`.
+    fn handshake(client: ClientConfig, server: Arc<ServerConfig>) -> Result<(), rustls::Error> {
+        let mut c = rustls::ClientConnection::new(Arc::new(client), manager_server_name())?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("handshake did not finish".into()))
+    }
+
+    #[test]
+    fn nodes_of_one_cluster_complete_mutual_tls() {
+        let root = RootCa::generate().unwrap();
+        let server = server_config(&material(&root, NodeRole::Manager)).unwrap();
+        handshake(
+            client_config(&material(&root, NodeRole::Worker)).unwrap(),
+            server,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused() {
+        let (ours, theirs) = (RootCa::generate().unwrap(), RootCa::generate().unwrap());
+        let server = server_config(&material(&ours, NodeRole::Manager)).unwrap();
+        assert!(handshake(
+            client_config(&material(&theirs, NodeRole::Manager)).unwrap(),
+            server
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn workers_cannot_serve_as_managers() {
+        let root = RootCa::generate().unwrap();
+        let server = server_config(&material(&root, NodeRole::Worker)).unwrap();
+        let err = handshake(
+            client_config(&material(&root, NodeRole::Worker)).unwrap(),
+            server,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not valid for name"), "{err}");
+    }
+
+    #[test]
+    fn joining_trusts_only_the_root_in_the_token() {
+        let (ours, theirs) = (RootCa::generate().unwrap(), RootCa::generate().unwrap());
+        let server = server_config(&material(&ours, NodeRole::Manager)).unwrap();
+        let good = JoinToken::generate(&ours.digest().unwrap()).unwrap();
+        handshake(join_client_config(&good).unwrap(), server.clone()).unwrap();
+        let bad = JoinToken::generate(&theirs.digest().unwrap()).unwrap();
+        assert!(handshake(join_client_config(&bad).unwrap(), server).is_err());
+    }
+}
