@@ -75,7 +75,7 @@ impl RootCa {
 
     /// SHA-256 of the root certificate (DER): what join tokens pin.
     pub fn digest(&self) -> Result<[u8; 32], CaError> {
-        Ok(digest_of_pem(&self.cert_pem)?)
+        digest_of_pem(&self.cert_pem)
     }
 
     /// Signs the key in `csr_pem` into a certificate for `identity`, valid for `lifetime`.
