@@ -77,12 +77,23 @@ pub fn server_config(material: &TlsMaterial) -> Result<Arc<ServerConfig>, CaErro
 }
 
 /// What a node dials managers with: the cluster root as the only trust anchor, its own
-/// certificate as the client certificate.
+/// certificate as the client certificate. Managers are dialled by address, but their
+/// certificates name their role, not their address (which may change), so the server must
+/// present a valid chain to our root that is valid for `swarm-manager`, whatever was dialled.
 pub fn client_config(material: &TlsMaterial) -> Result<ClientConfig, CaError> {
-    Ok(ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let verifier = ManagerVerifier {
+        roots: Some(Arc::new(material.root_store()?)),
+        token: None,
+        provider: provider.clone(),
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(material.root_store()?)
-        .with_client_auth_cert(material.chain()?, material.key()?)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(material.chain()?, material.key()?)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// What a node without a certificate dials a manager with to join: it accepts a server
@@ -90,49 +101,80 @@ pub fn client_config(material: &TlsMaterial) -> Result<ClientConfig, CaError> {
 /// certificate verifies against that root.
 pub fn join_client_config(token: &JoinToken) -> Result<ClientConfig, CaError> {
     let provider = provider();
-    let verifier = PinnedRootVerifier {
-        token: token.clone(),
-        algorithms: provider.signature_verification_algorithms,
+    let verifier = ManagerVerifier {
+        roots: None,
+        token: Some(token.clone()),
         provider: provider.clone(),
     };
-    Ok(ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
+/// Verifies a manager: a chain to `roots` (or, when joining, to the root in the chain whose
+/// digest the token pins), valid for the name `swarm-manager` whatever address was dialled.
 #[derive(Debug)]
-struct PinnedRootVerifier {
-    token: JoinToken,
-    algorithms: WebPkiSupportedAlgorithms,
+struct ManagerVerifier {
+    roots: Option<Arc<RootCertStore>>,
+    token: Option<JoinToken>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedRootVerifier {
-    fn verify_server_cert(
+impl ManagerVerifier {
+    fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
+    }
+
+    fn roots_for(
         &self,
-        end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+    ) -> Result<Arc<RootCertStore>, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            return Ok(roots.clone());
+        }
+        let token = self
+            .token
+            .as_ref()
+            .ok_or_else(|| rustls::Error::General("no trust anchor".into()))?;
         let root = intermediates
             .iter()
-            .find(|cert| self.token.pins(&digest_of_der(cert)))
+            .find(|cert| token.pins(&digest_of_der(cert)))
             .ok_or_else(|| {
                 rustls::Error::General("the manager's root CA does not match the join token".into())
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(root.clone().into_owned())?;
+        Ok(Arc::new(roots))
+    }
+}
+
+impl ServerCertVerifier for ManagerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let roots = self.roots_for(intermediates)?;
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
+            roots,
             self.provider.clone(),
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            &manager_server_name(),
+            ocsp_response,
+            now,
+        )
     }
 
     fn verify_tls12_signature(
@@ -141,7 +183,7 @@ impl ServerCertVerifier for PinnedRootVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        crypto::verify_tls12_signature(message, cert, dss, self.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -150,11 +192,11 @@ impl ServerCertVerifier for PinnedRootVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        crypto::verify_tls13_signature(message, cert, dss, self.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.algorithms().supported_schemes()
     }
 }
 
@@ -190,7 +232,9 @@ mod tests {
 
     /// Runs a TLS handshake in memory between `client` and `server`.
     fn handshake(client: ClientConfig, server: Arc<ServerConfig>) -> Result<(), rustls::Error> {
-        let mut c = rustls::ClientConnection::new(Arc::new(client), manager_server_name())?;
+        // Dialled by address, as nodes dial managers.
+        let dialled = ServerName::try_from("10.77.1.1").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), dialled)?;
         let mut s = rustls::ServerConnection::new(server)?;
         for _ in 0..10 {
             let mut buf = Vec::new();

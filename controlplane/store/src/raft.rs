@@ -1,0 +1,262 @@
+//! `ClusterStore`: one manager's replica — the raft node built from the log, the state
+//! machine and the network — with the operations the rest of the manager uses: write a
+//! command (forwarded to the leader when we are not it), read the state, watch changes,
+//! and change the set of managers.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use openraft::{
+    error::{ClientWriteError, RaftError},
+    ChangeMembers, Raft, RaftMetrics, SnapshotPolicy,
+};
+use serde::{Deserialize, Serialize};
+use shoal_ca::DataKey;
+use tracing::info;
+
+use crate::{
+    db::Db,
+    log::LogStore,
+    network::{Forward, Network},
+    state::{Command, CommandError, Op},
+    state_machine::{Shared, StateMachineStore},
+    types::{Applied, RaftId, RaftPeer, TypeConfig},
+};
+
+/// How long a write may wait for a quorum before the caller hears there is none. A manager
+/// cut off from the majority must refuse changes with a clear error rather than hang.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Raft timings. Swarmkit elects after 10 s (10 ticks of 1 s); shoal is much quicker while
+/// staying clear of spurious elections on a loaded two-core machine.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+const ELECTION_MIN: Duration = Duration::from_millis(1500);
+const ELECTION_MAX: Duration = Duration::from_millis(3000);
+
+pub struct StoreConfig {
+    /// Directory of the database (`<data-root>/swarm/raft`).
+    pub dir: PathBuf,
+    pub data_key: DataKey,
+    pub raft_id: RaftId,
+    /// Dials other managers with this node's certificate.
+    pub client: reqwest::Client,
+}
+
+/// Why a write did not happen. Nothing was changed in any case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Refused(#[from] CommandError),
+    /// No quorum can be reached from here (Docker's wording, which users search for).
+    #[error("The swarm does not have a leader. It's possible that too few managers are online. Make sure more than half of the managers are online.")]
+    NoLeader,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub struct ClusterStore {
+    raft: Raft<TypeConfig>,
+    shared: Arc<Shared>,
+    network: Network,
+    raft_id: RaftId,
+}
+
+impl ClusterStore {
+    /// Opens (or creates) this manager's replica and starts its raft node.
+    pub async fn open(config: StoreConfig) -> Result<Arc<Self>, WriteError> {
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| WriteError::Unavailable(format!("{}: {e}", config.dir.display())))?;
+        let db = Db::open(&config.dir.join("raft.db"), config.data_key)
+            .map(Arc::new)
+            .map_err(|e| WriteError::Unavailable(format!("opening the raft database: {e}")))?;
+        let state_machine = StateMachineStore::open(db.clone())
+            .map_err(|e| WriteError::Unavailable(format!("reading the last snapshot: {e}")))?;
+        let shared = state_machine.shared();
+        let raft_config = openraft::Config {
+            cluster_name: "shoal".into(),
+            heartbeat_interval: HEARTBEAT.as_millis() as u64,
+            election_timeout_min: ELECTION_MIN.as_millis() as u64,
+            election_timeout_max: ELECTION_MAX.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(2000),
+            max_in_snapshot_log_to_keep: 500,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| WriteError::Unavailable(format!("raft config: {e}")))?;
+        let network = Network::new(config.client);
+        let raft = Raft::new(
+            config.raft_id,
+            Arc::new(raft_config),
+            network.clone(),
+            LogStore::new(db),
+            state_machine,
+        )
+        .await
+        .map_err(|e| WriteError::Unavailable(format!("starting raft: {e}")))?;
+        Ok(Arc::new(ClusterStore {
+            raft,
+            shared,
+            network,
+            raft_id: config.raft_id,
+        }))
+    }
+
+    /// Makes this replica the single member of a new cluster.
+    pub async fn bootstrap(&self, me: RaftPeer) -> Result<(), WriteError> {
+        let members = BTreeMap::from([(self.raft_id, me)]);
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| WriteError::Unavailable(format!("initializing raft: {e}")))?;
+        self.wait_for_leader(WRITE_TIMEOUT).await
+    }
+
+    pub fn raft_id(&self) -> RaftId {
+        self.raft_id
+    }
+
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn metrics(&self) -> RaftMetrics<RaftId, RaftPeer> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metrics().current_leader == Some(self.raft_id)
+    }
+
+    /// Stamps `op` with the current time and commits it through the leader.
+    pub async fn write(&self, op: Op) -> Result<Applied, WriteError> {
+        let command = Command {
+            at: now_rfc3339(),
+            op,
+        };
+        let applied = self.submit(Forward::Write(command)).await?;
+        applied.ok_or_else(|| WriteError::Unavailable("the leader returned no result".into()))
+    }
+
+    /// Adds a manager: first as a learner that catches up, then as a voter.
+    pub async fn add_manager(&self, id: RaftId, peer: RaftPeer) -> Result<(), WriteError> {
+        self.submit(Forward::AddManager { id, peer })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn remove_manager(&self, id: RaftId) -> Result<(), WriteError> {
+        self.submit(Forward::RemoveManager { id }).await.map(|_| ())
+    }
+
+    /// Runs `forward` here if we lead, else on the leader.
+    async fn submit(&self, forward: Forward) -> Result<Option<Applied>, WriteError> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
+            Err(_) => Err(WriteError::NoLeader),
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(Local::NotLeader(Some(leader)))) => {
+                tokio::time::timeout(WRITE_TIMEOUT, self.network.forward(&leader.addr, &forward))
+                    .await
+                    .unwrap_or(Err(WriteError::NoLeader))
+            }
+            Ok(Err(Local::NotLeader(None))) => Err(WriteError::NoLeader),
+            Ok(Err(Local::Failed(e))) => Err(e),
+        }
+    }
+
+    /// Runs a forwarded write; the caller believed we lead. No second hop: if leadership
+    /// moved meanwhile the caller hears `NoLeader` and may retry.
+    pub(crate) async fn execute_as_leader(
+        &self,
+        forward: Forward,
+    ) -> Result<Option<Applied>, WriteError> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
+            Err(_) | Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
+            Ok(Err(Local::Failed(e))) => Err(e),
+            Ok(Ok(applied)) => Ok(applied),
+        }
+    }
+
+    async fn try_local(&self, forward: &Forward) -> Result<Option<Applied>, Local> {
+        let result = match forward {
+            Forward::Write(command) => self
+                .raft
+                .client_write(command.clone())
+                .await
+                .map(|r| Some(r.data)),
+            Forward::AddManager { id, peer } => {
+                let added = self.raft.add_learner(*id, peer.clone(), true).await;
+                match added {
+                    Ok(_) => self
+                        .raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false)
+                        .await
+                        .map(|_| None),
+                    Err(e) => Err(e),
+                }
+            }
+            Forward::RemoveManager { id } => self
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*id])), false)
+                .await
+                .map(|_| None),
+        };
+        match result {
+            Ok(Some(Ok(applied))) => Ok(Some(applied)),
+            Ok(Some(Err(refused))) => Err(Local::Failed(WriteError::Refused(refused))),
+            Ok(None) => Ok(None),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
+                Err(Local::NotLeader(to.leader_node))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(Local::Failed(WriteError::Unavailable(format!(
+                    "changing the managers: {e}"
+                ))))
+            }
+            Err(RaftError::Fatal(e)) => Err(Local::Failed(WriteError::Unavailable(format!(
+                "raft stopped: {e}"
+            )))),
+        }
+    }
+
+    /// Waits until some manager leads (after bootstrap or a restart).
+    pub async fn wait_for_leader(&self, limit: Duration) -> Result<(), WriteError> {
+        let mut metrics = self.raft.metrics();
+        let waited = tokio::time::timeout(limit, async {
+            loop {
+                if metrics.borrow().current_leader.is_some() {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        waited.map_err(|_| WriteError::NoLeader)
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        info!(raft_id = self.raft_id, "cluster store closed");
+    }
+}
+
+enum Local {
+    NotLeader(Option<RaftPeer>),
+    Failed(WriteError),
+}
+
+/// Now in RFC 3339 with nanoseconds, as Docker timestamps objects.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+}

@@ -1,0 +1,105 @@
+//! Mutual TLS between nodes on the cluster port (2377): an HTTP server that knows who is
+//! calling, and HTTP clients that dial managers.
+//!
+//! Every connection's client certificate (verified by rustls against the cluster root) is
+//! turned into a `Peer` request extension, so handlers authorize by node ID and role without
+//! touching TLS. Plain TCP never gets past the handshake.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::Router;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use shoal_ca::{tls::TlsMaterial, CaError, JoinToken, NodeIdentity};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+use tracing::debug;
+
+/// Who is on the other end of a cluster connection: the identity in its certificate, or
+/// `None` for a node that has none yet (it may only join).
+#[derive(Debug, Clone)]
+pub struct Peer(pub Option<NodeIdentity>);
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` over mutual TLS on `listener` until `shutdown` completes. The TLS
+/// configuration is read anew for each connection, so certificate renewal needs no restart.
+pub async fn serve(
+    listener: TcpListener,
+    tls: impl Fn() -> Arc<rustls::ServerConfig> + Send + Sync + 'static,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = TlsAcceptor::from(tls());
+        let router = router.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(acceptor, stream, remote, router).await {
+                debug!(%remote, error = %e, "cluster connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    router: Router,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|cert| NodeIdentity::from_cert_der(cert))
+        .transpose()?;
+    debug!(%remote, node = ?peer.as_ref().map(|p| &p.node_id), "cluster connection");
+    let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(Peer(peer.clone()));
+        req
+    });
+    auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(service))
+        .await
+}
+
+/// Timeout of one request to another node.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP client that dials managers with this node's certificate.
+pub fn client(material: &TlsMaterial) -> Result<reqwest::Client, CaError> {
+    build(shoal_ca::tls::client_config(material)?)
+}
+
+/// An HTTP client for joining: no certificate, trusts only the root the token pins.
+pub fn join_client(token: &JoinToken) -> Result<reqwest::Client, CaError> {
+    build(shoal_ca::tls::join_client_config(token)?)
+}
+
+fn build(config: rustls::ClientConfig) -> Result<reqwest::Client, CaError> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(REQUEST_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| CaError::InvalidCertificate(format!("HTTP client: {e}")))
+}
