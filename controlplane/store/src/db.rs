@@ -21,8 +21,9 @@ pub const SNAPSHOT: &str = "snapshot";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// Boxed: redb's error is large and this travels through every storage call.
     #[error("database: {0}")]
-    Redb(#[from] redb::Error),
+    Redb(Box<redb::Error>),
     #[error("encoding: {0}")]
     Codec(#[from] serde_json::Error),
     #[error("sealing: {0}")]
@@ -33,7 +34,7 @@ macro_rules! from_redb {
     ($($ty:ty),*) => {$(
         impl From<$ty> for DbError {
             fn from(e: $ty) -> Self {
-                DbError::Redb(e.into())
+                DbError::Redb(Box::new(e.into()))
             }
         }
     )*};

@@ -62,9 +62,9 @@ impl Network {
             .json(forward)
             .send()
             .await
-            .map_err(|e| {
-                WriteError::Unavailable(format!("forwarding to the leader at {addr}: {e}"))
-            })?;
+            // A leader we cannot reach (refused, reset, timed out) is, to the caller, no
+            // leader at all.
+            .map_err(|_| WriteError::NoLeader)?;
         response
             .json::<ForwardReply>()
             .await

@@ -36,9 +36,13 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
+    // Connections end with the server: a stopped manager must not keep answering on
+    // connections it accepted before (dropping the set aborts them).
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => return,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -49,7 +53,7 @@ pub async fn serve(
         };
         let acceptor = TlsAcceptor::from(tls());
         let router = router.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = serve_connection(acceptor, stream, remote, router).await {
                 debug!(%remote, error = %e, "cluster connection ended");
             }
