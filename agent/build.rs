@@ -52,22 +52,13 @@ fn main() {
         .unwrap_or_else(|| out_dir.join("shoal-ebpf"));
     let mut cargo = Command::new("rustup");
     cargo
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "build",
-            "--release",
-            "--target-dir",
-        ])
+        .args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
         .arg(&target_dir)
         .current_dir(&programs);
     for var in OUTER_BUILD_ENV {
         cargo.env_remove(var);
     }
-    let output = cargo
-        .output()
-        .unwrap_or_else(|e| fail(&format!("cannot run rustup: {e}")));
+    let output = cargo.output().unwrap_or_else(|e| fail(&format!("cannot run rustup: {e}")));
     if !output.status.success() {
         for line in String::from_utf8_lossy(&output.stderr).lines() {
             println!("cargo:warning={line}");
@@ -86,9 +77,7 @@ fn check_toolchain() {
         .env_remove("RUSTUP_TOOLCHAIN")
         .output();
     let sysroot = match nightly {
-        Ok(out) if out.status.success() => {
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
+        Ok(out) if out.status.success() => PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
         _ => fail("the nightly Rust toolchain is missing"),
     };
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {

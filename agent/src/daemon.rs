@@ -18,8 +18,10 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use shoal_manager::{Swarm, SwarmConfig};
+
 use crate::{
-    api::{self, Node},
+    api::{self, system::DaemonInfo, Node},
     net::{Dataplane, NetConfig, NetError, VXLAN_PORT},
 };
 
@@ -50,9 +52,7 @@ pub struct Config {
 impl Config {
     fn node_name(&self) -> String {
         self.node_name.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "localhost".into())
+            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
         })
     }
 }
@@ -91,10 +91,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut dataplane = Dataplane::start(net).await?;
     let dataplane_file = config.data_root.join("dataplane.json");
     restore_dataplane(&mut dataplane, &dataplane_file).await;
-    let node = Arc::new(Node {
-        dataplane: Mutex::new(dataplane),
-        dataplane_file,
-    });
+    let daemon = DaemonInfo::read(&node_name, &config.data_root);
+    let swarm = Swarm::start(SwarmConfig {
+        data_root: config.data_root.clone(),
+        description: daemon.description(),
+        default_advertise_addr: Some(config.advertise_addr.into()),
+    })
+    .await;
+    let node = Arc::new(Node { dataplane: Mutex::new(dataplane), dataplane_file, swarm: swarm.clone(), daemon });
 
     let listener = bind(&config.socket)?;
     info!(socket = %config.socket.display(), "API listening");
@@ -109,6 +113,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         error!(error = %e, "API server failed");
     }
     let _ = std::fs::remove_file(&config.socket);
+    swarm.shutdown().await;
     node.dataplane.lock().await.detach_all();
     info!("shoald stopped");
     served.map_err(DaemonError::Serve)
@@ -134,20 +139,13 @@ async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) {
             }
         }
     }
-    if let Err(e) = dataplane
-        .replace(DataplaneSpec::default(), |_| Ok(()))
-        .await
-    {
+    if let Err(e) = dataplane.replace(DataplaneSpec::default(), |_| Ok(())).await {
         error!(error = %e, "could not clear the dataplane maps");
     }
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
-    move |source| DaemonError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
+    move |source| DaemonError::Io { what, path: path.to_owned(), source }
 }
 
 fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
@@ -156,9 +154,7 @@ fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
     }
     // A socket file left by a daemon that was killed refuses new binds.
     match std::fs::remove_file(socket) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io("removing stale", socket)(e))
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("removing stale", socket)(e)),
         _ => {}
     }
     UnixListener::bind(socket).map_err(io("binding", socket))

@@ -22,9 +22,7 @@ impl Client {
             Some((scheme, _)) => bail!("unsupported host scheme {scheme:?}: use unix://PATH"),
             None => host,
         };
-        Ok(Client {
-            socket: PathBuf::from(path),
-        })
+        Ok(Client { socket: PathBuf::from(path) })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -32,24 +30,14 @@ impl Client {
     }
 
     pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        self.send(Method::PUT, path, Bytes::from(serde_json::to_vec(body)?))
-            .await
+        self.send(Method::PUT, path, Bytes::from(serde_json::to_vec(body)?)).await
     }
 
-    async fn send<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Bytes,
-    ) -> Result<T> {
+    async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T> {
         let stream = UnixStream::connect(&self.socket).await.with_context(|| {
-            format!(
-                "Cannot connect to the shoal daemon at unix://{}. Is shoald running?",
-                self.socket.display()
-            )
+            format!("Cannot connect to the shoal daemon at unix://{}. Is shoald running?", self.socket.display())
         })?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         let request = Request::builder()
             .method(method)

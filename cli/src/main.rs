@@ -17,19 +17,10 @@ use shoal_api::{
 use crate::client::Client;
 
 #[derive(Parser)]
-#[command(
-    name = "shoal",
-    version,
-    about = "Drive a shoal node (same verbs as docker)"
-)]
+#[command(name = "shoal", version, about = "Drive a shoal node (same verbs as docker)")]
 struct Cli {
     /// Daemon socket to connect to (as docker's -H; `unix://` optional).
-    #[arg(
-        short = 'H',
-        long = "host",
-        env = "DOCKER_HOST",
-        default_value = "unix:///run/shoal/shoal.sock"
-    )]
+    #[arg(short = 'H', long = "host", env = "DOCKER_HOST", default_value = "unix:///run/shoal/shoal.sock")]
     host: String,
     #[command(subcommand)]
     command: Command,
@@ -68,8 +59,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Version => {
             let v: Version = client.get("/version").await?;
             println!("Client: shoal {}", env!("CARGO_PKG_VERSION"));
-            println!("Server: shoald {}\n API version:  {} (minimum {})\n OS/Arch:      {}/{}\n Kernel:       {}",
-                v.version, v.api_version, v.min_api_version, v.os, v.arch, v.kernel_version);
+            println!(
+                "Server: shoald {}\n API version:  {} (minimum {})\n OS/Arch:      {}/{}\n Kernel:       {}",
+                v.version, v.api_version, v.min_api_version, v.os, v.arch, v.kernel_version
+            );
         }
         Command::Dataplane(DataplaneCommand::Show) => {
             let spec: DataplaneSpec = client.get("/shoal/v1/dataplane").await?;
@@ -83,14 +76,9 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
             };
-            let spec: DataplaneSpec =
-                serde_json::from_str(&text).context("parsing the desired state")?;
+            let spec: DataplaneSpec = serde_json::from_str(&text).context("parsing the desired state")?;
             let applied: DataplaneSpec = client.put("/shoal/v1/dataplane", &spec).await?;
-            println!(
-                "applied: {} networks, {} endpoints",
-                applied.networks.len(),
-                applied.endpoints.len()
-            );
+            println!("applied: {} networks, {} endpoints", applied.networks.len(), applied.endpoints.len());
         }
         Command::Dataplane(DataplaneCommand::Stats) => {
             let counters: Vec<Counter> = client.get("/shoal/v1/dataplane/stats").await?;

@@ -2,12 +2,12 @@
 //! nothing.
 
 use shoal_api::{dataplane::DataplaneSpec, ErrorResponse};
-use shoal_tests::{lab, overlay_spec, workload};
+use shoal_tests::{overlay_spec, plain_lab, workload};
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn bad_requests_are_refused_and_change_nothing() {
-    let lab = lab("e2einput", 1, 0);
+    let lab = plain_lab("e2einput", 1, 0);
     let host = lab.host("mgr1").unwrap();
     let api = host.api();
     let w = workload(&lab, "mgr1", "w", "10.78.0.2");
@@ -21,39 +21,17 @@ fn bad_requests_are_refused_and_change_nothing() {
     let mut bad_vni = good.clone();
     bad_vni.networks[0].vni = 1 << 24;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "malformed JSON",
-            b"{\"Networks\": [".to_vec(),
-            "invalid JSON",
-        ),
+        ("malformed JSON", b"{\"Networks\": [".to_vec(), "invalid JSON"),
         ("wrong type", br#"{"Networks": 3}"#.to_vec(), "invalid JSON"),
-        (
-            "unknown network",
-            serde_json::to_vec(&unknown_network).unwrap(),
-            "not declared",
-        ),
-        (
-            "missing interface",
-            serde_json::to_vec(&missing_interface).unwrap(),
-            "no such interface",
-        ),
-        (
-            "VNI out of range",
-            serde_json::to_vec(&bad_vni).unwrap(),
-            "VNI",
-        ),
+        ("unknown network", serde_json::to_vec(&unknown_network).unwrap(), "not declared"),
+        ("missing interface", serde_json::to_vec(&missing_interface).unwrap(), "no such interface"),
+        ("VNI out of range", serde_json::to_vec(&bad_vni).unwrap(), "VNI"),
     ];
     for (what, body, expected) in cases {
-        let response = api
-            .request("PUT", "/shoal/v1/dataplane", Some(&body))
-            .unwrap();
+        let response = api.request("PUT", "/shoal/v1/dataplane", Some(&body)).unwrap();
         assert_eq!(response.status, 400, "{what}: {}", response.text());
         let error: ErrorResponse = response.json().unwrap();
-        assert!(
-            error.message.contains(expected),
-            "{what}: message {:?}",
-            error.message
-        );
+        assert!(error.message.contains(expected), "{what}: message {:?}", error.message);
         let now: DataplaneSpec = api.get("/shoal/v1/dataplane").unwrap().json().unwrap();
         assert_eq!(now, good, "{what} changed the state");
     }

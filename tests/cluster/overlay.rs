@@ -10,7 +10,7 @@
 
 use shoal_common::stats::{ARP_REPLY, DELIVER_FROM_OVERLAY, DROP_FIRST, FORWARD_REMOTE};
 use shoal_lab::{ping, tcp_exchange, TextServer};
-use shoal_tests::{lab, overlay_spec, vxlan_packets, workload};
+use shoal_tests::{overlay_spec, plain_lab, vxlan_packets, workload};
 
 const PORT: u16 = 7000;
 
@@ -18,12 +18,11 @@ const PORT: u16 = 7000;
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
     // Setup: three hosts, a workload on each, one overlay network everywhere.
-    let lab = lab("e2eoverlay", 1, 2);
+    let lab = plain_lab("e2eoverlay", 1, 2);
     let a = workload(&lab, "mgr1", "a", "10.78.0.2");
     let b = workload(&lab, "wrk1", "b", "10.78.0.3");
     let c = workload(&lab, "wrk2", "c", "10.78.0.4");
-    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b, &c]).unwrap())
-        .unwrap();
+    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b, &c]).unwrap()).unwrap();
     let _b_server = TextServer::start(&b.netns, PORT, "b says").unwrap();
     let _c_server = TextServer::start(&c.netns, PORT, "c says").unwrap();
     let (mgr1, wrk1) = (lab.host("mgr1").unwrap(), lab.host("wrk1").unwrap());
@@ -31,93 +30,41 @@ fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
     let (_, vx_rx_before) = vxlan_packets(wrk1).unwrap();
 
     // Run: ping and a TCP exchange across hosts, both ways.
-    assert_eq!(
-        ping(&a.netns, b.addr, 5).unwrap(),
-        5,
-        "mgr1/a -> wrk1/b ping"
-    );
-    assert_eq!(
-        ping(&c.netns, a.addr, 5).unwrap(),
-        5,
-        "wrk2/c -> mgr1/a ping"
-    );
-    assert_eq!(
-        tcp_exchange(&a.netns, b.addr, PORT, "hi").unwrap(),
-        "b says hi"
-    );
-    assert_eq!(
-        tcp_exchange(&b.netns, c.addr, PORT, "yo").unwrap(),
-        "c says yo"
-    );
+    assert_eq!(ping(&a.netns, b.addr, 5).unwrap(), 5, "mgr1/a -> wrk1/b ping");
+    assert_eq!(ping(&c.netns, a.addr, 5).unwrap(), 5, "wrk2/c -> mgr1/a ping");
+    assert_eq!(tcp_exchange(&a.netns, b.addr, PORT, "hi").unwrap(), "b says hi");
+    assert_eq!(tcp_exchange(&b.netns, c.addr, PORT, "yo").unwrap(), "c says yo");
 
     // Check: our programs answered ARP and carried the packets, and the kernel's VXLAN
     // devices really sent and received them.
-    assert!(
-        mgr1.packets(ARP_REPLY).unwrap() >= 1,
-        "mgr1 answered a's ARP"
-    );
-    assert!(
-        mgr1.packets(FORWARD_REMOTE).unwrap() >= 10,
-        "mgr1 encapsulated a's packets"
-    );
-    assert!(
-        wrk1.packets(DELIVER_FROM_OVERLAY).unwrap() >= 10,
-        "wrk1 delivered them to b"
-    );
+    assert!(mgr1.packets(ARP_REPLY).unwrap() >= 1, "mgr1 answered a's ARP");
+    assert!(mgr1.packets(FORWARD_REMOTE).unwrap() >= 10, "mgr1 encapsulated a's packets");
+    assert!(wrk1.packets(DELIVER_FROM_OVERLAY).unwrap() >= 10, "wrk1 delivered them to b");
     let (vx_tx_after, _) = vxlan_packets(mgr1).unwrap();
     let (_, vx_rx_after) = vxlan_packets(wrk1).unwrap();
-    assert!(
-        vx_tx_after - vx_tx_before >= 10,
-        "mgr1's VXLAN device sent {}",
-        vx_tx_after - vx_tx_before
-    );
-    assert!(
-        vx_rx_after - vx_rx_before >= 10,
-        "wrk1's VXLAN device received {}",
-        vx_rx_after - vx_rx_before
-    );
+    assert!(vx_tx_after - vx_tx_before >= 10, "mgr1's VXLAN device sent {}", vx_tx_after - vx_tx_before);
+    assert!(vx_rx_after - vx_rx_before >= 10, "wrk1's VXLAN device received {}", vx_rx_after - vx_rx_before);
     for host in &lab.hosts {
-        let drops: u64 = (DROP_FIRST..shoal_common::stats::MAX)
-            .map(|code| host.packets(code).unwrap())
-            .sum();
-        assert_eq!(
-            drops, 0,
-            "{} dropped packets on a healthy overlay",
-            host.name
-        );
+        let drops: u64 = (DROP_FIRST..shoal_common::stats::MAX).map(|code| host.packets(code).unwrap()).sum();
+        assert_eq!(drops, 0, "{} dropped packets on a healthy overlay", host.name);
     }
 
     // Detach: stopping wrk1's shoald detaches its programs, and b becomes unreachable.
     lab.stop("wrk1").unwrap();
-    assert_eq!(
-        ping(&a.netns, b.addr, 3).unwrap(),
-        0,
-        "b still reachable with wrk1's programs detached"
-    );
+    assert_eq!(ping(&a.netns, b.addr, 3).unwrap(), 0, "b still reachable with wrk1's programs detached");
     assert!(tcp_exchange(&a.netns, b.addr, PORT, "hi").is_err());
-    assert_eq!(
-        ping(&a.netns, c.addr, 3).unwrap(),
-        3,
-        "c is on another host and unaffected"
-    );
+    assert_eq!(ping(&a.netns, c.addr, 3).unwrap(), 3, "c is on another host and unaffected");
 
     // Restart: shoald comes back with the state it acknowledged, and b is reachable again.
     lab.start("wrk1").unwrap();
-    assert_eq!(
-        ping(&a.netns, b.addr, 3).unwrap(),
-        3,
-        "b reachable after wrk1's shoald restarted"
-    );
-    assert_eq!(
-        tcp_exchange(&a.netns, b.addr, PORT, "back").unwrap(),
-        "b says back"
-    );
+    assert_eq!(ping(&a.netns, b.addr, 3).unwrap(), 3, "b reachable after wrk1's shoald restarted");
+    assert_eq!(tcp_exchange(&a.netns, b.addr, PORT, "back").unwrap(), "b says back");
 }
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn networks_are_isolated_by_vni() {
-    let lab = lab("e2eisolation", 1, 1);
+    let lab = plain_lab("e2eisolation", 1, 1);
     let a = workload(&lab, "mgr1", "a", "10.78.0.2");
     let b = workload(&lab, "wrk1", "b", "10.78.0.3");
     // Same subnet, different networks: a must not reach b.
@@ -128,50 +75,25 @@ fn networks_are_isolated_by_vni() {
     lab.apply_dataplane(&spec).unwrap();
 
     assert_eq!(ping(&a.netns, b.addr, 2).unwrap(), 0, "blue reached red");
-    assert_eq!(
-        lab.host("mgr1").unwrap().packets(FORWARD_REMOTE).unwrap(),
-        0
-    );
+    assert_eq!(lab.host("mgr1").unwrap().packets(FORWARD_REMOTE).unwrap(), 0);
 }
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn lab_down_leaves_nothing_behind() {
-    let lab = lab("e2ecleanup", 1, 1);
+    let lab = plain_lab("e2ecleanup", 1, 1);
     let w = workload(&lab, "wrk1", "w", "10.78.0.5");
-    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&w]).unwrap())
-        .unwrap();
-    let pids: Vec<u32> = lab
-        .hosts
-        .iter()
-        .filter_map(|h| {
-            std::fs::read_to_string(&h.pid_file)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .collect();
+    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&w]).unwrap()).unwrap();
+    let pids: Vec<u32> =
+        lab.hosts.iter().filter_map(|h| std::fs::read_to_string(&h.pid_file).ok()?.trim().parse().ok()).collect();
     assert_eq!(pids.len(), 2);
     drop(lab);
 
     let namespaces = shoal_lab::run_ok(&["ip", "netns", "list"]).unwrap();
-    assert!(
-        !namespaces.contains("e2ecleanup-"),
-        "namespaces left: {namespaces}"
-    );
-    assert!(
-        !std::path::Path::new("/sys/fs/bpf/shoal-lab/e2ecleanup").exists(),
-        "pins left"
-    );
-    assert!(
-        !std::path::Path::new("/run/shoal-lab/e2ecleanup").exists(),
-        "state left"
-    );
+    assert!(!namespaces.contains("e2ecleanup-"), "namespaces left: {namespaces}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/shoal-lab/e2ecleanup").exists(), "pins left");
+    assert!(!std::path::Path::new("/run/shoal-lab/e2ecleanup").exists(), "state left");
     for pid in pids {
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "shoald {pid} still running"
-        );
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "shoald {pid} still running");
     }
 }

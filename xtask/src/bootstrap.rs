@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip: the lab's namespaces and links"),
     ("util-linux", "nsenter: running shoald inside a lab host"),
+    ("nftables", "nft: partitions on the lab switch"),
     ("busybox-static", "ping and a one-file rootfs for workloads"),
     ("bpftool", "inspecting programs and maps"),
     ("tcpdump", "captures on the lab underlay"),
@@ -54,13 +55,7 @@ pub fn run() -> Result<()> {
         Ok(s) => s,
         Err(_) => {
             eprintln!("bootstrap: installing the nightly toolchain");
-            sh(Command::new("rustup").args([
-                "toolchain",
-                "install",
-                "nightly",
-                "--profile",
-                "minimal",
-            ]))?;
+            sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
             nightly_sysroot()?
         }
     };
@@ -68,13 +63,7 @@ pub fn run() -> Result<()> {
         eprintln!("bootstrap: nightly rust-src present");
     } else {
         eprintln!("bootstrap: adding rust-src to nightly");
-        sh(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
 
     let major = llvm_major()?;
@@ -118,10 +107,8 @@ fn has_rust_src(sysroot: &Path) -> bool {
 
 /// The LLVM major version of the nightly rustc: bpf-linker must link the same one.
 fn llvm_major() -> Result<u32> {
-    let out = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "-vV"])
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .output()?;
+    let out =
+        Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]).env_remove("RUSTUP_TOOLCHAIN").output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -139,9 +126,7 @@ fn bpf_linker_matches(major: u32) -> bool {
     };
     let libs = String::from_utf8_lossy(&out.stdout);
     !libs.contains("not found")
-        && libs.lines().any(|l| {
-            l.contains(&format!("libLLVM.so.{major}.")) || l.contains(&format!("libLLVM-{major}"))
-        })
+        && libs.lines().any(|l| l.contains(&format!("libLLVM.so.{major}.")) || l.contains(&format!("libLLVM-{major}")))
 }
 
 fn install_bpf_linker(sysroot: &Path, major: u32) -> Result<()> {
@@ -150,10 +135,7 @@ fn install_bpf_linker(sysroot: &Path, major: u32) -> Result<()> {
     let libllvm = std::fs::read_dir(&lib_dir)?
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| {
-            n.starts_with(&format!("libLLVM.so.{major}."))
-                || n.starts_with(&format!("libLLVM-{major}"))
-        })
+        .find(|n| n.starts_with(&format!("libLLVM.so.{major}.")) || n.starts_with(&format!("libLLVM-{major}")))
         .with_context(|| format!("no libLLVM {major} in {}", lib_dir.display()))?;
     // llvm-sys wants <prefix>/lib/libLLVM.so; the toolchain ships it under a versioned name.
     let prefix = home()?.join(".cache/shoal/llvm-prefix");
@@ -162,21 +144,11 @@ fn install_bpf_linker(sysroot: &Path, major: u32) -> Result<()> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(lib_dir.join(&libllvm), &link)?;
     sh(Command::new("cargo")
-        .args([
-            "install",
-            "bpf-linker",
-            "--force",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-        ])
+        .args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION, "--no-default-features"])
         .args(["--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &prefix)
         // Without the rpath the binary cannot find libLLVM at run time.
-        .env(
-            "RUSTFLAGS",
-            format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()),
-        )
+        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()))
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO_TARGET_DIR"))?;
     if !bpf_linker_matches(major) {
@@ -197,15 +169,11 @@ fn which(binary: &str) -> Option<PathBuf> {
 }
 
 fn home() -> Result<PathBuf> {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .context("HOME is not set")
+    std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")
 }
 
 fn sh(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {command:?}"))?;
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
     }

@@ -7,9 +7,7 @@ use std::{net::Ipv4Addr, time::Instant};
 use anyhow::{bail, Result};
 use shoal_api::dataplane::DEFAULT_OVERLAY_MTU;
 use shoal_common::stats;
-use shoal_lab::{
-    overlay_spec, ping, tcp_exchange, Lab, LabConfig, TextServer, Workload, DEFAULT_LAB,
-};
+use shoal_lab::{overlay_spec, ping, tcp_exchange, Lab, LabConfig, TextServer, Workload, DEFAULT_LAB};
 
 use crate::workspace;
 
@@ -29,10 +27,7 @@ pub fn run(keep: bool) -> Result<()> {
     for (i, host) in lab.hosts.iter().enumerate() {
         let addr = Ipv4Addr::new(10, 78, 0, 11 + i as u8);
         let w = lab.add_workload(&host.name, "web", addr, 24, DEFAULT_OVERLAY_MTU)?;
-        eprintln!(
-            "  {}/web  {addr}  (veth {} on {})",
-            host.name, w.host_iface, host.addr
-        );
+        eprintln!("  {}/web  {addr}  (veth {} on {})", host.name, w.host_iface, host.addr);
         workloads.push((host.name.clone(), w));
     }
     let members: Vec<&Workload> = workloads.iter().map(|(_, w)| w).collect();
@@ -58,24 +53,17 @@ pub fn run(keep: bool) -> Result<()> {
             }
             let pinged = ping(&from.netns, to.addr, 1)? == 1;
             let reply = tcp_exchange(&from.netns, to.addr, PORT, from_host);
-            let talked = reply
-                .as_deref()
-                .is_ok_and(|r| r == format!("hello from {to_host}/web {from_host}"));
+            let talked = reply.as_deref().is_ok_and(|r| r == format!("hello from {to_host}/web {from_host}"));
             print!("{:>8}", if pinged && talked { "ok" } else { "FAIL" });
             if !(pinged && talked) {
-                failures.push(format!(
-                    "{from_host} -> {to_host}: ping {pinged}, tcp {reply:?}"
-                ));
+                failures.push(format!("{from_host} -> {to_host}: ping {pinged}, tcp {reply:?}"));
             }
         }
         println!();
     }
     let (from_host, from) = &workloads[0];
     let (to_host, to) = &workloads[workloads.len() - 1];
-    println!(
-        "\n{from_host}/web -> {to_host}/web: {}",
-        tcp_exchange(&from.netns, to.addr, PORT, "are you there?")?
-    );
+    println!("\n{from_host}/web -> {to_host}/web: {}", tcp_exchange(&from.netns, to.addr, PORT, "are you there?")?);
 
     eprintln!("== what the BPF programs counted (from each host's pinned SHOAL_STATS map)");
     println!(
@@ -84,17 +72,8 @@ pub fn run(keep: bool) -> Result<()> {
     );
     for host in &lab.hosts {
         let counters = host.counters()?;
-        let get = |code| {
-            counters
-                .iter()
-                .find(|c| c.code == code)
-                .map_or(0, |c| c.packets)
-        };
-        let drops: u64 = counters
-            .iter()
-            .filter(|c| c.code >= stats::DROP_FIRST)
-            .map(|c| c.packets)
-            .sum();
+        let get = |code| counters.iter().find(|c| c.code == code).map_or(0, |c| c.packets);
+        let drops: u64 = counters.iter().filter(|c| c.code >= stats::DROP_FIRST).map(|c| c.packets).sum();
         println!(
             "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8}",
             host.name,
@@ -107,7 +86,9 @@ pub fn run(keep: bool) -> Result<()> {
     }
 
     if keep {
-        eprintln!("\nthe lab is still up: `cargo xtask lab status`, `cargo xtask lab exec mgr1 -- shoal dataplane stats`,");
+        eprintln!(
+            "\nthe lab is still up: `cargo xtask lab status`, `cargo xtask lab exec mgr1 -- shoal dataplane stats`,"
+        );
         eprintln!("`cargo xtask lab down` to remove it.");
     } else {
         eprintln!("== lab down");
@@ -117,6 +98,9 @@ pub fn run(keep: bool) -> Result<()> {
     if !failures.is_empty() {
         bail!("{} paths failed:\n{}", failures.len(), failures.join("\n"));
     }
-    eprintln!("demo finished in {:.0}s: every workload reached every other host's workload over the overlay", started.elapsed().as_secs_f64());
+    eprintln!(
+        "demo finished in {:.0}s: every workload reached every other host's workload over the overlay",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -11,18 +11,12 @@ use anyhow::{bail, Context, Result};
 use crate::bootstrap;
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
 /// Directory of the debug binaries (`shoald`, `shoal`), honouring `CARGO_TARGET_DIR`.
 pub fn bin_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-        .join("debug")
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target")).join("debug")
 }
 
 /// Runs cargo in the workspace with a heading, failing on a non-zero exit.
@@ -52,43 +46,22 @@ pub fn test() -> Result<()> {
     bootstrap::ensure()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["build", "--workspace", "--bins"])?;
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     lint_bpf()?;
     // Root-only tests are #[ignore]d so a plain `cargo test` works unprivileged; here we
     // are root and run them all.
     cargo(&["test", "--workspace", "--", "--include-ignored"])?;
-    eprintln!(
-        "all checks passed in {:.0}s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("all checks passed in {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
 /// fmt and clippy for the BPF programs, which build in a nightly workspace of their own.
 fn lint_bpf() -> Result<()> {
     let dir = root().join("ebpf/shoal-ebpf");
-    let target = bin_dir()
-        .parent()
-        .expect("bin dir is <target>/debug")
-        .join("shoal-ebpf");
+    let target = bin_dir().parent().expect("bin dir is <target>/debug").join("shoal-ebpf");
     for args in [
         vec!["fmt", "--", "--check"],
-        vec![
-            "clippy",
-            "--release",
-            "--target-dir",
-            target.to_str().context("target path")?,
-            "--",
-            "-D",
-            "warnings",
-        ],
+        vec!["clippy", "--release", "--target-dir", target.to_str().context("target path")?, "--", "-D", "warnings"],
     ] {
         eprintln!("== (ebpf) cargo +nightly {}", args.join(" "));
         let status = Command::new("rustup")

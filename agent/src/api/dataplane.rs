@@ -17,16 +17,11 @@ pub async fn show(State(node): State<Arc<Node>>) -> Json<DataplaneSpec> {
 
 /// Replaces the whole desired state. Answers only once the kernel matches it and it is on
 /// disk, so an acknowledged state survives a restart.
-pub async fn replace(
-    State(node): State<Arc<Node>>,
-    body: Bytes,
-) -> Result<Json<DataplaneSpec>, ApiError> {
-    let spec: DataplaneSpec = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+pub async fn replace(State(node): State<Arc<Node>>, body: Bytes) -> Result<Json<DataplaneSpec>, ApiError> {
+    let spec: DataplaneSpec =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let mut dataplane = node.dataplane.lock().await;
-    dataplane
-        .replace(spec.clone(), |s| daemon::save_json(&node.dataplane_file, s))
-        .await?;
+    dataplane.replace(spec.clone(), |s| daemon::save_json(&node.dataplane_file, s)).await?;
     Ok(Json(spec))
 }
 

@@ -38,13 +38,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (
-            status,
-            Json(ErrorResponse {
-                message: self.to_string(),
-            }),
-        )
-            .into_response()
+        (status, Json(ErrorResponse { message: self.to_string() })).into_response()
     }
 }
 

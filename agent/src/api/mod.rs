@@ -3,7 +3,7 @@
 
 mod dataplane;
 mod error;
-mod system;
+pub mod system;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -19,6 +19,8 @@ use tower::Layer;
 
 pub use error::ApiError;
 
+use shoal_manager::Swarm;
+
 use crate::net::Dataplane;
 
 /// What the handlers share.
@@ -26,6 +28,10 @@ pub struct Node {
     pub dataplane: Mutex<Dataplane>,
     /// Where the last acknowledged `DataplaneSpec` is kept across restarts.
     pub dataplane_file: PathBuf,
+    /// This node's swarm membership (and, on managers, the control plane).
+    pub swarm: Arc<Swarm>,
+    /// What `/info` reports about the daemon.
+    pub daemon: system::DaemonInfo,
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -37,18 +43,15 @@ pub async fn serve(
     let routes = Router::new()
         .route("/_ping", get(system::ping).head(system::ping))
         .route("/version", get(system::version))
-        .route(
-            "/shoal/v1/dataplane",
-            get(dataplane::show).put(dataplane::replace),
-        )
+        .route("/info", get(system::info))
+        .route("/shoal/v1/dataplane", get(dataplane::show).put(dataplane::replace))
         .route("/shoal/v1/dataplane/stats", get(dataplane::stats))
-        .fallback(error::not_found)
-        .with_state(node);
+        .with_state(node.clone())
+        .merge(shoal_manager::engine_api::routes(node.swarm.clone()))
+        .fallback(error::not_found);
     // Outside the router, so the version prefix is gone before routing.
     let app = middleware::from_fn(strip_version_prefix).layer(routes);
-    axum::serve(listener, tower::make::Shared::new(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, tower::make::Shared::new(app)).with_graceful_shutdown(shutdown).await
 }
 
 /// Docker clients prefix every path with the API version they speak (`/v1.51/version`); answer

@@ -59,56 +59,29 @@ impl Datapath {
             )));
         }
         ensure_bpffs(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(OBJECT)?;
-        for name in [
-            maps::ENDPOINTS,
-            maps::INTERFACES,
-            maps::NODE_CONFIG,
-            maps::STATS,
-        ] {
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(OBJECT)?;
+        for name in [maps::ENDPOINTS, maps::INTERFACES, maps::NODE_CONFIG, maps::STATS] {
             if ebpf.map(name).is_none() {
                 return Err(map_error(name, MapError::InvalidName { name: name.into() }));
             }
         }
         for name in [FROM_WORKLOAD, FROM_OVERLAY] {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| NetError::Program {
-                    program: name,
-                    source,
-                })?;
+            classifier(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
         }
         info!(pin_dir = %pin_dir.display(), %kernel, "BPF programs loaded");
-        Ok(Datapath {
-            ebpf,
-            workload_links: BTreeMap::new(),
-            overlay_link: None,
-        })
+        Ok(Datapath { ebpf, workload_links: BTreeMap::new(), overlay_link: None })
     }
 
     /// Attaches `from_overlay` to the VXLAN device and tells the programs its ifindex.
     pub fn attach_overlay(&mut self, device: &str, ifindex: u32) -> Result<(), NetError> {
         let mut config: Array<&mut MapData, NodeConfig> = self.map_mut(maps::NODE_CONFIG)?;
-        config
-            .set(
-                0,
-                NodeConfig {
-                    vxlan_ifindex: ifindex,
-                },
-                0,
-            )
-            .map_err(|e| map_error(maps::NODE_CONFIG, e))?;
+        config.set(0, NodeConfig { vxlan_ifindex: ifindex }, 0).map_err(|e| map_error(maps::NODE_CONFIG, e))?;
         if let Some(old) = self.overlay_link.take() {
             self.detach(FROM_OVERLAY, old);
         }
         let link = classifier(&mut self.ebpf, FROM_OVERLAY)?
             .attach(device, TcAttachType::Ingress)
-            .map_err(|source| NetError::Program {
-                program: FROM_OVERLAY,
-                source,
-            })?;
+            .map_err(|source| NetError::Program { program: FROM_OVERLAY, source })?;
         self.overlay_link = Some(link);
         Ok(())
     }
@@ -116,19 +89,13 @@ impl Datapath {
     /// Writes `plan` into the maps and attaches to exactly the planned interfaces. Entries go
     /// in before attachments so a newly attached interface never sees a half-filled map.
     pub fn apply(&mut self, plan: &Plan) -> Result<(), NetError> {
-        let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> =
-            self.map_mut(maps::ENDPOINTS)?;
+        let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> = self.map_mut(maps::ENDPOINTS)?;
         sync_hash_map(&mut endpoints, maps::ENDPOINTS, &plan.endpoints)?;
-        let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> =
-            self.map_mut(maps::INTERFACES)?;
+        let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.map_mut(maps::INTERFACES)?;
         sync_hash_map(&mut interfaces, maps::INTERFACES, &plan.interfaces)?;
 
-        let stale: Vec<u32> = self
-            .workload_links
-            .keys()
-            .filter(|ifindex| !plan.attach.contains_key(ifindex))
-            .copied()
-            .collect();
+        let stale: Vec<u32> =
+            self.workload_links.keys().filter(|ifindex| !plan.attach.contains_key(ifindex)).copied().collect();
         for ifindex in stale {
             if let Some((name, link)) = self.workload_links.remove(&ifindex) {
                 debug!(interface = %name, ifindex, "detaching from workload interface");
@@ -141,10 +108,7 @@ impl Datapath {
             }
             let link = classifier(&mut self.ebpf, FROM_WORKLOAD)?
                 .attach(name, TcAttachType::Ingress)
-                .map_err(|source| NetError::Program {
-                    program: FROM_WORKLOAD,
-                    source,
-                })?;
+                .map_err(|source| NetError::Program { program: FROM_WORKLOAD, source })?;
             debug!(interface = %name, ifindex, "attached to workload interface");
             self.workload_links.insert(ifindex, (name.clone(), link));
         }
@@ -153,14 +117,10 @@ impl Datapath {
 
     /// Every counter in use, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<Counter>, NetError> {
-        let map = self.ebpf.map(maps::STATS).ok_or_else(|| {
-            map_error(
-                maps::STATS,
-                MapError::InvalidName {
-                    name: maps::STATS.into(),
-                },
-            )
-        })?;
+        let map = self
+            .ebpf
+            .map(maps::STATS)
+            .ok_or_else(|| map_error(maps::STATS, MapError::InvalidName { name: maps::STATS.into() }))?;
         let per_cpu: PerCpuArray<&MapData, stats::Counter> =
             PerCpuArray::try_from(map).map_err(|e| map_error(maps::STATS, e))?;
         let mut out = Vec::new();
@@ -168,18 +128,9 @@ impl Datapath {
             let Some(name) = stats::name(code) else {
                 continue;
             };
-            let values = per_cpu
-                .get(&code, 0)
-                .map_err(|e| map_error(maps::STATS, e))?;
-            let (packets, bytes) = values
-                .iter()
-                .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-            out.push(Counter {
-                code,
-                name: name.to_owned(),
-                packets,
-                bytes,
-            });
+            let values = per_cpu.get(&code, 0).map_err(|e| map_error(maps::STATS, e))?;
+            let (packets, bytes) = values.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+            out.push(Counter { code, name: name.to_owned(), packets, bytes });
         }
         Ok(out)
     }
@@ -198,10 +149,9 @@ impl Datapath {
 
     fn detach(&mut self, program: &'static str, link: SchedClassifierLinkId) {
         // An interface that disappeared took its attachment with it; nothing left to undo.
-        if let Err(e) = classifier(&mut self.ebpf, program).and_then(|p| {
-            p.detach(link)
-                .map_err(|source| NetError::Program { program, source })
-        }) {
+        if let Err(e) = classifier(&mut self.ebpf, program)
+            .and_then(|p| p.detach(link).map_err(|source| NetError::Program { program, source }))
+        {
             warn!(program, error = %e, "detach failed");
         }
     }
@@ -210,10 +160,8 @@ impl Datapath {
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))?;
+        let map =
+            self.ebpf.map_mut(name).ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))?;
         T::try_from(map).map_err(|e| map_error(name, e))
     }
 }
@@ -222,18 +170,11 @@ fn map_error(map: &'static str, source: MapError) -> NetError {
     NetError::Map { map, source }
 }
 
-fn classifier<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, NetError> {
-    let program = ebpf.program_mut(name).ok_or(NetError::Program {
-        program: name,
-        source: aya::programs::ProgramError::UnexpectedProgramType,
-    })?;
-    program.try_into().map_err(|source| NetError::Program {
-        program: name,
-        source,
-    })
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, NetError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(NetError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
+    program.try_into().map_err(|source| NetError::Program { program: name, source })
 }
 
 /// Makes the map hold exactly `want`. Stale keys go first, so the map never needs room for
@@ -248,10 +189,7 @@ where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
-    let present: Vec<K> = map
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(|e| map_error(name, e))?;
+    let present: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(|e| map_error(name, e))?;
     for key in present.iter().filter(|k| !want.contains_key(k)) {
         map.remove(key).map_err(|e| map_error(name, e))?;
     }
@@ -269,14 +207,7 @@ where
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), NetError> {
     let is_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
     if !is_bpffs(Path::new(BPFFS)) {
-        mount(
-            Some("bpf"),
-            BPFFS,
-            Some("bpf"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(NetError::MountBpfFs)?;
+        mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(NetError::MountBpfFs)?;
         info!(path = BPFFS, "mounted bpffs");
     }
     std::fs::create_dir_all(pin_dir)?;

@@ -42,75 +42,37 @@ impl Fixture {
     /// Setup: lo is a workload interface on VNI 4097; one remote peer, one local peer.
     fn new() -> Fixture {
         static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let serial = SERIAL
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "BPF program tests load programs: run as root"
-        );
-        let mounted_bpffs =
-            !statfs(Path::new(BPFFS)).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        assert!(nix::unistd::geteuid().is_root(), "BPF program tests load programs: run as root");
+        let mounted_bpffs = !statfs(Path::new(BPFFS)).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
         let pin_dir = PathBuf::from(format!("{BPFFS}/shoal-unit-{}", std::process::id()));
-        let mut fixture = Fixture {
-            _serial: serial,
-            datapath: None,
-            pin_dir,
-            mounted_bpffs,
-        };
+        let mut fixture = Fixture { _serial: serial, datapath: None, pin_dir, mounted_bpffs };
         let mut datapath = Datapath::load(&fixture.pin_dir).expect("load programs");
-        let key = |a: [u8; 4]| EndpointKey {
-            vni: VNI,
-            addr: u32::from_ne_bytes(a),
-        };
+        let key = |a: [u8; 4]| EndpointKey { vni: VNI, addr: u32::from_ne_bytes(a) };
         let plan = Plan {
             endpoints: [
                 (
                     key(REMOTE),
-                    EndpointEntry {
-                        ifindex: 0,
-                        node_addr: 0x0a4d_0201,
-                        mac: REMOTE_MAC,
-                        router_mac: [0; 6],
-                    },
+                    EndpointEntry { ifindex: 0, node_addr: 0x0a4d_0201, mac: REMOTE_MAC, router_mac: [0; 6] },
                 ),
                 (
                     key(LOCAL),
-                    EndpointEntry {
-                        ifindex: LOCAL_VETH,
-                        node_addr: 0,
-                        mac: LOCAL_MAC,
-                        router_mac: LOCAL_VETH_MAC,
-                    },
+                    EndpointEntry { ifindex: LOCAL_VETH, node_addr: 0, mac: LOCAL_MAC, router_mac: LOCAL_VETH_MAC },
                 ),
-                (
-                    key(CLIENT),
-                    EndpointEntry {
-                        ifindex: LO,
-                        node_addr: 0,
-                        mac: CLIENT_MAC,
-                        router_mac: ROUTER_MAC,
-                    },
-                ),
+                (key(CLIENT), EndpointEntry { ifindex: LO, node_addr: 0, mac: CLIENT_MAC, router_mac: ROUTER_MAC }),
             ]
             .into_iter()
             .collect(),
             interfaces: [(
                 LO,
-                InterfaceEntry {
-                    vni: VNI,
-                    addr: u32::from_ne_bytes(CLIENT),
-                    mac: ROUTER_MAC,
-                    _pad: [0; 2],
-                },
+                InterfaceEntry { vni: VNI, addr: u32::from_ne_bytes(CLIENT), mac: ROUTER_MAC, _pad: [0; 2] },
             )]
             .into_iter()
             .collect(),
             attach: BTreeMap::new(),
         };
         datapath.apply(&plan).expect("fill maps");
-        let mut config: Array<&mut MapData, NodeConfig> =
-            datapath.map_mut(maps::NODE_CONFIG).unwrap();
+        let mut config: Array<&mut MapData, NodeConfig> = datapath.map_mut(maps::NODE_CONFIG).unwrap();
         config.set(0, NodeConfig { vxlan_ifindex: LO }, 0).unwrap();
         fixture.datapath = Some(datapath);
         fixture
@@ -128,22 +90,14 @@ impl Fixture {
                 repeat: 1,
                 ..TestRunOptions::new()
             })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "BPF_PROG_TEST_RUN of {program} on {} bytes: {e}",
-                    packet.len()
-                )
-            });
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {program} on {} bytes: {e}", packet.len()));
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
 
     fn count(&self, code: u32) -> u64 {
         let counters = self.datapath.as_ref().unwrap().counters().unwrap();
-        counters
-            .iter()
-            .find(|c| c.code == code)
-            .map_or(0, |c| c.packets)
+        counters.iter().find(|c| c.code == code).map_or(0, |c| c.packets)
     }
 }
 
@@ -187,10 +141,7 @@ fn from_workload_answers_arp_for_peers_only() {
     let fx = Fixture::new();
 
     let (verdict, reply) = fx.run(FROM_WORKLOAD, &arp_request(REMOTE));
-    assert_eq!(
-        verdict, TC_ACT_REDIRECT,
-        "reply is sent back out of the veth"
-    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "reply is sent back out of the veth");
     assert_eq!(&reply[0..6], &CLIENT_MAC, "eth dst: the asker");
     assert_eq!(&reply[6..12], &ROUTER_MAC, "eth src: the veth");
     assert_eq!(&reply[20..22], &[0, 2], "ARP reply");
@@ -203,10 +154,7 @@ fn from_workload_answers_arp_for_peers_only() {
     let (verdict, _) = fx.run(FROM_WORKLOAD, &arp_request([10, 78, 0, 99]));
     assert_eq!(verdict, TC_ACT_SHOT, "no answer for a non-endpoint");
     let (verdict, _) = fx.run(FROM_WORKLOAD, &arp_request(CLIENT));
-    assert_eq!(
-        verdict, TC_ACT_SHOT,
-        "no answer to a probe for the asker's own address"
-    );
+    assert_eq!(verdict, TC_ACT_SHOT, "no answer to a probe for the asker's own address");
     assert_eq!(fx.count(stats::DROP_ARP_UNANSWERED), 2);
 }
 
@@ -217,11 +165,7 @@ fn from_workload_encapsulates_remote_and_delivers_local() {
 
     let (verdict, out) = fx.run(FROM_WORKLOAD, &ipv4_to(REMOTE));
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(
-        &out[0..6],
-        &REMOTE_MAC,
-        "inner eth dst: the remote endpoint"
-    );
+    assert_eq!(&out[0..6], &REMOTE_MAC, "inner eth dst: the remote endpoint");
     assert_eq!(fx.count(stats::FORWARD_REMOTE), 1);
 
     let (verdict, out) = fx.run(FROM_WORKLOAD, &ipv4_to(LOCAL));
@@ -250,10 +194,7 @@ fn every_failure_is_a_counted_drop() {
     let mut spoofed = ipv4_to(REMOTE);
     spoofed[26..30].copy_from_slice(&LOCAL);
     let (verdict, _) = fx.run(FROM_WORKLOAD, &spoofed);
-    assert_eq!(
-        verdict, TC_ACT_SHOT,
-        "a workload may only send from its own address"
-    );
+    assert_eq!(verdict, TC_ACT_SHOT, "a workload may only send from its own address");
     assert_eq!(fx.count(stats::DROP_SPOOFED_SOURCE), 1);
 
     let mut ipv6 = ipv4_to(REMOTE);
@@ -265,9 +206,6 @@ fn every_failure_is_a_counted_drop() {
     assert_eq!(fx.count(stats::DROP_NOT_IPV4), 1);
 
     let (verdict, _) = fx.run(FROM_OVERLAY, &ipv4_to(LOCAL));
-    assert_eq!(
-        verdict, TC_ACT_SHOT,
-        "a frame without tunnel metadata is not from the overlay"
-    );
+    assert_eq!(verdict, TC_ACT_SHOT, "a frame without tunnel metadata is not from the overlay");
     assert_eq!(fx.count(stats::DROP_TUNNEL_KEY), 1);
 }

@@ -3,9 +3,7 @@
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    packet_route::link::{
-        InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage,
-    },
+    packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
     Handle, LinkVxlan,
 };
 use tracing::info;
@@ -41,10 +39,7 @@ impl Links {
                 _ => None,
             })
             .ok_or_else(|| NetError::NotVeth(name.to_owned()))?;
-        Ok(Some(LinkInfo {
-            index: msg.header.index,
-            mac,
-        }))
+        Ok(Some(LinkInfo { index: msg.header.index, mac }))
     }
 
     /// Makes sure a collect-metadata VXLAN device called `name` exists on `port` and is up;
@@ -56,30 +51,14 @@ impl Links {
                 self.set_up(existing.header.index).await?;
                 return Ok(existing.header.index);
             }
-            info!(
-                device = name,
-                "replacing a device that is not an external VXLAN on our port"
-            );
-            self.handle
-                .link()
-                .del(existing.header.index)
-                .execute()
-                .await?;
+            info!(device = name, "replacing a device that is not an external VXLAN on our port");
+            self.handle.link().del(existing.header.index).execute().await?;
         }
-        let request = LinkVxlan::new(name, 0)
-            .port(port)
-            .collect_metadata(true)
-            .learning(false)
-            .mtu(mtu)
-            .up()
-            .build();
+        let request = LinkVxlan::new(name, 0).port(port).collect_metadata(true).learning(false).mtu(mtu).up().build();
         // `LinkVxlan::new` always sets a VNI; an external device must not carry one.
         let request = strip_vni(request);
         self.handle.link().add(request).execute().await?;
-        let created = self
-            .message(name)
-            .await?
-            .ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
+        let created = self.message(name).await?.ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
         Ok(created.header.index)
     }
 
@@ -90,19 +69,10 @@ impl Links {
     }
 
     async fn message(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
         match links.try_next().await {
             Ok(msg) => Ok(msg),
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>
-            {
-                Ok(None)
-            }
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -144,7 +114,5 @@ fn is_external_vxlan(msg: &LinkMessage, port: u16) -> bool {
         _ => None,
     });
     link_kind(msg) == Some(&InfoKind::Vxlan)
-        && data.is_some_and(|d| {
-            d.contains(&InfoVxlan::CollectMetadata(true)) && d.contains(&InfoVxlan::Port(port))
-        })
+        && data.is_some_and(|d| d.contains(&InfoVxlan::CollectMetadata(true)) && d.contains(&InfoVxlan::Port(port)))
 }

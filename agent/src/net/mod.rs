@@ -49,23 +49,10 @@ impl Dataplane {
     pub async fn start(config: NetConfig) -> Result<Self, NetError> {
         let links = Links::connect()?;
         let mut datapath = Datapath::load(&config.pin_dir)?;
-        let vxlan = links
-            .ensure_vxlan(VXLAN_DEVICE, config.vxlan_port, DEFAULT_OVERLAY_MTU)
-            .await?;
+        let vxlan = links.ensure_vxlan(VXLAN_DEVICE, config.vxlan_port, DEFAULT_OVERLAY_MTU).await?;
         datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
-        info!(
-            device = VXLAN_DEVICE,
-            ifindex = vxlan,
-            port = config.vxlan_port,
-            "overlay device ready"
-        );
-        Ok(Dataplane {
-            config,
-            links,
-            datapath,
-            spec: DataplaneSpec::default(),
-            plan: Plan::default(),
-        })
+        info!(device = VXLAN_DEVICE, ifindex = vxlan, port = config.vxlan_port, "overlay device ready");
+        Ok(Dataplane { config, links, datapath, spec: DataplaneSpec::default(), plan: Plan::default() })
     }
 
     /// Makes the kernel match `spec`, then calls `persist` with it; answers Ok only when
@@ -110,11 +97,7 @@ impl Dataplane {
     async fn plan(&self, spec: &DataplaneSpec) -> Result<Plan, NetError> {
         let mut local = overlay::LocalLinks::default();
         for name in overlay::local_interfaces(spec, self.config.node_addr) {
-            let link = self
-                .links
-                .veth(name)
-                .await?
-                .ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
+            let link = self.links.veth(name).await?.ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
             local.insert(name.to_owned(), link);
         }
         overlay::plan(spec, self.config.node_addr, &local)

@@ -32,61 +32,29 @@ pub struct Plan {
 
 /// Names of the interfaces of endpoints that run on this node.
 pub fn local_interfaces(spec: &DataplaneSpec, node_addr: Ipv4Addr) -> impl Iterator<Item = &str> {
-    spec.endpoints
-        .iter()
-        .filter(move |ep| ep.node_addr == node_addr)
-        .filter_map(|ep| ep.interface.as_deref())
+    spec.endpoints.iter().filter(move |ep| ep.node_addr == node_addr).filter_map(|ep| ep.interface.as_deref())
 }
 
 /// Plans the maps for a validated `spec` on the node at `node_addr`.
-pub fn plan(
-    spec: &DataplaneSpec,
-    node_addr: Ipv4Addr,
-    links: &LocalLinks,
-) -> Result<Plan, NetError> {
+pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Result<Plan, NetError> {
     let mut plan = Plan::default();
     for ep in &spec.endpoints {
         // Validation guarantees the network exists; a missing one would be a caller bug.
         let Some(net) = spec.network(&ep.network) else {
             continue;
         };
-        let key = EndpointKey {
-            vni: net.vni,
-            addr: u32::from_ne_bytes(ep.addr.octets()),
-        };
+        let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(ep.addr.octets()) };
         let entry = if ep.node_addr == node_addr {
-            let name = ep
-                .interface
-                .as_deref()
-                .ok_or(NetError::MissingInterface(ep.addr))?;
-            let link = links
-                .get(name)
-                .ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
+            let name = ep.interface.as_deref().ok_or(NetError::MissingInterface(ep.addr))?;
+            let link = links.get(name).ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
             if plan.attach.insert(link.index, name.to_owned()).is_some() {
                 return Err(NetError::InterfaceShared(name.to_owned()));
             }
-            plan.interfaces.insert(
-                link.index,
-                InterfaceEntry {
-                    vni: net.vni,
-                    addr: key.addr,
-                    mac: link.mac,
-                    _pad: [0; 2],
-                },
-            );
-            EndpointEntry {
-                ifindex: link.index,
-                node_addr: u32::from(node_addr),
-                mac: ep.mac.0,
-                router_mac: link.mac,
-            }
+            plan.interfaces
+                .insert(link.index, InterfaceEntry { vni: net.vni, addr: key.addr, mac: link.mac, _pad: [0; 2] });
+            EndpointEntry { ifindex: link.index, node_addr: u32::from(node_addr), mac: ep.mac.0, router_mac: link.mac }
         } else {
-            EndpointEntry {
-                ifindex: 0,
-                node_addr: u32::from(ep.node_addr),
-                mac: ep.mac.0,
-                router_mac: [0; 6],
-            }
+            EndpointEntry { ifindex: 0, node_addr: u32::from(ep.node_addr), mac: ep.mac.0, router_mac: [0; 6] }
         };
         plan.endpoints.insert(key, entry);
     }
@@ -130,15 +98,7 @@ mod tests {
     }
 
     fn links() -> LocalLinks {
-        [(
-            "shw-a".to_owned(),
-            LinkInfo {
-                index: 7,
-                mac: VETH_MAC,
-            },
-        )]
-        .into_iter()
-        .collect()
+        [("shw-a".to_owned(), LinkInfo { index: 7, mac: VETH_MAC })].into_iter().collect()
     }
 
     #[test]
@@ -149,31 +109,17 @@ mod tests {
         ]);
         let plan = plan(&spec, HERE, &links()).unwrap();
 
-        let local = plan.endpoints[&EndpointKey {
-            vni: 4097,
-            addr: u32::from_ne_bytes([10, 78, 0, 2]),
-        }];
+        let local = plan.endpoints[&EndpointKey { vni: 4097, addr: u32::from_ne_bytes([10, 78, 0, 2]) }];
         assert_eq!(local.ifindex, 7);
         assert_eq!(local.router_mac, VETH_MAC);
         assert_eq!(local.mac, [0x02, 0x42, 10, 78, 0, 2]);
 
-        let remote = plan.endpoints[&EndpointKey {
-            vni: 4097,
-            addr: u32::from_ne_bytes([10, 78, 0, 3]),
-        }];
+        let remote = plan.endpoints[&EndpointKey { vni: 4097, addr: u32::from_ne_bytes([10, 78, 0, 3]) }];
         assert_eq!(remote.ifindex, 0);
-        assert_eq!(
-            remote.node_addr,
-            u32::from(THERE),
-            "tunnel keys take host byte order"
-        );
+        assert_eq!(remote.node_addr, u32::from(THERE), "tunnel keys take host byte order");
 
         assert_eq!(plan.interfaces[&7].vni, 4097);
-        assert_eq!(
-            plan.interfaces[&7].addr,
-            u32::from_ne_bytes([10, 78, 0, 2]),
-            "packet byte order"
-        );
+        assert_eq!(plan.interfaces[&7].addr, u32::from_ne_bytes([10, 78, 0, 2]), "packet byte order");
         assert_eq!(plan.attach, [(7, "shw-a".to_owned())].into_iter().collect());
         assert_eq!(local_interfaces(&spec, HERE).collect::<Vec<_>>(), ["shw-a"]);
     }
@@ -181,24 +127,13 @@ mod tests {
     #[test]
     fn local_endpoint_needs_an_existing_unshared_interface() {
         let missing = spec(vec![endpoint([10, 78, 0, 2], HERE, None)]);
-        assert!(matches!(
-            plan(&missing, HERE, &links()),
-            Err(NetError::MissingInterface(_))
-        ));
+        assert!(matches!(plan(&missing, HERE, &links()), Err(NetError::MissingInterface(_))));
 
         let unknown = spec(vec![endpoint([10, 78, 0, 2], HERE, Some("shw-b"))]);
-        assert!(matches!(
-            plan(&unknown, HERE, &links()),
-            Err(NetError::InterfaceNotFound(_))
-        ));
+        assert!(matches!(plan(&unknown, HERE, &links()), Err(NetError::InterfaceNotFound(_))));
 
-        let shared = spec(vec![
-            endpoint([10, 78, 0, 2], HERE, Some("shw-a")),
-            endpoint([10, 78, 0, 4], HERE, Some("shw-a")),
-        ]);
-        assert!(matches!(
-            plan(&shared, HERE, &links()),
-            Err(NetError::InterfaceShared(_))
-        ));
+        let shared =
+            spec(vec![endpoint([10, 78, 0, 2], HERE, Some("shw-a")), endpoint([10, 78, 0, 4], HERE, Some("shw-a"))]);
+        assert!(matches!(plan(&shared, HERE, &links()), Err(NetError::InterfaceShared(_))));
     }
 }

@@ -71,11 +71,7 @@ pub enum SpecError {
     #[error("endpoint {addr}: network {network:?} is not declared")]
     UnknownNetwork { network: String, addr: Ipv4Addr },
     #[error("endpoint {addr}: not a host address of network {network:?} ({subnet})")]
-    AddrOutsideSubnet {
-        network: String,
-        addr: Ipv4Addr,
-        subnet: Ipv4Net,
-    },
+    AddrOutsideSubnet { network: String, addr: Ipv4Addr, subnet: Ipv4Net },
     #[error("endpoint {addr} appears twice on network {network:?}")]
     DuplicateEndpoint { network: String, addr: Ipv4Addr },
     #[error("endpoint {addr}: invalid interface name {name:?}")]
@@ -95,32 +91,20 @@ impl DataplaneSpec {
                 return Err(SpecError::DuplicateNetwork(net.name.clone()));
             }
             if net.vni == 0 || net.vni > VNI_MAX {
-                return Err(SpecError::VniOutOfRange {
-                    name: net.name.clone(),
-                    vni: net.vni,
-                });
+                return Err(SpecError::VniOutOfRange { name: net.name.clone(), vni: net.vni });
             }
             if !vnis.insert(net.vni) {
-                return Err(SpecError::DuplicateVni {
-                    name: net.name.clone(),
-                    vni: net.vni,
-                });
+                return Err(SpecError::DuplicateVni { name: net.name.clone(), vni: net.vni });
             }
             if let Some(mtu) = net.mtu.filter(|m| !(576..=9000).contains(m)) {
-                return Err(SpecError::MtuOutOfRange {
-                    name: net.name.clone(),
-                    mtu,
-                });
+                return Err(SpecError::MtuOutOfRange { name: net.name.clone(), mtu });
             }
         }
         let mut addrs = HashSet::new();
         for ep in &self.endpoints {
             let net = self
                 .network(&ep.network)
-                .ok_or_else(|| SpecError::UnknownNetwork {
-                    network: ep.network.clone(),
-                    addr: ep.addr,
-                })?;
+                .ok_or_else(|| SpecError::UnknownNetwork { network: ep.network.clone(), addr: ep.addr })?;
             if !is_host_addr(net.subnet, ep.addr) {
                 return Err(SpecError::AddrOutsideSubnet {
                     network: net.name.clone(),
@@ -129,17 +113,11 @@ impl DataplaneSpec {
                 });
             }
             if !addrs.insert((ep.network.as_str(), ep.addr)) {
-                return Err(SpecError::DuplicateEndpoint {
-                    network: ep.network.clone(),
-                    addr: ep.addr,
-                });
+                return Err(SpecError::DuplicateEndpoint { network: ep.network.clone(), addr: ep.addr });
             }
             if let Some(name) = &ep.interface {
                 if !is_valid_ifname(name) {
-                    return Err(SpecError::InvalidInterfaceName {
-                        addr: ep.addr,
-                        name: name.clone(),
-                    });
+                    return Err(SpecError::InvalidInterfaceName { addr: ep.addr, name: name.clone() });
                 }
             }
         }
@@ -160,8 +138,7 @@ impl OverlayNetwork {
 /// In the subnet, and neither its network nor its broadcast address (for prefixes that have
 /// them: /31 and /32 are all hosts).
 fn is_host_addr(subnet: Ipv4Net, addr: Ipv4Addr) -> bool {
-    subnet.contains(&addr)
-        && (subnet.prefix_len() >= 31 || (addr != subnet.network() && addr != subnet.broadcast()))
+    subnet.contains(&addr) && (subnet.prefix_len() >= 31 || (addr != subnet.network() && addr != subnet.broadcast()))
 }
 
 fn is_valid_ifname(name: &str) -> bool {
@@ -169,9 +146,7 @@ fn is_valid_ifname(name: &str) -> bool {
         && name.len() <= IFNAME_MAX
         && name != "."
         && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
 }
 
 /// One outcome counter of the BPF programs, summed over CPUs (`GET /shoal/v1/dataplane/stats`).
@@ -234,39 +209,26 @@ mod tests {
 
         let mut s = spec();
         s.endpoints[0].network = "red".into();
-        assert!(matches!(
-            s.validate(),
-            Err(SpecError::UnknownNetwork { .. })
-        ));
+        assert!(matches!(s.validate(), Err(SpecError::UnknownNetwork { .. })));
 
         for addr in ["10.79.0.2", "10.78.0.0", "10.78.0.255"] {
             let mut s = spec();
             s.endpoints[0].addr = addr.parse().unwrap();
-            assert!(
-                matches!(s.validate(), Err(SpecError::AddrOutsideSubnet { .. })),
-                "{addr}"
-            );
+            assert!(matches!(s.validate(), Err(SpecError::AddrOutsideSubnet { .. })), "{addr}");
         }
 
         let mut s = spec();
         s.endpoints.push(s.endpoints[0].clone());
-        assert!(matches!(
-            s.validate(),
-            Err(SpecError::DuplicateEndpoint { .. })
-        ));
+        assert!(matches!(s.validate(), Err(SpecError::DuplicateEndpoint { .. })));
 
         let mut s = spec();
         s.endpoints[0].interface = Some("a-name-that-is-too-long".into());
-        assert!(matches!(
-            s.validate(),
-            Err(SpecError::InvalidInterfaceName { .. })
-        ));
+        assert!(matches!(s.validate(), Err(SpecError::InvalidInterfaceName { .. })));
     }
 
     #[test]
     fn reads_pascal_case_json() {
-        let json =
-            r#"{"Networks":[{"Name":"blue","Vni":7,"Subnet":"10.78.0.0/24"}],"Endpoints":[]}"#;
+        let json = r#"{"Networks":[{"Name":"blue","Vni":7,"Subnet":"10.78.0.0/24"}],"Endpoints":[]}"#;
         let s: DataplaneSpec = serde_json::from_str(json).unwrap();
         assert_eq!(s.networks[0].vni, 7);
     }

@@ -14,4 +14,14 @@ pub mod swarm;
 pub mod system;
 
 pub use error::ErrorResponse;
+
+/// Go clients send `null` for empty maps and slices; read it as empty.
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + serde::Deserialize<'de>,
+{
+    use serde::Deserialize;
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 pub use mac::MacAddr;

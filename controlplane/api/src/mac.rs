@@ -81,13 +81,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_text() {
-        for bad in [
-            "",
-            "02:42:0a:00:00",
-            "02:42:0a:00:00:02:03",
-            "2:42:0a:00:00:02",
-            "zz:42:0a:00:00:02",
-        ] {
+        for bad in ["", "02:42:0a:00:00", "02:42:0a:00:00:02:03", "2:42:0a:00:00:02", "zz:42:0a:00:00:02"] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} parsed");
         }
     }

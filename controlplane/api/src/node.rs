@@ -86,7 +86,7 @@ pub struct Resources {
 #[serde(rename_all = "PascalCase")]
 pub struct EngineDescription {
     pub engine_version: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub labels: std::collections::HashMap<String, String>,
 }
 
@@ -144,18 +144,10 @@ mod tests {
     #[test]
     fn enums_use_docker_wire_names() {
         assert_eq!(NodeAvailability::Drain.to_string(), "drain");
-        assert_eq!(
-            serde_json::to_string(&Reachability::Reachable).unwrap(),
-            "\"reachable\""
-        );
-        let spec: NodeSpec = serde_json::from_str(
-            r#"{"Name":"","Labels":{"a":"b"},"Role":"manager","Availability":"pause"}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            (spec.role, spec.availability),
-            (NodeRole::Manager, NodeAvailability::Pause)
-        );
+        assert_eq!(serde_json::to_string(&Reachability::Reachable).unwrap(), "\"reachable\"");
+        let spec: NodeSpec =
+            serde_json::from_str(r#"{"Name":"","Labels":{"a":"b"},"Role":"manager","Availability":"pause"}"#).unwrap();
+        assert_eq!((spec.role, spec.availability), (NodeRole::Manager, NodeAvailability::Pause));
         assert_eq!(spec.annotations.labels["a"], "b");
     }
 }

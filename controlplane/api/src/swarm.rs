@@ -20,7 +20,7 @@ pub struct ObjectVersion {
 pub struct Annotations {
     #[serde(default)]
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub labels: HashMap<String, String>,
 }
 
@@ -86,19 +86,16 @@ pub struct CaConfig {
     /// Nanoseconds.
     #[serde(default)]
     pub node_cert_expiry: i64,
-    #[serde(default, rename = "ExternalCAs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::null_as_default",
+        rename = "ExternalCAs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub external_cas: Vec<serde_json::Value>,
-    #[serde(
-        default,
-        rename = "SigningCACert",
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(default, rename = "SigningCACert", skip_serializing_if = "String::is_empty")]
     pub signing_ca_cert: String,
-    #[serde(
-        default,
-        rename = "SigningCAKey",
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(default, rename = "SigningCAKey", skip_serializing_if = "String::is_empty")]
     pub signing_ca_key: String,
     #[serde(default)]
     pub force_rotate: u64,
@@ -116,7 +113,7 @@ pub struct TaskDefaults {
 pub struct Driver {
     #[serde(default)]
     pub name: String,
-    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    #[serde(default, deserialize_with = "crate::null_as_default", skip_serializing_if = "HashMap::is_empty")]
     pub options: HashMap<String, String>,
 }
 
@@ -154,6 +151,7 @@ pub struct ClusterInfo {
     #[serde(rename = "TLSInfo")]
     pub tls_info: TlsInfo,
     pub root_rotation_in_progress: bool,
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub default_addr_pool: Vec<String>,
     pub subnet_size: u32,
     pub data_path_port: u32,
@@ -187,6 +185,7 @@ pub struct InitRequest {
     pub spec: SwarmSpec,
     pub auto_lock_managers: bool,
     pub availability: String,
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub default_addr_pool: Vec<String>,
     pub subnet_size: u32,
 }
@@ -198,6 +197,7 @@ pub struct JoinRequest {
     pub listen_addr: String,
     pub advertise_addr: String,
     pub data_path_addr: String,
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub remote_addrs: Vec<String>,
     pub join_token: String,
     pub availability: String,
@@ -260,6 +260,7 @@ pub struct SwarmInfo {
     pub local_node_state: LocalNodeState,
     pub control_available: bool,
     pub error: String,
+    #[serde(default, deserialize_with = "crate::null_as_default")]
     pub remote_managers: Vec<Peer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u64>,

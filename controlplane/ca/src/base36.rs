@@ -34,15 +34,7 @@ mod tests {
         assert_eq!(encode(&[35], 1), "z");
         assert_eq!(encode(&[36], 1), "10");
         assert_eq!(encode(&[1, 0], 0), "74"); // 256 = 7*36 + 4
-        assert_eq!(
-            encode(&[0xff; 32], 50).len(),
-            50,
-            "a SHA-256 fits in 50 digits"
-        );
-        assert_eq!(
-            encode(&[0xff; 16], 25).len(),
-            25,
-            "128 bits fit in 25 digits"
-        );
+        assert_eq!(encode(&[0xff; 32], 50).len(), 50, "a SHA-256 fits in 50 digits");
+        assert_eq!(encode(&[0xff; 16], 25).len(), 25, "128 bits fit in 25 digits");
     }
 }

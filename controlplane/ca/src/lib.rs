@@ -28,9 +28,7 @@ pub use unlock::UnlockKey;
 /// Fills `buf` from the OS's secure random source.
 pub(crate) fn random(buf: &mut [u8]) -> Result<(), CaError> {
     use ring::rand::SecureRandom;
-    ring::rand::SystemRandom::new()
-        .fill(buf)
-        .map_err(|_| CaError::Random)
+    ring::rand::SystemRandom::new().fill(buf).map_err(|_| CaError::Random)
 }
 
 /// A random ID in Swarm's shape: 25 characters of base36 (128 random bits), as node and

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
@@ -34,21 +34,14 @@ impl RootCa {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, ROOT_CN);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + ROOT_LIFETIME;
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
-        Ok(RootCa {
-            cert,
-            cert_pem,
-            key,
-        })
+        Ok(RootCa { cert, cert_pem, key })
     }
 
     /// The root as stored in the cluster state.
@@ -57,11 +50,7 @@ impl RootCa {
         // rcgen signs with an issuer `Certificate`; re-deriving it from the stored one keeps
         // the subject and key, which is all a signature by this root depends on.
         let cert = CertificateParams::from_ca_cert_pem(cert_pem)?.self_signed(&key)?;
-        Ok(RootCa {
-            cert,
-            cert_pem: cert_pem.to_owned(),
-            key,
-        })
+        Ok(RootCa { cert, cert_pem: cert_pem.to_owned(), key })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -81,36 +70,19 @@ impl RootCa {
     /// Signs the key in `csr_pem` into a certificate for `identity`, valid for `lifetime`.
     /// The subject comes from `identity`, never from the request: a node cannot choose its
     /// own ID or role.
-    pub fn issue(
-        &self,
-        csr_pem: &str,
-        identity: &NodeIdentity,
-        lifetime: Duration,
-    ) -> Result<String, CaError> {
+    pub fn issue(&self, csr_pem: &str, identity: &NodeIdentity, lifetime: Duration) -> Result<String, CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, identity.node_id.as_str());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationalUnitName, identity.role_ou());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, identity.cluster_id.as_str());
+        params.distinguished_name.push(DnType::CommonName, identity.node_id.as_str());
+        params.distinguished_name.push(DnType::OrganizationalUnitName, identity.role_ou());
+        params.distinguished_name.push(DnType::OrganizationName, identity.cluster_id.as_str());
         params.subject_alt_names = vec![
             SanType::DnsName(identity.role_ou().try_into()?),
             SanType::DnsName(identity.node_id.as_str().try_into()?),
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + lifetime;
@@ -131,7 +103,7 @@ pub fn digest_of_der(der: &[u8]) -> [u8; 32] {
 
 /// The DER of the first certificate in `pem`.
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, CaError> {
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+    let (_, parsed) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
     Ok(parsed.contents)
 }

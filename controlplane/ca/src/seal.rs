@@ -34,8 +34,8 @@ impl DataKey {
 
     /// The key `wrap` sealed; fails on a wrong unlock key.
     pub fn unwrap_with(wrapped: &[u8], kek: &UnlockKey) -> Result<Self, CaError> {
-        let bytes = open_with(kek.bytes(), wrapped)
-            .map_err(|_| CaError::InvalidUnlockKey("it does not unlock this node"))?;
+        let bytes =
+            open_with(kek.bytes(), wrapped).map_err(|_| CaError::InvalidUnlockKey("it does not unlock this node"))?;
         let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| CaError::Unseal)?;
         Ok(DataKey(key))
     }
@@ -85,10 +85,7 @@ fn open_with(key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, CaError> {
     let (nonce, body) = sealed.split_at(NONCE_LEN);
     let mut body = body.to_vec();
     let nonce = Nonce::assume_unique_for_key(nonce.try_into().expect("nonce length"));
-    let plain_len = aead_key(key)
-        .open_in_place(nonce, Aad::empty(), &mut body)
-        .map_err(|_| CaError::Unseal)?
-        .len();
+    let plain_len = aead_key(key).open_in_place(nonce, Aad::empty(), &mut body).map_err(|_| CaError::Unseal)?.len();
     body.truncate(plain_len);
     Ok(body)
 }
@@ -101,10 +98,7 @@ mod tests {
     fn seals_and_opens_and_detects_tampering() {
         let key = DataKey::generate().unwrap();
         let sealed = key.seal(b"node label: secret").unwrap();
-        assert!(
-            !sealed.windows(6).any(|w| w == b"secret"),
-            "plaintext visible"
-        );
+        assert!(!sealed.windows(6).any(|w| w == b"secret"), "plaintext visible");
         assert_eq!(key.open(&sealed).unwrap(), b"node label: secret");
         let mut tampered = sealed.clone();
         *tampered.last_mut().unwrap() ^= 1;

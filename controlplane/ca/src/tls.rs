@@ -44,10 +44,7 @@ impl TlsMaterial {
 
     /// `[node cert, root]`: the root rides along so a joining node can match it to its token.
     fn chain(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        Ok(vec![
-            parse_cert(&self.cert_pem)?,
-            parse_cert(&self.root_pem)?,
-        ])
+        Ok(vec![parse_cert(&self.cert_pem)?, parse_cert(&self.root_pem)?])
     }
 
     fn key(&self) -> Result<PrivateKeyDer<'static>, CaError> {
@@ -57,17 +54,15 @@ impl TlsMaterial {
 }
 
 fn parse_cert(pem: &str) -> Result<CertificateDer<'static>, CaError> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| CaError::InvalidCertificate(e.to_string()))
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CaError::InvalidCertificate(e.to_string()))
 }
 
 /// What a manager serves with.
 pub fn server_config(material: &TlsMaterial) -> Result<Arc<ServerConfig>, CaError> {
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(material.root_store()?), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(material.root_store()?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -82,11 +77,8 @@ pub fn server_config(material: &TlsMaterial) -> Result<Arc<ServerConfig>, CaErro
 /// present a valid chain to our root that is valid for `swarm-manager`, whatever was dialled.
 pub fn client_config(material: &TlsMaterial) -> Result<ClientConfig, CaError> {
     let provider = provider();
-    let verifier = ManagerVerifier {
-        roots: Some(Arc::new(material.root_store()?)),
-        token: None,
-        provider: provider.clone(),
-    };
+    let verifier =
+        ManagerVerifier { roots: Some(Arc::new(material.root_store()?)), token: None, provider: provider.clone() };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -101,11 +93,7 @@ pub fn client_config(material: &TlsMaterial) -> Result<ClientConfig, CaError> {
 /// certificate verifies against that root.
 pub fn join_client_config(token: &JoinToken) -> Result<ClientConfig, CaError> {
     let provider = provider();
-    let verifier = ManagerVerifier {
-        roots: None,
-        token: Some(token.clone()),
-        provider: provider.clone(),
-    };
+    let verifier = ManagerVerifier { roots: None, token: Some(token.clone()), provider: provider.clone() };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -129,23 +117,15 @@ impl ManagerVerifier {
         &self.provider.signature_verification_algorithms
     }
 
-    fn roots_for(
-        &self,
-        intermediates: &[CertificateDer<'_>],
-    ) -> Result<Arc<RootCertStore>, rustls::Error> {
+    fn roots_for(&self, intermediates: &[CertificateDer<'_>]) -> Result<Arc<RootCertStore>, rustls::Error> {
         if let Some(roots) = &self.roots {
             return Ok(roots.clone());
         }
-        let token = self
-            .token
-            .as_ref()
-            .ok_or_else(|| rustls::Error::General("no trust anchor".into()))?;
+        let token = self.token.as_ref().ok_or_else(|| rustls::Error::General("no trust anchor".into()))?;
         let root = intermediates
             .iter()
             .find(|cert| token.pins(&digest_of_der(cert)))
-            .ok_or_else(|| {
-                rustls::Error::General("the manager's root CA does not match the join token".into())
-            })?;
+            .ok_or_else(|| rustls::Error::General("the manager's root CA does not match the join token".into()))?;
         let mut roots = RootCertStore::empty();
         roots.add(root.clone().into_owned())?;
         Ok(Arc::new(roots))
@@ -162,19 +142,10 @@ impl ServerCertVerifier for ManagerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let roots = self.roots_for(intermediates)?;
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            roots,
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            &manager_server_name(),
-            ocsp_response,
-            now,
-        )
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        webpki.verify_server_cert(end_entity, intermediates, &manager_server_name(), ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -216,16 +187,10 @@ mod tests {
 
     fn material(root: &RootCa, role: NodeRole) -> TlsMaterial {
         let key = NodeKey::generate().unwrap();
-        let who = NodeIdentity {
-            node_id: "n1".into(),
-            role,
-            cluster_id: "c".into(),
-        };
+        let who = NodeIdentity { node_id: "n1".into(), role, cluster_id: "c".into() };
         TlsMaterial {
             root_pem: root.cert_pem().to_owned(),
-            cert_pem: root
-                .issue(&key.csr_pem().unwrap(), &who, Duration::from_secs(600))
-                .unwrap(),
+            cert_pem: root.issue(&key.csr_pem().unwrap(), &who, Duration::from_secs(600)).unwrap(),
             key_pem: key.to_pem().to_string(),
         }
     }
@@ -260,33 +225,21 @@ mod tests {
     fn nodes_of_one_cluster_complete_mutual_tls() {
         let root = RootCa::generate().unwrap();
         let server = server_config(&material(&root, NodeRole::Manager)).unwrap();
-        handshake(
-            client_config(&material(&root, NodeRole::Worker)).unwrap(),
-            server,
-        )
-        .unwrap();
+        handshake(client_config(&material(&root, NodeRole::Worker)).unwrap(), server).unwrap();
     }
 
     #[test]
     fn a_certificate_from_another_ca_is_refused() {
         let (ours, theirs) = (RootCa::generate().unwrap(), RootCa::generate().unwrap());
         let server = server_config(&material(&ours, NodeRole::Manager)).unwrap();
-        assert!(handshake(
-            client_config(&material(&theirs, NodeRole::Manager)).unwrap(),
-            server
-        )
-        .is_err());
+        assert!(handshake(client_config(&material(&theirs, NodeRole::Manager)).unwrap(), server).is_err());
     }
 
     #[test]
     fn workers_cannot_serve_as_managers() {
         let root = RootCa::generate().unwrap();
         let server = server_config(&material(&root, NodeRole::Worker)).unwrap();
-        let err = handshake(
-            client_config(&material(&root, NodeRole::Worker)).unwrap(),
-            server,
-        )
-        .unwrap_err();
+        let err = handshake(client_config(&material(&root, NodeRole::Worker)).unwrap(), server).unwrap_err();
         assert!(err.to_string().contains("not valid for name"), "{err}");
     }
 

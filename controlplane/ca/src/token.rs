@@ -21,10 +21,7 @@ impl JoinToken {
     pub fn generate(ca_digest: &[u8; 32]) -> Result<Self, CaError> {
         let mut secret = [0u8; 16];
         random(&mut secret)?;
-        Ok(JoinToken {
-            digest: base36::encode(ca_digest, DIGEST_LEN),
-            secret: base36::encode(&secret, SECRET_LEN),
-        })
+        Ok(JoinToken { digest: base36::encode(ca_digest, DIGEST_LEN), secret: base36::encode(&secret, SECRET_LEN) })
     }
 
     /// Whether this token pins the root certificate whose digest is `ca_digest`.
@@ -47,21 +44,11 @@ impl FromStr for JoinToken {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let rest = s.trim().strip_prefix(PREFIX).ok_or(CaError::InvalidToken)?;
         let (digest, secret) = rest.split_once('-').ok_or(CaError::InvalidToken)?;
-        let is_base36 = |t: &str| {
-            t.bytes()
-                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
-        };
-        if digest.len() != DIGEST_LEN
-            || secret.len() != SECRET_LEN
-            || !is_base36(digest)
-            || !is_base36(secret)
-        {
+        let is_base36 = |t: &str| t.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+        if digest.len() != DIGEST_LEN || secret.len() != SECRET_LEN || !is_base36(digest) || !is_base36(secret) {
             return Err(CaError::InvalidToken);
         }
-        Ok(JoinToken {
-            digest: digest.to_owned(),
-            secret: secret.to_owned(),
-        })
+        Ok(JoinToken { digest: digest.to_owned(), secret: secret.to_owned() })
     }
 }
 
@@ -98,10 +85,7 @@ mod tests {
     #[test]
     fn worker_and_manager_tokens_differ_only_in_the_secret() {
         let digest = [1u8; 32];
-        let (a, b) = (
-            JoinToken::generate(&digest).unwrap(),
-            JoinToken::generate(&digest).unwrap(),
-        );
+        let (a, b) = (JoinToken::generate(&digest).unwrap(), JoinToken::generate(&digest).unwrap());
         assert_eq!(a.digest, b.digest);
         assert!(!a.same_secret(&b));
     }
@@ -109,13 +93,9 @@ mod tests {
     #[test]
     fn rejects_malformed_tokens() {
         let good = JoinToken::generate(&[2u8; 32]).unwrap().to_string();
-        for bad in [
-            "",
-            "SWMTKN-1-",
-            &good[..good.len() - 1],
-            &good.replace("SWMTKN-1", "SWMTKN-2"),
-            &good.to_uppercase(),
-        ] {
+        for bad in
+            ["", "SWMTKN-1-", &good[..good.len() - 1], &good.replace("SWMTKN-1", "SWMTKN-2"), &good.to_uppercase()]
+        {
             assert!(bad.parse::<JoinToken>().is_err(), "{bad:?}");
         }
     }

@@ -30,16 +30,11 @@ impl FromStr for UnlockKey {
     type Err = CaError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let encoded = s
-            .trim()
-            .strip_prefix(PREFIX)
-            .ok_or(CaError::InvalidUnlockKey("not a SWMKEY-1 key"))?;
+        let encoded = s.trim().strip_prefix(PREFIX).ok_or(CaError::InvalidUnlockKey("not a SWMKEY-1 key"))?;
         let bytes = STANDARD_NO_PAD
             .decode(encoded.trim_end_matches('='))
             .map_err(|_| CaError::InvalidUnlockKey("not base64"))?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| CaError::InvalidUnlockKey("wrong length"))?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| CaError::InvalidUnlockKey("wrong length"))?;
         Ok(UnlockKey(key))
     }
 }

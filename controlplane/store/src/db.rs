@@ -39,13 +39,7 @@ macro_rules! from_redb {
         }
     )*};
 }
-from_redb!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 pub struct Db {
     db: Database,
@@ -89,10 +83,7 @@ impl Db {
     }
 
     /// Writes entries `(index, value)` in one durable transaction.
-    pub fn append<T: Serialize>(
-        &self,
-        entries: impl IntoIterator<Item = (u64, T)>,
-    ) -> Result<(), DbError> {
+    pub fn append<T: Serialize>(&self, entries: impl IntoIterator<Item = (u64, T)>) -> Result<(), DbError> {
         let tx = self.db.begin_write()?;
         {
             let mut table = tx.open_table(LOG)?;
@@ -106,10 +97,7 @@ impl Db {
     }
 
     /// Entries with index in `range`, in order.
-    pub fn entries<T: DeserializeOwned>(
-        &self,
-        range: impl std::ops::RangeBounds<u64>,
-    ) -> Result<Vec<T>, DbError> {
+    pub fn entries<T: DeserializeOwned>(&self, range: impl std::ops::RangeBounds<u64>) -> Result<Vec<T>, DbError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(LOG)?;
         let mut out = Vec::new();
@@ -135,9 +123,7 @@ impl Db {
         range: impl std::ops::RangeBounds<u64>,
         record: Option<(&str, &T)>,
     ) -> Result<(), DbError> {
-        let sealed = record
-            .map(|(name, value)| self.seal(value).map(|s| (name, s)))
-            .transpose()?;
+        let sealed = record.map(|(name, value)| self.seal(value).map(|s| (name, s))).transpose()?;
         let tx = self.db.begin_write()?;
         {
             let mut log = tx.open_table(LOG)?;

@@ -16,8 +16,8 @@ use openraft::{
     error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
     network::{RPCOption, RaftNetwork, RaftNetworkFactory},
     raft::{
-        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-        InstallSnapshotResponse, VoteRequest, VoteResponse,
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+        VoteResponse,
     },
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -82,24 +82,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: RaftId, node: &RaftPeer) -> PeerClient {
-        PeerClient {
-            client: self.client.clone(),
-            target,
-            addr: node.addr.clone(),
-        }
+        PeerClient { client: self.client.clone(), target, addr: node.addr.clone() }
     }
 }
 
-type RpcResult<T, E = openraft::error::Infallible> =
-    Result<T, RPCError<RaftId, RaftPeer, RaftError<RaftId, E>>>;
+type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<RaftId, RaftPeer, RaftError<RaftId, E>>>;
 
 impl PeerClient {
-    async fn call<Req, Resp, E>(
-        &self,
-        path: &str,
-        req: &Req,
-        option: &RPCOption,
-    ) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(&self, path: &str, req: &Req, option: &RPCOption) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -120,10 +110,8 @@ impl PeerClient {
                     RPCError::Network(NetworkError::new(&e))
                 }
             })?;
-        let reply: Result<Resp, RaftError<RaftId, E>> = response
-            .json()
-            .await
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply: Result<Resp, RaftError<RaftId, E>> =
+            response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -145,11 +133,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         self.call("snapshot", &rpc, &option).await
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<RaftId>,
-        option: RPCOption,
-    ) -> RpcResult<VoteResponse<RaftId>> {
+    async fn vote(&mut self, rpc: VoteRequest<RaftId>, option: RPCOption) -> RpcResult<VoteResponse<RaftId>> {
         self.call("vote", &rpc, &option).await
     }
 }
@@ -167,39 +151,20 @@ pub fn routes(store: Arc<ClusterStore>) -> Router {
 }
 
 /// Refuses callers without a manager certificate of this cluster, and removed nodes.
-async fn managers_only(
-    State(store): State<Arc<ClusterStore>>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn managers_only(State(store): State<Arc<ClusterStore>>, req: Request, next: Next) -> Response {
     let peer = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
     let Some(peer) = peer else {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "a manager certificate is required",
-        )
-            .into_response();
+        return (StatusCode::UNAUTHORIZED, "a manager certificate is required").into_response();
     };
     if peer.role != NodeRole::Manager {
-        return (
-            StatusCode::FORBIDDEN,
-            "only managers may call raft endpoints",
-        )
-            .into_response();
+        return (StatusCode::FORBIDDEN, "only managers may call raft endpoints").into_response();
     }
     let refused = store.shared().read(|state| {
         state.removed_nodes.contains(&peer.node_id)
-            || state
-                .cluster
-                .as_ref()
-                .is_some_and(|c| c.info.id != peer.cluster_id)
+            || state.cluster.as_ref().is_some_and(|c| c.info.id != peer.cluster_id)
     });
     if refused {
-        return (
-            StatusCode::FORBIDDEN,
-            "this node's certificate is no longer valid in the swarm",
-        )
-            .into_response();
+        return (StatusCode::FORBIDDEN, "this node's certificate is no longer valid in the swarm").into_response();
     }
     next.run(req).await
 }
@@ -225,9 +190,6 @@ async fn snapshot(
     Json(store.raft().install_snapshot(rpc).await)
 }
 
-async fn forward(
-    State(store): State<Arc<ClusterStore>>,
-    Json(forward): Json<Forward>,
-) -> Json<ForwardReply> {
+async fn forward(State(store): State<Arc<ClusterStore>>, Json(forward): Json<Forward>) -> Json<ForwardReply> {
     Json(store.execute_as_leader(forward).await)
 }

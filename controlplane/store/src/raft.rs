@@ -88,30 +88,16 @@ impl ClusterStore {
         .validate()
         .map_err(|e| WriteError::Unavailable(format!("raft config: {e}")))?;
         let network = Network::new(config.client);
-        let raft = Raft::new(
-            config.raft_id,
-            Arc::new(raft_config),
-            network.clone(),
-            LogStore::new(db),
-            state_machine,
-        )
-        .await
-        .map_err(|e| WriteError::Unavailable(format!("starting raft: {e}")))?;
-        Ok(Arc::new(ClusterStore {
-            raft,
-            shared,
-            network,
-            raft_id: config.raft_id,
-        }))
+        let raft = Raft::new(config.raft_id, Arc::new(raft_config), network.clone(), LogStore::new(db), state_machine)
+            .await
+            .map_err(|e| WriteError::Unavailable(format!("starting raft: {e}")))?;
+        Ok(Arc::new(ClusterStore { raft, shared, network, raft_id: config.raft_id }))
     }
 
     /// Makes this replica the single member of a new cluster.
     pub async fn bootstrap(&self, me: RaftPeer) -> Result<(), WriteError> {
         let members = BTreeMap::from([(self.raft_id, me)]);
-        self.raft
-            .initialize(members)
-            .await
-            .map_err(|e| WriteError::Unavailable(format!("initializing raft: {e}")))?;
+        self.raft.initialize(members).await.map_err(|e| WriteError::Unavailable(format!("initializing raft: {e}")))?;
         self.wait_for_leader(WRITE_TIMEOUT).await
     }
 
@@ -137,19 +123,14 @@ impl ClusterStore {
 
     /// Stamps `op` with the current time and commits it through the leader.
     pub async fn write(&self, op: Op) -> Result<Applied, WriteError> {
-        let command = Command {
-            at: now_rfc3339(),
-            op,
-        };
+        let command = Command { at: now_rfc3339(), op };
         let applied = self.submit(Forward::Write(command)).await?;
         applied.ok_or_else(|| WriteError::Unavailable("the leader returned no result".into()))
     }
 
     /// Adds a manager: first as a learner that catches up, then as a voter.
     pub async fn add_manager(&self, id: RaftId, peer: RaftPeer) -> Result<(), WriteError> {
-        self.submit(Forward::AddManager { id, peer })
-            .await
-            .map(|_| ())
+        self.submit(Forward::AddManager { id, peer }).await.map(|_| ())
     }
 
     pub async fn remove_manager(&self, id: RaftId) -> Result<(), WriteError> {
@@ -173,10 +154,7 @@ impl ClusterStore {
 
     /// Runs a forwarded write; the caller believed we lead. No second hop: if leadership
     /// moved meanwhile the caller hears `NoLeader` and may retry.
-    pub(crate) async fn execute_as_leader(
-        &self,
-        forward: Forward,
-    ) -> Result<Option<Applied>, WriteError> {
+    pub(crate) async fn execute_as_leader(&self, forward: Forward) -> Result<Option<Applied>, WriteError> {
         match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
             Err(_) | Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
             Ok(Err(Local::Failed(e))) => Err(e),
@@ -186,11 +164,7 @@ impl ClusterStore {
 
     async fn try_local(&self, forward: &Forward) -> Result<Option<Applied>, Local> {
         let result = match forward {
-            Forward::Write(command) => self
-                .raft
-                .client_write(command.clone())
-                .await
-                .map(|r| Some(r.data)),
+            Forward::Write(command) => self.raft.client_write(command.clone()).await.map(|r| Some(r.data)),
             Forward::AddManager { id, peer } => {
                 let added = self.raft.add_learner(*id, peer.clone(), true).await;
                 match added {
@@ -212,17 +186,11 @@ impl ClusterStore {
             Ok(Some(Ok(applied))) => Ok(Some(applied)),
             Ok(Some(Err(refused))) => Err(Local::Failed(WriteError::Refused(refused))),
             Ok(None) => Ok(None),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                Err(Local::NotLeader(to.leader_node))
-            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => Err(Local::NotLeader(to.leader_node)),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(Local::Failed(WriteError::Unavailable(format!(
-                    "changing the managers: {e}"
-                ))))
+                Err(Local::Failed(WriteError::Unavailable(format!("changing the managers: {e}"))))
             }
-            Err(RaftError::Fatal(e)) => Err(Local::Failed(WriteError::Unavailable(format!(
-                "raft stopped: {e}"
-            )))),
+            Err(RaftError::Fatal(e)) => Err(Local::Failed(WriteError::Unavailable(format!("raft stopped: {e}")))),
         }
     }
 

@@ -102,28 +102,14 @@ pub enum CommandError {
 
 impl ClusterState {
     /// Applies `command` at raft index `index`; returns the change to announce.
-    pub fn apply(
-        &mut self,
-        index: u64,
-        command: Command,
-    ) -> (Result<Applied, CommandError>, Option<Change>) {
+    pub fn apply(&mut self, index: u64, command: Command) -> (Result<Applied, CommandError>, Option<Change>) {
         let at = command.at;
         let result = match command.op {
-            Op::CreateCluster { cluster, first } => {
-                self.create_cluster(index, &at, *cluster, *first)
-            }
-            Op::UpdateCluster { version, cluster } => {
-                self.update_cluster(index, &at, version, *cluster)
-            }
+            Op::CreateCluster { cluster, first } => self.create_cluster(index, &at, *cluster, *first),
+            Op::UpdateCluster { version, cluster } => self.update_cluster(index, &at, version, *cluster),
             Op::AddNode { node } => self.add_node(index, &at, *node),
-            Op::UpdateNodeSpec { id, version, spec } => {
-                self.update_node_spec(index, &at, &id, version, spec)
-            }
-            Op::SetNodeStatus {
-                id,
-                status,
-                description,
-            } => self.with_node(index, &at, &id, |node| {
+            Op::UpdateNodeSpec { id, version, spec } => self.update_node_spec(index, &at, &id, version, spec),
+            Op::SetNodeStatus { id, status, description } => self.with_node(index, &at, &id, |node| {
                 node.status = status;
                 if let Some(description) = description {
                     node.description = *description;
@@ -131,10 +117,7 @@ impl ClusterState {
                 Ok(())
             }),
             Op::SetManagerAddr { id, addr } => self.with_node(index, &at, &id, |node| {
-                node.manager_status = addr.map(|addr| ManagerStatus {
-                    addr,
-                    ..Default::default()
-                });
+                node.manager_status = addr.map(|addr| ManagerStatus { addr, ..Default::default() });
                 Ok(())
             }),
             Op::RemoveNode { id, force } => self.remove_node(&id, force),
@@ -146,9 +129,7 @@ impl ClusterState {
     }
 
     pub fn managers(&self) -> impl Iterator<Item = &Node> {
-        self.nodes
-            .values()
-            .filter(|n| n.spec.role == NodeRole::Manager)
+        self.nodes.values().filter(|n| n.spec.role == NodeRole::Manager)
     }
 
     fn create_cluster(
@@ -159,9 +140,7 @@ impl ClusterState {
         mut first: Node,
     ) -> Result<Change, CommandError> {
         if self.cluster.is_some() {
-            return Err(CommandError::Conflict(
-                "this node is already part of a swarm".into(),
-            ));
+            return Err(CommandError::Conflict("this node is already part of a swarm".into()));
         }
         stamp_new(
             &mut cluster.info.version.index,
@@ -170,29 +149,15 @@ impl ClusterState {
             index,
             at,
         );
-        stamp_new(
-            &mut first.version.index,
-            &mut first.created_at,
-            &mut first.updated_at,
-            index,
-            at,
-        );
+        stamp_new(&mut first.version.index, &mut first.created_at, &mut first.updated_at, index, at);
         self.nodes.insert(first.id.clone(), first);
         self.cluster = Some(cluster);
         Ok(Change::All)
     }
 
-    fn update_cluster(
-        &mut self,
-        index: u64,
-        at: &str,
-        version: u64,
-        mut new: Cluster,
-    ) -> Result<Change, CommandError> {
-        let current = self.cluster.as_mut().ok_or(CommandError::NotFound {
-            kind: "cluster".into(),
-            id: "default".into(),
-        })?;
+    fn update_cluster(&mut self, index: u64, at: &str, version: u64, mut new: Cluster) -> Result<Change, CommandError> {
+        let current =
+            self.cluster.as_mut().ok_or(CommandError::NotFound { kind: "cluster".into(), id: "default".into() })?;
         if current.info.version.index != version {
             return Err(CommandError::OutOfSequence);
         }
@@ -206,29 +171,16 @@ impl ClusterState {
 
     fn add_node(&mut self, index: u64, at: &str, mut node: Node) -> Result<Change, CommandError> {
         if self.removed_nodes.contains(&node.id) || self.nodes.contains_key(&node.id) {
-            return Err(CommandError::Conflict(format!(
-                "node {} already exists",
-                node.id
-            )));
+            return Err(CommandError::Conflict(format!("node {} already exists", node.id)));
         }
         let hostname = &node.description.hostname;
-        if let Some(other) = self
-            .nodes
-            .values()
-            .find(|n| &n.description.hostname == hostname)
-        {
+        if let Some(other) = self.nodes.values().find(|n| &n.description.hostname == hostname) {
             return Err(CommandError::Conflict(format!(
                 "a node with hostname {hostname} is already part of the swarm ({}): remove it first (docker node rm)",
                 other.id
             )));
         }
-        stamp_new(
-            &mut node.version.index,
-            &mut node.created_at,
-            &mut node.updated_at,
-            index,
-            at,
-        );
+        stamp_new(&mut node.version.index, &mut node.created_at, &mut node.updated_at, index, at);
         let id = node.id.clone();
         self.nodes.insert(id.clone(), node);
         Ok(Change::Node(id))
@@ -246,13 +198,8 @@ impl ClusterState {
         if node.version.index != version {
             return Err(CommandError::OutOfSequence);
         }
-        if node.spec.role == NodeRole::Manager
-            && spec.role == NodeRole::Worker
-            && self.managers().count() == 1
-        {
-            return Err(CommandError::FailedPrecondition(
-                "attempting to demote the last manager of the swarm".into(),
-            ));
+        if node.spec.role == NodeRole::Manager && spec.role == NodeRole::Worker && self.managers().count() == 1 {
+            return Err(CommandError::FailedPrecondition("attempting to demote the last manager of the swarm".into()));
         }
         self.with_node(index, at, id, |node| {
             node.spec = spec;
@@ -268,9 +215,7 @@ impl ClusterState {
             )));
         }
         if !force && node.status.state == NodeState::Ready {
-            return Err(CommandError::FailedPrecondition(format!(
-                "node {id} is not down and can't be removed"
-            )));
+            return Err(CommandError::FailedPrecondition(format!("node {id} is not down and can't be removed")));
         }
         self.nodes.remove(id);
         self.removed_nodes.insert(id.to_owned());
@@ -293,10 +238,7 @@ impl ClusterState {
 }
 
 fn not_found(id: &str) -> CommandError {
-    CommandError::NotFound {
-        kind: "node".into(),
-        id: id.to_owned(),
-    }
+    CommandError::NotFound { kind: "node".into(), id: id.to_owned() }
 }
 
 fn stamp_new(version: &mut u64, created: &mut String, updated: &mut String, index: u64, at: &str) {
@@ -314,10 +256,7 @@ mod tests {
     const AT: &str = "2026-11-21T00:00:00Z";
 
     fn node(id: &str, hostname: &str, role: NodeRole) -> Node {
-        let mut node = Node {
-            id: id.into(),
-            ..Default::default()
-        };
+        let mut node = Node { id: id.into(), ..Default::default() };
         node.description.hostname = hostname.into();
         node.spec.role = role;
         node.status.state = NodeState::Ready;
@@ -332,10 +271,7 @@ mod tests {
         let mut state = ClusterState::default();
         let (result, change) = state.apply(
             1,
-            cmd(Op::CreateCluster {
-                cluster: Box::default(),
-                first: Box::new(node("m1", "mgr1", NodeRole::Manager)),
-            }),
+            cmd(Op::CreateCluster { cluster: Box::default(), first: Box::new(node("m1", "mgr1", NodeRole::Manager)) }),
         );
         assert_eq!(result, Ok(Applied { version: 1 }));
         assert_eq!(change, Some(Change::All));
@@ -345,53 +281,20 @@ mod tests {
     #[test]
     fn versions_are_raft_indexes_and_stale_writers_lose() {
         let mut state = swarm();
-        state
-            .apply(
-                2,
-                cmd(Op::AddNode {
-                    node: Box::new(node("w1", "wrk1", NodeRole::Worker)),
-                }),
-            )
-            .0
-            .unwrap();
+        state.apply(2, cmd(Op::AddNode { node: Box::new(node("w1", "wrk1", NodeRole::Worker)) })).0.unwrap();
         assert_eq!(state.nodes["w1"].version.index, 2);
-        let spec = NodeSpec {
-            availability: NodeAvailability::Drain,
-            ..Default::default()
-        };
-        let ok = state.apply(
-            3,
-            cmd(Op::UpdateNodeSpec {
-                id: "w1".into(),
-                version: 2,
-                spec: spec.clone(),
-            }),
-        );
+        let spec = NodeSpec { availability: NodeAvailability::Drain, ..Default::default() };
+        let ok = state.apply(3, cmd(Op::UpdateNodeSpec { id: "w1".into(), version: 2, spec: spec.clone() }));
         assert_eq!(ok.0, Ok(Applied { version: 3 }));
-        let stale = state.apply(
-            4,
-            cmd(Op::UpdateNodeSpec {
-                id: "w1".into(),
-                version: 2,
-                spec,
-            }),
-        );
+        let stale = state.apply(4, cmd(Op::UpdateNodeSpec { id: "w1".into(), version: 2, spec }));
         assert_eq!(stale.0, Err(CommandError::OutOfSequence));
-        assert_eq!(
-            state.nodes["w1"].version.index, 3,
-            "a refused command changes nothing"
-        );
+        assert_eq!(state.nodes["w1"].version.index, 3, "a refused command changes nothing");
     }
 
     #[test]
     fn hostnames_are_unique() {
         let mut state = swarm();
-        let dup = state.apply(
-            2,
-            cmd(Op::AddNode {
-                node: Box::new(node("x", "mgr1", NodeRole::Worker)),
-            }),
-        );
+        let dup = state.apply(2, cmd(Op::AddNode { node: Box::new(node("x", "mgr1", NodeRole::Worker)) }));
         assert!(matches!(dup.0, Err(CommandError::Conflict(_))));
         assert!(!state.nodes.contains_key("x"));
     }
@@ -399,75 +302,22 @@ mod tests {
     #[test]
     fn the_last_manager_cannot_be_demoted_or_removed() {
         let mut state = swarm();
-        let demote = NodeSpec {
-            role: NodeRole::Worker,
-            ..Default::default()
-        };
-        let refused = state.apply(
-            2,
-            cmd(Op::UpdateNodeSpec {
-                id: "m1".into(),
-                version: 1,
-                spec: demote,
-            }),
-        );
-        assert!(matches!(
-            refused.0,
-            Err(CommandError::FailedPrecondition(_))
-        ));
-        let removed = state.apply(
-            2,
-            cmd(Op::RemoveNode {
-                id: "m1".into(),
-                force: true,
-            }),
-        );
-        assert!(matches!(
-            removed.0,
-            Err(CommandError::FailedPrecondition(_))
-        ));
+        let demote = NodeSpec { role: NodeRole::Worker, ..Default::default() };
+        let refused = state.apply(2, cmd(Op::UpdateNodeSpec { id: "m1".into(), version: 1, spec: demote }));
+        assert!(matches!(refused.0, Err(CommandError::FailedPrecondition(_))));
+        let removed = state.apply(2, cmd(Op::RemoveNode { id: "m1".into(), force: true }));
+        assert!(matches!(removed.0, Err(CommandError::FailedPrecondition(_))));
     }
 
     #[test]
     fn a_ready_node_needs_force_and_a_removed_id_never_comes_back() {
         let mut state = swarm();
-        state
-            .apply(
-                2,
-                cmd(Op::AddNode {
-                    node: Box::new(node("w1", "wrk1", NodeRole::Worker)),
-                }),
-            )
-            .0
-            .unwrap();
-        let refused = state.apply(
-            3,
-            cmd(Op::RemoveNode {
-                id: "w1".into(),
-                force: false,
-            }),
-        );
-        assert!(matches!(
-            refused.0,
-            Err(CommandError::FailedPrecondition(_))
-        ));
-        state
-            .apply(
-                3,
-                cmd(Op::RemoveNode {
-                    id: "w1".into(),
-                    force: true,
-                }),
-            )
-            .0
-            .unwrap();
+        state.apply(2, cmd(Op::AddNode { node: Box::new(node("w1", "wrk1", NodeRole::Worker)) })).0.unwrap();
+        let refused = state.apply(3, cmd(Op::RemoveNode { id: "w1".into(), force: false }));
+        assert!(matches!(refused.0, Err(CommandError::FailedPrecondition(_))));
+        state.apply(3, cmd(Op::RemoveNode { id: "w1".into(), force: true })).0.unwrap();
         assert!(state.removed_nodes.contains("w1"));
-        let again = state.apply(
-            4,
-            cmd(Op::AddNode {
-                node: Box::new(node("w1", "wrk9", NodeRole::Worker)),
-            }),
-        );
+        let again = state.apply(4, cmd(Op::AddNode { node: Box::new(node("w1", "wrk9", NodeRole::Worker)) }));
         assert!(matches!(again.0, Err(CommandError::Conflict(_))));
     }
 }

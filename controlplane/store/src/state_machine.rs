@@ -10,8 +10,8 @@ use std::{
 
 use openraft::{
     storage::{RaftStateMachine, Snapshot},
-    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StorageIOError, StoredMembership,
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -49,11 +49,7 @@ impl Shared {
 
     /// The raft membership as last applied.
     pub fn membership(&self) -> Membership {
-        self.applied
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .membership
-            .clone()
+        self.applied.read().unwrap_or_else(|p| p.into_inner()).membership.clone()
     }
 
     /// Changes from now on. A receiver that lags gets `RecvError::Lagged` and should treat it
@@ -90,13 +86,7 @@ impl StateMachineStore {
             applied.membership = snapshot.meta.last_membership;
         }
         let (changes, _) = broadcast::channel(WATCH_BUFFER);
-        Ok(StateMachineStore {
-            db,
-            shared: Arc::new(Shared {
-                applied: RwLock::new(applied),
-                changes,
-            }),
-        })
+        Ok(StateMachineStore { db, shared: Arc::new(Shared { applied: RwLock::new(applied), changes }) })
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -115,10 +105,7 @@ impl StateMachineStore {
             meta: SnapshotMeta {
                 last_log_id: applied.last_applied,
                 last_membership: applied.membership.clone(),
-                snapshot_id: format!(
-                    "{id}-{}",
-                    applied.last_applied.map_or(0, |l| l.leader_id.term)
-                ),
+                snapshot_id: format!("{id}-{}", applied.last_applied.map_or(0, |l| l.leader_id.term)),
             },
             data,
         })
@@ -128,20 +115,11 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
         let stored = {
-            let applied = self
-                .shared
-                .applied
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
+            let applied = self.shared.applied.read().unwrap_or_else(|p| p.into_inner());
             Self::snapshot_of(&applied).map_err(io(StorageIOError::read_state_machine))?
         };
-        self.db
-            .put_record(SNAPSHOT, &stored)
-            .map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
-        Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
-        })
+        self.db.put_record(SNAPSHOT, &stored).map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
+        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) })
     }
 }
 
@@ -149,18 +127,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId<RaftId>>, Membership)> {
-        let applied = self
-            .shared
-            .applied
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let applied = self.shared.applied.read().unwrap_or_else(|p| p.into_inner());
         Ok((applied.last_applied, applied.membership.clone()))
     }
 
-    async fn apply<I>(
-        &mut self,
-        entries: I,
-    ) -> Result<Vec<std::result::Result<Applied, CommandError>>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<std::result::Result<Applied, CommandError>>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -168,11 +139,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut results = Vec::new();
         let mut changes = Vec::new();
         {
-            let mut applied = self
-                .shared
-                .applied
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
             for entry in entries {
                 let index = entry.log_id.index;
                 applied.last_applied = Some(entry.log_id);
@@ -211,22 +178,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
         let data = snapshot.into_inner();
-        let state: ClusterState = serde_json::from_slice(&data).map_err(|e| {
-            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
-        })?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        self.db
-            .put_record(SNAPSHOT, &stored)
-            .map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
+        let state: ClusterState = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.db.put_record(SNAPSHOT, &stored).map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
         {
-            let mut applied = self
-                .shared
-                .applied
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
             applied.state = state;
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership.clone();
@@ -236,13 +193,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> = self
-            .db
-            .record(SNAPSHOT)
-            .map_err(io(|e| StorageIOError::read_snapshot(None, e)))?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        let stored: Option<StoredSnapshot> =
+            self.db.record(SNAPSHOT).map_err(io(|e| StorageIOError::read_snapshot(None, e)))?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }

@@ -13,15 +13,9 @@ use crate::{db::Db, log::LogStore, state_machine::StateMachineStore, types::Raft
 struct Builder;
 
 impl StoreBuilder<crate::TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<RaftId>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<RaftId>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = Db::open(
-            &dir.path().join("raft.db"),
-            DataKey::generate().expect("key"),
-        )
-        .expect("db");
+        let db = Db::open(&dir.path().join("raft.db"), DataKey::generate().expect("key")).expect("db");
         let db = Arc::new(db);
         let state_machine = StateMachineStore::open(db.clone()).expect("state machine");
         Ok((dir, LogStore::new(db), state_machine))

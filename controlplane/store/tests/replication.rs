@@ -5,9 +5,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use shoal_api::node::{Node, NodeRole, NodeSpec};
 use shoal_ca::{tls::TlsMaterial, DataKey, NodeIdentity, NodeKey, RootCa};
-use shoal_store::{
-    network, transport, Cluster, ClusterStore, Op, RaftPeer, StoreConfig, WriteError,
-};
+use shoal_store::{network, transport, Cluster, ClusterStore, Op, RaftPeer, StoreConfig, WriteError};
 use tokio::{net::TcpListener, sync::oneshot};
 
 const CLUSTER: &str = "testcluster";
@@ -21,20 +19,10 @@ struct Manager {
 
 async fn manager(root: &RootCa, n: u64) -> Manager {
     let key = NodeKey::generate().unwrap();
-    let identity = NodeIdentity {
-        node_id: format!("node{n}"),
-        role: NodeRole::Manager,
-        cluster_id: CLUSTER.into(),
-    };
+    let identity = NodeIdentity { node_id: format!("node{n}"), role: NodeRole::Manager, cluster_id: CLUSTER.into() };
     let material = TlsMaterial {
         root_pem: root.cert_pem().to_owned(),
-        cert_pem: root
-            .issue(
-                &key.csr_pem().unwrap(),
-                &identity,
-                Duration::from_secs(3600),
-            )
-            .unwrap(),
+        cert_pem: root.issue(&key.csr_pem().unwrap(), &identity, Duration::from_secs(3600)).unwrap(),
         key_pem: key.to_pem().to_string(),
     };
     let dir = tempfile::tempdir().unwrap();
@@ -50,40 +38,21 @@ async fn manager(root: &RootCa, n: u64) -> Manager {
     let addr = listener.local_addr().unwrap().to_string();
     let tls = shoal_ca::tls::server_config(&material).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(transport::serve(
-        listener,
-        move || tls.clone(),
-        network::routes(store.clone()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    Manager {
-        store,
-        peer: RaftPeer {
-            node_id: identity.node_id,
-            addr,
-        },
-        stop_server: Some(stop),
-        _dir: dir,
-    }
+    tokio::spawn(transport::serve(listener, move || tls.clone(), network::routes(store.clone()), async {
+        let _ = stopped.await;
+    }));
+    Manager { store, peer: RaftPeer { node_id: identity.node_id, addr }, stop_server: Some(stop), _dir: dir }
 }
 
 fn first_node() -> Node {
-    let mut node = Node {
-        id: "node1".into(),
-        ..Default::default()
-    };
+    let mut node = Node { id: "node1".into(), ..Default::default() };
     node.description.hostname = "mgr1".into();
     node.spec.role = NodeRole::Manager;
     node
 }
 
 fn label(key: &str, value: &str) -> NodeSpec {
-    let mut spec = NodeSpec {
-        role: NodeRole::Manager,
-        ..Default::default()
-    };
+    let mut spec = NodeSpec { role: NodeRole::Manager, ..Default::default() };
     spec.annotations.labels = HashMap::from([(key.to_owned(), value.to_owned())]);
     spec
 }
@@ -105,26 +74,15 @@ async fn three_managers_replicate_forward_and_survive_the_leader() {
         .with_test_writer()
         .try_init();
     let root = RootCa::generate().unwrap();
-    let mut managers = vec![
-        manager(&root, 1).await,
-        manager(&root, 2).await,
-        manager(&root, 3).await,
-    ];
+    let mut managers = vec![manager(&root, 1).await, manager(&root, 2).await, manager(&root, 3).await];
 
     // Setup: one manager bootstraps the cluster, the other two join through it.
-    managers[0]
-        .store
-        .bootstrap(managers[0].peer.clone())
-        .await
-        .unwrap();
+    managers[0].store.bootstrap(managers[0].peer.clone()).await.unwrap();
     let mut cluster = Cluster::default();
     cluster.info.id = CLUSTER.into();
     managers[0]
         .store
-        .write(Op::CreateCluster {
-            cluster: Box::new(cluster),
-            first: Box::new(first_node()),
-        })
+        .write(Op::CreateCluster { cluster: Box::new(cluster), first: Box::new(first_node()) })
         .await
         .unwrap();
     for i in 1..3 {
@@ -133,92 +91,46 @@ async fn three_managers_replicate_forward_and_survive_the_leader() {
     }
 
     // Run: a follower writes; the write is forwarded to the leader and lands everywhere.
-    let version = managers[0]
-        .store
-        .shared()
-        .read(|s| s.nodes["node1"].version.index);
+    let version = managers[0].store.shared().read(|s| s.nodes["node1"].version.index);
     let applied = managers[2]
         .store
-        .write(Op::UpdateNodeSpec {
-            id: "node1".into(),
-            version,
-            spec: label("zone", "secret-plaintext-label"),
-        })
+        .write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("zone", "secret-plaintext-label") })
         .await
         .unwrap();
     for m in &managers {
-        eventually("replication", || {
-            m.store
-                .shared()
-                .read(|s| s.nodes["node1"].version.index == applied.version)
-        })
-        .await;
+        eventually("replication", || m.store.shared().read(|s| s.nodes["node1"].version.index == applied.version))
+            .await;
     }
     // A stale version is refused wherever it is sent.
-    let stale = managers[1]
-        .store
-        .write(Op::UpdateNodeSpec {
-            id: "node1".into(),
-            version,
-            spec: label("a", "b"),
-        })
-        .await;
+    let stale =
+        managers[1].store.write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("a", "b") }).await;
     assert!(matches!(stale, Err(WriteError::Refused(_))), "{stale:?}");
 
     // Check: the data on disk is sealed.
     for m in &managers {
         let raw = std::fs::read(m._dir.path().join("raft/raft.db")).unwrap();
-        assert!(
-            !raw.windows(22).any(|w| w == b"secret-plaintext-label"),
-            "plaintext on disk"
-        );
+        assert!(!raw.windows(22).any(|w| w == b"secret-plaintext-label"), "plaintext on disk");
     }
 
     // Lose the leader: the others elect a new one and keep accepting writes.
     let leader = managers[0].store.metrics().current_leader.unwrap();
-    let index = managers
-        .iter()
-        .position(|m| m.store.raft_id() == leader)
-        .unwrap();
+    let index = managers.iter().position(|m| m.store.raft_id() == leader).unwrap();
     let mut old = managers.remove(index);
     old.stop_server.take().unwrap().send(()).unwrap();
     old.store.shutdown().await;
     for m in &managers {
-        m.store
-            .wait_for_leader(Duration::from_secs(10))
-            .await
-            .unwrap();
+        m.store.wait_for_leader(Duration::from_secs(10)).await.unwrap();
     }
-    eventually("a new leader", || {
-        managers[0]
-            .store
-            .metrics()
-            .current_leader
-            .is_some_and(|l| l != leader)
-    })
-    .await;
-    let version = managers[0]
-        .store
-        .shared()
-        .read(|s| s.nodes["node1"].version.index);
+    eventually("a new leader", || managers[0].store.metrics().current_leader.is_some_and(|l| l != leader)).await;
+    let version = managers[0].store.shared().read(|s| s.nodes["node1"].version.index);
     managers[1]
         .store
-        .write(Op::UpdateNodeSpec {
-            id: "node1".into(),
-            version,
-            spec: label("after", "failover"),
-        })
+        .write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("after", "failover") })
         .await
         .unwrap();
     for m in &managers {
         eventually("replication after failover", || {
-            m.store.shared().read(|s| {
-                s.nodes["node1"]
-                    .spec
-                    .annotations
-                    .labels
-                    .contains_key("after")
-            })
+            m.store.shared().read(|s| s.nodes["node1"].spec.annotations.labels.contains_key("after"))
         })
         .await;
     }
@@ -227,18 +139,9 @@ async fn three_managers_replicate_forward_and_survive_the_leader() {
     let mut gone = managers.remove(0);
     gone.stop_server.take().unwrap().send(()).unwrap();
     gone.store.shutdown().await;
-    let version = managers[0]
-        .store
-        .shared()
-        .read(|s| s.nodes["node1"].version.index);
-    let refused = managers[0]
-        .store
-        .write(Op::UpdateNodeSpec {
-            id: "node1".into(),
-            version,
-            spec: label("x", "y"),
-        })
-        .await;
+    let version = managers[0].store.shared().read(|s| s.nodes["node1"].version.index);
+    let refused =
+        managers[0].store.write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("x", "y") }).await;
     assert_eq!(refused, Err(WriteError::NoLeader));
     for m in managers {
         m.store.shutdown().await;

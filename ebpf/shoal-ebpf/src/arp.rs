@@ -10,10 +10,7 @@ use shoal_common::{
 
 use crate::{
     forward::redirect_verdict,
-    headers::{
-        ptr_at, ArpHdr, EthHdr, ARP_HTYPE_ETHER_BE, ARP_OP_REPLY_BE, ARP_OP_REQUEST_BE, ETH_HLEN,
-        ETH_P_IP_BE,
-    },
+    headers::{ptr_at, ArpHdr, EthHdr, ARP_HTYPE_ETHER_BE, ARP_OP_REPLY_BE, ARP_OP_REQUEST_BE, ETH_HLEN, ETH_P_IP_BE},
     maps::{lookup, ENDPOINTS},
     stats::count,
 };
@@ -27,11 +24,7 @@ pub fn answer(ctx: &TcContext, ifindex: u32, iface: &InterfaceEntry) -> Result<i
     // SAFETY: both pointers were bounds-checked against data_end by ptr_at just above, and
     // nothing since has changed the packet.
     let (sender, target) = unsafe {
-        if (*arp).htype != ARP_HTYPE_ETHER_BE
-            || (*arp).ptype != ETH_P_IP_BE
-            || (*arp).hlen != 6
-            || (*arp).plen != 4
-        {
+        if (*arp).htype != ARP_HTYPE_ETHER_BE || (*arp).ptype != ETH_P_IP_BE || (*arp).hlen != 6 || (*arp).plen != 4 {
             return Err(DROP_MALFORMED);
         }
         if (*arp).op != ARP_OP_REQUEST_BE {
@@ -45,10 +38,7 @@ pub fn answer(ctx: &TcContext, ifindex: u32, iface: &InterfaceEntry) -> Result<i
     if sender_addr != 0 && sender_addr != iface.addr {
         return Err(DROP_SPOOFED_SOURCE);
     }
-    let key = EndpointKey {
-        vni: iface.vni,
-        addr: u32::from_ne_bytes(target),
-    };
+    let key = EndpointKey { vni: iface.vni, addr: u32::from_ne_bytes(target) };
     let entry = lookup(&ENDPOINTS, &key).ok_or(DROP_ARP_UNANSWERED)?;
     // Probes and announcements for the workload's own address must not hear that someone
     // else holds it.

@@ -37,12 +37,7 @@ pub fn deliver_local(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Resul
 
 /// Sends the frame to the node running `to`, inside VXLAN with `vni`.
 #[inline(always)]
-pub fn encapsulate(
-    ctx: &TcContext,
-    to: &EndpointEntry,
-    vni: u32,
-    counter: u32,
-) -> Result<i32, u32> {
+pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) -> Result<i32, u32> {
     let vxlan_ifindex = match NODE_CONFIG.get(0) {
         Some(config) if config.vxlan_ifindex != 0 => config.vxlan_ifindex,
         _ => return Err(DROP_NO_OVERLAY_DEVICE),
@@ -57,14 +52,7 @@ pub fn encapsulate(
     key.__bindgen_anon_1.remote_ipv4 = to.node_addr;
     key.tunnel_ttl = TUNNEL_TTL;
     // SAFETY: `key` lives on our stack for the call and the size passed is its own.
-    let rc = unsafe {
-        bpf_skb_set_tunnel_key(
-            ctx.skb.skb,
-            &mut key,
-            core::mem::size_of::<bpf_tunnel_key>() as u32,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0) };
     if rc != 0 {
         return Err(DROP_TUNNEL_KEY);
     }

@@ -8,8 +8,8 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use shoal_common::{
     overlay::{EndpointKey, InterfaceEntry},
     stats::{
-        DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE,
-        DROP_UNKNOWN_INTERFACE, FORWARD_LOCAL, FORWARD_REMOTE,
+        DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_UNKNOWN_INTERFACE, FORWARD_LOCAL,
+        FORWARD_REMOTE,
     },
 };
 
@@ -49,10 +49,7 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     if u32::from_ne_bytes(saddr) != iface.addr {
         return Err(DROP_SPOOFED_SOURCE);
     }
-    let key = EndpointKey {
-        vni: iface.vni,
-        addr: u32::from_ne_bytes(daddr),
-    };
+    let key = EndpointKey { vni: iface.vni, addr: u32::from_ne_bytes(daddr) };
     let to = lookup(&ENDPOINTS, &key).ok_or(DROP_NO_ENDPOINT)?;
     if to.ifindex != 0 {
         deliver_local(ctx, &to, FORWARD_LOCAL)

@@ -14,6 +14,7 @@ mod api;
 mod cmd;
 mod netns;
 mod shoald;
+mod swarm;
 mod teardown;
 mod workload;
 
@@ -52,17 +53,14 @@ pub struct LabConfig {
     pub workers: usize,
     /// Directory holding the `shoald` and `shoal` binaries.
     pub bin_dir: PathBuf,
+    /// Form a swarm: init on the first manager, join the rest with the tokens.
+    pub swarm: bool,
 }
 
 impl LabConfig {
     /// The seeds' shape: 3 managers and 3 workers.
     pub fn new(name: &str, bin_dir: impl Into<PathBuf>) -> Self {
-        LabConfig {
-            name: name.to_owned(),
-            managers: 3,
-            workers: 3,
-            bin_dir: bin_dir.into(),
-        }
+        LabConfig { name: name.to_owned(), managers: 3, workers: 3, bin_dir: bin_dir.into(), swarm: true }
     }
 }
 
@@ -97,28 +95,14 @@ impl Host {
 
     /// Packets this host's programs counted under `code` (`shoal_common::stats`).
     pub fn packets(&self, code: u32) -> Result<u64> {
-        Ok(self
-            .counters()?
-            .iter()
-            .find(|c| c.code == code)
-            .map_or(0, |c| c.packets))
+        Ok(self.counters()?.iter().find(|c| c.code == code).map_or(0, |c| c.packets))
     }
 }
 
 /// One overlay network with every given workload on it.
-pub fn overlay_spec(
-    network: &str,
-    vni: u32,
-    subnet: &str,
-    workloads: &[&Workload],
-) -> Result<DataplaneSpec> {
+pub fn overlay_spec(network: &str, vni: u32, subnet: &str, workloads: &[&Workload]) -> Result<DataplaneSpec> {
     Ok(DataplaneSpec {
-        networks: vec![OverlayNetwork {
-            name: network.into(),
-            vni,
-            subnet: subnet.parse()?,
-            mtu: None,
-        }],
+        networks: vec![OverlayNetwork { name: network.into(), vni, subnet: subnet.parse()?, mtu: None }],
         endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
     })
 }
@@ -147,10 +131,7 @@ impl Lab {
         for bin in ["shoald", "shoal"] {
             let path = config.bin_dir.join(bin);
             if !path.is_file() {
-                bail!(
-                    "{} is missing: build the workspace first (`cargo build --bins`)",
-                    path.display()
-                );
+                bail!("{} is missing: build the workspace first (`cargo build --bins`)", path.display());
             }
         }
         let started = Instant::now();
@@ -160,10 +141,7 @@ impl Lab {
         netns::create_switch(&config.name)?;
         let names = (1..=config.managers)
             .map(|i| (format!("mgr{i}"), Ipv4Addr::new(10, 77, 1, i as u8)))
-            .chain(
-                (1..=config.workers)
-                    .map(|i| (format!("wrk{i}"), Ipv4Addr::new(10, 77, 2, i as u8))),
-            );
+            .chain((1..=config.workers).map(|i| (format!("wrk{i}"), Ipv4Addr::new(10, 77, 2, i as u8))));
         let mut lab = Lab {
             name: config.name.clone(),
             hosts: Vec::new(),
@@ -196,20 +174,17 @@ impl Lab {
                 t.elapsed().as_secs_f64()
             );
         }
-        eprintln!(
-            "lab {} up: {} hosts in {:.1}s",
-            lab.name,
-            lab.hosts.len(),
-            started.elapsed().as_secs_f64()
-        );
+        if config.swarm {
+            swarm::form(&lab, config.managers)?;
+        }
+        eprintln!("lab {} up: {} hosts in {:.1}s", lab.name, lab.hosts.len(), started.elapsed().as_secs_f64());
         Ok(lab)
     }
 
     /// The lab `name` as `up` left it.
     pub fn load(name: &str) -> Result<Lab> {
         let file = state_dir(name).join("lab.json");
-        let bytes = std::fs::read(&file)
-            .with_context(|| format!("lab {name} is not up (no {})", file.display()))?;
+        let bytes = std::fs::read(&file).with_context(|| format!("lab {name} is not up (no {})", file.display()))?;
         Ok(serde_json::from_slice(&bytes)?)
     }
 
@@ -220,10 +195,7 @@ impl Lab {
     }
 
     pub fn host(&self, name: &str) -> Result<&Host> {
-        self.hosts
-            .iter()
-            .find(|h| h.name == name)
-            .with_context(|| format!("lab {} has no host {name}", self.name))
+        self.hosts.iter().find(|h| h.name == name).with_context(|| format!("lab {} has no host {name}", self.name))
     }
 
     /// Stops `host`'s shoald (SIGTERM, then SIGKILL after a grace period); keeps its data.
@@ -239,8 +211,7 @@ impl Lab {
     /// Whether `host`'s shoald is running and answers on its socket.
     pub fn is_serving(&self, host: &str) -> Result<bool> {
         let host = self.host(host)?;
-        Ok(shoald::running_pid(host).is_some()
-            && host.api().get("/_ping").is_ok_and(|r| r.status == 200))
+        Ok(shoald::running_pid(host).is_some() && host.api().get("/_ping").is_ok_and(|r| r.status == 200))
     }
 
     /// A command that runs `argv` inside `host`'s network namespace with `DOCKER_HOST` set to
@@ -251,23 +222,27 @@ impl Lab {
         let mut dirs = vec![self.bin_dir.clone()];
         dirs.extend(std::env::split_paths(&path));
         let mut command = netns::command(&host.netns, argv);
-        command
-            .env("DOCKER_HOST", host.docker_host())
-            .env("PATH", std::env::join_paths(dirs)?);
+        command.env("DOCKER_HOST", host.docker_host()).env("PATH", std::env::join_paths(dirs)?);
         Ok(command)
     }
 
     /// Adds a workload namespace on `host`: a veth whose host side is `shw-<name>` and whose
     /// inside is `eth0` with `addr`/`prefix` and the overlay MTU.
-    pub fn add_workload(
-        &self,
-        host: &str,
-        name: &str,
-        addr: Ipv4Addr,
-        prefix: u8,
-        mtu: u32,
-    ) -> Result<Workload> {
+    pub fn add_workload(&self, host: &str, name: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<Workload> {
         workload::create(&self.name, self.host(host)?, name, addr, prefix, mtu)
+    }
+
+    /// Cuts `hosts` off from the other hosts on the lab switch (they still reach each other).
+    pub fn partition(&self, hosts: &[&str]) -> Result<()> {
+        for host in hosts {
+            self.host(host)?;
+        }
+        netns::partition(&self.name, hosts)
+    }
+
+    /// Undoes every partition.
+    pub fn heal(&self) -> Result<()> {
+        netns::heal(&self.name)
     }
 
     /// Sends `spec` to every host's shoald; fails unless each one accepts it.
@@ -275,12 +250,7 @@ impl Lab {
         for host in &self.hosts {
             let response = host.api().put_json("/shoal/v1/dataplane", spec)?;
             if response.status != 200 {
-                bail!(
-                    "{}: dataplane refused ({}): {}",
-                    host.name,
-                    response.status,
-                    response.text()
-                );
+                bail!("{}: dataplane refused ({}): {}", host.name, response.status, response.text());
             }
         }
         Ok(())
@@ -307,11 +277,7 @@ impl Drop for Lab {
 /// prefix `<name>-` and removes directories named after it, so a name with a dash could
 /// match another lab's, and an empty or `..` name could reach outside the lab's own.
 pub(crate) fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
         bail!("lab name {name:?}: use lowercase letters and digits only");
     }
     Ok(())

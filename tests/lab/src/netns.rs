@@ -44,13 +44,8 @@ pub fn create_host(lab: &str, host: &Host) -> Result<()> {
     let ns = host.netns.as_str();
     run_ok(&["ip", "netns", "add", ns])?;
     run_ok(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-    run_ok(&[
-        "ip", "-n", &sw, "link", "add", &host.name, "type", "veth", "peer", "name", "eth0",
-        "netns", ns,
-    ])?;
-    run_ok(&[
-        "ip", "-n", &sw, "link", "set", &host.name, "master", BRIDGE, "up",
-    ])?;
+    run_ok(&["ip", "-n", &sw, "link", "add", &host.name, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+    run_ok(&["ip", "-n", &sw, "link", "set", &host.name, "master", BRIDGE, "up"])?;
     let cidr = format!("{}/{UNDERLAY_PREFIX}", host.addr);
     run_ok(&["ip", "-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
     run_ok(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
@@ -61,10 +56,7 @@ pub fn create_host(lab: &str, host: &Host) -> Result<()> {
 /// machine's, unlike `ip netns exec`).
 pub fn command(netns: &str, argv: &[String]) -> Command {
     let mut command = Command::new("nsenter");
-    command
-        .arg(format!("--net=/run/netns/{netns}"))
-        .arg("--")
-        .args(argv);
+    command.arg(format!("--net=/run/netns/{netns}")).arg("--").args(argv);
     command
 }
 
@@ -83,4 +75,35 @@ where
     })
     .join()
     .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
+}
+
+/// nftables table (bridge family, in the switch namespace) that holds a partition.
+const PARTITION_TABLE: &str = "shoal_partition";
+
+/// Cuts the switch ports of `hosts` off from the other ports: frames between the two sides
+/// are dropped by the switch, while each side still reaches itself. (This kernel has no
+/// bridge VLAN filtering, so the cut is an nftables bridge-family rule.)
+pub fn partition(lab: &str, hosts: &[&str]) -> Result<()> {
+    let sw = switch_netns(lab);
+    heal(lab)?;
+    let ports = format!("{{ {} }}", hosts.join(", "));
+    let ruleset = format!(
+        "table bridge {PARTITION_TABLE} {{\n\
+           chain forward {{\n\
+             type filter hook forward priority 0; policy accept;\n\
+             iifname {ports} oifname != {ports} drop\n\
+             oifname {ports} iifname != {ports} drop\n\
+           }}\n\
+         }}\n"
+    );
+    crate::cmd::run_with_stdin(&["ip", "netns", "exec", &sw, "nft", "-f", "-"], &ruleset)?;
+    Ok(())
+}
+
+/// Removes any partition.
+pub fn heal(lab: &str) -> Result<()> {
+    let sw = switch_netns(lab);
+    // Absent table: nothing to heal.
+    let _ = crate::cmd::run(&["ip", "netns", "exec", &sw, "nft", "delete", "table", "bridge", PARTITION_TABLE]);
+    Ok(())
 }

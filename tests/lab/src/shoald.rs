@@ -28,10 +28,7 @@ pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
         bail!("{}: shoald is already running (pid {pid})", host.name);
     }
     std::fs::create_dir_all(&host.data_root)?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&host.log)?;
+    let log = OpenOptions::new().create(true).append(true).open(&host.log)?;
     let shoald = lab.bin_dir.join("shoald");
     let argv: Vec<String> = vec![
         shoald.display().to_string(),
@@ -50,10 +47,7 @@ pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .env("NO_COLOR", "1")
         // Its own process group: a Ctrl-C at the terminal that ran `lab up` must not reach it.
         .process_group(0)
@@ -66,22 +60,14 @@ pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if !alive(pid) {
-            bail!(
-                "{}: shoald exited during start-up; its log:\n{}",
-                host.name,
-                log_tail(host)
-            );
+            bail!("{}: shoald exited during start-up; its log:\n{}", host.name, log_tail(host));
         }
         if host.api().get("/_ping").is_ok_and(|r| r.status == 200) {
             return Ok(pid);
         }
         if Instant::now() > deadline {
             stop_pid(pid, STOP_GRACE);
-            bail!(
-                "{}: shoald did not answer within {READY_TIMEOUT:?}; its log:\n{}",
-                host.name,
-                log_tail(host)
-            );
+            bail!("{}: shoald did not answer within {READY_TIMEOUT:?}; its log:\n{}", host.name, log_tail(host));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -91,10 +77,7 @@ pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
 pub fn stop(host: &Host) -> Result<()> {
     if let Some(pid) = running_pid(host) {
         if !stop_pid(pid, STOP_GRACE) {
-            bail!(
-                "{}: shoald (pid {pid}) did not exit even after SIGKILL",
-                host.name
-            );
+            bail!("{}: shoald (pid {pid}) did not exit even after SIGKILL", host.name);
         }
     }
     let _ = std::fs::remove_file(&host.pid_file);
@@ -126,11 +109,7 @@ fn wait_gone(pid: u32, limit: Duration) -> bool {
 
 /// The PID in `host`'s pid file if that process is still a running shoald.
 pub fn running_pid(host: &Host) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(&host.pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid: u32 = std::fs::read_to_string(&host.pid_file).ok()?.trim().parse().ok()?;
     // Guard against PID reuse: only a shoald counts.
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     (comm.trim() == "shoald" && alive(pid)).then_some(pid)
@@ -142,9 +121,7 @@ pub fn alive(pid: u32) -> bool {
     let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state is the field after the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }

@@ -32,13 +32,8 @@ pub fn down(name: &str) -> Result<()> {
 /// unmounts bpffs or removes shared directories while another is being built.
 pub(crate) fn lock() -> Result<Flock<File>> {
     std::fs::create_dir_all(STATE_ROOT)?;
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(Path::new(STATE_ROOT).join("lock"))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow::anyhow!("locking {STATE_ROOT}/lock: {e}"))
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(Path::new(STATE_ROOT).join("lock"))?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| anyhow::anyhow!("locking {STATE_ROOT}/lock: {e}"))
 }
 
 pub(crate) fn down_locked(name: &str) -> Result<()> {
@@ -63,11 +58,7 @@ pub(crate) fn down_locked(name: &str) -> Result<()> {
     }
     // Hosts before the switch, so no veth end is left dangling in between.
     let switch = switch_netns(name);
-    for ns in namespaces
-        .iter()
-        .filter(|ns| **ns != switch)
-        .chain(namespaces.iter().filter(|ns| **ns == switch))
-    {
+    for ns in namespaces.iter().filter(|ns| **ns != switch).chain(namespaces.iter().filter(|ns| **ns == switch)) {
         run_ok(&["ip", "netns", "del", ns])?;
     }
     remove_dir_all_if_present(&Path::new(BPF_ROOT).join(name))?;
@@ -83,17 +74,15 @@ fn release_shared(state_root: &Path) -> Result<()> {
     let is_empty = |p: &Path| {
         std::fs::read_dir(p)
             .map(|d| {
-                d.filter_map(Result::ok)
-                    .all(|e| KERNEL_BPFFS_FILES.contains(&e.file_name().to_string_lossy().as_ref()))
+                d.filter_map(Result::ok).all(|e| KERNEL_BPFFS_FILES.contains(&e.file_name().to_string_lossy().as_ref()))
             })
             .unwrap_or(false)
     };
     if is_empty(Path::new(BPF_ROOT)) {
         std::fs::remove_dir(BPF_ROOT)?;
     }
-    let labs_left = std::fs::read_dir(state_root)
-        .map(|d| d.filter_map(Result::ok).any(|e| e.path().is_dir()))
-        .unwrap_or(false);
+    let labs_left =
+        std::fs::read_dir(state_root).map(|d| d.filter_map(Result::ok).any(|e| e.path().is_dir())).unwrap_or(false);
     if labs_left {
         return Ok(());
     }

@@ -20,14 +20,7 @@ pub struct Workload {
     pub node_addr: Ipv4Addr,
 }
 
-pub fn create(
-    lab: &str,
-    host: &Host,
-    name: &str,
-    addr: Ipv4Addr,
-    prefix: u8,
-    mtu: u32,
-) -> Result<Workload> {
+pub fn create(lab: &str, host: &Host, name: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<Workload> {
     let host_iface = format!("shw-{name}");
     if host_iface.len() > 15 {
         bail!("workload name {name:?} is too long (at most 11 characters)");
@@ -55,9 +48,7 @@ pub fn create(
         &netns,
     ])?;
     run_ok(&["ip", "-n", &host.netns, "link", "set", &host_iface, "up"])?;
-    run_ok(&[
-        "ip", "-n", &netns, "link", "set", "eth0", "address", &mac_text, "mtu", &mtu,
-    ])?;
+    run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "address", &mac_text, "mtu", &mtu])?;
     run_ok(&["ip", "-n", &netns, "addr", "add", &cidr, "dev", "eth0"])?;
     // As Docker does for containers on networks without IPv6: no link-local addresses, no
     // router solicitations (the overlay carries IPv4 only and drops the rest).
@@ -71,13 +62,7 @@ pub fn create(
         "net.ipv6.conf.default.disable_ipv6=1",
     ])?;
     run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
-    Ok(Workload {
-        netns,
-        host_iface,
-        addr,
-        mac,
-        node_addr: host.addr,
-    })
+    Ok(Workload { netns, host_iface, addr, mac, node_addr: host.addr })
 }
 
 impl Workload {
@@ -112,10 +97,7 @@ impl TextServer {
         // The socket belongs to the namespace it was made in, whichever thread uses it.
         let (flag, text) = (stop.clone(), text.to_owned());
         let thread = std::thread::spawn(move || serve(listener, &flag, &text));
-        Ok(TextServer {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(TextServer { stop, thread: Some(thread) })
     }
 }
 
@@ -163,37 +145,15 @@ pub fn tcp_exchange(netns: &str, addr: Ipv4Addr, port: u16, message: &str) -> Re
 
 /// From inside `netns`: `busybox ping -c count` to `addr`; returns how many replies came back.
 pub fn ping(netns: &str, addr: Ipv4Addr, count: u32) -> Result<u32> {
-    let argv: Vec<String> = [
-        "busybox",
-        "ping",
-        "-c",
-        &count.to_string(),
-        "-W",
-        "2",
-        "-i",
-        "0.2",
-        &addr.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let argv: Vec<String> = ["busybox", "ping", "-c", &count.to_string(), "-W", "2", "-i", "0.2", &addr.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let out = crate::netns::command(netns, &argv).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // "3 packets transmitted, 3 packets received, 0% packet loss"; busybox prints it whether
     // or not replies came (exit status 1 then), so its absence means ping itself failed.
     text.lines()
-        .find_map(|l| {
-            l.split(", ")
-                .nth(1)?
-                .strip_suffix(" packets received")?
-                .parse()
-                .ok()
-        })
-        .with_context(|| {
-            format!(
-                "ping {addr} from {netns} failed: {}{}",
-                text,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        .find_map(|l| l.split(", ").nth(1)?.strip_suffix(" packets received")?.parse().ok())
+        .with_context(|| format!("ping {addr} from {netns} failed: {}{}", text, String::from_utf8_lossy(&out.stderr)))
 }

@@ -1,0 +1,167 @@
+//! The cluster port (2377): raft (from the store), and the CA and dispatcher endpoints. Every
+//! endpoint but `/join` wants a certificate of this cluster whose node has not been removed;
+//! `/raft/*` and `/raft/join` want a manager's.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::post,
+    Extension, Json, Router,
+};
+use shoal_api::node::{Node, NodeRole, NodeSpec, NodeState, NodeStatus};
+use shoal_ca::{JoinToken, NodeIdentity, RootCa};
+use shoal_store::{transport::Peer, Op, RaftPeer};
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::{
+    wire::{ErrorReply, HeartbeatCall, HeartbeatReply, JoinCall, JoinReply, RaftJoinCall, RenewCall, RenewReply},
+    Manager, SwarmError,
+};
+
+pub async fn serve(manager: Arc<Manager>, listener: TcpListener, stop: impl std::future::Future<Output = ()> + Send) {
+    let node_routes = Router::new()
+        .route("/heartbeat", post(heartbeat))
+        .route("/renew", post(renew))
+        .route("/raft/join", post(raft_join))
+        .layer(middleware::from_fn_with_state(manager.clone(), members_only))
+        .with_state(manager.clone());
+    let router = Router::new()
+        .route("/join", post(join))
+        .with_state(manager.clone())
+        .merge(node_routes)
+        .merge(shoal_store::network::routes(manager.store().clone()));
+    let tls_source = manager.clone();
+    shoal_store::transport::serve(listener, move || tls_source.server_tls(), router, stop).await;
+}
+
+impl IntoResponse for SwarmError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ErrorReply { message: self.to_string() })).into_response()
+    }
+}
+
+/// The caller's verified identity, for handlers behind `members_only`.
+#[derive(Clone)]
+struct Caller(NodeIdentity);
+
+async fn members_only(State(manager): State<Arc<Manager>>, mut req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
+    let Some(peer) = peer else {
+        return (StatusCode::UNAUTHORIZED, Json(ErrorReply { message: "a node certificate is required".into() }))
+            .into_response();
+    };
+    let allowed = manager.store().shared().read(|s| {
+        !s.removed_nodes.contains(&peer.node_id) && s.cluster.as_ref().is_none_or(|c| c.info.id == peer.cluster_id)
+    });
+    if !allowed {
+        let message = format!("node {} is not a member of this swarm", peer.node_id);
+        return (StatusCode::FORBIDDEN, Json(ErrorReply { message })).into_response();
+    }
+    req.extensions_mut().insert(Caller(peer));
+    next.run(req).await
+}
+
+/// A node with a token becomes a member: a certificate for a new node ID in the role the
+/// token grants, and a node object in the store.
+async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -> Result<Json<JoinReply>, SwarmError> {
+    let store = manager.store();
+    let cluster =
+        store.shared().read(|s| s.cluster.clone()).ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+    let token: JoinToken = call.token.parse().map_err(|_| invalid_token())?;
+    let matches = |stored: &str| stored.parse::<JoinToken>().is_ok_and(|t| t.same_secret(&token));
+    let role = if matches(&cluster.manager_token) {
+        NodeRole::Manager
+    } else if matches(&cluster.worker_token) {
+        NodeRole::Worker
+    } else {
+        return Err(invalid_token());
+    };
+    let node_id = shoal_ca::new_id().map_err(|e| SwarmError::Internal(e.to_string()))?;
+    let identity = NodeIdentity { node_id: node_id.clone(), role, cluster_id: cluster.info.id.clone() };
+    let root = RootCa::from_pem(&cluster.info.tls_info.trust_root, &cluster.root_key_pem)
+        .map_err(|e| SwarmError::Internal(e.to_string()))?;
+    let cert_pem = root
+        .issue(&call.csr_pem, &identity, cert_lifetime(&cluster))
+        .map_err(|e| SwarmError::InvalidArgument(format!("certificate request: {e}")))?;
+    let node = Node {
+        id: node_id.clone(),
+        spec: NodeSpec { role, availability: call.availability, ..Default::default() },
+        description: call.description,
+        status: NodeStatus { state: NodeState::Ready, message: String::new(), addr: call.advertise_addr },
+        ..Default::default()
+    };
+    store.write(Op::AddNode { node: Box::new(node) }).await?;
+    info!(node = %node_id, ?role, "node joined");
+    Ok(Json(JoinReply {
+        node_id,
+        cluster_id: cluster.info.id,
+        role,
+        root_pem: cluster.info.tls_info.trust_root,
+        cert_pem,
+        managers: manager.manager_addrs(),
+    }))
+}
+
+fn invalid_token() -> SwarmError {
+    SwarmError::InvalidArgument("A valid join token is necessary to join this cluster".into())
+}
+
+fn cert_lifetime(cluster: &shoal_store::Cluster) -> Duration {
+    let ns = cluster.info.spec.ca_config.node_cert_expiry;
+    let ns = if ns > 0 { ns } else { shoal_api::swarm::DEFAULT_NODE_CERT_EXPIRY_NS };
+    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+}
+
+/// A fresh certificate for the caller, carrying the role the store holds now: this is how a
+/// promotion or demotion reaches the node's certificate.
+async fn renew(
+    State(manager): State<Arc<Manager>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Json(call): Json<RenewCall>,
+) -> Result<Json<RenewReply>, SwarmError> {
+    let (cluster, node) = manager.store().shared().read(|s| (s.cluster.clone(), s.nodes.get(&caller.node_id).cloned()));
+    let cluster = cluster.ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+    let node = node.ok_or_else(|| SwarmError::NotFound(format!("node {} not found", caller.node_id)))?;
+    let identity = NodeIdentity { node_id: node.id, role: node.spec.role, cluster_id: cluster.info.id.clone() };
+    let root = RootCa::from_pem(&cluster.info.tls_info.trust_root, &cluster.root_key_pem)
+        .map_err(|e| SwarmError::Internal(e.to_string()))?;
+    let cert_pem = root
+        .issue(&call.csr_pem, &identity, cert_lifetime(&cluster))
+        .map_err(|e| SwarmError::InvalidArgument(format!("certificate request: {e}")))?;
+    Ok(Json(RenewReply { cert_pem, role: identity.role }))
+}
+
+async fn heartbeat(
+    State(manager): State<Arc<Manager>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Json(call): Json<HeartbeatCall>,
+) -> Result<Json<HeartbeatReply>, SwarmError> {
+    Ok(Json(manager.dispatcher.heartbeat(&manager, &caller.node_id, call).await?))
+}
+
+/// A node holding a manager certificate (just joined as a manager, or promoted) becomes a
+/// raft member.
+async fn raft_join(
+    State(manager): State<Arc<Manager>>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Json(call): Json<RaftJoinCall>,
+) -> Result<Json<()>, SwarmError> {
+    if caller.role != NodeRole::Manager {
+        return Err(SwarmError::NotManager);
+    }
+    let wanted = manager.store().shared().read(|s| s.nodes.get(&caller.node_id).map(|n| n.spec.role));
+    if wanted != Some(NodeRole::Manager) {
+        return Err(SwarmError::InvalidArgument(format!("node {} is not to be a manager", caller.node_id)));
+    }
+    let peer = RaftPeer { node_id: caller.node_id.clone(), addr: call.addr.clone() };
+    manager.store().add_manager(call.raft_id, peer).await?;
+    manager.store().write(Op::SetManagerAddr { id: caller.node_id.clone(), addr: Some(call.addr) }).await?;
+    info!(node = %caller.node_id, raft_id = call.raft_id, "manager joined raft");
+    Ok(Json(()))
+}

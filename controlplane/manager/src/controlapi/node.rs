@@ -1,0 +1,155 @@
+//! Nodes: list and inspect (with the manager status computed from raft), update (availability,
+//! labels, role — a demotion also takes the node out of raft), remove.
+
+use shoal_api::node::{Node, NodeRole, NodeSpec, NodeState, Reachability};
+use shoal_store::{ClusterState, Op};
+
+use crate::{Manager, SwarmError};
+
+/// Filters of `GET /nodes`, each a list of accepted values (any may match).
+#[derive(Debug, Default, Clone)]
+pub struct NodeFilters {
+    pub id: Vec<String>,
+    pub name: Vec<String>,
+    pub role: Vec<String>,
+    pub membership: Vec<String>,
+    pub label: Vec<String>,
+}
+
+/// `GET /nodes`.
+pub fn list(manager: &Manager, filters: &NodeFilters) -> Vec<Node> {
+    let leader = manager.leader().map(|l| l.node_id);
+    manager
+        .store()
+        .shared()
+        .read(|s| s.nodes.values().filter(|n| matches(n, filters)).map(|n| present(n, leader.as_deref())).collect())
+}
+
+fn matches(node: &Node, f: &NodeFilters) -> bool {
+    let any = |values: &[String], test: &dyn Fn(&str) -> bool| values.is_empty() || values.iter().any(|v| test(v));
+    any(&f.id, &|v| node.id.starts_with(v))
+        && any(&f.name, &|v| node.description.hostname.starts_with(v) || node.spec.annotations.name.starts_with(v))
+        && any(&f.role, &|v| v == node.spec.role.to_string())
+        && any(&f.membership, &|v| v == "accepted")
+        && any(&f.label, &|v| match v.split_once('=') {
+            Some((k, val)) => node.spec.annotations.labels.get(k).is_some_and(|x| x == val),
+            None => node.spec.annotations.labels.contains_key(v),
+        })
+}
+
+/// A node as clients see it: the stored object plus leadership and reachability, which only
+/// the live raft knows.
+fn present(node: &Node, leader: Option<&str>) -> Node {
+    let mut node = node.clone();
+    if let Some(status) = &mut node.manager_status {
+        status.leader = leader == Some(node.id.as_str());
+        status.reachability = if status.leader || node.status.state == NodeState::Ready {
+            Reachability::Reachable
+        } else {
+            Reachability::Unreachable
+        };
+    }
+    node
+}
+
+/// `GET /nodes/{id}`: by full ID, unique ID prefix, or hostname.
+pub fn inspect(manager: &Manager, reference: &str) -> Result<Node, SwarmError> {
+    let leader = manager.leader().map(|l| l.node_id);
+    manager.store().shared().read(|s| resolve(s, reference).map(|n| present(n, leader.as_deref())))
+}
+
+fn resolve<'a>(state: &'a ClusterState, reference: &str) -> Result<&'a Node, SwarmError> {
+    if let Some(node) = state.nodes.get(reference) {
+        return Ok(node);
+    }
+    let by_name: Vec<&Node> = state.nodes.values().filter(|n| n.description.hostname == reference).collect();
+    if by_name.len() == 1 {
+        return Ok(by_name[0]);
+    }
+    let by_prefix: Vec<&Node> = state.nodes.values().filter(|n| n.id.starts_with(reference)).collect();
+    match by_prefix.len() {
+        1 => Ok(by_prefix[0]),
+        0 => Err(SwarmError::NotFound(format!("node {reference} not found"))),
+        n => Err(SwarmError::NotFound(format!("node {reference} is ambiguous ({n} matches found)"))),
+    }
+}
+
+/// `POST /nodes/{id}/update?version=N`.
+pub async fn update(manager: &Manager, reference: &str, version: u64, spec: NodeSpec) -> Result<(), SwarmError> {
+    let node = manager.store().shared().read(|s| resolve(s, reference).cloned())?;
+    let demoted = node.spec.role == NodeRole::Manager && spec.role == NodeRole::Worker;
+    if demoted {
+        let managers = manager.store().shared().read(|s| s.managers().count());
+        if managers <= 1 {
+            return Err(SwarmError::InvalidArgument("attempting to demote the last manager of the swarm".into()));
+        }
+        // Out of raft first, while it still counts towards the quorum that agrees to it.
+        if let Some((raft_id, _)) = manager.members().into_iter().find(|(_, p)| p.node_id == node.id) {
+            manager.store().remove_manager(raft_id).await?;
+        }
+    }
+    manager.store().write(Op::UpdateNodeSpec { id: node.id.clone(), version, spec }).await?;
+    if demoted {
+        manager.store().write(Op::SetManagerAddr { id: node.id, addr: None }).await?;
+    }
+    Ok(())
+}
+
+/// `DELETE /nodes/{id}?force=`.
+pub async fn remove(manager: &Manager, reference: &str, force: bool) -> Result<(), SwarmError> {
+    let id = manager.store().shared().read(|s| resolve(s, reference).map(|n| n.id.clone()))?;
+    manager.store().write(Op::RemoveNode { id, force }).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_api::node::{ManagerStatus, NodeStatus};
+
+    use super::*;
+
+    fn node(id: &str, host: &str, state: NodeState, manager: bool) -> Node {
+        let mut n = Node { id: id.into(), ..Default::default() };
+        n.description.hostname = host.into();
+        n.status = NodeStatus { state, ..Default::default() };
+        if manager {
+            n.spec.role = NodeRole::Manager;
+            n.manager_status = Some(ManagerStatus { addr: "10.0.0.1:2377".into(), ..Default::default() });
+        }
+        n
+    }
+
+    #[test]
+    fn managers_show_leader_and_reachability() {
+        let leader = present(&node("a", "mgr1", NodeState::Ready, true), Some("a"));
+        let ms = leader.manager_status.unwrap();
+        assert!(ms.leader);
+        assert_eq!(ms.reachability, Reachability::Reachable);
+        let down = present(&node("b", "mgr2", NodeState::Down, true), Some("a"));
+        assert_eq!(down.manager_status.unwrap().reachability, Reachability::Unreachable);
+        assert!(present(&node("c", "wrk1", NodeState::Ready, false), Some("a")).manager_status.is_none());
+    }
+
+    #[test]
+    fn resolves_by_id_prefix_and_hostname() {
+        let mut state = ClusterState::default();
+        for n in [node("abc1", "mgr1", NodeState::Ready, true), node("abd2", "wrk1", NodeState::Ready, false)] {
+            state.nodes.insert(n.id.clone(), n);
+        }
+        assert_eq!(resolve(&state, "abc1").unwrap().id, "abc1");
+        assert_eq!(resolve(&state, "wrk1").unwrap().id, "abd2");
+        assert_eq!(resolve(&state, "abd").unwrap().id, "abd2");
+        assert!(resolve(&state, "ab").unwrap_err().to_string().contains("ambiguous"));
+        assert!(matches!(resolve(&state, "zzz"), Err(SwarmError::NotFound(_))));
+    }
+
+    #[test]
+    fn filters_by_role_and_label() {
+        let mut worker = node("w", "wrk1", NodeState::Ready, false);
+        worker.spec.annotations.labels.insert("zone".into(), "a".into());
+        let role = NodeFilters { role: vec!["worker".into()], ..Default::default() };
+        assert!(matches(&worker, &role));
+        let label = NodeFilters { label: vec!["zone=b".into()], ..Default::default() };
+        assert!(!matches(&worker, &label));
+    }
+}

@@ -1,0 +1,103 @@
+//! The swarm object: inspect with join tokens, update (spec, token and unlock-key rotation),
+//! and the unlock key.
+
+use shoal_api::swarm::{
+    JoinTokens, Swarm, SwarmSpec, DEFAULT_HEARTBEAT_PERIOD_NS, DEFAULT_NODE_CERT_EXPIRY_NS, DEFAULT_TASK_HISTORY_LIMIT,
+};
+use shoal_ca::{JoinToken, UnlockKey};
+use shoal_store::Op;
+
+use crate::{Manager, SwarmError};
+
+/// Shortest node certificate lifetime accepted (Docker: 1 hour).
+const MIN_CERT_EXPIRY_NS: i64 = 3600 * 1_000_000_000;
+
+/// Fills what the CLI leaves unset with Swarm's defaults.
+pub fn with_defaults(mut spec: SwarmSpec) -> SwarmSpec {
+    if spec.annotations.name.is_empty() {
+        spec.annotations.name = "default".into();
+    }
+    spec.orchestration.task_history_retention_limit.get_or_insert(DEFAULT_TASK_HISTORY_LIMIT);
+    let raft = &mut spec.raft;
+    if raft.snapshot_interval == 0 {
+        raft.snapshot_interval = 10_000;
+    }
+    raft.keep_old_snapshots.get_or_insert(0);
+    if raft.log_entries_for_slow_followers == 0 {
+        raft.log_entries_for_slow_followers = 500;
+    }
+    if raft.election_tick == 0 {
+        raft.election_tick = 10;
+    }
+    if raft.heartbeat_tick == 0 {
+        raft.heartbeat_tick = 1;
+    }
+    if spec.dispatcher.heartbeat_period == 0 {
+        spec.dispatcher.heartbeat_period = DEFAULT_HEARTBEAT_PERIOD_NS;
+    }
+    if spec.ca_config.node_cert_expiry == 0 {
+        spec.ca_config.node_cert_expiry = DEFAULT_NODE_CERT_EXPIRY_NS;
+    }
+    spec
+}
+
+/// `GET /swarm`.
+pub fn inspect(manager: &Manager) -> Result<Swarm, SwarmError> {
+    manager.store().shared().read(|s| {
+        let cluster = s.cluster.as_ref().ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+        Ok(Swarm {
+            cluster: cluster.info.clone(),
+            join_tokens: JoinTokens { worker: cluster.worker_token.clone(), manager: cluster.manager_token.clone() },
+        })
+    })
+}
+
+/// Rotations requested with `POST /swarm/update`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rotate {
+    pub worker_token: bool,
+    pub manager_token: bool,
+    pub unlock_key: bool,
+}
+
+/// `POST /swarm/update?version=N`: replaces the spec (as read at `version`) and rotates what
+/// was asked. Turning autolock on makes an unlock key; off drops it.
+pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Rotate) -> Result<(), SwarmError> {
+    let spec = with_defaults(spec);
+    if spec.ca_config.node_cert_expiry < MIN_CERT_EXPIRY_NS {
+        return Err(SwarmError::InvalidArgument("minimum certificate expiry time is 1h0m0s".into()));
+    }
+    if spec.dispatcher.heartbeat_period < 1_000_000_000 {
+        return Err(SwarmError::InvalidArgument("heartbeat period must be at least 1s".into()));
+    }
+    let mut cluster = manager
+        .store()
+        .shared()
+        .read(|s| s.cluster.clone())
+        .ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+    let internal = |e: shoal_ca::CaError| SwarmError::Internal(e.to_string());
+    let digest = shoal_ca::root::digest_of_pem(&cluster.info.tls_info.trust_root).map_err(internal)?;
+    if rotate.worker_token {
+        cluster.worker_token = JoinToken::generate(&digest).map_err(internal)?.to_string();
+    }
+    if rotate.manager_token {
+        cluster.manager_token = JoinToken::generate(&digest).map_err(internal)?.to_string();
+    }
+    let autolock = spec.encryption_config.auto_lock_managers;
+    cluster.unlock_key = match (autolock, cluster.unlock_key.take()) {
+        (false, _) => None,
+        (true, Some(key)) if !rotate.unlock_key => Some(key),
+        (true, _) => Some(UnlockKey::generate().map_err(internal)?.to_string()),
+    };
+    cluster.info.spec = spec;
+    manager.store().write(Op::UpdateCluster { version, cluster: Box::new(cluster) }).await?;
+    Ok(())
+}
+
+/// `GET /swarm/unlockkey`: the key, or an empty one when autolock is off (as dockerd).
+pub fn unlock_key(manager: &Manager) -> Result<String, SwarmError> {
+    manager.store().shared().read(|s| {
+        let cluster = s.cluster.as_ref().ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+        Ok(cluster.unlock_key.clone().unwrap_or_default())
+    })
+}

@@ -1,0 +1,165 @@
+//! What a node keeps of its swarm membership under `<data-root>/swarm/`: who it is
+//! (`state.json`), its certificate and key, and on managers the data key and the raft
+//! database. The whole directory is the node's part of the cluster: copy it while the
+//! daemon is stopped to back a manager up.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use shoal_api::node::NodeRole;
+use shoal_ca::{tls::TlsMaterial, DataKey, UnlockKey};
+
+use crate::SwarmError;
+
+/// Who this node is in its swarm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub role: NodeRole,
+    /// This node's address as others reach it (no port).
+    pub advertise_addr: String,
+    /// `IP:port` the cluster port listens on (managers).
+    pub listen_addr: String,
+    /// Cluster ports of the managers this node knows, the first one tried first.
+    pub managers: Vec<String>,
+    /// Raft member ID while a manager.
+    #[serde(default)]
+    pub raft_id: Option<u64>,
+}
+
+/// The data key as stored: plain, or wrapped by the unlock key under autolock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredDataKey {
+    wrapped: bool,
+    key: String,
+}
+
+#[derive(Clone)]
+pub struct SwarmDir {
+    dir: PathBuf,
+}
+
+impl SwarmDir {
+    pub fn new(data_root: &Path) -> Self {
+        SwarmDir { dir: data_root.join("swarm") }
+    }
+
+    pub fn raft_dir(&self) -> PathBuf {
+        self.dir.join("raft")
+    }
+
+    pub fn membership(&self) -> Result<Option<Membership>, SwarmError> {
+        read_json(&self.dir.join("state.json"))
+    }
+
+    pub fn save_membership(&self, membership: &Membership) -> Result<(), SwarmError> {
+        write_json(&self.dir.join("state.json"), membership)
+    }
+
+    pub fn tls(&self) -> Result<TlsMaterial, SwarmError> {
+        let read = |name: &str| {
+            std::fs::read_to_string(self.dir.join("certs").join(name))
+                .map_err(|e| SwarmError::io(format!("reading certs/{name}"), e))
+        };
+        Ok(TlsMaterial { root_pem: read("root.crt")?, cert_pem: read("node.crt")?, key_pem: read("node.key")? })
+    }
+
+    /// Replaces certificate and key together (key first: a crash in between leaves a key
+    /// without its certificate, which the next renewal fixes, never the reverse).
+    pub fn save_tls(&self, tls: &TlsMaterial) -> Result<(), SwarmError> {
+        let certs = self.dir.join("certs");
+        write_file(&certs.join("node.key"), tls.key_pem.as_bytes())?;
+        write_file(&certs.join("root.crt"), tls.root_pem.as_bytes())?;
+        write_file(&certs.join("node.crt"), tls.cert_pem.as_bytes())
+    }
+
+    /// The data key: `Ok(None)` when it is wrapped and `unlock` is absent (locked).
+    pub fn data_key(&self, unlock: Option<&UnlockKey>) -> Result<Option<DataKey>, SwarmError> {
+        let stored: StoredDataKey = read_json(&self.dir.join("dek.json"))?
+            .ok_or_else(|| SwarmError::Internal("the data key is missing".into()))?;
+        let bytes = STANDARD.decode(&stored.key).map_err(|_| SwarmError::Internal("the data key is corrupt".into()))?;
+        match (stored.wrapped, unlock) {
+            (false, _) => {
+                let raw: [u8; 32] =
+                    bytes.try_into().map_err(|_| SwarmError::Internal("the data key is corrupt".into()))?;
+                Ok(Some(DataKey::from_bytes(raw)))
+            }
+            (true, None) => Ok(None),
+            (true, Some(kek)) => DataKey::unwrap_with(&bytes, kek).map(Some).map_err(|_| SwarmError::InvalidUnlockKey),
+        }
+    }
+
+    pub fn is_locked(&self) -> Result<bool, SwarmError> {
+        Ok(read_json::<StoredDataKey>(&self.dir.join("dek.json"))?.is_some_and(|k| k.wrapped))
+    }
+
+    /// Stores the data key, wrapped by `unlock` when autolock is on.
+    pub fn save_data_key(&self, key: &DataKey, unlock: Option<&UnlockKey>) -> Result<(), SwarmError> {
+        let stored = match unlock {
+            Some(kek) => StoredDataKey {
+                wrapped: true,
+                key: STANDARD.encode(key.wrap(kek).map_err(|e| SwarmError::Internal(e.to_string()))?),
+            },
+            None => StoredDataKey { wrapped: false, key: STANDARD.encode(key.to_bytes()) },
+        };
+        write_json(&self.dir.join("dek.json"), &stored)
+    }
+
+    /// Forgets the swarm: everything under `swarm/`.
+    pub fn remove(&self) -> Result<(), SwarmError> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(SwarmError::io("removing the swarm state".into(), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes only the raft data (a demoted manager).
+    pub fn remove_manager_data(&self) -> Result<(), SwarmError> {
+        for path in [self.raft_dir(), self.dir.join("dek.json")] {
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            if let Err(e) = removed {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(SwarmError::io(format!("removing {}", path.display()), e));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, SwarmError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SwarmError::Internal(format!("{} is corrupt: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SwarmError::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SwarmError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| SwarmError::Internal(e.to_string()))?;
+    write_file(path, &bytes)
+}
+
+/// Atomic and durable: temp file (owner-only), fsync, rename, fsync directory.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SwarmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e| SwarmError::io(format!("writing {}", path.display()), e);
+    let dir = path.parent().ok_or_else(|| SwarmError::Internal("path without directory".into()))?;
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}

@@ -1,0 +1,368 @@
+//! Changing this node's place in the swarm: `init`, `join`, `leave`, `unlock`, and the
+//! role changes and certificate renewals the session asks for.
+
+use std::{net::IpAddr, time::Duration};
+
+use rand::Rng;
+use shoal_api::{
+    node::{ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState, NodeStatus},
+    swarm::{ClusterInfo, InitRequest, JoinRequest, LocalNodeState, TlsInfo},
+};
+use shoal_ca::{tls::TlsMaterial, DataKey, JoinToken, NodeIdentity, NodeKey, RootCa, UnlockKey};
+use shoal_store::{Cluster, Op, RaftPeer};
+use tracing::{info, warn};
+
+use crate::{
+    controlapi::swarm::with_defaults,
+    disk::Membership,
+    manager::cluster_addr,
+    session::post,
+    wire::{JoinCall, JoinReply, RaftJoinCall, RenewCall, RenewReply},
+    Swarm, SwarmError,
+};
+
+/// Swarm's cluster port.
+pub const DEFAULT_PORT: u16 = 2377;
+
+impl Swarm {
+    /// `swarm init`: a new cluster with this node as its first manager and leader.
+    pub async fn init(&self, req: InitRequest) -> Result<String, SwarmError> {
+        let _guard = self.ops.lock().await;
+        if self.local_state() != LocalNodeState::Inactive {
+            return Err(SwarmError::AlreadyInSwarm);
+        }
+        if req.force_new_cluster {
+            return Err(SwarmError::InvalidArgument(
+                "--force-new-cluster needs an existing manager state on this node".into(),
+            ));
+        }
+        let (listen_addr, advertise_addr) = self.addresses(&req.listen_addr, &req.advertise_addr)?;
+        let availability = parse_availability(&req.availability)?;
+        let created = self.create_cluster(req, listen_addr, advertise_addr, availability).await;
+        if created.is_err() {
+            self.deactivate().await;
+            let _ = self.dir.remove();
+        }
+        created
+    }
+
+    async fn create_cluster(
+        &self,
+        req: InitRequest,
+        listen_addr: String,
+        advertise_addr: String,
+        availability: NodeAvailability,
+    ) -> Result<String, SwarmError> {
+        let internal = |e: shoal_ca::CaError| SwarmError::Internal(e.to_string());
+        let cluster_id = shoal_ca::new_id().map_err(internal)?;
+        let node_id = shoal_ca::new_id().map_err(internal)?;
+        let root = RootCa::generate().map_err(internal)?;
+        let digest = root.digest().map_err(internal)?;
+        let unlock = req.auto_lock_managers.then(UnlockKey::generate).transpose().map_err(internal)?;
+        let mut spec = with_defaults(req.spec);
+        spec.encryption_config.auto_lock_managers = req.auto_lock_managers;
+
+        let key = NodeKey::generate().map_err(internal)?;
+        let identity =
+            NodeIdentity { node_id: node_id.clone(), role: NodeRole::Manager, cluster_id: cluster_id.clone() };
+        let lifetime = Duration::from_nanos(spec.ca_config.node_cert_expiry as u64);
+        let tls = TlsMaterial {
+            root_pem: root.cert_pem().to_owned(),
+            cert_pem: root.issue(&key.csr_pem().map_err(internal)?, &identity, lifetime).map_err(internal)?,
+            key_pem: key.to_pem().to_string(),
+        };
+        let data_key = DataKey::generate().map_err(internal)?;
+        let membership = Membership {
+            node_id: node_id.clone(),
+            cluster_id: cluster_id.clone(),
+            role: NodeRole::Manager,
+            advertise_addr: advertise_addr.clone(),
+            listen_addr,
+            managers: Vec::new(),
+            raft_id: Some(new_raft_id()),
+        };
+        let addr = cluster_addr(&membership);
+        let membership = Membership { managers: vec![addr.clone()], ..membership };
+        self.dir.save_tls(&tls)?;
+        self.dir.save_data_key(&data_key, unlock.as_ref())?;
+        self.dir.save_membership(&membership)?;
+
+        self.activate(membership, Some(data_key)).await?;
+        let manager = self.manager()?;
+        manager.store().bootstrap(RaftPeer { node_id: node_id.clone(), addr: addr.clone() }).await?;
+        let cluster = Cluster {
+            info: ClusterInfo {
+                id: cluster_id,
+                spec,
+                tls_info: TlsInfo { trust_root: root.cert_pem().to_owned(), ..Default::default() },
+                subnet_size: 24,
+                data_path_port: 4789,
+                default_addr_pool: vec!["10.0.0.0/8".into()],
+                ..Default::default()
+            },
+            root_key_pem: root.key_pem().to_string(),
+            worker_token: JoinToken::generate(&digest).map_err(internal)?.to_string(),
+            manager_token: JoinToken::generate(&digest).map_err(internal)?.to_string(),
+            unlock_key: unlock.map(|k| k.to_string()),
+        };
+        let first = Node {
+            id: node_id.clone(),
+            spec: NodeSpec { role: NodeRole::Manager, availability, ..Default::default() },
+            description: self.description(),
+            status: NodeStatus { state: NodeState::Ready, message: String::new(), addr: advertise_addr },
+            manager_status: Some(ManagerStatus { addr, ..Default::default() }),
+            ..Default::default()
+        };
+        manager.store().write(Op::CreateCluster { cluster: Box::new(cluster), first: Box::new(first) }).await?;
+        info!(node = %node_id, "swarm initialized");
+        Ok(node_id)
+    }
+
+    /// `swarm join`: becomes a member through the manager at `remote_addrs[0]`, in the role
+    /// the token grants.
+    pub async fn join(&self, req: JoinRequest) -> Result<(), SwarmError> {
+        let _guard = self.ops.lock().await;
+        if self.local_state() != LocalNodeState::Inactive {
+            return Err(SwarmError::AlreadyInSwarm);
+        }
+        let token: JoinToken = req.join_token.parse().map_err(|_| SwarmError::InvalidToken)?;
+        let remote = req
+            .remote_addrs
+            .first()
+            .map(|a| with_port(a))
+            .ok_or_else(|| SwarmError::InvalidArgument("no remote manager address given".into()))?;
+        let (listen_addr, advertise_addr) = self.addresses(&req.listen_addr, &req.advertise_addr)?;
+        let joined = self.join_through(&token, &remote, &req, listen_addr, advertise_addr).await;
+        if joined.is_err() {
+            self.deactivate().await;
+            let _ = self.dir.remove();
+        }
+        joined
+    }
+
+    async fn join_through(
+        &self,
+        token: &JoinToken,
+        remote: &str,
+        req: &JoinRequest,
+        listen_addr: String,
+        advertise_addr: String,
+    ) -> Result<(), SwarmError> {
+        let internal = |e: shoal_ca::CaError| SwarmError::Internal(e.to_string());
+        let client = shoal_store::transport::join_client(token).map_err(internal)?;
+        let key = NodeKey::generate().map_err(internal)?;
+        let call = JoinCall {
+            token: token.to_string(),
+            csr_pem: key.csr_pem().map_err(internal)?,
+            advertise_addr: advertise_addr.clone(),
+            listen_addr: listen_addr.clone(),
+            availability: parse_availability(&req.availability)?,
+            description: self.description(),
+        };
+        let reply: JoinReply = post(&client, remote, "join", &call).await?;
+        let tls = TlsMaterial { root_pem: reply.root_pem, cert_pem: reply.cert_pem, key_pem: key.to_pem().to_string() };
+        let membership = Membership {
+            node_id: reply.node_id.clone(),
+            cluster_id: reply.cluster_id,
+            role: reply.role,
+            advertise_addr,
+            listen_addr,
+            managers: if reply.managers.is_empty() { vec![remote.to_owned()] } else { reply.managers },
+            raft_id: (reply.role == NodeRole::Manager).then(new_raft_id),
+        };
+        self.dir.save_tls(&tls)?;
+        let data_key = match reply.role {
+            NodeRole::Manager => {
+                // Plain until the replicated cluster record says autolock (keys.rs re-wraps).
+                let key = DataKey::generate().map_err(internal)?;
+                self.dir.save_data_key(&key, None)?;
+                Some(key)
+            }
+            NodeRole::Worker => None,
+        };
+        self.dir.save_membership(&membership)?;
+        self.activate(membership.clone(), data_key).await?;
+        if reply.role == NodeRole::Manager {
+            self.join_raft(&membership, &tls, remote).await?;
+        }
+        info!(node = %reply.node_id, role = ?reply.role, "joined the swarm");
+        Ok(())
+    }
+
+    /// Asks the managers to make this (manager-certified) node a raft member.
+    async fn join_raft(&self, membership: &Membership, tls: &TlsMaterial, via: &str) -> Result<(), SwarmError> {
+        let client = shoal_store::transport::client(tls).map_err(|e| SwarmError::Internal(e.to_string()))?;
+        let call = RaftJoinCall {
+            raft_id: membership.raft_id.ok_or_else(|| SwarmError::Internal("no raft ID".into()))?,
+            addr: cluster_addr(membership),
+        };
+        let mut last = None;
+        for addr in std::iter::once(via.to_owned()).chain(membership.managers.iter().cloned()) {
+            match post::<_, ()>(&client, &addr, "raft/join", &call).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(SwarmError::Unreachable("no manager to join".into())))
+    }
+
+    /// `swarm leave`. A manager needs `force` (it may take the cluster's quorum with it).
+    pub async fn leave(&self, force: bool) -> Result<(), SwarmError> {
+        let _guard = self.ops.lock().await;
+        let view = self.view();
+        if view.state == LocalNodeState::Inactive {
+            return Err(SwarmError::NotInSwarm);
+        }
+        if let Some(manager) = &view.manager {
+            if !force {
+                return Err(SwarmError::LastManager);
+            }
+            // Leave raft while there is a quorum to agree to it; alone, there is nothing to tell.
+            if manager.members().len() > 1 {
+                if let Some(raft_id) = view.membership.as_ref().and_then(|m| m.raft_id) {
+                    if let Err(e) = manager.store().remove_manager(raft_id).await {
+                        warn!(error = %e, "could not leave raft cleanly");
+                    }
+                }
+            }
+        }
+        self.deactivate().await;
+        self.dir.remove()?;
+        info!("left the swarm");
+        Ok(())
+    }
+
+    /// `swarm unlock`: opens a locked manager's data key with the unlock key and resumes.
+    pub async fn unlock(&self, key: &str) -> Result<(), SwarmError> {
+        let _guard = self.ops.lock().await;
+        let view = self.view();
+        if view.state != LocalNodeState::Locked {
+            return Err(SwarmError::NotLocked);
+        }
+        let kek: UnlockKey = key.parse().map_err(|_| SwarmError::InvalidUnlockKey)?;
+        let data_key = self.dir.data_key(Some(&kek))?;
+        let membership = view.membership.ok_or(SwarmError::NotInSwarm)?;
+        self.activate(membership, data_key).await?;
+        info!("swarm unlocked");
+        Ok(())
+    }
+
+    /// Follows a promotion or demotion: new certificate first (it carries the role), then
+    /// start or stop the manager.
+    pub(crate) async fn change_role(&self, role: NodeRole) -> Result<(), SwarmError> {
+        let _guard = self.ops.lock().await;
+        let Some(mut membership) = self.view().membership else { return Ok(()) };
+        if membership.role == role {
+            return Ok(());
+        }
+        let tls = self.renew_locked(&membership).await?;
+        if role_of(&tls)? != role {
+            return Err(SwarmError::Unreachable("the managers have not issued the new role yet".into()));
+        }
+        self.deactivate().await;
+        membership.role = role;
+        match role {
+            NodeRole::Manager => {
+                membership.raft_id = Some(new_raft_id());
+                let key = DataKey::generate().map_err(|e| SwarmError::Internal(e.to_string()))?;
+                self.dir.save_data_key(&key, None)?;
+                self.dir.save_membership(&membership)?;
+                let via = membership.managers.first().cloned().unwrap_or_default();
+                self.activate(membership.clone(), Some(key)).await?;
+                self.join_raft(&membership, &tls, &via).await?;
+            }
+            NodeRole::Worker => {
+                membership.raft_id = None;
+                self.dir.remove_manager_data()?;
+                self.dir.save_membership(&membership)?;
+                self.activate(membership, None).await?;
+            }
+        }
+        info!(?role, "role changed");
+        Ok(())
+    }
+
+    pub(crate) async fn renew_certificate(&self) -> Result<(), SwarmError> {
+        let _guard = self.ops.lock().await;
+        let Some(membership) = self.view().membership else { return Ok(()) };
+        let tls = self.renew_locked(&membership).await?;
+        if let Some(manager) = self.view().manager {
+            manager.set_tls(&tls)?;
+        }
+        Ok(())
+    }
+
+    /// A new key and certificate from the managers, saved; the caller holds `ops`.
+    async fn renew_locked(&self, membership: &Membership) -> Result<TlsMaterial, SwarmError> {
+        let internal = |e: shoal_ca::CaError| SwarmError::Internal(e.to_string());
+        let current = self.dir.tls()?;
+        let client = shoal_store::transport::client(&current).map_err(internal)?;
+        let key = NodeKey::generate().map_err(internal)?;
+        let call = RenewCall { csr_pem: key.csr_pem().map_err(internal)? };
+        let mut last = None;
+        for addr in &membership.managers {
+            match post::<_, RenewReply>(&client, addr, "renew", &call).await {
+                Ok(reply) => {
+                    let tls = TlsMaterial {
+                        root_pem: current.root_pem,
+                        cert_pem: reply.cert_pem,
+                        key_pem: key.to_pem().to_string(),
+                    };
+                    self.dir.save_tls(&tls)?;
+                    return Ok(tls);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(SwarmError::Unreachable("no manager known".into())))
+    }
+
+    /// `(listen, advertise)`: listen as `IP:port` (default `0.0.0.0:2377`); advertise as an
+    /// IP, from the request, else the listen IP, else shoald's `--advertise-addr`.
+    fn addresses(&self, listen: &str, advertise: &str) -> Result<(String, String), SwarmError> {
+        let listen = if listen.is_empty() { format!("0.0.0.0:{DEFAULT_PORT}") } else { with_port(listen) };
+        let (listen_ip, _) = listen.rsplit_once(':').unwrap_or((&listen, ""));
+        let advertise_ip = advertise.rsplit_once(':').map_or(advertise, |(ip, _)| ip);
+        let chosen = if !advertise_ip.is_empty() {
+            advertise_ip.to_owned()
+        } else if listen_ip != "0.0.0.0" {
+            listen_ip.to_owned()
+        } else if let Some(ip) = self.config.default_advertise_addr {
+            ip.to_string()
+        } else {
+            return Err(SwarmError::InvalidArgument(
+                "could not choose an IP address to advertise since this system has multiple addresses - specify one with --advertise-addr".into(),
+            ));
+        };
+        chosen
+            .parse::<IpAddr>()
+            .map_err(|_| SwarmError::InvalidArgument(format!("advertise address must be an IP address: {chosen:?}")))?;
+        Ok((listen, chosen))
+    }
+}
+
+fn role_of(tls: &TlsMaterial) -> Result<NodeRole, SwarmError> {
+    NodeIdentity::from_cert_pem(&tls.cert_pem).map(|i| i.role).map_err(|e| SwarmError::Internal(e.to_string()))
+}
+
+fn with_port(addr: &str) -> String {
+    if addr.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+        addr.to_owned()
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    }
+}
+
+fn parse_availability(text: &str) -> Result<NodeAvailability, SwarmError> {
+    match text {
+        "" | "active" => Ok(NodeAvailability::Active),
+        "pause" => Ok(NodeAvailability::Pause),
+        "drain" => Ok(NodeAvailability::Drain),
+        other => Err(SwarmError::InvalidArgument(format!("invalid availability {other:?}"))),
+    }
+}
+
+/// A random, non-zero raft member ID.
+fn new_raft_id() -> u64 {
+    rand::thread_rng().gen_range(1..u64::MAX)
+}

@@ -1,0 +1,74 @@
+//! Messages between nodes on the cluster port (JSON over mutual TLS), apart from raft's own.
+
+use serde::{Deserialize, Serialize};
+use shoal_api::node::{NodeAvailability, NodeDescription, NodeRole};
+
+/// `POST /join` — the only call made without a certificate: the token is the credential.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinCall {
+    pub token: String,
+    /// Request for the joining node's own key; the CA chooses the subject.
+    pub csr_pem: String,
+    pub advertise_addr: String,
+    pub listen_addr: String,
+    pub availability: NodeAvailability,
+    pub description: NodeDescription,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinReply {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub role: NodeRole,
+    pub root_pem: String,
+    pub cert_pem: String,
+    /// Cluster ports of the managers, to fail over between.
+    pub managers: Vec<String>,
+}
+
+/// `POST /raft/join` — a node holding a manager certificate asks to become a raft member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RaftJoinCall {
+    pub raft_id: u64,
+    /// Its cluster port, `IP:port`.
+    pub addr: String,
+}
+
+/// `POST /heartbeat` — every node, every heartbeat period, to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatCall {
+    pub addr: String,
+    /// Sent when it changed (first heartbeat after start), so the managers know the node's
+    /// resources and platform.
+    pub description: Option<NodeDescription>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// False when the callee is not the leader; `leader` says where to go instead.
+    pub accepted: bool,
+    pub leader: Option<String>,
+    /// Nanoseconds until the next heartbeat is due.
+    pub period_ns: i64,
+    pub managers: Vec<String>,
+    /// The role the swarm wants this node in (promote/demote).
+    pub role: NodeRole,
+}
+
+/// `POST /renew` — a fresh certificate for the caller, with the role the store holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewCall {
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewReply {
+    pub cert_pem: String,
+    pub role: NodeRole,
+}
+
+/// Error body of every cluster-port endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub message: String,
+}
