@@ -61,3 +61,91 @@ pub fn workload(lab: &Lab, host: &str, name: &str, address: &str) -> Workload {
     lab.add_workload(host, name, addr(address), 24, DEFAULT_OVERLAY_MTU)
         .unwrap_or_else(|e| panic!("workload {host}/{name}: {e:#}"))
 }
+
+/// Runs the real docker CLI inside `host`'s namespace against its shoald.
+pub fn docker(lab: &Lab, host: &str, args: &[&str]) -> std::process::Output {
+    docker_with_stdin(lab, host, args, "")
+}
+
+/// Like `docker`, with `input` on the CLI's stdin (for prompts such as `swarm unlock`).
+pub fn docker_with_stdin(lab: &Lab, host: &str, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let argv: Vec<String> = std::iter::once("docker").chain(args.iter().copied()).map(str::to_owned).collect();
+    let mut child = lab
+        .command(host, &argv)
+        .unwrap()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("docker CLI");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `docker ARGS` on `host`, which must succeed; returns its stdout.
+pub fn docker_ok(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let out = docker(lab, host, args);
+    assert!(
+        out.status.success(),
+        "docker {} on {host} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `docker ARGS` on `host`, which must fail; returns its stderr.
+pub fn docker_err(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let out = docker(lab, host, args);
+    assert!(!out.status.success(), "docker {} on {host} unexpectedly succeeded", args.join(" "));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Retries `check` every 200 ms until it returns `Some`, for at most `limit`.
+pub fn eventually<T>(what: &str, limit: std::time::Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// One row of `docker node ls`, from its `--format`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    pub hostname: String,
+    pub status: String,
+    pub manager_status: String,
+    pub is_self: bool,
+}
+
+/// `docker node ls` on `host`.
+pub fn node_ls(lab: &Lab, host: &str) -> Option<Vec<NodeRow>> {
+    let out = docker(lab, host, &["node", "ls", "--format", "{{.Hostname}}|{{.Status}}|{{.ManagerStatus}}|{{.Self}}"]);
+    if !out.status.success() {
+        return None;
+    }
+    let rows = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (f.len() == 4).then(|| NodeRow {
+                hostname: f[0].into(),
+                status: f[1].into(),
+                manager_status: f[2].into(),
+                is_self: f[3] == "true",
+            })
+        })
+        .collect();
+    Some(rows)
+}
+
+/// The hostname of the manager `host` sees as leader.
+pub fn leader(lab: &Lab, host: &str) -> Option<String> {
+    node_ls(lab, host)?.into_iter().find(|r| r.manager_status == "Leader").map(|r| r.hostname)
+}

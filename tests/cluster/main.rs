@@ -5,3 +5,6 @@
 
 mod api_input;
 mod overlay;
+mod swarm_api;
+mod swarm_ha;
+mod swarm_security;

@@ -14,6 +14,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip: the lab's namespaces and links"),
     ("util-linux", "nsenter: running shoald inside a lab host"),
     ("nftables", "nft: partitions on the lab switch"),
+    ("curl", "tests: raw TLS calls to the cluster port"),
     ("busybox-static", "ping and a one-file rootfs for workloads"),
     ("bpftool", "inspecting programs and maps"),
     ("tcpdump", "captures on the lab underlay"),

@@ -28,6 +28,7 @@ pub async fn serve(manager: Arc<Manager>, listener: TcpListener, stop: impl std:
         .route("/heartbeat", post(heartbeat))
         .route("/renew", post(renew))
         .route("/raft/join", post(raft_join))
+        .route("/leave", post(leave))
         .layer(middleware::from_fn_with_state(manager.clone(), members_only))
         .with_state(manager.clone());
     let router = Router::new()
@@ -163,5 +164,19 @@ async fn raft_join(
     manager.store().add_manager(call.raft_id, peer).await?;
     manager.store().write(Op::SetManagerAddr { id: caller.node_id.clone(), addr: Some(call.addr) }).await?;
     info!(node = %caller.node_id, raft_id = call.raft_id, "manager joined raft");
+    Ok(Json(()))
+}
+
+/// A node leaving the swarm says so, so it shows Down at once (and its hostname can join
+/// again) instead of after the heartbeat grace.
+async fn leave(
+    State(manager): State<Arc<Manager>>,
+    Extension(Caller(caller)): Extension<Caller>,
+) -> Result<Json<()>, SwarmError> {
+    let addr = manager.store().shared().read(|s| s.nodes.get(&caller.node_id).map(|n| n.status.addr.clone()));
+    let addr = addr.ok_or_else(|| SwarmError::NotFound(format!("node {} not found", caller.node_id)))?;
+    let status = NodeStatus { state: NodeState::Down, message: "left the swarm".into(), addr };
+    manager.store().write(Op::SetNodeStatus { id: caller.node_id.clone(), status, description: None }).await?;
+    info!(node = %caller.node_id, "node left");
     Ok(Json(()))
 }

@@ -226,10 +226,25 @@ impl Swarm {
                 }
             }
         }
+        self.announce_leave().await;
         self.deactivate().await;
         self.dir.remove()?;
         info!("left the swarm");
         Ok(())
+    }
+
+    /// Tells a manager this node is leaving; best effort (a node leaving a dead swarm must
+    /// still be able to leave).
+    async fn announce_leave(&self) {
+        let Some(membership) = self.view().membership else { return };
+        let Ok(tls) = self.dir.tls() else { return };
+        let Ok(client) = shoal_store::transport::client(&tls) else { return };
+        for addr in &membership.managers {
+            if post::<_, ()>(&client, addr, "leave", &()).await.is_ok() {
+                return;
+            }
+        }
+        warn!("no manager heard that this node left");
     }
 
     /// `swarm unlock`: opens a locked manager's data key with the unlock key and resumes.

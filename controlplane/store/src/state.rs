@@ -173,17 +173,25 @@ impl ClusterState {
         if self.removed_nodes.contains(&node.id) || self.nodes.contains_key(&node.id) {
             return Err(CommandError::Conflict(format!("node {} already exists", node.id)));
         }
-        let hostname = &node.description.hostname;
-        if let Some(other) = self.nodes.values().find(|n| &n.description.hostname == hostname) {
-            return Err(CommandError::Conflict(format!(
-                "a node with hostname {hostname} is already part of the swarm ({}): remove it first (docker node rm)",
-                other.id
-            )));
+        let hostname = node.description.hostname.clone();
+        if let Some(other) = self.nodes.values().find(|n| n.description.hostname == hostname) {
+            // A machine that left (or died) and joins again replaces its old, down entry;
+            // a live node or a manager keeps its name.
+            let replaceable = other.status.state == NodeState::Down && other.spec.role == NodeRole::Worker;
+            if !replaceable {
+                return Err(CommandError::Conflict(format!(
+                    "a node with hostname {hostname} is already part of the swarm ({}): remove it first (docker node rm)",
+                    other.id
+                )));
+            }
+            let old = other.id.clone();
+            self.nodes.remove(&old);
+            self.removed_nodes.insert(old);
         }
         stamp_new(&mut node.version.index, &mut node.created_at, &mut node.updated_at, index, at);
         let id = node.id.clone();
         self.nodes.insert(id.clone(), node);
-        Ok(Change::Node(id))
+        Ok(Change::All)
     }
 
     fn update_node_spec(
@@ -292,11 +300,18 @@ mod tests {
     }
 
     #[test]
-    fn hostnames_are_unique() {
+    fn hostnames_are_unique_but_a_down_worker_is_replaced() {
         let mut state = swarm();
         let dup = state.apply(2, cmd(Op::AddNode { node: Box::new(node("x", "mgr1", NodeRole::Worker)) }));
         assert!(matches!(dup.0, Err(CommandError::Conflict(_))));
         assert!(!state.nodes.contains_key("x"));
+
+        let mut gone = node("w1", "wrk1", NodeRole::Worker);
+        gone.status.state = NodeState::Down;
+        state.apply(2, cmd(Op::AddNode { node: Box::new(gone) })).0.unwrap();
+        state.apply(3, cmd(Op::AddNode { node: Box::new(node("w2", "wrk1", NodeRole::Worker)) })).0.unwrap();
+        assert!(state.nodes.contains_key("w2") && !state.nodes.contains_key("w1"));
+        assert!(state.removed_nodes.contains("w1"), "the replaced node's certificate stops working");
     }
 
     #[test]

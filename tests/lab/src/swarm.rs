@@ -35,7 +35,11 @@ pub fn form(lab: &Lab, managers: usize) -> Result<()> {
         join(host, first, token)?;
         eprintln!("  {:<5} joined as {role}", host.name);
     }
-    wait_ready(first, lab.hosts.len())
+    // Every manager, not just the first, must see the whole swarm before the lab is "up".
+    for manager in &lab.hosts[..managers] {
+        wait_ready(manager, lab.hosts.len())?;
+    }
+    Ok(())
 }
 
 fn join(host: &Host, via: &Host, token: &str) -> Result<()> {
@@ -54,17 +58,17 @@ fn join(host: &Host, via: &Host, token: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the first manager lists `count` nodes, all Ready.
-fn wait_ready(first: &Host, count: usize) -> Result<()> {
+/// Waits until `manager` lists `count` nodes, all Ready.
+fn wait_ready(manager: &Host, count: usize) -> Result<()> {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     loop {
-        let nodes: Vec<Node> = first.api().get("/nodes")?.json().context("listing nodes")?;
+        let nodes: Vec<Node> = manager.api().get("/nodes")?.json().context("listing nodes")?;
         let ready = nodes.iter().filter(|n| n.status.state == NodeState::Ready).count();
         if nodes.len() == count && ready == count {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the swarm did not converge: {ready} of {count} nodes ready");
+            bail!("the swarm did not converge on {}: {ready} of {count} nodes ready", manager.name);
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -1,0 +1,71 @@
+//! The Engine API for swarm objects under bad input, and through docker-py: Docker's status
+//! codes and messages, and nothing changed.
+
+use shoal_api::{node::Node, swarm::Swarm, ErrorResponse};
+use shoal_tests::lab;
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn bad_input_gets_dockers_status_and_changes_nothing() {
+    let lab = lab("e2eswarmapi", 1, 1);
+    let api = lab.host("mgr1").unwrap().api();
+    let before: Node = api.get("/nodes/wrk1").unwrap().json().unwrap();
+    let update = format!("/nodes/{}/update?version={}", before.id, before.version.index);
+
+    // (what, path, body, status, words of the message)
+    type Case<'a> = (&'a str, String, Option<Vec<u8>>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("malformed JSON", update.clone(), Some(b"{\"Role\":".to_vec()), 400, "invalid JSON"),
+        ("unknown role", update.clone(), Some(br#"{"Role":"king"}"#.to_vec()), 400, "invalid JSON"),
+        ("no version", format!("/nodes/{}/update", before.id), Some(b"{}".to_vec()), 400, "version"),
+        ("unknown node", "/nodes/nosuchnode/update?version=1".into(), Some(b"{}".to_vec()), 404, "not found"),
+        (
+            "stale version",
+            format!("/nodes/{}/update?version={}", before.id, before.version.index - 1),
+            Some(serde_json::to_vec(&before.spec).unwrap()),
+            409,
+            "update out of sequence",
+        ),
+        ("join when joined", "/swarm/join".into(), Some(b"{}".to_vec()), 503, "already part of a swarm"),
+        ("unlock when unlocked", "/swarm/unlock".into(), Some(br#"{"UnlockKey":"x"}"#.to_vec()), 400, "not locked"),
+        ("swarm update stale", "/swarm/update?version=1".into(), Some(b"{}".to_vec()), 409, "out of sequence"),
+    ];
+    for (what, path, body, status, message) in cases {
+        let response = api.request("POST", &path, body.as_deref()).unwrap();
+        assert_eq!(response.status, status, "{what}: {}", response.text());
+        let error: ErrorResponse = response.json().unwrap_or_else(|_| panic!("{what}: not a Docker error body"));
+        assert!(error.message.contains(message), "{what}: {:?}", error.message);
+    }
+    let missing = api.get("/nodes/nosuchnode").unwrap();
+    assert_eq!(missing.status, 404);
+    let after: Node = api.get("/nodes/wrk1").unwrap().json().unwrap();
+    assert_eq!(after.version, before.version, "a refused request changed the node");
+    assert_eq!(after.spec, before.spec);
+
+    let worker = lab.host("wrk1").unwrap().api().get("/swarm").unwrap();
+    assert_eq!(worker.status, 503, "{}", worker.text());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn docker_py_reads_the_swarm_and_its_nodes() {
+    let lab = lab("e2edockerpy", 1, 2);
+    let host = lab.host("mgr1").unwrap();
+    let swarm: Swarm = host.api().get("/swarm").unwrap().json().unwrap();
+    let script = r#"
+import sys, docker
+c = docker.DockerClient(base_url=sys.argv[1])
+nodes = c.nodes.list()
+print(len(nodes))
+print(sorted(n.attrs["Description"]["Hostname"] for n in nodes))
+print(c.swarm.attrs["ID"])
+print(c.info()["Swarm"]["LocalNodeState"])
+managers = c.nodes.list(filters={"role": "manager"})
+print(len(managers))
+"#;
+    let out = std::process::Command::new("python3").args(["-c", script, &host.docker_host()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines, ["3", "['mgr1', 'wrk1', 'wrk2']", swarm.cluster.id.as_str(), "active", "1"]);
+}

@@ -1,0 +1,149 @@
+//! The seeds' cluster through the real docker CLI: 3 managers + 3 workers, one leader, the
+//! leader lost and regained, a partitioned manager, and acknowledged writes that survive the
+//! leader being stopped and started again and again.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use shoal_api::node::Node;
+use shoal_tests::{docker, docker_ok, eventually, lab, leader, node_ls};
+
+const MANAGERS: [&str; 3] = ["mgr1", "mgr2", "mgr3"];
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn node_ls_shows_six_ready_nodes_one_leader_and_the_asking_node() {
+    let lab = lab("e2eswarm", 3, 3);
+    let rows = node_ls(&lab, "mgr2").expect("docker node ls on mgr2");
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert!(rows.iter().all(|r| r.status == "Ready"), "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r.manager_status == "Leader").count(), 1, "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r.manager_status == "Reachable").count(), 2, "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r.manager_status.is_empty()).count(), 3, "{rows:?}");
+    let me: Vec<_> = rows.iter().filter(|r| r.is_self).collect();
+    assert_eq!(me.len(), 1);
+    assert_eq!(me[0].hostname, "mgr2");
+
+    // The table as the seeds show it: the asking node marked with `*`.
+    let table = docker_ok(&lab, "mgr2", &["node", "ls"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER", "STATUS", "ENGINE", "VERSION"]);
+    assert!(table.lines().any(|l| l.contains(" * ") && l.contains("mgr2")), "{table}");
+
+    let join = docker_ok(&lab, "mgr1", &["swarm", "join-token", "worker"]);
+    assert!(join.contains("docker swarm join --token SWMTKN-1-"), "{join}");
+    assert!(join.contains("10.77.1.1:2377"), "{join}");
+    let worker = String::from_utf8_lossy(&docker(&lab, "wrk1", &["node", "ls"]).stderr).into_owned();
+    assert!(worker.contains("Worker nodes can't be used to view or modify cluster state"), "{worker}");
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn losing_the_leader_elects_another_and_it_comes_back_as_reachable() {
+    let lab = lab("e2efailover", 3, 1);
+    let old = leader(&lab, "mgr1").expect("a leader");
+    let survivor = MANAGERS.into_iter().find(|m| *m != old).unwrap();
+
+    lab.stop(&old).unwrap();
+    let stopped = Instant::now();
+    let new = eventually("a new leader", Duration::from_secs(15), || leader(&lab, survivor).filter(|l| *l != old));
+    eprintln!("{new} leads {:?} after {old} stopped", stopped.elapsed());
+    eventually("the old leader shown down and unreachable", Duration::from_secs(40), || {
+        node_ls(&lab, survivor)?
+            .into_iter()
+            .find(|r| r.hostname == old && r.status == "Down" && r.manager_status == "Unreachable")
+    });
+
+    lab.start(&old).unwrap();
+    eventually("the old leader reachable again", Duration::from_secs(30), || {
+        node_ls(&lab, survivor)?
+            .into_iter()
+            .find(|r| r.hostname == old && r.status == "Ready" && r.manager_status == "Reachable")
+    });
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_partitioned_manager_refuses_changes_while_the_majority_goes_on() {
+    let lab = lab("e2epartition", 3, 1);
+    let current = leader(&lab, "mgr1").expect("a leader");
+    let cut = MANAGERS.into_iter().find(|m| *m != current).unwrap();
+    let majority = MANAGERS.into_iter().find(|m| *m != cut).unwrap();
+
+    lab.partition(&[cut]).unwrap();
+    let refused = eventually("the minority to refuse", Duration::from_secs(20), || {
+        let out = docker(&lab, cut, &["node", "update", "--label-add", "side=minority", "wrk1"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (!out.status.success() && err.contains("does not have a leader")).then_some(err)
+    });
+    assert!(refused.contains("more than half of the managers"), "{refused}");
+    eventually("the majority to accept", Duration::from_secs(20), || {
+        docker(&lab, majority, &["node", "update", "--label-add", "side=majority", "wrk1"])
+            .status
+            .success()
+            .then_some(())
+    });
+
+    lab.heal().unwrap();
+    let labels = eventually("the minority to catch up", Duration::from_secs(30), || {
+        let out = docker(&lab, cut, &["node", "inspect", "wrk1", "--format", "{{json .Spec.Labels}}"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("majority").then_some(text)
+    });
+    assert!(!labels.contains("minority"), "a refused change was applied: {labels}");
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn acknowledged_writes_survive_the_leader_stopping_and_starting() {
+    let lab = lab("e2edurable", 3, 1);
+    let apis: Vec<_> = MANAGERS.iter().map(|m| lab.host(m).unwrap().api()).collect();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (apis, acked, done) = (apis.clone(), acked.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !done.load(Ordering::Relaxed) {
+                let api = &apis[i % apis.len()];
+                i += 1;
+                let Ok(node) = api.get("/nodes/wrk1").and_then(|r| r.json::<Node>()) else { continue };
+                let mut spec = node.spec.clone();
+                spec.annotations.labels.insert(format!("w{i}"), "acked".into());
+                let path = format!("/nodes/{}/update?version={}", node.id, node.version.index);
+                if api.post_json(&path, &spec).is_ok_and(|r| r.status == 200) {
+                    acked.lock().unwrap().push(format!("w{i}"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    for _ in 0..3 {
+        let current =
+            eventually("a leader", Duration::from_secs(20), || MANAGERS.into_iter().find_map(|m| leader(&lab, m)));
+        lab.stop(&current).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        lab.start(&current).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    done.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 10, "too few writes were acknowledged to tell anything: {}", acked.len());
+    for (m, api) in MANAGERS.iter().zip(&apis) {
+        let missing = eventually("every acknowledged write on every manager", Duration::from_secs(30), || {
+            let node = api.get("/nodes/wrk1").ok()?.json::<Node>().ok()?;
+            let missing: Vec<&String> =
+                acked.iter().filter(|k| !node.spec.annotations.labels.contains_key(*k)).collect();
+            missing.is_empty().then_some(missing.len())
+        });
+        assert_eq!(missing, 0, "{m} lost acknowledged writes");
+    }
+    eprintln!("{} acknowledged writes, all present on all managers", acked.len());
+}

@@ -1,0 +1,149 @@
+//! Security of the control plane: autolock, and everything the cluster port must refuse —
+//! bad or rotated tokens, plain TCP, another CA's certificate, a worker calling raft, a
+//! removed node's certificate.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use shoal_api::info::Info;
+use shoal_lab::Lab;
+use shoal_tests::{docker, docker_err, docker_ok, docker_with_stdin, eventually, lab, node_ls};
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn autolock_keeps_a_restarted_manager_locked_until_unlocked() {
+    let lab = lab("e2elock", 3, 0);
+    docker_ok(&lab, "mgr1", &["node", "update", "--label-add", "canary=plaintext-canary-label", "mgr1"]);
+    let out = docker_ok(&lab, "mgr1", &["swarm", "update", "--autolock=true"]);
+    let key = out
+        .split_whitespace()
+        .find(|w| w.starts_with("SWMKEY-1-"))
+        .unwrap_or_else(|| panic!("no key in {out}"))
+        .to_owned();
+    let dek = lab.host("mgr2").unwrap().data_root.join("swarm/dek.json");
+    eventually("mgr2 to wrap its data key", Duration::from_secs(20), || {
+        std::fs::read_to_string(&dek).ok().filter(|t| t.contains("\"wrapped\": true"))
+    });
+
+    lab.stop("mgr2").unwrap();
+    lab.start("mgr2").unwrap();
+    let info: Info = lab.host("mgr2").unwrap().api().get("/info").unwrap().json().unwrap();
+    assert_eq!(info.swarm.local_node_state.as_str(), "locked");
+    let refused = docker_err(&lab, "mgr2", &["node", "ls"]);
+    assert!(refused.contains("Swarm is encrypted and needs to be unlocked before it can be used"), "{refused}");
+    let raft_db = std::fs::read(lab.host("mgr2").unwrap().data_root.join("swarm/raft/raft.db")).unwrap();
+    assert!(!contains(&raft_db, b"plaintext-canary-label"), "a label is readable in the raft store on disk");
+    eventually("the others to see mgr2 down", Duration::from_secs(40), || {
+        node_ls(&lab, "mgr1")?.into_iter().find(|r| r.hostname == "mgr2" && r.manager_status == "Unreachable")
+    });
+
+    let wrong =
+        docker_with_stdin(&lab, "mgr2", &["swarm", "unlock"], "SWMKEY-1-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n");
+    assert!(!wrong.status.success(), "a wrong key unlocked the swarm");
+    let unlocked = docker_with_stdin(&lab, "mgr2", &["swarm", "unlock"], &format!("{key}\n"));
+    assert!(unlocked.status.success(), "{}", String::from_utf8_lossy(&unlocked.stderr));
+    assert!(docker(&lab, "mgr2", &["node", "ls"]).status.success());
+    eventually("mgr2 ready and reachable again", Duration::from_secs(30), || {
+        node_ls(&lab, "mgr1")?
+            .into_iter()
+            .find(|r| r.hostname == "mgr2" && r.status == "Ready" && r.manager_status == "Reachable")
+    });
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_cluster_port_refuses_what_it_must() {
+    let lab = lab("e2erefuse", 1, 2);
+    let manager = "10.77.1.1:2377";
+
+    // Tokens: a made-up secret, a rotated token, then the current one.
+    docker_ok(&lab, "wrk2", &["swarm", "leave"]);
+    let old = docker_ok(&lab, "mgr1", &["swarm", "join-token", "-q", "worker"]).trim().to_owned();
+    let (digest, _) = old.rsplit_once('-').unwrap();
+    let forged = format!("{digest}-{}", "0".repeat(25));
+    let err = docker_err(&lab, "wrk2", &["swarm", "join", "--token", &forged, manager]);
+    assert!(err.contains("valid join token"), "{err}");
+    docker_ok(&lab, "mgr1", &["swarm", "join-token", "--rotate", "worker"]);
+    let err = docker_err(&lab, "wrk2", &["swarm", "join", "--token", &old, manager]);
+    assert!(err.contains("valid join token"), "a rotated token was accepted: {err}");
+    let current = docker_ok(&lab, "mgr1", &["swarm", "join-token", "-q", "worker"]).trim().to_owned();
+    assert_ne!(current, old);
+    let joined = docker_ok(&lab, "wrk2", &["swarm", "join", "--token", &current, manager]);
+    assert!(joined.contains("This node joined a swarm as a worker."), "{joined}");
+
+    // Plain TCP gets no HTTP answer.
+    let plain = curl(&lab, "wrk1", &["http://10.77.1.1:2377/heartbeat"]);
+    assert!(!plain.0.starts_with('2') && !plain.0.starts_with('4'), "plain HTTP answered: {plain:?}");
+
+    // A certificate from another CA does not get through the handshake.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=intruder/OU=swarm-manager/O=other"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let wrk1 = certs(&lab, "wrk1");
+    let foreign = curl(&lab, "wrk1", &tls_args(&wrk1.root, &cert, &key, "raft/vote"));
+    assert_eq!(foreign.0, "000", "a foreign certificate got an HTTP answer: {foreign:?}");
+
+    // A worker's certificate cannot call a manager-only endpoint.
+    let worker = curl(&lab, "wrk1", &tls_args(&wrk1.root, &wrk1.cert, &wrk1.key, "raft/vote"));
+    assert_eq!(worker.0, "403", "{worker:?}");
+    let beat = curl(&lab, "wrk1", &tls_args(&wrk1.root, &wrk1.cert, &wrk1.key, "heartbeat"));
+    assert_eq!(beat.0, "200", "a member's heartbeat should pass: {beat:?}");
+
+    // Once removed, its certificate is refused though it has not expired.
+    let id = docker_ok(&lab, "mgr1", &["node", "inspect", "wrk1", "--format", "{{.ID}}"]).trim().to_owned();
+    docker_ok(&lab, "mgr1", &["node", "rm", "--force", &id]);
+    let removed = curl(&lab, "wrk1", &tls_args(&wrk1.root, &wrk1.cert, &wrk1.key, "heartbeat"));
+    assert_eq!(removed.0, "403", "{removed:?}");
+}
+
+struct Certs {
+    root: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+fn certs(lab: &Lab, host: &str) -> Certs {
+    let dir = lab.host(host).unwrap().data_root.join("swarm/certs");
+    Certs { root: dir.join("root.crt"), cert: dir.join("node.crt"), key: dir.join("node.key") }
+}
+
+/// curl arguments for a POST to the manager's cluster port over mutual TLS, dialled by
+/// address but verified as `swarm-manager`, as nodes do.
+fn tls_args(root: &Path, cert: &Path, key: &Path, path: &str) -> Vec<String> {
+    vec![
+        "--cacert".into(),
+        root.display().to_string(),
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--resolve".into(),
+        "swarm-manager:2377:10.77.1.1".into(),
+        "-H".into(),
+        "content-type: application/json".into(),
+        "-d".into(),
+        r#"{"addr":"10.77.2.1","description":null}"#.into(),
+        format!("https://swarm-manager:2377/{path}"),
+    ]
+}
+
+/// Runs curl inside `host`; returns the HTTP status curl saw ("000" for none) and stderr.
+fn curl<S: AsRef<str>>(lab: &Lab, host: &str, args: &[S]) -> (String, String) {
+    let mut argv: Vec<String> =
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"].map(String::from).to_vec();
+    argv.extend(args.iter().map(|a| a.as_ref().to_owned()));
+    let out = lab.command(host, &argv).unwrap().output().unwrap();
+    (String::from_utf8_lossy(&out.stdout).trim().to_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
