@@ -147,3 +147,43 @@ fn acknowledged_writes_survive_the_leader_stopping_and_starting() {
     }
     eprintln!("{} acknowledged writes, all present on all managers", acked.len());
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn promote_and_demote_change_raft_membership_and_certificates() {
+    let lab = lab("e2eroles", 3, 1);
+    let members = |host: &str| -> Option<usize> {
+        let info: shoal_api::info::Info = lab.host(host).ok()?.api().get("/info").ok()?.json().ok()?;
+        Some(info.swarm.remote_managers.len())
+    };
+    assert_eq!(members("mgr1"), Some(3));
+
+    let out = docker_ok(&lab, "mgr1", &["node", "promote", "wrk1"]);
+    assert!(out.contains("Node wrk1 promoted to a manager in the swarm."), "{out}");
+    eventually("wrk1 in raft", Duration::from_secs(30), || (members("mgr1")? == 4).then_some(()));
+    eventually("wrk1 serving as a manager", Duration::from_secs(30), || {
+        node_ls(&lab, "wrk1")?.into_iter().find(|r| r.is_self && r.manager_status == "Reachable")
+    });
+    let cert = std::fs::read_to_string(lab.host("wrk1").unwrap().data_root.join("swarm/certs/node.crt")).unwrap();
+    let role = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(cert.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(String::from_utf8_lossy(&role.stdout).contains("swarm-manager"), "wrk1's certificate still says worker");
+
+    let out = docker_ok(&lab, "mgr1", &["node", "demote", "mgr3"]);
+    assert!(out.contains("Manager mgr3 demoted in the swarm."), "{out}");
+    eventually("mgr3 out of raft", Duration::from_secs(30), || (members("mgr1")? == 3).then_some(()));
+    eventually("mgr3 a worker", Duration::from_secs(30), || {
+        let err = String::from_utf8_lossy(&docker(&lab, "mgr3", &["node", "ls"]).stderr).into_owned();
+        err.contains("Worker nodes can't be used").then_some(())
+    });
+    docker_ok(&lab, "wrk1", &["node", "update", "--label-add", "after=roles", "wrk1"]);
+}
