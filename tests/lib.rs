@@ -69,8 +69,25 @@ pub fn docker(lab: &Lab, host: &str, args: &[&str]) -> std::process::Output {
 
 /// Like `docker`, with `input` on the CLI's stdin (for prompts such as `swarm unlock`).
 pub fn docker_with_stdin(lab: &Lab, host: &str, args: &[&str], input: &str) -> std::process::Output {
+    cli(lab, host, "docker", args, input)
+}
+
+/// Runs our own `shoal` CLI inside `host`'s namespace; must succeed; returns its stdout.
+pub fn shoal_ok(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let out = cli(lab, host, "shoal", args, "");
+    assert!(
+        out.status.success(),
+        "shoal {} on {host} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cli(lab: &Lab, host: &str, program: &str, args: &[&str], input: &str) -> std::process::Output {
     use std::io::Write;
-    let argv: Vec<String> = std::iter::once("docker").chain(args.iter().copied()).map(str::to_owned).collect();
+    let argv: Vec<String> = std::iter::once(program).chain(args.iter().copied()).map(str::to_owned).collect();
     let mut child = lab
         .command(host, &argv)
         .unwrap()

@@ -33,6 +33,19 @@ impl Client {
         self.send(Method::PUT, path, Bytes::from(serde_json::to_vec(body)?)).await
     }
 
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(Method::POST, path, Bytes::from(serde_json::to_vec(body)?)).await
+    }
+
+    /// A POST whose answer has no body worth reading.
+    pub async fn post_empty<B: Serialize>(&self, path: &str, body: &B) -> Result<()> {
+        self.send::<serde::de::IgnoredAny>(Method::POST, path, Bytes::from(serde_json::to_vec(body)?)).await.map(|_| ())
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.send::<serde::de::IgnoredAny>(Method::DELETE, path, Bytes::new()).await.map(|_| ())
+    }
+
     async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T> {
         let stream = UnixStream::connect(&self.socket).await.with_context(|| {
             format!("Cannot connect to the shoal daemon at unix://{}. Is shoald running?", self.socket.display())
@@ -54,6 +67,8 @@ impl Client {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             return Err(anyhow!("Error response from daemon: {message}"));
         }
-        serde_json::from_slice(&bytes).context("unexpected response from the daemon")
+        // Some endpoints answer 200 with no body; read that as JSON `null`.
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(bytes).context("unexpected response from the daemon")
     }
 }

@@ -1,9 +1,13 @@
 //! `shoal`: the command-line client of a shoal node, speaking the same API as `docker`.
 //!
-//! Commands grow with the API: today `version` and the agent's `dataplane` commands.
+//! `swarm` and `node` follow `docker swarm` and `docker node`; `dataplane` drives the agent's
+//! overlay directly.
 #![forbid(unsafe_code)]
 
 mod client;
+mod node;
+mod swarm;
+mod table;
 
 use std::io::Read;
 
@@ -30,6 +34,12 @@ struct Cli {
 enum Command {
     /// Show the client and server versions.
     Version,
+    /// Manage the swarm.
+    #[command(subcommand)]
+    Swarm(swarm::SwarmCommand),
+    /// Manage swarm nodes.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// The node's overlay data plane (desired state and BPF counters).
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
@@ -48,7 +58,7 @@ enum DataplaneCommand {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
-        eprintln!("Error: {e:#}");
+        eprintln!("{e:#}");
         std::process::exit(1);
     }
 }
@@ -64,6 +74,8 @@ async fn run(cli: Cli) -> Result<()> {
                 v.version, v.api_version, v.min_api_version, v.os, v.arch, v.kernel_version
             );
         }
+        Command::Swarm(command) => swarm::run(&client, command).await?,
+        Command::Node(command) => node::run(&client, command).await?,
         Command::Dataplane(DataplaneCommand::Show) => {
             let spec: DataplaneSpec = client.get("/shoal/v1/dataplane").await?;
             println!("{}", serde_json::to_string_pretty(&spec)?);

@@ -5,6 +5,7 @@
 
 mod api_input;
 mod overlay;
+mod shoal_cli;
 mod swarm_api;
 mod swarm_ha;
 mod swarm_security;
