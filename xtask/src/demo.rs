@@ -22,6 +22,13 @@ pub fn run(keep: bool) -> Result<()> {
     let lab = Lab::up(&LabConfig::new(DEFAULT_LAB, workspace::bin_dir()))?;
     let lab = if keep { lab } else { lab.teardown_on_drop() };
 
+    eprintln!("== the swarm, as the real docker CLI on mgr2 sees it (docker node ls)");
+    let argv: Vec<String> = ["docker", "node", "ls"].map(String::from).to_vec();
+    let status = lab.command("mgr2", &argv)?.status()?;
+    if !status.success() {
+        bail!("docker node ls failed on mgr2");
+    }
+
     eprintln!("== overlay network {NETWORK:?}: VNI {VNI}, 10.78.0.0/24, one workload per host");
     let mut workloads = Vec::new();
     for (i, host) in lab.hosts.iter().enumerate() {
