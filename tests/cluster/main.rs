@@ -8,4 +8,5 @@ mod overlay;
 mod shoal_cli;
 mod swarm_api;
 mod swarm_ha;
+mod swarm_restore;
 mod swarm_security;

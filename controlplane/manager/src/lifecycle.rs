@@ -28,13 +28,11 @@ impl Swarm {
     /// `swarm init`: a new cluster with this node as its first manager and leader.
     pub async fn init(&self, req: InitRequest) -> Result<String, SwarmError> {
         let _guard = self.ops.lock().await;
+        if req.force_new_cluster {
+            return self.force_new_cluster().await;
+        }
         if self.local_state() != LocalNodeState::Inactive {
             return Err(SwarmError::AlreadyInSwarm);
-        }
-        if req.force_new_cluster {
-            return Err(SwarmError::InvalidArgument(
-                "--force-new-cluster needs an existing manager state on this node".into(),
-            ));
         }
         let (listen_addr, advertise_addr) = self.addresses(&req.listen_addr, &req.advertise_addr)?;
         let availability = parse_availability(&req.availability)?;
@@ -116,6 +114,54 @@ impl Swarm {
         manager.store().write(Op::CreateCluster { cluster: Box::new(cluster), first: Box::new(first) }).await?;
         info!(node = %node_id, "swarm initialized");
         Ok(node_id)
+    }
+
+    /// `swarm init --force-new-cluster`: a new single-manager raft from this manager's copy of
+    /// the state — the way back from losing the quorum, or from a backup of the data root. The
+    /// cluster keeps its ID, CA and tokens, so workers stay members; every other node shows
+    /// Down until it reports in again.
+    async fn force_new_cluster(&self) -> Result<String, SwarmError> {
+        let view = self.view();
+        let manager = match (view.state, &view.manager) {
+            (_, Some(manager)) => manager.clone(),
+            (LocalNodeState::Locked, _) => return Err(SwarmError::Locked),
+            _ => {
+                return Err(SwarmError::InvalidArgument(
+                    "--force-new-cluster needs this node's manager state: restore a manager's data root first".into(),
+                ))
+            }
+        };
+        let mut membership = view.membership.clone().ok_or(SwarmError::NotInSwarm)?;
+        let mut state = manager.store().shared().read(|s| s.clone());
+        if state.cluster.is_none() {
+            return Err(SwarmError::InvalidArgument("this node's state holds no swarm to recover".into()));
+        }
+        let unlock = state.cluster.as_ref().and_then(|c| c.unlock_key.as_deref()).map(str::parse::<UnlockKey>);
+        let data_key = self.dir.data_key(unlock.transpose().ok().flatten().as_ref())?.ok_or(SwarmError::Locked)?;
+        self.deactivate().await;
+
+        let addr = cluster_addr(&membership);
+        for node in state.nodes.values_mut() {
+            if node.id == membership.node_id {
+                node.status.state = NodeState::Ready;
+                node.manager_status = Some(ManagerStatus { addr: addr.clone(), ..Default::default() });
+            } else {
+                node.status.state = NodeState::Down;
+                node.status.message = "not heard from since the cluster was re-created".into();
+                node.manager_status = None;
+            }
+        }
+        std::fs::remove_dir_all(self.dir.raft_dir())
+            .map_err(|e| SwarmError::io("removing the old raft data".into(), e))?;
+        membership.raft_id = Some(new_raft_id());
+        membership.managers = vec![addr.clone()];
+        self.dir.save_membership(&membership)?;
+        self.activate(membership.clone(), Some(data_key)).await?;
+        let manager = self.manager()?;
+        manager.store().bootstrap(RaftPeer { node_id: membership.node_id.clone(), addr }).await?;
+        manager.store().write(Op::RestoreState { state: Box::new(state) }).await?;
+        info!(node = %membership.node_id, "new cluster forced from this manager's state");
+        Ok(membership.node_id)
     }
 
     /// `swarm join`: becomes a member through the manager at `remote_addrs[0]`, in the role

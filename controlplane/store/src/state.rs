@@ -81,6 +81,11 @@ pub enum Op {
         id: String,
         force: bool,
     },
+    /// The first entry of a cluster re-created from a surviving manager's state
+    /// (`swarm init --force-new-cluster`): everything as it was.
+    RestoreState {
+        state: Box<ClusterState>,
+    },
 }
 
 /// Why a command was refused; nothing changed.
@@ -121,6 +126,10 @@ impl ClusterState {
                 Ok(())
             }),
             Op::RemoveNode { id, force } => self.remove_node(&id, force),
+            Op::RestoreState { state } => {
+                *self = *state;
+                Ok(Change::All)
+            }
         };
         match result {
             Ok(change) => (Ok(Applied { version: index }), Some(change)),
