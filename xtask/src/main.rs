@@ -2,6 +2,7 @@
 //! demo and the tests.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod bootstrap;
 mod demo;
 mod lab;
@@ -22,6 +23,9 @@ enum Command {
     /// Install what a fresh machine lacks (Debian packages, nightly rust-src, bpf-linker).
     /// Idempotent; the other commands run it when something is missing.
     Bootstrap,
+    /// Benchmarks in the lab; reports go to docs/benchmarks/.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Build every binary (the BPF object is built and embedded by the agent's build script).
     Build,
     /// The main job: lab up, one workload per host on an overlay, traffic across hosts.
@@ -40,6 +44,7 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Bootstrap => bootstrap::run(),
+        Command::Bench(command) => bench::run(command),
         Command::Build => workspace::build(),
         Command::Demo { keep } => demo::run(keep),
         Command::Lab(command) => lab::run(command),

@@ -125,7 +125,28 @@ impl ClusterStore {
     pub async fn write(&self, op: Op) -> Result<Applied, WriteError> {
         let command = Command { at: now_rfc3339(), op };
         let applied = self.submit(Forward::Write(command)).await?;
-        applied.ok_or_else(|| WriteError::Unavailable("the leader returned no result".into()))
+        let applied = applied.ok_or_else(|| WriteError::Unavailable("the leader returned no result".into()))?;
+        // Read-your-writes: a write forwarded to the leader is answered once this replica has
+        // applied it too, so the caller's next read here sees it (`docker node update` twice
+        // in a row on a follower must not fail with a stale version).
+        self.wait_applied(applied.version).await;
+        Ok(applied)
+    }
+
+    /// Waits (bounded) until this replica has applied the entry at `index`.
+    async fn wait_applied(&self, index: u64) {
+        let mut metrics = self.raft.metrics();
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            loop {
+                if metrics.borrow().last_applied.is_some_and(|l| l.index >= index) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// Adds a manager: first as a learner that catches up, then as a voter.
