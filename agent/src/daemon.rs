@@ -47,6 +47,19 @@ pub struct Config {
     /// UDP port of the VXLAN data path.
     #[arg(long, default_value_t = VXLAN_PORT)]
     pub vxlan_port: u16,
+    /// Also serve the API over TCP with mutual TLS on this address (dockerd's
+    /// `-H tcp://...` with `--tlsverify`); needs the three `--tls*` files.
+    #[arg(long, requires_all = ["tlscacert", "tlscert", "tlskey"])]
+    pub tls_listen: Option<std::net::SocketAddr>,
+    /// CA that client certificates must chain to.
+    #[arg(long)]
+    pub tlscacert: Option<PathBuf>,
+    /// The daemon's TLS certificate.
+    #[arg(long)]
+    pub tlscert: Option<PathBuf>,
+    /// The daemon's TLS key.
+    #[arg(long)]
+    pub tlskey: Option<PathBuf>,
 }
 
 impl Config {
@@ -73,6 +86,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("serving the API: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("API TLS: {0}")]
+    Tls(String),
 }
 
 pub async fn run(config: Config) -> Result<(), DaemonError> {
@@ -100,6 +115,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     .await;
     let node = Arc::new(Node { dataplane: Mutex::new(dataplane), dataplane_file, swarm: swarm.clone(), daemon });
 
+    let tcp = match config.tls_listen {
+        Some(addr) => Some((
+            tokio::net::TcpListener::bind(addr).await.map_err(io("binding", Path::new(&addr.to_string())))?,
+            tls_files(&config)?,
+        )),
+        None => None,
+    };
     let listener = bind(&config.socket)?;
     info!(socket = %config.socket.display(), "API listening");
     let shutdown = async move {
@@ -108,7 +130,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             _ = sigint.recv() => info!("SIGINT: shutting down"),
         }
     };
-    let served = api::serve(listener, node.clone(), shutdown).await;
+    let served = api::serve(listener, tcp, node.clone(), shutdown).await;
     if let Err(e) = &served {
         error!(error = %e, "API server failed");
     }
@@ -146,6 +168,18 @@ async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) {
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
     move |source| DaemonError::Io { what, path: path.to_owned(), source }
+}
+
+/// The rustls configuration of the TCP API from `--tlscacert/--tlscert/--tlskey`.
+fn tls_files(config: &Config) -> Result<Arc<rustls::ServerConfig>, DaemonError> {
+    let read = |path: &Option<PathBuf>| -> Result<String, DaemonError> {
+        let path = path
+            .as_ref()
+            .ok_or_else(|| DaemonError::Tls("--tls-listen needs --tlscacert, --tlscert and --tlskey".into()))?;
+        std::fs::read_to_string(path).map_err(io("reading", path))
+    };
+    shoal_ca::tls::api_server_config(&read(&config.tlscacert)?, &read(&config.tlscert)?, &read(&config.tlskey)?)
+        .map_err(|e| DaemonError::Tls(e.to_string()))
 }
 
 fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {

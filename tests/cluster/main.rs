@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod api_input;
+mod api_tls;
 mod overlay;
 mod shoal_cli;
 mod swarm_api;

@@ -14,7 +14,10 @@ use axum::{
     routing::get,
     Router,
 };
-use tokio::{net::UnixListener, sync::Mutex};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::Mutex,
+};
 use tower::Layer;
 
 pub use error::ApiError;
@@ -34,9 +37,11 @@ pub struct Node {
     pub daemon: system::DaemonInfo,
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener`, and over mutual TLS on `tcp` if given, until `shutdown`
+/// completes.
 pub async fn serve(
     listener: UnixListener,
+    tcp: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     node: Arc<Node>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -51,7 +56,20 @@ pub async fn serve(
         .fallback(error::not_found);
     // Outside the router, so the version prefix is gone before routing.
     let app = middleware::from_fn(strip_version_prefix).layer(routes);
-    axum::serve(listener, tower::make::Shared::new(app)).with_graceful_shutdown(shutdown).await
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tls_server = tcp.map(|(listener, tls)| {
+        let router = Router::new().fallback_service(app.clone());
+        let mut stopped = stopped.clone();
+        tokio::spawn(shoal_store::transport::serve(listener, move || tls.clone(), router, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }))
+    });
+    let served = axum::serve(listener, tower::make::Shared::new(app)).with_graceful_shutdown(shutdown).await;
+    let _ = stop.send(true);
+    if let Some(task) = tls_server {
+        let _ = task.await;
+    }
+    served
 }
 
 /// Docker clients prefix every path with the API version they speak (`/v1.51/version`); answer

@@ -71,6 +71,31 @@ pub fn server_config(material: &TlsMaterial) -> Result<Arc<ServerConfig>, CaErro
     Ok(Arc::new(config))
 }
 
+/// The Engine API over TCP (dockerd's `--tlsverify`): the daemon's certificate, and client
+/// certificates required and verified against `ca_pem`, as `docker --tlsverify` expects.
+/// These are the operator's certificates (dockerd's `--tlscacert/--tlscert/--tlskey`), not the
+/// cluster's.
+pub fn api_server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, CaError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| CaError::InvalidCertificate(e.to_string()))?)?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| CaError::InvalidCertificate(format!("private key: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// What a node dials managers with: the cluster root as the only trust anchor, its own
 /// certificate as the client certificate. Managers are dialled by address, but their
 /// certificates name their role, not their address (which may change), so the server must

@@ -147,3 +147,30 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shoal_api::node::NodeRole;
+    use shoal_ca::{NodeIdentity, NodeKey, RootCa};
+
+    use super::*;
+
+    fn material(lifetime: Duration) -> TlsMaterial {
+        let root = RootCa::generate().unwrap();
+        let key = NodeKey::generate().unwrap();
+        let who = NodeIdentity { node_id: "n".into(), role: NodeRole::Worker, cluster_id: "c".into() };
+        TlsMaterial {
+            root_pem: root.cert_pem().into(),
+            cert_pem: root.issue(&key.csr_pem().unwrap(), &who, lifetime).unwrap(),
+            key_pem: key.to_pem().to_string(),
+        }
+    }
+
+    #[test]
+    fn renews_only_when_little_of_the_lifetime_is_left() {
+        assert!(!needs_renewal(&material(Duration::from_secs(90 * 24 * 3600))), "a fresh certificate");
+        assert!(needs_renewal(&material(Duration::from_secs(100))), "minutes left of hours");
+    }
+}

@@ -68,13 +68,14 @@ async fn serve_connection(
     router: Router,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
+    // A verified certificate that names no swarm node (an operator's client certificate on
+    // the TCP Engine API) is simply no node identity; node-only endpoints refuse it.
     let peer = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .map(|cert| NodeIdentity::from_cert_der(cert))
-        .transpose()?;
+        .and_then(|cert| NodeIdentity::from_cert_der(cert).ok());
     debug!(%remote, node = ?peer.as_ref().map(|p| &p.node_id), "cluster connection");
     let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(Peer(peer.clone()));

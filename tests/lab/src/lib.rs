@@ -166,7 +166,7 @@ impl Lab {
         }
         for host in &lab.hosts {
             let t = Instant::now();
-            let pid = shoald::start(&lab, host)?;
+            let pid = shoald::start(&lab, host, &[])?;
             eprintln!(
                 "  {:<5} {:<12} shoald ready (pid {pid}) in {:.2}s",
                 host.name,
@@ -205,7 +205,12 @@ impl Lab {
 
     /// Starts `host`'s shoald again on its existing data root.
     pub fn start(&self, host: &str) -> Result<u32> {
-        shoald::start(self, self.host(host)?)
+        shoald::start(self, self.host(host)?, &[])
+    }
+
+    /// Like `start`, with extra shoald flags (until the next plain `start`).
+    pub fn start_with(&self, host: &str, extra: &[String]) -> Result<u32> {
+        shoald::start(self, self.host(host)?, extra)
     }
 
     /// Whether `host`'s shoald is running and answers on its socket.

@@ -23,7 +23,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts shoald in `host`'s namespace and waits until its API answers.
-pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
+pub fn start(lab: &Lab, host: &Host, extra: &[String]) -> Result<u32> {
     if let Some(pid) = running_pid(host) {
         bail!("{}: shoald is already running (pid {pid})", host.name);
     }
@@ -43,6 +43,7 @@ pub fn start(lab: &Lab, host: &Host) -> Result<u32> {
         "--bpf-root".into(),
         format!("{BPF_ROOT}/{}", lab.name),
     ];
+    let argv: Vec<String> = argv.into_iter().chain(extra.iter().cloned()).collect();
     let child = netns::command(&host.netns, &argv)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
