@@ -142,7 +142,9 @@ fn tls_args(root: &Path, cert: &Path, key: &Path, path: &str) -> Vec<String> {
 /// Runs curl inside `host`; returns the HTTP status curl saw ("000" for none) and stderr.
 fn curl<S: AsRef<str>>(lab: &Lab, host: &str, args: &[S]) -> (String, String) {
     let mut argv: Vec<String> =
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"].map(String::from).to_vec();
+        // HTTP/1.1: curl 7.88 reports an early answer on HTTP/2 (a 403 sent before the
+        // request body is read, then RST_STREAM NO_ERROR) as a stream error.
+        ["curl", "-sS", "--http1.1", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"].map(String::from).to_vec();
     argv.extend(args.iter().map(|a| a.as_ref().to_owned()));
     let out = lab.command(host, &argv).unwrap().output().unwrap();
     (String::from_utf8_lossy(&out.stdout).trim().to_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
