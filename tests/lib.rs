@@ -74,10 +74,14 @@ pub fn docker_with_stdin(lab: &Lab, host: &str, args: &[&str], input: &str) -> s
 
 /// Runs our own `shoal` CLI inside `host`'s namespace; must succeed; returns its stdout.
 pub fn shoal_ok(lab: &Lab, host: &str, args: &[&str]) -> String {
-    let out = cli(lab, host, "shoal", args, "");
+    succeeded("shoal", host, args, cli(lab, host, "shoal", args, ""))
+}
+
+/// The stdout of a CLI run that must have succeeded.
+fn succeeded(program: &str, host: &str, args: &[&str], out: std::process::Output) -> String {
     assert!(
         out.status.success(),
-        "shoal {} on {host} failed: {}{}",
+        "{program} {} on {host} failed: {}{}",
         args.join(" "),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -95,22 +99,14 @@ fn cli(lab: &Lab, host: &str, program: &str, args: &[&str], input: &str) -> std:
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("docker CLI");
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
 
 /// `docker ARGS` on `host`, which must succeed; returns its stdout.
 pub fn docker_ok(lab: &Lab, host: &str, args: &[&str]) -> String {
-    let out = docker(lab, host, args);
-    assert!(
-        out.status.success(),
-        "docker {} on {host} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    succeeded("docker", host, args, docker(lab, host, args))
 }
 
 /// `docker ARGS` on `host`, which must fail; returns its stderr.

@@ -100,26 +100,11 @@ pub async fn run(client: &Client, command: NodeCommand) -> Result<()> {
             Ok(())
         }
         NodeCommand::Promote { nodes } => {
-            for node in nodes {
-                update(client, &node, |spec| {
-                    spec.role = NodeRole::Manager;
-                    Ok(())
-                })
-                .await?;
-                println!("Node {node} promoted to a manager in the swarm.");
-            }
-            Ok(())
+            set_role(client, &nodes, NodeRole::Manager, |n| format!("Node {n} promoted to a manager in the swarm."))
+                .await
         }
         NodeCommand::Demote { nodes } => {
-            for node in nodes {
-                update(client, &node, |spec| {
-                    spec.role = NodeRole::Worker;
-                    Ok(())
-                })
-                .await?;
-                println!("Manager {node} demoted in the swarm.");
-            }
-            Ok(())
+            set_role(client, &nodes, NodeRole::Worker, |n| format!("Manager {n} demoted in the swarm.")).await
         }
         NodeCommand::Rm { force, nodes } => {
             for node in nodes {
@@ -129,6 +114,19 @@ pub async fn run(client: &Client, command: NodeCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `promote`/`demote`: the role of each node, with docker's message for each.
+async fn set_role(client: &Client, nodes: &[String], role: NodeRole, message: impl Fn(&str) -> String) -> Result<()> {
+    for node in nodes {
+        update(client, node, |spec| {
+            spec.role = role;
+            Ok(())
+        })
+        .await?;
+        println!("{}", message(node));
+    }
+    Ok(())
 }
 
 /// Reads the node, changes its spec, and writes it back at the version read.
