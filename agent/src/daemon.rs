@@ -47,6 +47,11 @@ pub struct Config {
     /// UDP port of the VXLAN data path.
     #[arg(long, default_value_t = VXLAN_PORT)]
     pub vxlan_port: u16,
+    /// Detach the BPF programs when exiting. Without it they stay attached (pinned), so a
+    /// restart of shoald does not interrupt traffic; `lab down` or a later run with this flag
+    /// removes them.
+    #[arg(long)]
+    pub detach_on_exit: bool,
     /// Also serve the API over TCP with mutual TLS on this address (dockerd's
     /// `-H tcp://...` with `--tlsverify`); needs the three `--tls*` files.
     #[arg(long, requires_all = ["tlscacert", "tlscert", "tlskey"])]
@@ -136,7 +141,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let _ = std::fs::remove_file(&config.socket);
     swarm.shutdown().await;
-    node.dataplane.lock().await.detach_all();
+    if config.detach_on_exit {
+        node.dataplane.lock().await.detach_all();
+    } else {
+        node.dataplane.lock().await.release();
+    }
     info!("shoald stopped");
     served.map_err(DaemonError::Serve)
 }

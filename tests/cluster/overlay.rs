@@ -1,5 +1,5 @@
 //! Overlay traffic between workloads on different hosts goes through shoal's BPF programs
-//! and VXLAN, and stops when the programs are detached.
+//! and VXLAN, goes on across a restart of shoald, and stops when the programs are detached.
 //!
 //! ```text
 //!   mgr1/a 10.78.0.2        wrk1/b 10.78.0.3        wrk2/c 10.78.0.4
@@ -9,14 +9,14 @@
 //! ```
 
 use shoal_common::stats::{ARP_REPLY, DELIVER_FROM_OVERLAY, DROP_FIRST, FORWARD_REMOTE};
-use shoal_lab::{ping, tcp_exchange, TextServer};
+use shoal_lab::{ping, tcp_exchange, Conversation, TextServer};
 use shoal_tests::{overlay_spec, plain_lab, vxlan_packets, workload};
 
 const PORT: u16 = 7000;
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
-fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
+fn overlay_crosses_hosts_survives_restarts_and_stops_when_detached() {
     // Setup: three hosts, a workload on each, one overlay network everywhere.
     let lab = plain_lab("e2eoverlay", 1, 2);
     let a = workload(&lab, "mgr1", "a", "10.78.0.2");
@@ -49,13 +49,24 @@ fn overlay_crosses_hosts_through_bpf_and_vxlan_and_stops_when_detached() {
         assert_eq!(drops, 0, "{} dropped packets on a healthy overlay", host.name);
     }
 
-    // Detach: stopping wrk1's shoald detaches its programs, and b becomes unreachable.
+    // Restart: a conversation open across hosts goes on while wrk1's shoald is stopped (the
+    // programs stay attached, pinned) and after it starts again (it adopts them).
+    let mut talk = Conversation::open(&a.netns, b.addr, PORT).unwrap();
+    assert_eq!(talk.say("before").unwrap(), "b says before");
+    lab.stop("wrk1").unwrap();
+    assert_eq!(talk.say("while stopped").unwrap(), "b says while stopped");
+    assert_eq!(ping(&a.netns, b.addr, 2).unwrap(), 2, "b unreachable while wrk1's shoald is stopped");
+    lab.start("wrk1").unwrap();
+    assert_eq!(talk.say("after restart").unwrap(), "b says after restart");
+
+    // Detach: with --detach-on-exit, stopping wrk1's shoald removes its programs, and b
+    // becomes unreachable; starting it again brings b back.
+    lab.stop("wrk1").unwrap();
+    lab.start_with("wrk1", &["--detach-on-exit".to_owned()]).unwrap();
     lab.stop("wrk1").unwrap();
     assert_eq!(ping(&a.netns, b.addr, 3).unwrap(), 0, "b still reachable with wrk1's programs detached");
     assert!(tcp_exchange(&a.netns, b.addr, PORT, "hi").is_err());
     assert_eq!(ping(&a.netns, c.addr, 3).unwrap(), 3, "c is on another host and unaffected");
-
-    // Restart: shoald comes back with the state it acknowledged, and b is reachable again.
     lab.start("wrk1").unwrap();
     assert_eq!(ping(&a.netns, b.addr, 3).unwrap(), 3, "b reachable after wrk1's shoald restarted");
     assert_eq!(tcp_exchange(&a.netns, b.addr, PORT, "back").unwrap(), "b says back");

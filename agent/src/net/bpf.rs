@@ -3,13 +3,17 @@
 //! The only module that touches BPF.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
-    path::Path,
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        SchedClassifier, TcAttachType,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -23,7 +27,7 @@ use shoal_common::{
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
     stats,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::net::{overlay::Plan, NetError};
 
@@ -43,9 +47,7 @@ const MIN_KERNEL: (u8, u8) = (6, 6);
 
 pub struct Datapath {
     ebpf: Ebpf,
-    /// `from_workload` attachments by ifindex (with the name, for logs).
-    workload_links: BTreeMap<u32, (String, SchedClassifierLinkId)>,
-    overlay_link: Option<SchedClassifierLinkId>,
+    attachments: Attachments,
 }
 
 impl Datapath {
@@ -69,21 +71,20 @@ impl Datapath {
             classifier(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
         }
         info!(pin_dir = %pin_dir.display(), %kernel, "BPF programs loaded");
-        Ok(Datapath { ebpf, workload_links: BTreeMap::new(), overlay_link: None })
+        let attachments = Attachments { dir: pin_dir.join("links"), links: BTreeMap::new() };
+        std::fs::create_dir_all(&attachments.dir)?;
+        Ok(Datapath { ebpf, attachments })
     }
 
     /// Attaches `from_overlay` to the VXLAN device and tells the programs its ifindex.
     pub fn attach_overlay(&mut self, device: &str, ifindex: u32) -> Result<(), NetError> {
         let mut config: Array<&mut MapData, NodeConfig> = self.map_mut(maps::NODE_CONFIG)?;
         config.set(0, NodeConfig { vxlan_ifindex: ifindex }, 0).map_err(|e| map_error(maps::NODE_CONFIG, e))?;
-        if let Some(old) = self.overlay_link.take() {
-            self.detach(FROM_OVERLAY, old);
+        for stale in self.attachments.attached(FROM_OVERLAY).filter(|i| *i != ifindex).collect::<Vec<_>>() {
+            self.attachments.detach(FROM_OVERLAY, stale);
         }
-        let link = classifier(&mut self.ebpf, FROM_OVERLAY)?
-            .attach(device, TcAttachType::Ingress)
-            .map_err(|source| NetError::Program { program: FROM_OVERLAY, source })?;
-        self.overlay_link = Some(link);
-        Ok(())
+        self.attachments.remove_stale_pins(FROM_OVERLAY, &BTreeSet::from([ifindex]));
+        self.attachments.attach(&mut self.ebpf, FROM_OVERLAY, device, ifindex)
     }
 
     /// Writes `plan` into the maps and attaches to exactly the planned interfaces. Entries go
@@ -95,22 +96,15 @@ impl Datapath {
         sync_hash_map(&mut interfaces, maps::INTERFACES, &plan.interfaces)?;
 
         let stale: Vec<u32> =
-            self.workload_links.keys().filter(|ifindex| !plan.attach.contains_key(ifindex)).copied().collect();
+            self.attachments.attached(FROM_WORKLOAD).filter(|i| !plan.attach.contains_key(i)).collect();
         for ifindex in stale {
-            if let Some((name, link)) = self.workload_links.remove(&ifindex) {
-                debug!(interface = %name, ifindex, "detaching from workload interface");
-                self.detach(FROM_WORKLOAD, link);
-            }
+            self.attachments.detach(FROM_WORKLOAD, ifindex);
         }
+        self.attachments.remove_stale_pins(FROM_WORKLOAD, &plan.attach.keys().copied().collect());
         for (&ifindex, name) in &plan.attach {
-            if self.workload_links.contains_key(&ifindex) {
-                continue;
+            if !self.attachments.is_attached(FROM_WORKLOAD, ifindex) {
+                self.attachments.attach(&mut self.ebpf, FROM_WORKLOAD, name, ifindex)?;
             }
-            let link = classifier(&mut self.ebpf, FROM_WORKLOAD)?
-                .attach(name, TcAttachType::Ingress)
-                .map_err(|source| NetError::Program { program: FROM_WORKLOAD, source })?;
-            debug!(interface = %name, ifindex, "attached to workload interface");
-            self.workload_links.insert(ifindex, (name.clone(), link));
         }
         Ok(())
     }
@@ -137,23 +131,15 @@ impl Datapath {
 
     /// Detaches every program; the maps stay pinned.
     pub fn detach_all(&mut self) {
-        for (_, (name, link)) in std::mem::take(&mut self.workload_links) {
-            debug!(interface = %name, "detaching from workload interface");
-            self.detach(FROM_WORKLOAD, link);
-        }
-        if let Some(link) = self.overlay_link.take() {
-            self.detach(FROM_OVERLAY, link);
-        }
+        self.attachments.detach_all();
         info!("BPF programs detached");
     }
 
-    fn detach(&mut self, program: &'static str, link: SchedClassifierLinkId) {
-        // An interface that disappeared took its attachment with it; nothing left to undo.
-        if let Err(e) = classifier(&mut self.ebpf, program)
-            .and_then(|p| p.detach(link).map_err(|source| NetError::Program { program, source }))
-        {
-            warn!(program, error = %e, "detach failed");
-        }
+    /// Leaves every program attached (the pins hold the links), for a restart that must not
+    /// interrupt traffic: the next run adopts the links and swaps in its own programs.
+    pub fn release(&mut self) {
+        self.attachments.release_all();
+        info!("BPF programs left attached for the next start");
     }
 
     fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, NetError>
@@ -215,6 +201,101 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), NetError> {
         return Err(NetError::NotBpfFs(pin_dir.to_owned()));
     }
     Ok(())
+}
+
+/// TCX attachments, each pinned at `<pin_dir>/links/<program>@<ifindex>` so it outlives the
+/// agent (TCX links are file descriptors: without a pin they end with the process).
+struct Attachments {
+    dir: PathBuf,
+    links: BTreeMap<(&'static str, u32), (String, FdLink)>,
+}
+
+impl Attachments {
+    fn pin_path(&self, program: &str, ifindex: u32) -> PathBuf {
+        self.dir.join(format!("{program}@{ifindex}"))
+    }
+
+    /// Attaches `program` to `ifname`, adopting a link an earlier run pinned for it: the
+    /// link's program is swapped atomically, so traffic never meets an interface without one.
+    fn attach(&mut self, ebpf: &mut Ebpf, program: &'static str, ifname: &str, ifindex: u32) -> Result<(), NetError> {
+        let path = self.pin_path(program, ifindex);
+        let prog = classifier(ebpf, program)?;
+        let adopted = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => match adopt(prog, pinned, program) {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    // The interface it was on is gone; start over on the one there now.
+                    debug!(program, interface = ifname, error = %e, "pinned link not adoptable");
+                    let _ = std::fs::remove_file(&path);
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let link = match adopted {
+            Some(link) => link,
+            None => {
+                let id = prog
+                    .attach(ifname, TcAttachType::Ingress)
+                    .map_err(|source| NetError::Program { program, source })?;
+                let link = prog.take_link(id).map_err(|source| NetError::Program { program, source })?;
+                let fd = FdLink::try_from(link).map_err(|e| NetError::Link(e.to_string()))?;
+                FdLink::from(fd.pin(&path).map_err(|e| NetError::Link(e.to_string()))?)
+            }
+        };
+        debug!(program, interface = ifname, ifindex, "attached");
+        self.links.insert((program, ifindex), (ifname.to_owned(), link));
+        Ok(())
+    }
+
+    fn is_attached(&self, program: &'static str, ifindex: u32) -> bool {
+        self.links.contains_key(&(program, ifindex))
+    }
+
+    fn attached(&self, program: &'static str) -> impl Iterator<Item = u32> + '_ {
+        self.links.keys().filter(move |(p, _)| *p == program).map(|(_, i)| *i)
+    }
+
+    /// Unpins and closes: the link, and with it the attachment, is gone.
+    fn detach(&mut self, program: &'static str, ifindex: u32) {
+        let _ = std::fs::remove_file(self.pin_path(program, ifindex));
+        if let Some((name, link)) = self.links.remove(&(program, ifindex)) {
+            debug!(program, interface = %name, "detached");
+            drop(link);
+        }
+    }
+
+    /// Removes pins of `program` left for interfaces not in `keep` (by an earlier run).
+    fn remove_stale_pins(&self, program: &str, keep: &BTreeSet<u32>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((p, index)) = name.split_once('@') else { continue };
+            if p == program && index.parse::<u32>().is_ok_and(|i| !keep.contains(&i)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn detach_all(&mut self) {
+        let keys: Vec<_> = self.links.keys().copied().collect();
+        for (program, ifindex) in keys {
+            self.detach(program, ifindex);
+        }
+    }
+
+    /// Closes our descriptors; the pins keep every link in place.
+    fn release_all(&mut self) {
+        self.links.clear();
+    }
+}
+
+/// Puts `prog` (this run's) into the link `pinned` holds; returns the link as ours.
+fn adopt(prog: &mut SchedClassifier, pinned: PinnedLink, program: &'static str) -> Result<FdLink, NetError> {
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| NetError::Link(e.to_string()))?;
+    let id = prog.attach_to_link(link).map_err(|source| NetError::Program { program, source })?;
+    let link = prog.take_link(id).map_err(|source| NetError::Program { program, source })?;
+    FdLink::try_from(link).map_err(|e| NetError::Link(e.to_string()))
 }
 
 #[cfg(test)]

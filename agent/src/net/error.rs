@@ -42,6 +42,8 @@ pub enum NetError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("BPF link: {0}")]
+    Link(String),
     #[error("netlink: {0}")]
     Netlink(#[from] rtnetlink::Error),
     /// The new state is in the kernel but could not be saved; the old one was put back.

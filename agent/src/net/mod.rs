@@ -89,9 +89,14 @@ impl Dataplane {
         self.datapath.counters()
     }
 
-    /// Detaches every program. Pinned maps stay, so a restarted agent finds its state.
+    /// Detaches every program (a clean exit). Pinned maps stay.
     pub fn detach_all(&mut self) {
         self.datapath.detach_all();
+    }
+
+    /// Leaves the programs attached (a restart): traffic goes on without the agent.
+    pub fn release(&mut self) {
+        self.datapath.release();
     }
 
     async fn plan(&self, spec: &DataplaneSpec) -> Result<Plan, NetError> {

@@ -32,7 +32,7 @@ pub use api::{ApiClient, Response};
 pub use cmd::{run, run_ok};
 pub use netns::{command as netns_command, in_netns};
 pub use teardown::down;
-pub use workload::{ping, tcp_exchange, TextServer, Workload};
+pub use workload::{ping, tcp_exchange, Conversation, TextServer, Workload};
 
 /// Lab name used by `cargo xtask lab` when none is given.
 pub const DEFAULT_LAB: &str = "shoal";

@@ -102,20 +102,29 @@ impl TextServer {
 }
 
 fn serve(listener: std::net::TcpListener, stop: &std::sync::atomic::AtomicBool, text: &str) {
-    use std::io::{BufRead, BufReader, Write};
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-                let mut line = String::new();
-                let mut reader = BufReader::new(&stream);
-                if reader.read_line(&mut line).is_ok() {
-                    let _ = writeln!(&stream, "{text} {}", line.trim_end());
-                }
+                // One thread per connection: a long-lived client must not block the others.
+                let text = text.to_owned();
+                std::thread::spawn(move || answer_lines(stream, &text));
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
+    }
+}
+
+/// Answers every line `x` on `stream` with `<text> <x>` until the peer closes it.
+fn answer_lines(stream: std::net::TcpStream, text: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let _ = stream.set_nonblocking(false);
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if writeln!(&stream, "{text} {}", line.trim_end()).is_err() {
+            return;
+        }
+        line.clear();
     }
 }
 
@@ -125,6 +134,34 @@ impl Drop for TextServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A TCP connection opened from inside a namespace, kept open across exchanges.
+pub struct Conversation {
+    stream: std::net::TcpStream,
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Conversation {
+    /// Connects from inside `netns`; the socket stays in that namespace afterwards.
+    pub fn open(netns: &str, addr: Ipv4Addr, port: u16) -> Result<Conversation> {
+        let stream = crate::in_netns(netns, move || {
+            std::net::TcpStream::connect_timeout(&(addr, port).into(), std::time::Duration::from_secs(3))
+        })??;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        Ok(Conversation { reader: std::io::BufReader::new(stream.try_clone()?), stream })
+    }
+
+    /// Sends a line and returns the reply line.
+    pub fn say(&mut self, message: &str) -> Result<String> {
+        use std::io::{BufRead, Write};
+        writeln!(&self.stream, "{message}")?;
+        let mut reply = String::new();
+        if self.reader.read_line(&mut reply)? == 0 {
+            bail!("the connection was closed");
+        }
+        Ok(reply.trim_end().to_owned())
     }
 }
 
