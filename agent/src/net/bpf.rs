@@ -23,13 +23,14 @@ use nix::{
 };
 use shoal_api::dataplane::Counter;
 use shoal_common::{
+    lb::{Backend, MaglevTable, ServiceEntry, ServiceKey},
     maps,
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
     stats,
 };
 use tracing::{debug, info};
 
-use crate::net::{overlay::Plan, NetError};
+use crate::net::{lb::LbPlan, overlay::Plan, NetError};
 
 /// The object `build.rs` compiled from `ebpf/shoal-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shoal-ebpf.o"));
@@ -94,6 +95,7 @@ impl Datapath {
         sync_hash_map(&mut endpoints, maps::ENDPOINTS, &plan.endpoints)?;
         let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.map_mut(maps::INTERFACES)?;
         sync_hash_map(&mut interfaces, maps::INTERFACES, &plan.interfaces)?;
+        self.apply_lb(&plan.lb)?;
 
         let stale: Vec<u32> =
             self.attachments.attached(FROM_WORKLOAD).filter(|i| !plan.attach.contains_key(i)).collect();
@@ -107,6 +109,21 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Services, make before break: backends and tables a service will point to go in before
+    /// the service, and go away only after no service points to them.
+    fn apply_lb(&mut self, lb: &LbPlan) -> Result<(), NetError> {
+        let mut backends: HashMap<&mut MapData, u32, Backend> = self.map_mut(maps::BACKENDS)?;
+        upsert(&mut backends, maps::BACKENDS, &lb.backends)?;
+        let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = self.map_mut(maps::MAGLEV)?;
+        upsert(&mut maglev, maps::MAGLEV, &lb.maglev)?;
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = self.map_mut(maps::SERVICES)?;
+        sync_hash_map(&mut services, maps::SERVICES, &lb.services)?;
+        let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = self.map_mut(maps::MAGLEV)?;
+        prune(&mut maglev, maps::MAGLEV, &lb.maglev)?;
+        let mut backends: HashMap<&mut MapData, u32, Backend> = self.map_mut(maps::BACKENDS)?;
+        prune(&mut backends, maps::BACKENDS, &lb.backends)
     }
 
     /// Every counter in use, summed over CPUs.
@@ -175,10 +192,37 @@ where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
+    prune(map, name, want)?;
+    upsert(map, name, want)
+}
+
+/// Removes the keys `want` does not have.
+fn prune<K, V>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    want: &StdHashMap<K, V>,
+) -> Result<(), NetError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
     let present: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(|e| map_error(name, e))?;
     for key in present.iter().filter(|k| !want.contains_key(k)) {
         map.remove(key).map_err(|e| map_error(name, e))?;
     }
+    Ok(())
+}
+
+/// Writes every entry of `want` that differs from the map's.
+fn upsert<K, V>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    want: &StdHashMap<K, V>,
+) -> Result<(), NetError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
     for (key, value) in want {
         if map.get(key, 0).is_ok_and(|current| current == *value) {
             continue;

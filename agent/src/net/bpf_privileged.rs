@@ -59,6 +59,7 @@ impl Fixture {
                     key(LOCAL),
                     EndpointEntry { ifindex: LOCAL_VETH, node_addr: 0, mac: LOCAL_MAC, router_mac: LOCAL_VETH_MAC },
                 ),
+                (key(VIP), EndpointEntry { ifindex: 0, node_addr: 0, mac: [0; 6], router_mac: [0; 6] }),
                 (key(CLIENT), EndpointEntry { ifindex: LO, node_addr: 0, mac: CLIENT_MAC, router_mac: ROUTER_MAC }),
             ]
             .into_iter()
@@ -70,6 +71,7 @@ impl Fixture {
             .into_iter()
             .collect(),
             attach: BTreeMap::new(),
+            lb: Default::default(),
         };
         datapath.apply(&plan).expect("fill maps");
         let mut config: Array<&mut MapData, NodeConfig> = datapath.map_mut(maps::NODE_CONFIG).unwrap();
@@ -208,4 +210,98 @@ fn every_failure_is_a_counted_drop() {
     let (verdict, _) = fx.run(FROM_OVERLAY, &ipv4_to(LOCAL));
     assert_eq!(verdict, TC_ACT_SHOT, "a frame without tunnel metadata is not from the overlay");
     assert_eq!(fx.count(stats::DROP_TUNNEL_KEY), 1);
+}
+
+const VIP: [u8; 4] = [10, 78, 0, 100];
+
+/// A TCP segment `src:sport -> dst:dport` with correct IPv4 and TCP checksums.
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&ROUTER_MAC);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x00]);
+    p.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    let ip = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip.to_be_bytes());
+    let l4 = checksum(&p[34..], pseudo(&p));
+    p[50..52].copy_from_slice(&l4.to_be_bytes());
+    p
+}
+
+fn pseudo(p: &[u8]) -> u32 {
+    let words = |b: &[u8]| b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum::<u32>();
+    words(&p[26..34]) + 6 + (p.len() as u32 - 34)
+}
+
+fn checksum(bytes: &[u8], start: u32) -> u16 {
+    let mut sum = start;
+    for c in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether the IPv4 and TCP checksums of `p` verify.
+fn checksums_ok(p: &[u8]) -> bool {
+    checksum(&p[14..34], 0) == 0 && checksum(&p[34..], pseudo(p)) == 0
+}
+
+/// Setup: a service VIP:80 on VNI 4097 balanced to REMOTE:8080.
+fn with_service(fx: &mut Fixture) {
+    use shoal_common::lb::{Backend, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_SLOTS, PROTO_TCP};
+    let datapath = fx.datapath.as_mut().unwrap();
+    let key = ServiceKey { vni: VNI, vip: u32::from_ne_bytes(VIP), port: 80u16.to_be(), proto: PROTO_TCP, _pad: 0 };
+    let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = datapath.map_mut(maps::SERVICES).unwrap();
+    services.insert(key, ServiceEntry { id: 7, backends: 1 }, 0).unwrap();
+    let mut backends: HashMap<&mut MapData, u32, Backend> = datapath.map_mut(maps::BACKENDS).unwrap();
+    backends.insert(9, Backend { addr: u32::from_ne_bytes(REMOTE), port: 8080u16.to_be(), _pad: 0 }, 0).unwrap();
+    let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = datapath.map_mut(maps::MAGLEV).unwrap();
+    maglev.insert(7, MaglevTable { slots: [9; MAGLEV_SLOTS] }, 0).unwrap();
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_connection_to_a_vip_goes_to_its_backend_and_the_reply_comes_from_the_vip() {
+    let mut fx = Fixture::new();
+    with_service(&mut fx);
+
+    // Forward: client -> VIP:80 becomes client -> backend:8080, checksums still right.
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &REMOTE, "destination rewritten to the backend");
+    assert_eq!(&out[36..38], &8080u16.to_be_bytes(), "port rewritten to the target port");
+    assert_eq!(&out[0..6], &REMOTE_MAC, "then forwarded to the backend's endpoint");
+    assert!(checksums_ok(&out), "checksums broken by the rewrite");
+    assert_eq!(fx.count(stats::LB_NEW_FLOW), 1);
+    let (_, again) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80));
+    assert_eq!(again, out, "the tracked flow keeps its backend");
+    assert_eq!(fx.count(stats::LB_TRACKED), 1);
+
+    // Reverse: the backend's reply, delivered to the client, comes from VIP:80. Here `lo`
+    // plays the backend's veth and the client is a local endpoint.
+    let datapath = fx.datapath.as_mut().unwrap();
+    let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = datapath.map_mut(maps::INTERFACES).unwrap();
+    let backend_iface = InterfaceEntry { vni: VNI, addr: u32::from_ne_bytes(REMOTE), mac: ROUTER_MAC, _pad: [0; 2] };
+    interfaces.insert(LO, backend_iface, 0).unwrap();
+    let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> = datapath.map_mut(maps::ENDPOINTS).unwrap();
+    let client = EndpointEntry { ifindex: LOCAL_VETH, node_addr: 0, mac: CLIENT_MAC, router_mac: LOCAL_VETH_MAC };
+    endpoints.insert(EndpointKey { vni: VNI, addr: u32::from_ne_bytes(CLIENT) }, client, 0).unwrap();
+    let (verdict, reply) = fx.run(FROM_WORKLOAD, &tcp(REMOTE, 8080, CLIENT, 40000));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&reply[26..30], &VIP, "source given back as the VIP");
+    assert_eq!(&reply[34..36], &80u16.to_be_bytes(), "source port given back as the service port");
+    assert!(checksums_ok(&reply), "checksums broken by the reverse rewrite");
+    assert_eq!(fx.count(stats::LB_REVERSE_NAT), 1);
+
+    // A VIP port the service does not have is refused and counted.
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &tcp(REMOTE, 8080, VIP, 81));
+    assert_eq!(verdict, TC_ACT_SHOT);
 }

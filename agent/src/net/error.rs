@@ -22,6 +22,9 @@ pub enum NetError {
     /// device, ...): attaching the workload program there would cut the node off.
     #[error("interface {0} is not a veth")]
     NotVeth(String),
+    /// Two services hash to the same ID (astronomically rare; rename one).
+    #[error("service ID collision: {0}")]
+    IdCollision(String),
     #[error("kernel: {0}")]
     Kernel(String),
     #[error("mounting bpffs on /sys/fs/bpf: {0}")]
@@ -63,6 +66,7 @@ impl NetError {
                 | NetError::MissingInterface(_)
                 | NetError::InterfaceShared(_)
                 | NetError::NotVeth(_)
+                | NetError::IdCollision(_)
         )
     }
 }

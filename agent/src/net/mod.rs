@@ -6,6 +6,7 @@
 
 pub mod bpf;
 mod error;
+pub mod lb;
 pub mod link;
 pub mod overlay;
 

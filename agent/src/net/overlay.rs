@@ -9,7 +9,10 @@ use std::{
 use shoal_api::dataplane::DataplaneSpec;
 use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry};
 
-use crate::net::NetError;
+use crate::net::{
+    lb::{self, LbPlan},
+    NetError,
+};
 
 /// What the planner needs to know about a local interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,7 @@ pub struct Plan {
     pub interfaces: HashMap<u32, InterfaceEntry>,
     /// ifindex -> name of every interface that needs `from_workload`.
     pub attach: BTreeMap<u32, String>,
+    pub lb: LbPlan,
 }
 
 /// Names of the interfaces of endpoints that run on this node.
@@ -58,6 +62,15 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
         };
         plan.endpoints.insert(key, entry);
     }
+    // A VIP answers ARP like an endpoint; with no interface and no node it is only ever a
+    // destination the programs rewrite.
+    for svc in &spec.services {
+        let Some(net) = spec.network(&svc.network) else { continue };
+        let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(svc.vip.octets()) };
+        let mac = shoal_api::MacAddr::from_ipv4(svc.vip).0;
+        plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: 0, mac, router_mac: [0; 6] });
+    }
+    plan.lb = lb::plan(spec)?;
     Ok(plan)
 }
 
@@ -94,6 +107,7 @@ mod tests {
                 mtu: None,
             }],
             endpoints,
+            services: vec![],
         }
     }
 

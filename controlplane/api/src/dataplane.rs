@@ -24,6 +24,40 @@ pub struct DataplaneSpec {
     pub networks: Vec<OverlayNetwork>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Services with a virtual IP on a network, balanced over backends on it.
+    #[serde(default)]
+    pub services: Vec<ServiceVip>,
+}
+
+/// A service's virtual IP on one network (Docker's endpoint mode `vip`): connections to
+/// `vip:port` are balanced over `backends`, each reached at `target_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceVip {
+    pub name: String,
+    pub network: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    /// Addresses of the service's tasks on the network.
+    #[serde(default)]
+    pub backends: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServicePort {
+    pub protocol: Protocol,
+    /// Port on the VIP.
+    pub port: u16,
+    /// Port on each backend.
+    pub target_port: u16,
 }
 
 /// One overlay network: a flat IPv4 subnet carried over VXLAN with its own VNI.
@@ -76,6 +110,16 @@ pub enum SpecError {
     DuplicateEndpoint { network: String, addr: Ipv4Addr },
     #[error("endpoint {addr}: invalid interface name {name:?}")]
     InvalidInterfaceName { addr: Ipv4Addr, name: String },
+    #[error("service {service:?}: network {network:?} is not declared")]
+    ServiceNetwork { service: String, network: String },
+    #[error("service {service:?}: {addr} is not a host address of network {network:?}")]
+    ServiceAddrOutsideSubnet { service: String, network: String, addr: Ipv4Addr },
+    #[error("service {service:?}: VIP {vip} is already an endpoint's address")]
+    VipIsEndpoint { service: String, vip: Ipv4Addr },
+    #[error("service {service:?}: port 0 is not a port")]
+    ZeroPort { service: String },
+    #[error("service {service:?}: {vip}:{port}/{protocol:?} is declared twice")]
+    DuplicateServicePort { service: String, vip: Ipv4Addr, port: u16, protocol: Protocol },
 }
 
 impl DataplaneSpec {
@@ -118,6 +162,41 @@ impl DataplaneSpec {
             if let Some(name) = &ep.interface {
                 if !is_valid_ifname(name) {
                     return Err(SpecError::InvalidInterfaceName { addr: ep.addr, name: name.clone() });
+                }
+            }
+        }
+        self.validate_services(&addrs)
+    }
+
+    fn validate_services(&self, endpoints: &HashSet<(&str, Ipv4Addr)>) -> Result<(), SpecError> {
+        let mut ports = HashSet::new();
+        for svc in &self.services {
+            let net = self
+                .network(&svc.network)
+                .ok_or_else(|| SpecError::ServiceNetwork { service: svc.name.clone(), network: svc.network.clone() })?;
+            for addr in std::iter::once(&svc.vip).chain(&svc.backends) {
+                if !is_host_addr(net.subnet, *addr) {
+                    return Err(SpecError::ServiceAddrOutsideSubnet {
+                        service: svc.name.clone(),
+                        network: net.name.clone(),
+                        addr: *addr,
+                    });
+                }
+            }
+            if endpoints.contains(&(svc.network.as_str(), svc.vip)) {
+                return Err(SpecError::VipIsEndpoint { service: svc.name.clone(), vip: svc.vip });
+            }
+            for p in &svc.ports {
+                if p.port == 0 || p.target_port == 0 {
+                    return Err(SpecError::ZeroPort { service: svc.name.clone() });
+                }
+                if !ports.insert((svc.network.as_str(), svc.vip, p.port, p.protocol)) {
+                    return Err(SpecError::DuplicateServicePort {
+                        service: svc.name.clone(),
+                        vip: svc.vip,
+                        port: p.port,
+                        protocol: p.protocol,
+                    });
                 }
             }
         }
@@ -178,6 +257,13 @@ mod tests {
                 node_addr: "10.77.0.11".parse().unwrap(),
                 interface: Some("shw-a".into()),
             }],
+            services: vec![ServiceVip {
+                name: "web".into(),
+                network: "blue".into(),
+                vip: "10.78.0.100".parse().unwrap(),
+                ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 8080 }],
+                backends: vec!["10.78.0.2".parse().unwrap()],
+            }],
         }
     }
 
@@ -224,6 +310,23 @@ mod tests {
         let mut s = spec();
         s.endpoints[0].interface = Some("a-name-that-is-too-long".into());
         assert!(matches!(s.validate(), Err(SpecError::InvalidInterfaceName { .. })));
+
+        let mut s = spec();
+        s.services[0].vip = "10.78.0.2".parse().unwrap();
+        assert!(matches!(s.validate(), Err(SpecError::VipIsEndpoint { .. })));
+
+        let mut s = spec();
+        s.services[0].backends.push("10.99.0.1".parse().unwrap());
+        assert!(matches!(s.validate(), Err(SpecError::ServiceAddrOutsideSubnet { .. })));
+
+        let mut s = spec();
+        let port = s.services[0].ports[0];
+        s.services[0].ports.push(port);
+        assert!(matches!(s.validate(), Err(SpecError::DuplicateServicePort { .. })));
+
+        let mut s = spec();
+        s.services[0].ports[0].target_port = 0;
+        assert!(matches!(s.validate(), Err(SpecError::ZeroPort { .. })));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the map a new name (`..._V2`) so a pinned map of the old shape is never reinterpreted.
 #![no_std]
 
+pub mod lb;
 pub mod overlay;
 pub mod stats;
 
@@ -21,4 +22,12 @@ pub mod maps {
     pub const NODE_CONFIG: &str = "SHOAL_NODE_CONFIG";
     /// `stats::*` code -> `Counter`, per CPU.
     pub const STATS: &str = "SHOAL_STATS";
+    /// `ServiceKey` -> `ServiceEntry`.
+    pub const SERVICES: &str = "SHOAL_SERVICES";
+    /// backend ID -> `Backend`.
+    pub const BACKENDS: &str = "SHOAL_BACKENDS";
+    /// service ID -> `MaglevTable`.
+    pub const MAGLEV: &str = "SHOAL_MAGLEV";
+    /// LRU `FlowKey` -> `NatEntry`: forward (client -> VIP) and reverse (backend -> client).
+    pub const CONNTRACK: &str = "SHOAL_CONNTRACK";
 }

@@ -26,6 +26,12 @@ pub const FORWARD_REMOTE: u32 = 1;
 pub const DELIVER_FROM_OVERLAY: u32 = 2;
 /// ARP request from a workload answered by the program.
 pub const ARP_REPLY: u32 = 3;
+/// A new flow to a service VIP, balanced to a backend (and tracked).
+pub const LB_NEW_FLOW: u32 = 4;
+/// A packet of a tracked flow to a VIP, sent to its backend.
+pub const LB_TRACKED: u32 = 5;
+/// A reply from a backend given the VIP back as its source.
+pub const LB_REVERSE_NAT: u32 = 6;
 
 /// First drop code; everything from here on is a drop.
 pub const DROP_FIRST: u32 = 16;
@@ -49,6 +55,12 @@ pub const DROP_REDIRECT: u32 = 22;
 pub const DROP_NOT_IPV4: u32 = 23;
 /// IPv4 or ARP whose sender address is not the workload's own: no spoofing peers.
 pub const DROP_SPOOFED_SOURCE: u32 = 24;
+/// A packet to a service VIP whose service has no backend.
+pub const DROP_NO_BACKEND: u32 = 25;
+/// A packet to a VIP with IP options (not balanced; Docker's IPVS drops them too).
+pub const DROP_IP_OPTIONS: u32 = 26;
+/// Rewriting addresses or checksums failed.
+pub const DROP_NAT: u32 = 27;
 
 /// Size of the `STATS` array.
 pub const MAX: u32 = 32;
@@ -60,6 +72,9 @@ pub fn name(code: u32) -> Option<&'static str> {
         FORWARD_REMOTE => "forward_remote",
         DELIVER_FROM_OVERLAY => "deliver_from_overlay",
         ARP_REPLY => "arp_reply",
+        LB_NEW_FLOW => "lb_new_flow",
+        LB_TRACKED => "lb_tracked",
+        LB_REVERSE_NAT => "lb_reverse_nat",
         DROP_MALFORMED => "drop_malformed",
         DROP_UNKNOWN_INTERFACE => "drop_unknown_interface",
         DROP_NO_ENDPOINT => "drop_no_endpoint",
@@ -69,6 +84,9 @@ pub fn name(code: u32) -> Option<&'static str> {
         DROP_REDIRECT => "drop_redirect",
         DROP_NOT_IPV4 => "drop_not_ipv4",
         DROP_SPOOFED_SOURCE => "drop_spoofed_source",
+        DROP_NO_BACKEND => "drop_no_backend",
+        DROP_IP_OPTIONS => "drop_ip_options",
+        DROP_NAT => "drop_nat",
         _ => return None,
     })
 }

@@ -24,6 +24,8 @@ const TUNNEL_TTL: u8 = 64;
 /// Hands the frame to a workload on this node, with the MACs it expects to see.
 #[inline(always)]
 pub fn deliver_local(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Result<i32, u32> {
+    // A reply from a service backend regains the VIP as its source here, where the client is.
+    crate::lb::reverse_nat(ctx)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     unsafe {

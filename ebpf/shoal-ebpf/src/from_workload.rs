@@ -8,8 +8,8 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use shoal_common::{
     overlay::{EndpointKey, InterfaceEntry},
     stats::{
-        DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_UNKNOWN_INTERFACE, FORWARD_LOCAL,
-        FORWARD_REMOTE,
+        DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_UNKNOWN_INTERFACE,
+        FORWARD_LOCAL, FORWARD_REMOTE,
     },
 };
 
@@ -17,6 +17,7 @@ use crate::{
     arp,
     forward::{deliver_local, encapsulate},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
+    lb,
     maps::{lookup, ENDPOINTS, INTERFACES},
     stats::drop_packet,
 };
@@ -49,11 +50,25 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     if u32::from_ne_bytes(saddr) != iface.addr {
         return Err(DROP_SPOOFED_SOURCE);
     }
+    // A service VIP: the destination becomes the flow's backend before forwarding.
+    let daddr = if lb::balance(ctx, iface.vni)? { current_daddr(ctx)? } else { daddr };
     let key = EndpointKey { vni: iface.vni, addr: u32::from_ne_bytes(daddr) };
     let to = lookup(&ENDPOINTS, &key).ok_or(DROP_NO_ENDPOINT)?;
+    if to.ifindex == 0 && to.node_addr == 0 {
+        // A VIP, but not on a port of its service (or not TCP/UDP): nothing answers there.
+        return Err(DROP_NO_BACKEND);
+    }
     if to.ifindex != 0 {
         deliver_local(ctx, &to, FORWARD_LOCAL)
     } else {
         encapsulate(ctx, &to, iface.vni, FORWARD_REMOTE)
     }
+}
+
+/// The destination address as it is now (after a rewrite moved the packet's bytes).
+#[inline(always)]
+fn current_daddr(ctx: &TcContext) -> Result<[u8; 4], u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    Ok(unsafe { (*ip).daddr })
 }

@@ -13,6 +13,7 @@ mod forward;
 mod from_overlay;
 mod from_workload;
 mod headers;
+mod lb;
 mod maps;
 mod stats;
 

@@ -2,10 +2,12 @@
 //! outlive an agent restart and the agent reconciles them instead of recreating them.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use shoal_common::{
+    lb::{Backend, FlowKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey},
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
     stats::{Counter, MAX},
 };
@@ -34,3 +36,26 @@ pub fn lookup<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
     // SAFETY: the pointer is valid for this program run; the value is copied at once.
     map.get_ptr(key).map(|value| unsafe { *value })
 }
+
+/// `lookup` for the LRU map.
+#[inline(always)]
+pub fn lookup_lru<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: as `lookup`.
+    map.get_ptr(key).map(|value| unsafe { *value })
+}
+
+/// Services by (network, VIP, port, protocol).
+#[map(name = "SHOAL_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 0);
+
+/// Backends by ID.
+#[map(name = "SHOAL_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(262144, 0);
+
+/// Each service's Maglev table, by service ID. Not preallocated: 4 KiB a service.
+#[map(name = "SHOAL_MAGLEV")]
+pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+
+/// Balanced flows, both directions; least recently used go first when full.
+#[map(name = "SHOAL_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(262144, 0);

@@ -104,6 +104,7 @@ pub fn overlay_spec(network: &str, vni: u32, subnet: &str, workloads: &[&Workloa
     Ok(DataplaneSpec {
         networks: vec![OverlayNetwork { name: network.into(), vni, subnet: subnet.parse()?, mtu: None }],
         endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
+        services: vec![],
     })
 }
 

@@ -1,0 +1,102 @@
+//! Service load balancing: services by (VIP, port, protocol), their backends, each service's
+//! Maglev lookup table, and the connection tracking that pins a flow to its backend.
+
+/// Size of Maglev's permutation space (a prime, so every backend's permutation visits every
+/// position). 1021 keeps the table even for up to ~10 backends per service.
+pub const MAGLEV_PRIME: usize = 1021;
+/// Slots in each stored table: the next power of two, so programs index it with a mask the
+/// verifier can see (a modulo by a constant is turned into arithmetic it cannot bound). Slots
+/// past `MAGLEV_PRIME` repeat the first ones.
+pub const MAGLEV_SLOTS: usize = 1024;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A service as packets address it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Network of the client (a VIP is per network).
+    pub vni: u32,
+    /// VIP, network byte order.
+    pub vip: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Key of the service's Maglev table.
+    pub id: u32,
+    /// Backends in the table; 0 means no backend (the packet is refused).
+    pub backends: u32,
+}
+
+/// One backend address of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A service's Maglev table: slot -> backend ID (`BACKENDS` key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub slots: [u32; MAGLEV_SLOTS],
+}
+
+/// A flow as one direction of it looks on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the connection table remembers of a balanced flow, for each direction.
+/// Forward (client -> VIP): the backend chosen. Reverse (backend -> client): the VIP to put
+/// back as the source. No timestamps: an idle flow keeps its entry until the LRU needs room,
+/// never because it was quiet (IPVS drops idle flows after 900 s).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatEntry {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_SLOTS);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C) structs of integers and integer arrays with explicit padding; every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MaglevTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatEntry {}
+}

@@ -1,0 +1,167 @@
+//! Per-packet service load balancing (the TC path, Cilium's `lb4` + conntrack + reverse NAT):
+//! a packet to a service VIP gets the backend its flow was pinned to, or, for a new flow, the
+//! one the service's Maglev table picks; replies get the VIP back as their source where they
+//! are delivered. Connection state lives in an LRU map with no idle expiry.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use shoal_common::{
+    lb::{FlowKey, NatEntry, ServiceKey, MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP},
+    stats::{DROP_MALFORMED, DROP_NAT, DROP_NO_BACKEND, LB_NEW_FLOW, LB_REVERSE_NAT, LB_TRACKED},
+};
+
+use crate::{
+    headers::{ptr_at, Ipv4Hdr, ETH_HLEN},
+    maps::{lookup, lookup_lru, BACKENDS, CONNTRACK, MAGLEV, SERVICES},
+    stats::count,
+};
+
+/// IPv4 header without options: the only shape balanced (offsets stay constant for the
+/// verifier).
+const IPV4_PLAIN: u8 = 0x45;
+const L4: usize = ETH_HLEN + 20;
+/// Offsets in the IPv4 header.
+const IP_CSUM: usize = ETH_HLEN + 10;
+const IP_SADDR: usize = ETH_HLEN + 12;
+const IP_DADDR: usize = ETH_HLEN + 16;
+/// Offsets of the ports and checksums in the L4 header.
+const L4_SPORT: usize = L4;
+const L4_DPORT: usize = L4 + 2;
+const TCP_CSUM: usize = L4 + 16;
+const UDP_CSUM: usize = L4 + 6;
+
+#[repr(C)]
+struct Ports {
+    src: u16,
+    dst: u16,
+}
+
+/// The flow of the IPv4 TCP/UDP packet in `ctx`, if it is one we can balance.
+#[inline(always)]
+fn flow_of(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let (version_ihl, proto, saddr, daddr) = unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).saddr, (*ip).daddr) };
+    if version_ihl != IPV4_PLAIN || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return Ok(None);
+    }
+    let ports: *const Ports = ptr_at(ctx, L4).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
+    Ok(Some(FlowKey {
+        saddr: u32::from_ne_bytes(saddr),
+        daddr: u32::from_ne_bytes(daddr),
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    }))
+}
+
+/// If the packet goes to a service VIP on network `vni`, rewrites its destination to the
+/// flow's backend and returns true; the caller then forwards it to the backend.
+#[inline(always)]
+pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
+    let Some(flow) = flow_of(ctx)? else { return Ok(false) };
+    let key = ServiceKey { vni, vip: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
+    let Some(service) = lookup(&SERVICES, &key) else { return Ok(false) };
+    let backend = match lookup_lru(&CONNTRACK, &flow) {
+        Some(tracked) => {
+            count(ctx, LB_TRACKED);
+            tracked
+        }
+        None => {
+            let chosen = pick(service.id, service.backends, &flow)?;
+            track(&flow, &chosen)?;
+            count(ctx, LB_NEW_FLOW);
+            chosen
+        }
+    };
+    rewrite(ctx, flow.proto, IP_DADDR, L4_DPORT, flow.daddr, backend.addr, flow.dport, backend.port)?;
+    Ok(true)
+}
+
+/// The backend the service's Maglev table gives this flow.
+#[inline(always)]
+fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32> {
+    if backends == 0 {
+        return Err(DROP_NO_BACKEND);
+    }
+    let table = MAGLEV.get_ptr(service).ok_or(DROP_NO_BACKEND)?;
+    let slot = (flow_hash(flow) as usize) & (MAGLEV_SLOTS - 1);
+    // SAFETY: the pointer is valid for this program run; `get` bounds the index.
+    let backend_id = unsafe { (*table).slots.get(slot).copied() }.ok_or(DROP_NO_BACKEND)?;
+    let backend = lookup(&BACKENDS, &backend_id).ok_or(DROP_NO_BACKEND)?;
+    Ok(NatEntry { addr: backend.addr, port: backend.port, _pad: 0 })
+}
+
+/// Remembers the flow both ways: forward to its backend, and the reverse (the backend's
+/// replies) to the VIP they must appear to come from.
+#[inline(always)]
+fn track(flow: &FlowKey, backend: &NatEntry) -> Result<(), u32> {
+    let reverse = FlowKey {
+        saddr: backend.addr,
+        daddr: flow.saddr,
+        sport: backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let vip = NatEntry { addr: flow.daddr, port: flow.dport, _pad: 0 };
+    CONNTRACK.insert(reverse, vip, 0).map_err(|_| DROP_NAT)?;
+    CONNTRACK.insert(flow, backend, 0).map_err(|_| DROP_NAT)?;
+    Ok(())
+}
+
+/// Gives a backend's reply the VIP back as its source, if it belongs to a balanced flow.
+#[inline(always)]
+pub fn reverse_nat(ctx: &TcContext) -> Result<(), u32> {
+    let Some(flow) = flow_of(ctx)? else { return Ok(()) };
+    let Some(vip) = lookup_lru(&CONNTRACK, &flow) else { return Ok(()) };
+    rewrite(ctx, flow.proto, IP_SADDR, L4_SPORT, flow.saddr, vip.addr, flow.sport, vip.port)?;
+    count(ctx, LB_REVERSE_NAT);
+    Ok(())
+}
+
+/// Replaces an address and a port (both network byte order) and fixes the IP and L4
+/// checksums incrementally.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    proto: u8,
+    addr_off: usize,
+    port_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), u32> {
+    let (csum_off, mangled) = if proto == PROTO_TCP { (TCP_CSUM, 0) } else { (UDP_CSUM, BPF_F_MARK_MANGLED_0 as u64) };
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+            .map_err(|_| DROP_NAT)?;
+        ctx.l3_csum_replace(IP_CSUM, old_addr as u64, new_addr as u64, 4).map_err(|_| DROP_NAT)?;
+        ctx.store(addr_off, &new_addr, 0).map_err(|_| DROP_NAT)?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2).map_err(|_| DROP_NAT)?;
+        ctx.store(port_off, &new_port, 0).map_err(|_| DROP_NAT)?;
+    }
+    Ok(())
+}
+
+/// A well-mixed hash of the flow (murmur3's finaliser over the folded tuple). Only this
+/// node's choice for a new flow depends on it; the table it indexes is the same everywhere.
+#[inline(always)]
+fn flow_hash(flow: &FlowKey) -> u32 {
+    let mut h =
+        flow.saddr ^ flow.daddr.rotate_left(16) ^ ((flow.sport as u32) << 16 | flow.dport as u32) ^ flow.proto as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
