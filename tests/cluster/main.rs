@@ -11,3 +11,4 @@ mod swarm_api;
 mod swarm_ha;
 mod swarm_restore;
 mod swarm_security;
+mod vip;

@@ -1,0 +1,75 @@
+//! Service VIPs east-west: connections from a workload to a VIP are balanced over backends on
+//! every host, stay with their backend, and a drained backend keeps its open connections but
+//! gets no new ones.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use shoal_api::dataplane::{Protocol, ServicePort, ServiceVip};
+use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT};
+use shoal_lab::{tcp_exchange, Conversation, TextServer};
+use shoal_tests::{addr, overlay_spec, plain_lab, workload};
+
+const VIP: &str = "10.78.0.100";
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
+    let lab = plain_lab("e2evip", 1, 2);
+    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
+    let backends = [
+        workload(&lab, "mgr1", "web1", "10.78.0.11"),
+        workload(&lab, "wrk1", "web2", "10.78.0.12"),
+        workload(&lab, "wrk2", "web3", "10.78.0.13"),
+    ];
+    let _servers: Vec<TextServer> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TextServer::start(&b.netns, 7000, &format!("web{}", i + 1)).unwrap())
+        .collect();
+    let all: Vec<_> = std::iter::once(&client).chain(backends.iter()).collect();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &all).unwrap();
+    let service = |members: &[&str]| ServiceVip {
+        name: "web".into(),
+        network: "blue".into(),
+        vip: addr(VIP),
+        ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 7000 }],
+        backends: members.iter().map(|a| addr(a)).collect(),
+    };
+    spec.services = vec![service(&["10.78.0.11", "10.78.0.12", "10.78.0.13"])];
+    lab.apply_dataplane(&spec).unwrap();
+
+    // New connections spread over all three backends, local and remote.
+    let mut seen = BTreeSet::new();
+    for i in 0..40 {
+        let reply = tcp_exchange(&client.netns, addr(VIP), 80, &format!("hello{i}")).unwrap();
+        let (who, echoed) = reply.split_once(' ').unwrap();
+        assert_eq!(echoed, format!("hello{i}"));
+        seen.insert(who.to_owned());
+    }
+    assert_eq!(seen, BTreeSet::from(["web1".into(), "web2".into(), "web3".into()]), "not every backend was used");
+    let mgr1 = lab.host("mgr1").unwrap();
+    assert!(mgr1.packets(LB_NEW_FLOW).unwrap() >= 40, "the client's node balanced the flows");
+    assert!(mgr1.packets(LB_REVERSE_NAT).unwrap() >= 40, "replies got the VIP back on the client's node");
+
+    // An open connection stays with its backend, also after a quiet spell.
+    let mut talk = Conversation::open(&client.netns, addr(VIP), 80).unwrap();
+    let first = talk.say("one").unwrap();
+    let pinned = first.split_once(' ').unwrap().0.to_owned();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(talk.say("two").unwrap(), format!("{pinned} two"));
+
+    // Drain the pinned backend: its open connection goes on, new ones go elsewhere.
+    let remaining: Vec<&str> = ["10.78.0.11", "10.78.0.12", "10.78.0.13"]
+        .into_iter()
+        .zip(["web1", "web2", "web3"])
+        .filter(|(_, name)| *name != pinned)
+        .map(|(a, _)| a)
+        .collect();
+    spec.services = vec![service(&remaining)];
+    lab.apply_dataplane(&spec).unwrap();
+    assert_eq!(talk.say("three").unwrap(), format!("{pinned} three"), "the drained backend's connection broke");
+    for i in 0..20 {
+        let reply = tcp_exchange(&client.netns, addr(VIP), 80, &format!("after{i}")).unwrap();
+        assert!(!reply.starts_with(&pinned), "a new connection reached the drained backend: {reply}");
+    }
+}
