@@ -66,12 +66,22 @@ impl Fixture {
             .collect(),
             interfaces: [(
                 LO,
-                InterfaceEntry { vni: VNI, addr: u32::from_ne_bytes(CLIENT), mac: ROUTER_MAC, _pad: [0; 2] },
+                InterfaceEntry {
+                    vni: VNI,
+                    addr: u32::from_ne_bytes(CLIENT),
+                    mac: ROUTER_MAC,
+                    _pad: [0; 2],
+                    subnet: u32::from_ne_bytes([10, 78, 0, 0]),
+                    mask: u32::from_ne_bytes([255, 255, 255, 0]),
+                    flags: 0,
+                },
             )]
             .into_iter()
             .collect(),
             attach: BTreeMap::new(),
             lb: Default::default(),
+            host_routes: Vec::new(),
+            masquerade: Vec::new(),
         };
         datapath.apply(&plan).expect("fill maps");
         let mut config: Array<&mut MapData, NodeConfig> = datapath.map_mut(maps::NODE_CONFIG).unwrap();
@@ -289,7 +299,7 @@ fn a_connection_to_a_vip_goes_to_its_backend_and_the_reply_comes_from_the_vip() 
     // plays the backend's veth and the client is a local endpoint.
     let datapath = fx.datapath.as_mut().unwrap();
     let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = datapath.map_mut(maps::INTERFACES).unwrap();
-    let backend_iface = InterfaceEntry { vni: VNI, addr: u32::from_ne_bytes(REMOTE), mac: ROUTER_MAC, _pad: [0; 2] };
+    let backend_iface = InterfaceEntry { addr: u32::from_ne_bytes(REMOTE), ..interfaces.get(&LO, 0).unwrap() };
     interfaces.insert(LO, backend_iface, 0).unwrap();
     let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> = datapath.map_mut(maps::ENDPOINTS).unwrap();
     let client = EndpointEntry { ifindex: LOCAL_VETH, node_addr: 0, mac: CLIENT_MAC, router_mac: LOCAL_VETH_MAC };

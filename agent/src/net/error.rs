@@ -25,6 +25,8 @@ pub enum NetError {
     /// Two services hash to the same ID (astronomically rare; rename one).
     #[error("service ID collision: {0}")]
     IdCollision(String),
+    #[error("host stack: {0}")]
+    Host(String),
     #[error("kernel: {0}")]
     Kernel(String),
     #[error("mounting bpffs on /sys/fs/bpf: {0}")]

@@ -8,7 +8,21 @@ use rtnetlink::{
 };
 use tracing::info;
 
-use crate::net::{overlay::LinkInfo, NetError};
+use std::net::{IpAddr, Ipv4Addr};
+
+use rtnetlink::{
+    packet_route::{
+        neighbour::NeighbourState,
+        route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope},
+    },
+    RouteMessageBuilder,
+};
+
+use crate::net::{host::HostRoute, overlay::LinkInfo, NetError};
+
+/// Routing protocol number of the routes shoal adds (a private value, like bird's or
+/// zebra's own), so it can find exactly its own routes again.
+const ROUTE_PROTOCOL: u8 = 222;
 
 /// A netlink connection in the agent's network namespace.
 pub struct Links {
@@ -60,6 +74,52 @@ impl Links {
         self.handle.link().add(request).execute().await?;
         let created = self.message(name).await?.ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
         Ok(created.header.index)
+    }
+
+    /// Makes the host's routes to local workloads exactly `routes`: a /32 over the workload's
+    /// veth and a permanent neighbour entry with its MAC (our routes carry protocol
+    /// `ROUTE_PROTOCOL`, so stale ones from any earlier run are found and removed).
+    pub async fn sync_host_routes(&self, routes: &[HostRoute]) -> Result<(), NetError> {
+        let wanted: std::collections::BTreeSet<(Ipv4Addr, u32)> = routes.iter().map(|r| (r.addr, r.ifindex)).collect();
+        let mut existing = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        let mut stale = Vec::new();
+        while let Some(route) = existing.try_next().await? {
+            if route.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                continue;
+            }
+            let dst = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let oif = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if dst.zip(oif).is_none_or(|key| !wanted.contains(&key)) {
+                stale.push(route);
+            }
+        }
+        for route in stale {
+            self.handle.route().del(route).execute().await?;
+        }
+        for r in routes {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(r.addr, 32)
+                .output_interface(r.ifindex)
+                .scope(RouteScope::Link)
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                .build();
+            self.handle.route().add(route).replace().execute().await?;
+            self.handle
+                .neighbours()
+                .add(r.ifindex, IpAddr::V4(r.addr))
+                .link_layer_address(&r.mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await?;
+        }
+        Ok(())
     }
 
     async fn set_up(&self, index: u32) -> Result<(), NetError> {

@@ -6,6 +6,7 @@
 
 pub mod bpf;
 mod error;
+pub mod host;
 pub mod lb;
 pub mod link;
 pub mod overlay;
@@ -72,6 +73,10 @@ impl Dataplane {
             self.restore();
             return Err(e);
         }
+        if let Err(e) = self.apply_host(&plan).await {
+            self.restore();
+            return Err(e);
+        }
         if let Err(e) = persist(&spec) {
             self.restore();
             return Err(NetError::Persist(e));
@@ -93,6 +98,9 @@ impl Dataplane {
     /// Detaches every program (a clean exit). Pinned maps stay.
     pub fn detach_all(&mut self) {
         self.datapath.detach_all();
+        if let Err(e) = host::remove_masquerade() {
+            tracing::warn!(error = %e, "removing the masquerade rules failed");
+        }
     }
 
     /// Leaves the programs attached (a restart): traffic goes on without the agent.
@@ -107,6 +115,15 @@ impl Dataplane {
             local.insert(name.to_owned(), link);
         }
         overlay::plan(spec, self.config.node_addr, &local)
+    }
+
+    /// The host's side of the way out: forwarding, masquerade, routes back to workloads.
+    async fn apply_host(&self, plan: &Plan) -> Result<(), NetError> {
+        if !plan.masquerade.is_empty() {
+            host::enable_forwarding()?;
+        }
+        host::sync_masquerade(&plan.masquerade)?;
+        self.links.sync_host_routes(&plan.host_routes).await
     }
 
     /// Puts the last fully applied plan back after a failed update.

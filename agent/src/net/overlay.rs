@@ -7,9 +7,11 @@ use std::{
 };
 
 use shoal_api::dataplane::DataplaneSpec;
-use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry};
+use shoal_api::dataplane::OverlayNetwork;
+use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND};
 
 use crate::net::{
+    host::HostRoute,
     lb::{self, LbPlan},
     NetError,
 };
@@ -32,6 +34,10 @@ pub struct Plan {
     /// ifindex -> name of every interface that needs `from_workload`.
     pub attach: BTreeMap<u32, String>,
     pub lb: LbPlan,
+    /// Local workloads the host's stack routes replies to.
+    pub host_routes: Vec<HostRoute>,
+    /// Subnets of networks with a way out, masqueraded to the node's address.
+    pub masquerade: Vec<ipnet::Ipv4Net>,
 }
 
 /// Names of the interfaces of endpoints that run on this node.
@@ -54,13 +60,22 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
             if plan.attach.insert(link.index, name.to_owned()).is_some() {
                 return Err(NetError::InterfaceShared(name.to_owned()));
             }
-            plan.interfaces
-                .insert(link.index, InterfaceEntry { vni: net.vni, addr: key.addr, mac: link.mac, _pad: [0; 2] });
+            plan.interfaces.insert(link.index, interface_entry(net, key.addr, link.mac));
+            if !net.internal {
+                plan.host_routes.push(HostRoute { addr: ep.addr, ifindex: link.index, mac: ep.mac.0 });
+            }
             EndpointEntry { ifindex: link.index, node_addr: u32::from(node_addr), mac: ep.mac.0, router_mac: link.mac }
         } else {
             EndpointEntry { ifindex: 0, node_addr: u32::from(ep.node_addr), mac: ep.mac.0, router_mac: [0; 6] }
         };
         plan.endpoints.insert(key, entry);
+    }
+    // A gateway answers ARP like an endpoint; packets to it go to this node's stack.
+    for net in &spec.networks {
+        let Some(gateway) = net.gateway() else { continue };
+        let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(gateway.octets()) };
+        let mac = shoal_api::MacAddr::from_ipv4(gateway).0;
+        plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: GATEWAY_NODE, mac, router_mac: [0; 6] });
     }
     // A VIP answers ARP like an endpoint; with no interface and no node it is only ever a
     // destination the programs rewrite.
@@ -71,7 +86,23 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
         plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: 0, mac, router_mac: [0; 6] });
     }
     plan.lb = lb::plan(spec)?;
+    plan.masquerade = spec.networks.iter().filter(|n| !n.internal).map(|n| n.subnet).collect();
+    plan.host_routes.sort();
     Ok(plan)
+}
+
+/// What `from_workload` needs to know about a workload's interface on `net`.
+fn interface_entry(net: &OverlayNetwork, addr: u32, mac: [u8; 6]) -> InterfaceEntry {
+    let mask = u32::MAX.checked_shl(32 - u32::from(net.subnet.prefix_len())).unwrap_or(0);
+    InterfaceEntry {
+        vni: net.vni,
+        addr,
+        mac,
+        _pad: [0; 2],
+        subnet: u32::from(net.subnet.network()).to_be(),
+        mask: mask.to_be(),
+        flags: if net.internal { 0 } else { IFACE_OUTBOUND },
+    }
 }
 
 #[cfg(test)]
@@ -105,6 +136,8 @@ mod tests {
                 vni: 4097,
                 subnet: "10.78.0.0/24".parse().unwrap(),
                 mtu: None,
+                gateway: None,
+                internal: false,
             }],
             endpoints,
             services: vec![],

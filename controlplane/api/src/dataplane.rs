@@ -72,6 +72,13 @@ pub struct OverlayNetwork {
     /// the executor later); `DEFAULT_OVERLAY_MTU` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// The workloads' default gateway, answered by each node; the subnet's first address
+    /// when absent (as Docker chooses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// No way out of the overlay (Docker's `--internal`): no gateway, no outbound traffic.
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// One address on an overlay network, on some node.
@@ -110,6 +117,10 @@ pub enum SpecError {
     DuplicateEndpoint { network: String, addr: Ipv4Addr },
     #[error("endpoint {addr}: invalid interface name {name:?}")]
     InvalidInterfaceName { addr: Ipv4Addr, name: String },
+    #[error(
+        "network {network:?}: gateway {gateway} is not a host address of {subnet}, or is taken by an endpoint or VIP"
+    )]
+    BadGateway { network: String, gateway: Ipv4Addr, subnet: Ipv4Net },
     #[error("service {service:?}: network {network:?} is not declared")]
     ServiceNetwork { service: String, network: String },
     #[error("service {service:?}: {addr} is not a host address of network {network:?}")]
@@ -165,7 +176,16 @@ impl DataplaneSpec {
                 }
             }
         }
-        self.validate_services(&addrs)
+        self.validate_services(&addrs)?;
+        for net in &self.networks {
+            let Some(gateway) = net.gateway() else { continue };
+            let taken = addrs.contains(&(net.name.as_str(), gateway))
+                || self.services.iter().any(|s| s.network == net.name && s.vip == gateway);
+            if taken || !is_host_addr(net.subnet, gateway) {
+                return Err(SpecError::BadGateway { network: net.name.clone(), gateway, subnet: net.subnet });
+            }
+        }
+        Ok(())
     }
 
     fn validate_services(&self, endpoints: &HashSet<(&str, Ipv4Addr)>) -> Result<(), SpecError> {
@@ -212,6 +232,14 @@ impl OverlayNetwork {
     pub fn mtu(&self) -> u32 {
         self.mtu.unwrap_or(DEFAULT_OVERLAY_MTU)
     }
+
+    /// The gateway address, `None` on internal networks.
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        if self.internal {
+            return None;
+        }
+        Some(self.gateway.unwrap_or_else(|| Ipv4Addr::from(u32::from(self.subnet.network()) + 1)))
+    }
 }
 
 /// In the subnet, and neither its network nor its broadcast address (for prefixes that have
@@ -249,6 +277,8 @@ mod tests {
                 vni: 4097,
                 subnet: "10.78.0.0/24".parse().unwrap(),
                 mtu: None,
+                gateway: None,
+                internal: false,
             }],
             endpoints: vec![Endpoint {
                 network: "blue".into(),

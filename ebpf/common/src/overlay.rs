@@ -39,7 +39,19 @@ pub struct InterfaceEntry {
     /// its overlay traffic comes to us.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The network's subnet and mask, network byte order: destinations outside it leave the
+    /// overlay through the node (when `flags` has `IFACE_OUTBOUND`).
+    pub subnet: u32,
+    pub mask: u32,
+    pub flags: u32,
 }
+
+/// `InterfaceEntry::flags`: the network has a way out (not `--internal`).
+pub const IFACE_OUTBOUND: u32 = 1;
+
+/// `EndpointEntry::node_addr` of a network's gateway: the node itself, reached through the
+/// host's stack.
+pub const GATEWAY_NODE: u32 = u32::MAX;
 
 /// Node-wide settings, stored at index 0 of `NODE_CONFIG`.
 #[repr(C)]
@@ -51,7 +63,7 @@ pub struct NodeConfig {
 
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 20);
-const _: () = assert!(core::mem::size_of::<InterfaceEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<InterfaceEntry>() == 28);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 4);
 
 #[cfg(feature = "user")]

@@ -32,6 +32,8 @@ pub const LB_NEW_FLOW: u32 = 4;
 pub const LB_TRACKED: u32 = 5;
 /// A reply from a backend given the VIP back as its source.
 pub const LB_REVERSE_NAT: u32 = 6;
+/// Left the overlay: to the gateway, or outbound, through the node's own stack.
+pub const FORWARD_HOST: u32 = 7;
 
 /// First drop code; everything from here on is a drop.
 pub const DROP_FIRST: u32 = 16;
@@ -75,6 +77,7 @@ pub fn name(code: u32) -> Option<&'static str> {
         LB_NEW_FLOW => "lb_new_flow",
         LB_TRACKED => "lb_tracked",
         LB_REVERSE_NAT => "lb_reverse_nat",
+        FORWARD_HOST => "forward_host",
         DROP_MALFORMED => "drop_malformed",
         DROP_UNKNOWN_INTERFACE => "drop_unknown_interface",
         DROP_NO_ENDPOINT => "drop_no_endpoint",

@@ -4,12 +4,12 @@
 //! delivered locally or encapsulated to the peer's node. Anything else is dropped: overlays
 //! carry IPv4 only, and a workload must not reach the host's stack through its veth.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use shoal_common::{
-    overlay::{EndpointKey, InterfaceEntry},
+    overlay::{EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND},
     stats::{
         DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_UNKNOWN_INTERFACE,
-        FORWARD_LOCAL, FORWARD_REMOTE,
+        FORWARD_HOST, FORWARD_LOCAL, FORWARD_REMOTE,
     },
 };
 
@@ -19,7 +19,7 @@ use crate::{
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
     lb,
     maps::{lookup, ENDPOINTS, INTERFACES},
-    stats::drop_packet,
+    stats::{count, drop_packet},
 };
 
 #[classifier]
@@ -52,8 +52,21 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     }
     // A service VIP: the destination becomes the flow's backend before forwarding.
     let daddr = if lb::balance(ctx, iface.vni)? { current_daddr(ctx)? } else { daddr };
-    let key = EndpointKey { vni: iface.vni, addr: u32::from_ne_bytes(daddr) };
-    let to = lookup(&ENDPOINTS, &key).ok_or(DROP_NO_ENDPOINT)?;
+    let dst = u32::from_ne_bytes(daddr);
+    let key = EndpointKey { vni: iface.vni, addr: dst };
+    let Some(to) = lookup(&ENDPOINTS, &key) else {
+        // Off the overlay: out through this node's stack (it masquerades), if the network
+        // has a way out; an unknown address inside the subnet is nobody.
+        if dst & iface.mask != iface.subnet && iface.flags & IFACE_OUTBOUND != 0 {
+            count(ctx, FORWARD_HOST);
+            return Ok(TC_ACT_OK);
+        }
+        return Err(DROP_NO_ENDPOINT);
+    };
+    if to.ifindex == 0 && to.node_addr == GATEWAY_NODE {
+        count(ctx, FORWARD_HOST);
+        return Ok(TC_ACT_OK);
+    }
     if to.ifindex == 0 && to.node_addr == 0 {
         // A VIP, but not on a port of its service (or not TCP/UDP): nothing answers there.
         return Err(DROP_NO_BACKEND);

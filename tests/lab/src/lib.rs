@@ -102,7 +102,14 @@ impl Host {
 /// One overlay network with every given workload on it.
 pub fn overlay_spec(network: &str, vni: u32, subnet: &str, workloads: &[&Workload]) -> Result<DataplaneSpec> {
     Ok(DataplaneSpec {
-        networks: vec![OverlayNetwork { name: network.into(), vni, subnet: subnet.parse()?, mtu: None }],
+        networks: vec![OverlayNetwork {
+            name: network.into(),
+            vni,
+            subnet: subnet.parse()?,
+            mtu: None,
+            gateway: None,
+            internal: false,
+        }],
         endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
         services: vec![],
     })

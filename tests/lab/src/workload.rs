@@ -62,6 +62,12 @@ pub fn create(lab: &str, host: &Host, name: &str, addr: Ipv4Addr, prefix: u8, mt
         "net.ipv6.conf.default.disable_ipv6=1",
     ])?;
     run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
+    // The network's gateway is its first address (the overlay's default), the way out.
+    let network = u32::from(addr) & (u32::MAX << (32 - u32::from(prefix)));
+    let gateway = Ipv4Addr::from(network + 1);
+    if gateway != addr && prefix < 31 {
+        run_ok(&["ip", "-n", &netns, "route", "add", "default", "via", &gateway.to_string()])?;
+    }
     Ok(Workload { netns, host_iface, addr, mac, node_addr: host.addr })
 }
 

@@ -1,0 +1,60 @@
+//! The node's own stack as the overlay's way out (Docker's `docker_gwbridge`, without the
+//! bridge): IP forwarding, masquerade of the overlay subnets to the node's address
+//! (nftables), and on the way back a host route and a static neighbour to each local
+//! workload, so replies reach it without the host ever ARPing into the workload.
+
+use std::{io::Write, net::Ipv4Addr, process::Stdio};
+
+use ipnet::Ipv4Net;
+
+use crate::net::NetError;
+
+/// nftables table that holds the masquerade rules (the whole table is ours).
+const NAT_TABLE: &str = "shoal_nat";
+
+/// Turns on IPv4 forwarding in this network namespace (as Docker does).
+pub fn enable_forwarding() -> Result<(), NetError> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetError::Io)
+}
+
+/// Makes the NAT table masquerade exactly `subnets`' traffic leaving them.
+pub fn sync_masquerade(subnets: &[Ipv4Net]) -> Result<(), NetError> {
+    let rules: String = subnets.iter().map(|s| format!("    ip saddr {s} ip daddr != {s} masquerade\n")).collect();
+    // Create-then-delete makes the delete safe when the table is absent; all in one
+    // transaction, so the rules never disappear in between.
+    let mut script = format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n");
+    if !subnets.is_empty() {
+        script.push_str(&format!(
+            "table ip {NAT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{rules}  }}\n}}\n"
+        ));
+    }
+    nft(&script)
+}
+
+/// Removes the NAT table (a clean exit).
+pub fn remove_masquerade() -> Result<(), NetError> {
+    nft(&format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n"))
+}
+
+fn nft(script: &str) -> Result<(), NetError> {
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NetError::Host(format!("cannot run nft: {e}")))?;
+    child.stdin.take().ok_or_else(|| NetError::Host("nft stdin".into()))?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(NetError::Host(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}
+
+/// A local workload as the host's stack must know it to send replies back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostRoute {
+    pub addr: Ipv4Addr,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
