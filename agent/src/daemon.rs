@@ -47,6 +47,13 @@ pub struct Config {
     /// UDP port of the VXLAN data path.
     #[arg(long, default_value_t = VXLAN_PORT)]
     pub vxlan_port: u16,
+    /// Port of the embedded DNS server on the advertise address.
+    #[arg(long, default_value_t = 53)]
+    pub dns_port: u16,
+    /// Resolver for names that are not the swarm's (default: the first nameserver in
+    /// /etc/resolv.conf).
+    #[arg(long)]
+    pub dns_upstream: Option<std::net::SocketAddr>,
     /// Detach the BPF programs when exiting. Without it they stay attached (pinned), so a
     /// restart of shoald does not interrupt traffic; `lab down` or a later run with this flag
     /// removes them.
@@ -103,12 +110,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
+    // DNS for workloads on the node's address; their gateway's port 53 leads here.
+    let dns_addr = std::net::SocketAddrV4::new(config.advertise_addr, config.dns_port);
+    let dns_socket =
+        tokio::net::UdpSocket::bind(dns_addr).await.map_err(io("binding DNS on", Path::new(&dns_addr.to_string())))?;
+    let names = Arc::new(std::sync::RwLock::new(crate::dns::Names::default()));
+    let upstream = config.dns_upstream.or_else(crate::dns::system_upstream);
+    let dns_task = tokio::spawn(crate::dns::serve(dns_socket, names.clone(), upstream));
+
     let net = NetConfig {
         node_addr: config.advertise_addr,
         pin_dir: config.bpf_root.join(&node_name),
         vxlan_port: config.vxlan_port,
+        dns: Some(dns_addr),
     };
-    let mut dataplane = Dataplane::start(net).await?;
+    let mut dataplane = Dataplane::start(net, names).await?;
     let dataplane_file = config.data_root.join("dataplane.json");
     restore_dataplane(&mut dataplane, &dataplane_file).await;
     let daemon = DaemonInfo::read(&node_name, &config.data_root);
@@ -140,6 +156,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         error!(error = %e, "API server failed");
     }
     let _ = std::fs::remove_file(&config.socket);
+    dns_task.abort();
     swarm.shutdown().await;
     if config.detach_on_exit {
         node.dataplane.lock().await.detach_all();

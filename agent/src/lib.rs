@@ -11,4 +11,5 @@
 
 pub mod api;
 pub mod daemon;
+pub mod dns;
 pub mod net;

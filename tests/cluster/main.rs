@@ -5,6 +5,7 @@
 
 mod api_input;
 mod api_tls;
+mod dns;
 mod outbound;
 mod overlay;
 mod shoal_cli;

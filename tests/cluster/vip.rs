@@ -34,6 +34,7 @@ fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
         vip: addr(VIP),
         ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 7000 }],
         backends: members.iter().map(|a| addr(a)).collect(),
+        dnsrr: false,
     };
     spec.services = vec![service(&["10.78.0.11", "10.78.0.12", "10.78.0.13"])];
     lab.apply_dataplane(&spec).unwrap();

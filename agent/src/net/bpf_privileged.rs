@@ -79,9 +79,7 @@ impl Fixture {
             .into_iter()
             .collect(),
             attach: BTreeMap::new(),
-            lb: Default::default(),
-            host_routes: Vec::new(),
-            masquerade: Vec::new(),
+            ..Default::default()
         };
         datapath.apply(&plan).expect("fill maps");
         let mut config: Array<&mut MapData, NodeConfig> = datapath.map_mut(maps::NODE_CONFIG).unwrap();

@@ -17,15 +17,24 @@ pub fn enable_forwarding() -> Result<(), NetError> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetError::Io)
 }
 
-/// Makes the NAT table masquerade exactly `subnets`' traffic leaving them.
-pub fn sync_masquerade(subnets: &[Ipv4Net]) -> Result<(), NetError> {
+/// Makes the NAT table masquerade exactly `subnets`' traffic leaving them, and send DNS
+/// queries to any of `gateways` to this node's DNS server at `dns`.
+pub fn sync_nat(
+    subnets: &[Ipv4Net],
+    gateways: &[Ipv4Addr],
+    dns: Option<std::net::SocketAddrV4>,
+) -> Result<(), NetError> {
     let rules: String = subnets.iter().map(|s| format!("    ip saddr {s} ip daddr != {s} masquerade\n")).collect();
+    let dns_rules: String = match dns {
+        Some(dns) => gateways.iter().map(|g| format!("    ip daddr {g} udp dport 53 dnat to {dns}\n")).collect(),
+        None => String::new(),
+    };
     // Create-then-delete makes the delete safe when the table is absent; all in one
     // transaction, so the rules never disappear in between.
     let mut script = format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n");
-    if !subnets.is_empty() {
+    if !subnets.is_empty() || !dns_rules.is_empty() {
         script.push_str(&format!(
-            "table ip {NAT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{rules}  }}\n}}\n"
+            "table ip {NAT_TABLE} {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{dns_rules}  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{rules}  }}\n}}\n"
         ));
     }
     nft(&script)

@@ -25,7 +25,7 @@ pub struct LbPlan {
 pub fn plan(spec: &DataplaneSpec) -> Result<LbPlan, NetError> {
     let mut plan = LbPlan::default();
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
-    for svc in &spec.services {
+    for svc in spec.services.iter().filter(|s| !s.dnsrr) {
         let Some(net) = spec.network(&svc.network) else { continue };
         let vip = u32::from_ne_bytes(svc.vip.octets());
         for port in &svc.ports {

@@ -34,6 +34,8 @@ pub struct NetConfig {
     pub pin_dir: PathBuf,
     /// UDP port of the VXLAN data path.
     pub vxlan_port: u16,
+    /// Where this node's DNS server listens (queries to gateways are sent there).
+    pub dns: Option<std::net::SocketAddrV4>,
 }
 
 pub struct Dataplane {
@@ -43,18 +45,23 @@ pub struct Dataplane {
     /// What the kernel holds now: the last state applied in full.
     spec: DataplaneSpec,
     plan: Plan,
+    /// What the DNS server answers, from the applied spec.
+    names: std::sync::Arc<std::sync::RwLock<crate::dns::Names>>,
 }
 
 impl Dataplane {
     /// Loads the programs, creates (or adopts) the VXLAN device and attaches to it. The
     /// pinned maps keep whatever an earlier run left until the first `replace`.
-    pub async fn start(config: NetConfig) -> Result<Self, NetError> {
+    pub async fn start(
+        config: NetConfig,
+        names: std::sync::Arc<std::sync::RwLock<crate::dns::Names>>,
+    ) -> Result<Self, NetError> {
         let links = Links::connect()?;
         let mut datapath = Datapath::load(&config.pin_dir)?;
         let vxlan = links.ensure_vxlan(VXLAN_DEVICE, config.vxlan_port, DEFAULT_OVERLAY_MTU).await?;
         datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
         info!(device = VXLAN_DEVICE, ifindex = vxlan, port = config.vxlan_port, "overlay device ready");
-        Ok(Dataplane { config, links, datapath, spec: DataplaneSpec::default(), plan: Plan::default() })
+        Ok(Dataplane { config, links, datapath, spec: DataplaneSpec::default(), plan: Plan::default(), names })
     }
 
     /// Makes the kernel match `spec`, then calls `persist` with it; answers Ok only when
@@ -82,6 +89,7 @@ impl Dataplane {
             return Err(NetError::Persist(e));
         }
         info!(interfaces = plan.interfaces.len(), "dataplane converged");
+        *self.names.write().unwrap_or_else(|p| p.into_inner()) = crate::dns::Names::from_spec(&spec);
         self.spec = spec;
         self.plan = plan;
         Ok(())
@@ -122,7 +130,7 @@ impl Dataplane {
         if !plan.masquerade.is_empty() {
             host::enable_forwarding()?;
         }
-        host::sync_masquerade(&plan.masquerade)?;
+        host::sync_nat(&plan.masquerade, &plan.gateways, self.config.dns)?;
         self.links.sync_host_routes(&plan.host_routes).await
     }
 

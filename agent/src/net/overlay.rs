@@ -38,6 +38,8 @@ pub struct Plan {
     pub host_routes: Vec<HostRoute>,
     /// Subnets of networks with a way out, masqueraded to the node's address.
     pub masquerade: Vec<ipnet::Ipv4Net>,
+    /// Gateway addresses: DNS queries to them go to this node's DNS server.
+    pub gateways: Vec<std::net::Ipv4Addr>,
 }
 
 /// Names of the interfaces of endpoints that run on this node.
@@ -79,7 +81,7 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
     }
     // A VIP answers ARP like an endpoint; with no interface and no node it is only ever a
     // destination the programs rewrite.
-    for svc in &spec.services {
+    for svc in spec.services.iter().filter(|s| !s.dnsrr) {
         let Some(net) = spec.network(&svc.network) else { continue };
         let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(svc.vip.octets()) };
         let mac = shoal_api::MacAddr::from_ipv4(svc.vip).0;
@@ -87,6 +89,7 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
     }
     plan.lb = lb::plan(spec)?;
     plan.masquerade = spec.networks.iter().filter(|n| !n.internal).map(|n| n.subnet).collect();
+    plan.gateways = spec.networks.iter().filter_map(|n| n.gateway()).collect();
     plan.host_routes.sort();
     Ok(plan)
 }

@@ -41,6 +41,10 @@ pub struct ServiceVip {
     /// Addresses of the service's tasks on the network.
     #[serde(default)]
     pub backends: Vec<Ipv4Addr>,
+    /// Endpoint mode `dnsrr`: DNS answers the service's name with its tasks' addresses, not
+    /// the VIP (which is then not balanced).
+    #[serde(default)]
+    pub dnsrr: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -293,6 +297,7 @@ mod tests {
                 vip: "10.78.0.100".parse().unwrap(),
                 ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 8080 }],
                 backends: vec!["10.78.0.2".parse().unwrap()],
+                dnsrr: false,
             }],
         }
     }
