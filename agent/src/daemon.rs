@@ -47,6 +47,9 @@ pub struct Config {
     /// UDP port of the VXLAN data path.
     #[arg(long, default_value_t = VXLAN_PORT)]
     pub vxlan_port: u16,
+    /// The workloads' cgroup (v2): socket-level balancing attaches there.
+    #[arg(long)]
+    pub workload_cgroup: Option<PathBuf>,
     /// Port of the embedded DNS server on the advertise address.
     #[arg(long, default_value_t = 53)]
     pub dns_port: u16,
@@ -125,6 +128,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         dns: Some(dns_addr),
     };
     let mut dataplane = Dataplane::start(net, names).await?;
+    if let Some(cgroup) = &config.workload_cgroup {
+        dataplane.attach_cgroup(cgroup)?;
+    }
     let dataplane_file = config.data_root.join("dataplane.json");
     restore_dataplane(&mut dataplane, &dataplane_file).await;
     let daemon = DaemonInfo::read(&node_name, &config.data_root);

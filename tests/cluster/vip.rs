@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use shoal_api::dataplane::{Protocol, ServicePort, ServiceVip};
-use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT};
+use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT, SOCK_LB_CONNECT};
 use shoal_lab::{tcp_exchange, Conversation, TextServer};
 use shoal_tests::{addr, overlay_spec, plain_lab, workload};
 
@@ -73,4 +73,46 @@ fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
         let reply = tcp_exchange(&client.netns, addr(VIP), 80, &format!("after{i}")).unwrap();
         assert!(!reply.starts_with(&pinned), "a new connection reached the drained backend: {reply}");
     }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_workload_process_connecting_to_a_vip_is_balanced_at_the_socket() {
+    let lab = plain_lab("e2esocklb", 1, 1);
+    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
+    let backend = workload(&lab, "wrk1", "web1", "10.78.0.11");
+    let _server = TextServer::start(&backend.netns, 7000, "web1").unwrap();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
+    spec.services = vec![ServiceVip {
+        name: "web".into(),
+        network: "blue".into(),
+        vip: addr(VIP),
+        ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 7000 }],
+        backends: vec![addr("10.78.0.11")],
+        dnsrr: false,
+    }];
+    lab.apply_dataplane(&spec).unwrap();
+    let mgr1 = lab.host("mgr1").unwrap();
+    let Some(cgroup) = mgr1.cgroup.clone() else {
+        panic!("this machine has no cgroup2 mount for the workloads' cgroup");
+    };
+    let tc_flows_before = mgr1.packets(LB_NEW_FLOW).unwrap();
+
+    // A real process in the workloads' cgroup, as a container's would be.
+    let script = r#"
+import socket
+s = socket.create_connection(("10.78.0.100", 80), timeout=3)
+peer = s.getpeername()
+s.sendall(b"hi\n")
+print(peer[0], peer[1])
+print(s.makefile().readline().strip())
+"#;
+    let argv: Vec<String> = ["python3", "-c", script].map(String::from).to_vec();
+    let out = shoal_lab::cgroup_command(&cgroup, &client.netns, &argv).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines, ["10.78.0.100 80", "web1 hi"], "the application sees the VIP and reaches a backend");
+    assert!(mgr1.packets(SOCK_LB_CONNECT).unwrap() >= 1, "the socket hook chose the backend");
+    assert_eq!(mgr1.packets(LB_NEW_FLOW).unwrap(), tc_flows_before, "the packets needed no per-packet NAT");
 }

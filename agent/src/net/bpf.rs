@@ -10,9 +10,9 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{CgroupAttachMode, FdLink, PinnedLink},
         tc::SchedClassifierLink,
-        SchedClassifier, TcAttachType,
+        CgroupSockAddr, SchedClassifier, TcAttachType,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
@@ -39,6 +39,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sh
 const FROM_WORKLOAD: &str = "from_workload";
 /// TC ingress on the node's VXLAN device.
 const FROM_OVERLAY: &str = "from_overlay";
+/// cgroup hooks of the workloads' cgroup (socket-level balancing).
+const SOCK_CONNECT: &str = "sock_connect";
+const SOCK_GETPEERNAME: &str = "sock_getpeername";
 
 /// Where bpffs is mounted on every Linux host.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -70,6 +73,9 @@ impl Datapath {
         }
         for name in [FROM_WORKLOAD, FROM_OVERLAY] {
             classifier(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
+        }
+        for name in [SOCK_CONNECT, SOCK_GETPEERNAME] {
+            sock_addr(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
         }
         info!(pin_dir = %pin_dir.display(), %kernel, "BPF programs loaded");
         let attachments = Attachments { dir: pin_dir.join("links"), links: BTreeMap::new() };
@@ -108,6 +114,20 @@ impl Datapath {
                 self.attachments.attach(&mut self.ebpf, FROM_WORKLOAD, name, ifindex)?;
             }
         }
+        Ok(())
+    }
+
+    /// Attaches the socket hooks to the workloads' cgroup: their `connect()` to a VIP then
+    /// goes straight to a backend. The links end with the agent (new connections fall back to
+    /// the TC path until it is back).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), NetError> {
+        let dir = std::fs::File::open(cgroup)?;
+        for name in [SOCK_CONNECT, SOCK_GETPEERNAME] {
+            sock_addr(&mut self.ebpf, name)?
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|source| NetError::Program { program: name, source })?;
+        }
+        info!(cgroup = %cgroup.display(), "socket-level balancing attached");
         Ok(())
     }
 
@@ -171,6 +191,13 @@ impl Datapath {
 
 fn map_error(map: &'static str, source: MapError) -> NetError {
     NetError::Map { map, source }
+}
+
+fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, NetError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(NetError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
+    program.try_into().map_err(|source| NetError::Program { program: name, source })
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, NetError> {

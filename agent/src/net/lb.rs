@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use shoal_api::dataplane::{DataplaneSpec, Protocol};
 use shoal_common::lb::{
-    Backend, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_PRIME, MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP,
+    Backend, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_PRIME, MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP, SOCKET_VNI,
 };
 
 use crate::net::NetError;
@@ -47,7 +47,13 @@ pub fn plan(spec: &DataplaneSpec) -> Result<LbPlan, NetError> {
                 plan.backends.insert(backend_id, backend);
                 ids.push((format!("{addr}:{}", port.target_port), backend_id));
             }
-            plan.services.insert(key, ServiceEntry { id, backends: ids.len() as u32 });
+            let entry = ServiceEntry { id, backends: ids.len() as u32 };
+            plan.services.insert(key, entry);
+            // The socket hooks' copy, keyed without the network (a socket has none yet).
+            let socket_key = ServiceKey { vni: SOCKET_VNI, ..key };
+            if plan.services.insert(socket_key, entry).is_some() {
+                return Err(NetError::IdCollision(format!("{label}: the VIP is used on another network too")));
+            }
             if !ids.is_empty() {
                 plan.maglev.insert(id, maglev(&ids));
             }

@@ -95,6 +95,10 @@ impl Dataplane {
         Ok(())
     }
 
+    pub fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<(), NetError> {
+        self.datapath.attach_cgroup(cgroup)
+    }
+
     pub fn spec(&self) -> &DataplaneSpec {
         &self.spec
     }

@@ -12,6 +12,10 @@ pub const MAGLEV_SLOTS: usize = 1024;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// `ServiceKey::vni` of the entries the socket hooks look up: a socket does not know its
+/// network when it connects, so VIPs must be unique across a node's networks.
+pub const SOCKET_VNI: u32 = 0;
+
 /// A service as packets address it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

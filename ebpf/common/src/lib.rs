@@ -30,4 +30,6 @@ pub mod maps {
     pub const MAGLEV: &str = "SHOAL_MAGLEV";
     /// LRU `FlowKey` -> `NatEntry`: forward (client -> VIP) and reverse (backend -> client).
     pub const CONNTRACK: &str = "SHOAL_CONNTRACK";
+    /// LRU socket cookie -> `NatEntry`: the VIP a socket asked for, for `getpeername`.
+    pub const SOCK_VIPS: &str = "SHOAL_SOCK_VIPS";
 }

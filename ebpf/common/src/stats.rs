@@ -34,6 +34,8 @@ pub const LB_TRACKED: u32 = 5;
 pub const LB_REVERSE_NAT: u32 = 6;
 /// Left the overlay: to the gateway, or outbound, through the node's own stack.
 pub const FORWARD_HOST: u32 = 7;
+/// A workload's connect() to a VIP sent straight to a backend by the socket hook.
+pub const SOCK_LB_CONNECT: u32 = 8;
 
 /// First drop code; everything from here on is a drop.
 pub const DROP_FIRST: u32 = 16;
@@ -78,6 +80,7 @@ pub fn name(code: u32) -> Option<&'static str> {
         LB_TRACKED => "lb_tracked",
         LB_REVERSE_NAT => "lb_reverse_nat",
         FORWARD_HOST => "forward_host",
+        SOCK_LB_CONNECT => "sock_lb_connect",
         DROP_MALFORMED => "drop_malformed",
         DROP_UNKNOWN_INTERFACE => "drop_unknown_interface",
         DROP_NO_ENDPOINT => "drop_no_endpoint",

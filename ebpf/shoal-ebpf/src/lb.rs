@@ -85,7 +85,7 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
 
 /// The backend the service's Maglev table gives this flow.
 #[inline(always)]
-fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32> {
+pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32> {
     if backends == 0 {
         return Err(DROP_NO_BACKEND);
     }

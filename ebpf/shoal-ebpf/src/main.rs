@@ -15,6 +15,7 @@ mod from_workload;
 mod headers;
 mod lb;
 mod maps;
+mod sock;
 mod stats;
 
 #[cfg(not(test))]

@@ -59,3 +59,7 @@ pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(16384, BPF_F_NO_P
 /// Balanced flows, both directions; least recently used go first when full.
 #[map(name = "SHOAL_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(262144, 0);
+
+/// The VIP each socket connected to, by socket cookie, so `getpeername` shows it.
+#[map(name = "SHOAL_SOCK_VIPS")]
+pub static SOCK_VIPS: LruHashMap<u64, NatEntry> = LruHashMap::pinned(262144, 0);

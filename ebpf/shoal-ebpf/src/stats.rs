@@ -16,6 +16,15 @@ pub fn count(ctx: &TcContext, code: u32) {
     }
 }
 
+/// Counts an event that has no packet (a socket hook), under `code`.
+#[inline(always)]
+pub fn count_event(code: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(code) {
+        // SAFETY: a per-CPU array slot is only touched by this CPU while the program runs.
+        unsafe { (*counter).packets += 1 };
+    }
+}
+
 /// Counts a drop under its reason and returns the verdict that drops the packet.
 #[inline(always)]
 pub fn drop_packet(ctx: &TcContext, reason: u32) -> i32 {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod cgroups;
 mod cmd;
 mod netns;
 mod shoald;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork};
 
 pub use api::{ApiClient, Response};
+pub use cgroups::command as cgroup_command;
 pub use cmd::{run, run_ok};
 pub use netns::{command as netns_command, in_netns};
 pub use teardown::down;
@@ -76,6 +78,10 @@ pub struct Host {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub pid_file: PathBuf,
+    /// The host's workloads' cgroup (v2), where shoald attaches its socket hooks; `None` where
+    /// the machine has no cgroup2 mount.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Host {
@@ -165,6 +171,7 @@ impl Lab {
                 socket: dir.join("shoald.sock"),
                 log: dir.join("shoald.log"),
                 pid_file: dir.join("shoald.pid"),
+                cgroup: cgroups::create(&config.name, &name)?,
                 name,
             };
             std::fs::create_dir_all(&dir)?;

@@ -43,7 +43,8 @@ pub fn start(lab: &Lab, host: &Host, extra: &[String]) -> Result<u32> {
         "--bpf-root".into(),
         format!("{BPF_ROOT}/{}", lab.name),
     ];
-    let argv: Vec<String> = argv.into_iter().chain(extra.iter().cloned()).collect();
+    let cgroup = host.cgroup.iter().flat_map(|c| ["--workload-cgroup".to_owned(), c.display().to_string()]);
+    let argv: Vec<String> = argv.into_iter().chain(cgroup).chain(extra.iter().cloned()).collect();
     let child = netns::command(&host.netns, &argv)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

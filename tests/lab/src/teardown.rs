@@ -62,6 +62,7 @@ pub(crate) fn down_locked(name: &str) -> Result<()> {
         run_ok(&["ip", "netns", "del", ns])?;
     }
     remove_dir_all_if_present(&Path::new(BPF_ROOT).join(name))?;
+    crate::cgroups::remove(name)?;
     remove_dir_all_if_present(&Path::new(STATE_ROOT).join(name))?;
     release_shared(Path::new(STATE_ROOT))?;
     Ok(())
