@@ -5,7 +5,7 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{bail, Result};
-use shoal_api::dataplane::DEFAULT_OVERLAY_MTU;
+use shoal_api::dataplane::{Protocol, ServicePort, ServiceVip, DEFAULT_OVERLAY_MTU};
 use shoal_common::stats;
 use shoal_lab::{overlay_spec, ping, tcp_exchange, Lab, LabConfig, TextServer, Workload, DEFAULT_LAB};
 
@@ -14,6 +14,7 @@ use crate::workspace;
 const NETWORK: &str = "demo";
 const VNI: u32 = 4097;
 const PORT: u16 = 8080;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
 
 pub fn run(keep: bool) -> Result<()> {
     let started = Instant::now();
@@ -38,7 +39,16 @@ pub fn run(keep: bool) -> Result<()> {
         workloads.push((host.name.clone(), w));
     }
     let members: Vec<&Workload> = workloads.iter().map(|(_, w)| w).collect();
-    lab.apply_dataplane(&overlay_spec(NETWORK, VNI, "10.78.0.0/24", &members)?)?;
+    let mut spec = overlay_spec(NETWORK, VNI, "10.78.0.0/24", &members)?;
+    spec.services = vec![ServiceVip {
+        name: "web".into(),
+        network: NETWORK.into(),
+        vip: VIP,
+        ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: PORT }],
+        backends: workloads.iter().map(|(_, w)| w.addr).collect(),
+        dnsrr: false,
+    }];
+    lab.apply_dataplane(&spec)?;
     let _servers = workloads
         .iter()
         .map(|(host, w)| TextServer::start(&w.netns, PORT, &format!("hello from {host}/web")))
@@ -71,6 +81,19 @@ pub fn run(keep: bool) -> Result<()> {
     let (from_host, from) = &workloads[0];
     let (to_host, to) = &workloads[workloads.len() - 1];
     println!("\n{from_host}/web -> {to_host}/web: {}", tcp_exchange(&from.netns, to.addr, PORT, "are you there?")?);
+
+    eprintln!("== service \"web\": VIP {VIP}:80 balanced (Maglev, BPF) over the six workloads on port {PORT}");
+    for (host, w) in &workloads {
+        let mut reached = std::collections::BTreeSet::new();
+        for i in 0..12 {
+            let reply = tcp_exchange(&w.netns, VIP, 80, &format!("{i}"))?;
+            reached.insert(reply.split(' ').nth(2).unwrap_or_default().to_owned());
+        }
+        println!(
+            "  from {host}/web, 12 connections to {VIP}:80 reached: {}",
+            reached.into_iter().collect::<Vec<_>>().join(" ")
+        );
+    }
 
     eprintln!("== what the BPF programs counted (from each host's pinned SHOAL_STATS map)");
     println!(

@@ -18,6 +18,9 @@ use crate::{
     stats::count,
 };
 
+/// Slots tried to find a backend other than the client itself.
+const HAIRPIN_PROBES: usize = 8;
+
 /// IPv4 header without options: the only shape balanced (offsets stay constant for the
 /// verifier).
 const IPV4_PLAIN: u8 = 0x45;
@@ -90,11 +93,23 @@ pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32
         return Err(DROP_NO_BACKEND);
     }
     let table = MAGLEV.get_ptr(service).ok_or(DROP_NO_BACKEND)?;
-    let slot = (flow_hash(flow) as usize) & (MAGLEV_SLOTS - 1);
-    // SAFETY: the pointer is valid for this program run; `get` bounds the index.
-    let backend_id = unsafe { (*table).slots.get(slot).copied() }.ok_or(DROP_NO_BACKEND)?;
-    let backend = lookup(&BACKENDS, &backend_id).ok_or(DROP_NO_BACKEND)?;
-    Ok(NatEntry { addr: backend.addr, port: backend.port, _pad: 0 })
+    let first = flow_hash(flow) as usize;
+    let mut chosen = None;
+    // A client that is itself a backend is not sent to itself on this path: the packet
+    // would come back into its own namespace with its own address as source, which the
+    // kernel drops as martian. The next slots give another backend (the socket path has no
+    // such limit: a connect() to oneself goes over loopback).
+    for probe in 0..HAIRPIN_PROBES {
+        let slot = (first + probe) & (MAGLEV_SLOTS - 1);
+        // SAFETY: the pointer is valid for this program run; `get` bounds the index.
+        let Some(backend_id) = (unsafe { (*table).slots.get(slot).copied() }) else { break };
+        let Some(backend) = lookup(&BACKENDS, &backend_id) else { break };
+        chosen = Some(NatEntry { addr: backend.addr, port: backend.port, _pad: 0 });
+        if backend.addr != flow.saddr || backends == 1 {
+            break;
+        }
+    }
+    chosen.ok_or(DROP_NO_BACKEND)
 }
 
 /// Remembers the flow both ways: forward to its backend, and the reverse (the backend's
