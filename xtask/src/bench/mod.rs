@@ -3,6 +3,7 @@
 //! reference it is compared with, because these machines are noisy.
 
 mod control;
+mod net;
 mod stats;
 
 use anyhow::Result;
@@ -16,10 +17,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         failovers: usize,
     },
+    /// Data plane: overlay vs underlay TCP throughput (iperf3).
+    Net {
+        /// Runs of each path.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Control { failovers } => control::run(failovers),
+        BenchCommand::Net { runs, seconds } => net::run(runs, seconds),
     }
 }
