@@ -91,15 +91,8 @@ async fn answer(
         return forward(query, upstream).await.or_else(|| refuse(&request, ResponseCode::NXDomain));
     };
     debug!(%client, name = %question.name(), ?addrs, "answered");
-    let mut reply = Message::new();
-    reply
-        .set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(request.op_code())
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true)
-        .set_authoritative(true)
-        .add_query(question.clone());
+    let mut reply = reply_to(&request);
+    reply.set_recursion_available(true).set_authoritative(true);
     if matches!(question.query_type(), RecordType::A | RecordType::ANY) {
         for addr in addrs {
             reply.add_answer(Record::from_rdata(question.name().clone(), TTL, RData::A(A(addr))));
@@ -124,17 +117,23 @@ async fn forward(query: &[u8], upstream: Option<SocketAddr>) -> Option<Vec<u8>> 
 }
 
 fn refuse(request: &Message, code: ResponseCode) -> Option<Vec<u8>> {
+    let mut reply = reply_to(request);
+    reply.set_response_code(code);
+    reply.to_vec().ok()
+}
+
+/// A response to `request`: its ID, opcode, flags and questions.
+fn reply_to(request: &Message) -> Message {
     let mut reply = Message::new();
     reply
         .set_id(request.id())
         .set_message_type(MessageType::Response)
         .set_op_code(request.op_code())
-        .set_recursion_desired(request.recursion_desired())
-        .set_response_code(code);
+        .set_recursion_desired(request.recursion_desired());
     for q in request.queries() {
         reply.add_query(q.clone());
     }
-    reply.to_vec().ok()
+    reply
 }
 
 /// The first nameserver in `/etc/resolv.conf`, port 53.

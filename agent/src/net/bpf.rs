@@ -194,13 +194,18 @@ fn map_error(map: &'static str, source: MapError) -> NetError {
 }
 
 fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, NetError> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(NetError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
-    program.try_into().map_err(|source| NetError::Program { program: name, source })
+    program(ebpf, name)
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, NetError> {
+    program(ebpf, name)
+}
+
+/// The loaded program `name` as its type `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, NetError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let program = ebpf
         .program_mut(name)
         .ok_or(NetError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
