@@ -116,3 +116,42 @@ print(s.makefile().readline().strip())
     assert!(mgr1.packets(SOCK_LB_CONNECT).unwrap() >= 1, "the socket hook chose the backend");
     assert_eq!(mgr1.packets(LB_NEW_FLOW).unwrap(), tc_flows_before, "the packets needed no per-packet NAT");
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_udp_vip_balances_datagrams_and_replies_come_from_the_vip() {
+    let lab = plain_lab("e2eudpvip", 1, 1);
+    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
+    let backend = workload(&lab, "wrk1", "dns1", "10.78.0.11");
+    // A UDP echo in the backend's namespace that names itself.
+    let socket = shoal_lab::in_netns(&backend.netns, || std::net::UdpSocket::bind("0.0.0.0:5300").unwrap()).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((len, from)) = socket.recv_from(&mut buf) {
+            let reply = format!("dns1 {}", String::from_utf8_lossy(&buf[..len]));
+            let _ = socket.send_to(reply.as_bytes(), from);
+        }
+    });
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
+    spec.services = vec![ServiceVip {
+        name: "dns".into(),
+        network: "blue".into(),
+        vip: addr(VIP),
+        ports: vec![ServicePort { protocol: Protocol::Udp, port: 53, target_port: 5300 }],
+        backends: vec![addr("10.78.0.11")],
+        dnsrr: false,
+    }];
+    lab.apply_dataplane(&spec).unwrap();
+
+    let (reply, from) = shoal_lab::in_netns(&client.netns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        socket.send_to(b"query", (addr(VIP), 53)).unwrap();
+        let mut buf = [0u8; 512];
+        let (len, from) = socket.recv_from(&mut buf).expect("an answer through the UDP VIP");
+        (String::from_utf8_lossy(&buf[..len]).into_owned(), from)
+    })
+    .unwrap();
+    assert_eq!(reply, "dns1 query");
+    assert_eq!(from, std::net::SocketAddr::from((addr(VIP), 53)), "the reply must come from the VIP");
+}
