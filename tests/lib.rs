@@ -162,3 +162,23 @@ pub fn node_ls(lab: &Lab, host: &str) -> Option<Vec<NodeRow>> {
 pub fn leader(lab: &Lab, host: &str) -> Option<String> {
     node_ls(lab, host)?.into_iter().find(|r| r.manager_status == "Leader").map(|r| r.hostname)
 }
+
+/// A service `name` on network "blue" with VIP `vip`, forwarding `port` to `target_port` on
+/// `backends`.
+pub fn blue_service(
+    name: &str,
+    vip: &str,
+    protocol: shoal_api::dataplane::Protocol,
+    port: u16,
+    target_port: u16,
+    backends: &[&str],
+) -> shoal_api::dataplane::ServiceVip {
+    shoal_api::dataplane::ServiceVip {
+        name: name.into(),
+        network: "blue".into(),
+        vip: addr(vip),
+        ports: vec![shoal_api::dataplane::ServicePort { protocol, port, target_port }],
+        backends: backends.iter().map(|a| addr(a)).collect(),
+        dnsrr: false,
+    }
+}

@@ -12,9 +12,9 @@ use hickory_proto::{
     op::{Message, MessageType, Query, ResponseCode},
     rr::{rdata::A, Name, RData, Record, RecordType},
 };
-use shoal_api::dataplane::{Protocol, ServicePort, ServiceVip};
+use shoal_api::dataplane::{Protocol, ServiceVip};
 use shoal_lab::in_netns;
-use shoal_tests::{addr, overlay_spec, plain_lab, workload};
+use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
 /// Asks `server:53`-style `server` for `name`'s A records from inside `netns`.
 fn lookup(netns: &str, server: (Ipv4Addr, u16), name: &str) -> (ResponseCode, Vec<Ipv4Addr>) {
@@ -75,12 +75,8 @@ fn workloads_resolve_services_tasks_and_the_outside_world() {
     let task2 = workload(&lab, "mgr1", "task2", "10.78.0.12");
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &task1, &task2]).unwrap();
     let service = |name: &str, vip: &str, dnsrr: bool| ServiceVip {
-        name: name.into(),
-        network: "blue".into(),
-        vip: addr(vip),
-        ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 80 }],
-        backends: vec![addr("10.78.0.11"), addr("10.78.0.12")],
         dnsrr,
+        ..blue_service(name, vip, Protocol::Tcp, 80, 80, &["10.78.0.11", "10.78.0.12"])
     };
     spec.services = vec![service("web", "10.78.0.100", false), service("db", "10.78.0.101", true)];
     lab.apply_dataplane(&spec).unwrap();

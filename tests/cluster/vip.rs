@@ -4,10 +4,10 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use shoal_api::dataplane::{Protocol, ServicePort, ServiceVip};
+use shoal_api::dataplane::Protocol;
 use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT, SOCK_LB_CONNECT};
 use shoal_lab::{tcp_exchange, Conversation, TextServer};
-use shoal_tests::{addr, overlay_spec, plain_lab, workload};
+use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
 const VIP: &str = "10.78.0.100";
 
@@ -28,14 +28,7 @@ fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
         .collect();
     let all: Vec<_> = std::iter::once(&client).chain(backends.iter()).collect();
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &all).unwrap();
-    let service = |members: &[&str]| ServiceVip {
-        name: "web".into(),
-        network: "blue".into(),
-        vip: addr(VIP),
-        ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 7000 }],
-        backends: members.iter().map(|a| addr(a)).collect(),
-        dnsrr: false,
-    };
+    let service = |members: &[&str]| blue_service("web", VIP, Protocol::Tcp, 80, 7000, members);
     spec.services = vec![service(&["10.78.0.11", "10.78.0.12", "10.78.0.13"])];
     lab.apply_dataplane(&spec).unwrap();
 
@@ -83,14 +76,7 @@ fn a_workload_process_connecting_to_a_vip_is_balanced_at_the_socket() {
     let backend = workload(&lab, "wrk1", "web1", "10.78.0.11");
     let _server = TextServer::start(&backend.netns, 7000, "web1").unwrap();
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
-    spec.services = vec![ServiceVip {
-        name: "web".into(),
-        network: "blue".into(),
-        vip: addr(VIP),
-        ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 7000 }],
-        backends: vec![addr("10.78.0.11")],
-        dnsrr: false,
-    }];
+    spec.services = vec![blue_service("web", VIP, Protocol::Tcp, 80, 7000, &["10.78.0.11"])];
     lab.apply_dataplane(&spec).unwrap();
     let mgr1 = lab.host("mgr1").unwrap();
     let Some(cgroup) = mgr1.cgroup.clone() else {
@@ -133,14 +119,7 @@ fn a_udp_vip_balances_datagrams_and_replies_come_from_the_vip() {
         }
     });
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
-    spec.services = vec![ServiceVip {
-        name: "dns".into(),
-        network: "blue".into(),
-        vip: addr(VIP),
-        ports: vec![ServicePort { protocol: Protocol::Udp, port: 53, target_port: 5300 }],
-        backends: vec![addr("10.78.0.11")],
-        dnsrr: false,
-    }];
+    spec.services = vec![blue_service("dns", VIP, Protocol::Udp, 53, 5300, &["10.78.0.11"])];
     lab.apply_dataplane(&spec).unwrap();
 
     let (reply, from) = shoal_lab::in_netns(&client.netns, || {
