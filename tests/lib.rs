@@ -180,5 +180,6 @@ pub fn blue_service(
         ports: vec![shoal_api::dataplane::ServicePort { protocol, port, target_port }],
         backends: backends.iter().map(|a| addr(a)).collect(),
         dnsrr: false,
+        published: vec![],
     }
 }

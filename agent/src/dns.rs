@@ -168,6 +168,7 @@ mod tests {
             ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 80 }],
             backends: vec!["10.78.0.11".parse().unwrap(), "10.78.0.12".parse().unwrap()],
             dnsrr,
+            published: vec![],
         };
         let spec = DataplaneSpec {
             networks: vec![net("blue", "10.78.0.0/24"), net("red", "10.79.0.0/24")],

@@ -76,6 +76,7 @@ fn workloads_resolve_services_tasks_and_the_outside_world() {
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &task1, &task2]).unwrap();
     let service = |name: &str, vip: &str, dnsrr: bool| ServiceVip {
         dnsrr,
+        published: vec![],
         ..blue_service(name, vip, Protocol::Tcp, 80, 80, &["10.78.0.11", "10.78.0.12"])
     };
     spec.services = vec![service("web", "10.78.0.100", false), service("db", "10.78.0.101", true)];

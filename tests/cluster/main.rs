@@ -6,6 +6,7 @@
 mod api_input;
 mod api_tls;
 mod dns;
+mod ingress;
 mod outbound;
 mod overlay;
 mod shoal_cli;

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use shoal_api::dataplane::Protocol;
 use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT, SOCK_LB_CONNECT};
-use shoal_lab::{tcp_exchange, Conversation, TextServer};
+use shoal_lab::{tcp_exchange, Conversation, TextServer, UdpClient, UdpTextServer};
 use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
 const VIP: &str = "10.78.0.100";
@@ -109,28 +109,14 @@ fn a_udp_vip_balances_datagrams_and_replies_come_from_the_vip() {
     let lab = plain_lab("e2eudpvip", 1, 1);
     let client = workload(&lab, "mgr1", "client", "10.78.0.2");
     let backend = workload(&lab, "wrk1", "dns1", "10.78.0.11");
-    // A UDP echo in the backend's namespace that names itself.
-    let socket = shoal_lab::in_netns(&backend.netns, || std::net::UdpSocket::bind("0.0.0.0:5300").unwrap()).unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((len, from)) = socket.recv_from(&mut buf) {
-            let reply = format!("dns1 {}", String::from_utf8_lossy(&buf[..len]));
-            let _ = socket.send_to(reply.as_bytes(), from);
-        }
-    });
+    let _server = UdpTextServer::start(&backend.netns, 5300, "dns1").unwrap();
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
     spec.services = vec![blue_service("dns", VIP, Protocol::Udp, 53, 5300, &["10.78.0.11"])];
     lab.apply_dataplane(&spec).unwrap();
 
-    let (reply, from) = shoal_lab::in_netns(&client.netns, || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        socket.send_to(b"query", (addr(VIP), 53)).unwrap();
-        let mut buf = [0u8; 512];
-        let (len, from) = socket.recv_from(&mut buf).expect("an answer through the UDP VIP");
-        (String::from_utf8_lossy(&buf[..len]).into_owned(), from)
-    })
-    .unwrap();
+    let vip = std::net::SocketAddr::from((addr(VIP), 53));
+    let (reply, from) =
+        UdpClient::open(&client.netns).unwrap().ask(vip, "query").expect("an answer through the UDP VIP");
     assert_eq!(reply, "dns1 query");
-    assert_eq!(from, std::net::SocketAddr::from((addr(VIP), 53)), "the reply must come from the VIP");
+    assert_eq!(from, vip, "the reply must come from the VIP");
 }

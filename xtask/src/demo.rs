@@ -1,11 +1,12 @@
 //! `cargo xtask demo`, README's main job: bring up the seeds' 3+3 lab, put one workload per
-//! host on an overlay network, and show traffic between every pair of hosts going through
-//! shoal's BPF programs and VXLAN.
+//! host on an overlay network, show traffic between every pair of hosts going through
+//! shoal's BPF programs and VXLAN, then a service balanced on its VIP and published on every
+//! node (the routing mesh), reached from a client outside the cluster.
 
 use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{bail, Result};
-use shoal_api::dataplane::{Protocol, ServicePort, ServiceVip, DEFAULT_OVERLAY_MTU};
+use shoal_api::dataplane::{Protocol, PublishMode, PublishedPort, ServicePort, ServiceVip, DEFAULT_OVERLAY_MTU};
 use shoal_common::stats;
 use shoal_lab::{overlay_spec, ping, tcp_exchange, Lab, LabConfig, TextServer, Workload, DEFAULT_LAB};
 
@@ -15,6 +16,10 @@ const NETWORK: &str = "demo";
 const VNI: u32 = 4097;
 const PORT: u16 = 8080;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
+/// The service's published port, on every node's address.
+const PUBLISHED: u16 = 80;
+/// A machine outside the cluster on the lab underlay.
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 1);
 
 pub fn run(keep: bool) -> Result<()> {
     let started = Instant::now();
@@ -47,11 +52,17 @@ pub fn run(keep: bool) -> Result<()> {
         ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: PORT }],
         backends: workloads.iter().map(|(_, w)| w.addr).collect(),
         dnsrr: false,
+        published: vec![PublishedPort {
+            protocol: Protocol::Tcp,
+            published_port: PUBLISHED,
+            target_port: PORT,
+            publish_mode: PublishMode::Ingress,
+        }],
     }];
     lab.apply_dataplane(&spec)?;
     let _servers = workloads
         .iter()
-        .map(|(host, w)| TextServer::start(&w.netns, PORT, &format!("hello from {host}/web")))
+        .map(|(host, w)| TextServer::start(&w.netns, PORT, &format!("{host}/web sees {{peer}}:")))
         .collect::<Result<Vec<_>>>()?;
 
     eprintln!("== traffic between workloads (ping, then a TCP exchange on port {PORT})");
@@ -70,7 +81,7 @@ pub fn run(keep: bool) -> Result<()> {
             }
             let pinged = ping(&from.netns, to.addr, 1)? == 1;
             let reply = tcp_exchange(&from.netns, to.addr, PORT, from_host);
-            let talked = reply.as_deref().is_ok_and(|r| r == format!("hello from {to_host}/web {from_host}"));
+            let talked = reply.as_deref().is_ok_and(|r| r == format!("{to_host}/web sees {}: {from_host}", from.addr));
             print!("{:>8}", if pinged && talked { "ok" } else { "FAIL" });
             if !(pinged && talked) {
                 failures.push(format!("{from_host} -> {to_host}: ping {pinged}, tcp {reply:?}"));
@@ -87,7 +98,7 @@ pub fn run(keep: bool) -> Result<()> {
         let mut reached = std::collections::BTreeSet::new();
         for i in 0..12 {
             let reply = tcp_exchange(&w.netns, VIP, 80, &format!("{i}"))?;
-            reached.insert(reply.split(' ').nth(2).unwrap_or_default().to_owned());
+            reached.insert(reply.split(' ').next().unwrap_or_default().to_owned());
         }
         println!(
             "  from {host}/web, 12 connections to {VIP}:80 reached: {}",
@@ -95,22 +106,61 @@ pub fn run(keep: bool) -> Result<()> {
         );
     }
 
+    eprintln!(
+        "== routing mesh: port {PUBLISHED} published on every node; a client outside the cluster ({CLIENT}) connects"
+    );
+    let client = lab.add_client("outside", CLIENT)?;
+    for host in &lab.hosts {
+        let (mut reached, mut seen_as) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+        for i in 0..12 {
+            let reply = tcp_exchange(&client, host.addr, PUBLISHED, &format!("{i}"))?;
+            let mut words = reply.split(' ');
+            reached.insert(words.next().unwrap_or_default().to_owned());
+            seen_as.insert(words.nth(1).unwrap_or_default().trim_end_matches(':').to_owned());
+        }
+        let seen_as: Vec<_> = seen_as.into_iter().collect();
+        println!(
+            "  {}:{PUBLISHED} ({}), 12 connections reached: {}; backends saw the client as {}",
+            host.addr,
+            host.name,
+            reached.into_iter().collect::<Vec<_>>().join(" "),
+            seen_as.join(" ")
+        );
+        if seen_as != [CLIENT.to_string()] {
+            failures.push(format!("via {}: backends saw the client as {seen_as:?}", host.name));
+        }
+    }
+
     eprintln!("== what the BPF programs counted (from each host's pinned SHOAL_STATS map)");
     println!(
-        "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8}",
-        "HOST", "arp_reply", "forward_remote", "deliver_from_overlay", "forward_local", "drops"
+        "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8} {:>14} {:>8}",
+        "HOST",
+        "arp_reply",
+        "forward_remote",
+        "deliver_from_overlay",
+        "forward_local",
+        "lb_new",
+        "ingress_in/out",
+        "drops"
     );
     for host in &lab.hosts {
         let counters = host.counters()?;
         let get = |code| counters.iter().find(|c| c.code == code).map_or(0, |c| c.packets);
         let drops: u64 = counters.iter().filter(|c| c.code >= stats::DROP_FIRST).map(|c| c.packets).sum();
+        let ingress = format!(
+            "{}/{}",
+            get(stats::INGRESS_LOCAL) + get(stats::INGRESS_REMOTE),
+            get(stats::INGRESS_REPLY) + get(stats::INGRESS_RETURN)
+        );
         println!(
-            "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8}",
+            "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8} {:>14} {:>8}",
             host.name,
             get(stats::ARP_REPLY),
             get(stats::FORWARD_REMOTE),
             get(stats::DELIVER_FROM_OVERLAY),
             get(stats::FORWARD_LOCAL),
+            get(stats::LB_NEW_FLOW),
+            ingress,
             drops
         );
     }
@@ -129,7 +179,8 @@ pub fn run(keep: bool) -> Result<()> {
         bail!("{} paths failed:\n{}", failures.len(), failures.join("\n"));
     }
     eprintln!(
-        "demo finished in {:.0}s: every workload reached every other host's workload over the overlay",
+        "demo finished in {:.0}s: every workload reached every other host's workload over the overlay, \
+         and the service answered on every node's published port",
         started.elapsed().as_secs_f64()
     );
     Ok(())

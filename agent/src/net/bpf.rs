@@ -23,7 +23,7 @@ use nix::{
 };
 use shoal_api::dataplane::Counter;
 use shoal_common::{
-    lb::{Backend, MaglevTable, ServiceEntry, ServiceKey},
+    lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey},
     maps,
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
     stats,
@@ -39,6 +39,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sh
 const FROM_WORKLOAD: &str = "from_workload";
 /// TC ingress on the node's VXLAN device.
 const FROM_OVERLAY: &str = "from_overlay";
+/// TC ingress on the node's underlay interface (the routing mesh).
+const FROM_UNDERLAY: &str = "from_underlay";
 /// cgroup hooks of the workloads' cgroup (socket-level balancing).
 const SOCK_CONNECT: &str = "sock_connect";
 const SOCK_GETPEERNAME: &str = "sock_getpeername";
@@ -66,12 +68,23 @@ impl Datapath {
         }
         ensure_bpffs(pin_dir)?;
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(OBJECT)?;
-        for name in [maps::ENDPOINTS, maps::INTERFACES, maps::NODE_CONFIG, maps::STATS] {
+        for name in [
+            maps::ENDPOINTS,
+            maps::INTERFACES,
+            maps::NODE_CONFIG,
+            maps::STATS,
+            maps::SERVICES,
+            maps::BACKENDS,
+            maps::MAGLEV,
+            maps::INGRESS,
+            maps::CONNTRACK,
+            maps::SOCK_VIPS,
+        ] {
             if ebpf.map(name).is_none() {
                 return Err(map_error(name, MapError::InvalidName { name: name.into() }));
             }
         }
-        for name in [FROM_WORKLOAD, FROM_OVERLAY] {
+        for name in [FROM_WORKLOAD, FROM_OVERLAY, FROM_UNDERLAY] {
             classifier(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
         }
         for name in [SOCK_CONNECT, SOCK_GETPEERNAME] {
@@ -83,15 +96,29 @@ impl Datapath {
         Ok(Datapath { ebpf, attachments })
     }
 
-    /// Attaches `from_overlay` to the VXLAN device and tells the programs its ifindex.
+    /// Tells the programs the node's devices and address.
+    pub fn configure(&mut self, config: NodeConfig) -> Result<(), NetError> {
+        let mut map: Array<&mut MapData, NodeConfig> = self.map_mut(maps::NODE_CONFIG)?;
+        map.set(0, config, 0).map_err(|e| map_error(maps::NODE_CONFIG, e))
+    }
+
+    /// Attaches `from_overlay` to the VXLAN device.
     pub fn attach_overlay(&mut self, device: &str, ifindex: u32) -> Result<(), NetError> {
-        let mut config: Array<&mut MapData, NodeConfig> = self.map_mut(maps::NODE_CONFIG)?;
-        config.set(0, NodeConfig { vxlan_ifindex: ifindex }, 0).map_err(|e| map_error(maps::NODE_CONFIG, e))?;
-        for stale in self.attachments.attached(FROM_OVERLAY).filter(|i| *i != ifindex).collect::<Vec<_>>() {
-            self.attachments.detach(FROM_OVERLAY, stale);
+        self.attach_single(FROM_OVERLAY, device, ifindex)
+    }
+
+    /// Attaches `from_underlay` to the interface with the node's underlay address.
+    pub fn attach_underlay(&mut self, device: &str, ifindex: u32) -> Result<(), NetError> {
+        self.attach_single(FROM_UNDERLAY, device, ifindex)
+    }
+
+    /// Attaches `program` to `device` and to nothing else.
+    fn attach_single(&mut self, program: &'static str, device: &str, ifindex: u32) -> Result<(), NetError> {
+        for stale in self.attachments.attached(program).filter(|i| *i != ifindex).collect::<Vec<_>>() {
+            self.attachments.detach(program, stale);
         }
-        self.attachments.remove_stale_pins(FROM_OVERLAY, &BTreeSet::from([ifindex]));
-        self.attachments.attach(&mut self.ebpf, FROM_OVERLAY, device, ifindex)
+        self.attachments.remove_stale_pins(program, &BTreeSet::from([ifindex]));
+        self.attachments.attach(&mut self.ebpf, program, device, ifindex)
     }
 
     /// Writes `plan` into the maps and attaches to exactly the planned interfaces. Entries go
@@ -140,6 +167,8 @@ impl Datapath {
         upsert(&mut maglev, maps::MAGLEV, &lb.maglev)?;
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = self.map_mut(maps::SERVICES)?;
         sync_hash_map(&mut services, maps::SERVICES, &lb.services)?;
+        let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = self.map_mut(maps::INGRESS)?;
+        sync_hash_map(&mut ingress, maps::INGRESS, &lb.ingress)?;
         let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = self.map_mut(maps::MAGLEV)?;
         prune(&mut maglev, maps::MAGLEV, &lb.maglev)?;
         let mut backends: HashMap<&mut MapData, u32, Backend> = self.map_mut(maps::BACKENDS)?;

@@ -15,6 +15,7 @@ use shoal_common::{
 
 use super::*;
 
+const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const LO: u32 = 1;
@@ -83,7 +84,7 @@ impl Fixture {
         };
         datapath.apply(&plan).expect("fill maps");
         let mut config: Array<&mut MapData, NodeConfig> = datapath.map_mut(maps::NODE_CONFIG).unwrap();
-        config.set(0, NodeConfig { vxlan_ifindex: LO }, 0).unwrap();
+        config.set(0, NodeConfig { vxlan_ifindex: LO, ..Default::default() }, 0).unwrap();
         fixture.datapath = Some(datapath);
         fixture
     }
@@ -312,4 +313,61 @@ fn a_connection_to_a_vip_goes_to_its_backend_and_the_reply_comes_from_the_vip() 
     // A VIP port the service does not have is refused and counted.
     let (verdict, _) = fx.run(FROM_WORKLOAD, &tcp(REMOTE, 8080, VIP, 81));
     assert_eq!(verdict, TC_ACT_SHOT);
+}
+
+const NODE: [u8; 4] = [10, 77, 0, 11];
+/// A client outside the cluster (TEST-NET-1).
+const OUTSIDE: [u8; 4] = [192, 0, 2, 10];
+
+/// Setup: this node (NODE, underlay on `lo`) publishes TCP 8080, balanced to REMOTE:80.
+fn with_published_port(fx: &mut Fixture) {
+    use shoal_common::lb::{Backend, IngressEntry, IngressKey, MaglevTable, MAGLEV_SLOTS, PROTO_TCP};
+    let datapath = fx.datapath.as_mut().unwrap();
+    let mut config: Array<&mut MapData, NodeConfig> = datapath.map_mut(maps::NODE_CONFIG).unwrap();
+    let node = NodeConfig { vxlan_ifindex: LO, underlay_ifindex: LO, underlay_addr: u32::from_ne_bytes(NODE) };
+    config.set(0, node, 0).unwrap();
+    let key = IngressKey { port: 8080u16.to_be(), proto: PROTO_TCP, _pad: 0 };
+    let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = datapath.map_mut(maps::INGRESS).unwrap();
+    ingress.insert(key, IngressEntry { id: 11, backends: 1, vni: VNI }, 0).unwrap();
+    let mut backends: HashMap<&mut MapData, u32, Backend> = datapath.map_mut(maps::BACKENDS).unwrap();
+    backends.insert(12, Backend { addr: u32::from_ne_bytes(REMOTE), port: 80u16.to_be(), _pad: 0 }, 0).unwrap();
+    let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = datapath.map_mut(maps::MAGLEV).unwrap();
+    maglev.insert(11, MaglevTable { slots: [12; MAGLEV_SLOTS] }, 0).unwrap();
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_published_port_reaches_its_backend_with_the_client_source_kept() {
+    let mut fx = Fixture::new();
+    with_published_port(&mut fx);
+
+    // In: client -> NODE:8080 becomes client -> backend:80, encapsulated to the backend's node.
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &tcp(OUTSIDE, 50000, NODE, 8080));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[26..30], &OUTSIDE, "the client's address is kept as the source");
+    assert_eq!(&out[30..34], &REMOTE, "destination rewritten to the backend");
+    assert_eq!(&out[36..38], &80u16.to_be_bytes(), "port rewritten to the target port");
+    assert_eq!(&out[0..6], &REMOTE_MAC, "sent to the backend's endpoint");
+    assert!(checksums_ok(&out), "checksums broken by the rewrite");
+    assert_eq!((fx.count(stats::INGRESS_REMOTE), fx.count(stats::LB_NEW_FLOW)), (1, 1));
+
+    // Not the mesh's: another port, another address, the node's own traffic pass untouched.
+    for packet in [tcp(OUTSIDE, 50000, NODE, 8081), tcp(OUTSIDE, 50000, [10, 77, 0, 12], 8080), ipv4_to(NODE)] {
+        let (verdict, out) = fx.run(FROM_UNDERLAY, &packet);
+        assert_eq!((verdict, out), (TC_ACT_OK, packet));
+    }
+
+    // Out: the backend's reply (here `lo` plays its veth) gets NODE:8080 back as its source
+    // and leaves through the underlay.
+    let datapath = fx.datapath.as_mut().unwrap();
+    let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = datapath.map_mut(maps::INTERFACES).unwrap();
+    let backend_iface = InterfaceEntry { addr: u32::from_ne_bytes(REMOTE), ..interfaces.get(&LO, 0).unwrap() };
+    interfaces.insert(LO, backend_iface, 0).unwrap();
+    let (verdict, reply) = fx.run(FROM_WORKLOAD, &tcp(REMOTE, 80, OUTSIDE, 50000));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&reply[26..30], &NODE, "source given back as the node's address");
+    assert_eq!(&reply[34..36], &8080u16.to_be_bytes(), "source port given back as the published port");
+    assert_eq!(&reply[30..34], &OUTSIDE);
+    assert!(checksums_ok(&reply), "checksums broken by the reverse rewrite");
+    assert_eq!(fx.count(stats::INGRESS_REPLY), 1);
 }

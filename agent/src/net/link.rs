@@ -1,5 +1,5 @@
-//! Network devices through rtnetlink: finding workload interfaces and owning the node's
-//! `vxlan external` device. The only module that speaks netlink.
+//! Network devices through rtnetlink: finding workload interfaces and the underlay interface,
+//! and owning the node's `vxlan external` device. The only module that speaks netlink.
 
 use futures::TryStreamExt;
 use rtnetlink::{
@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use rtnetlink::{
     packet_route::{
+        address::AddressAttribute,
         neighbour::NeighbourState,
         route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope},
     },
@@ -120,6 +121,29 @@ impl Links {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The interface that holds `addr` (the node's underlay address): its index and name.
+    pub async fn holding(&self, addr: Ipv4Addr) -> Result<Option<(u32, String)>, NetError> {
+        let mut addresses = self.handle.address().get().execute();
+        let mut index = None;
+        while let Some(msg) = addresses.try_next().await? {
+            let holds = msg.attributes.iter().any(|a| {
+                matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) | AddressAttribute::Local(IpAddr::V4(ip)) if *ip == addr)
+            });
+            if holds {
+                index = Some(msg.header.index);
+                break;
+            }
+        }
+        let Some(index) = index else { return Ok(None) };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let Some(link) = links.try_next().await? else { return Ok(None) };
+        let name = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        });
+        Ok(name.map(|name| (index, name)))
     }
 
     async fn set_up(&self, index: u32) -> Result<(), NetError> {

@@ -14,7 +14,8 @@ pub mod overlay;
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use shoal_api::dataplane::{Counter, DataplaneSpec, DEFAULT_OVERLAY_MTU};
-use tracing::{error, info, instrument};
+use shoal_common::overlay::NodeConfig;
+use tracing::{error, info, instrument, warn};
 
 pub use error::NetError;
 
@@ -59,8 +60,23 @@ impl Dataplane {
         let links = Links::connect()?;
         let mut datapath = Datapath::load(&config.pin_dir)?;
         let vxlan = links.ensure_vxlan(VXLAN_DEVICE, config.vxlan_port, DEFAULT_OVERLAY_MTU).await?;
+        let underlay = links.holding(config.node_addr).await?;
+        datapath.configure(NodeConfig {
+            vxlan_ifindex: vxlan,
+            underlay_ifindex: underlay.as_ref().map_or(0, |(index, _)| *index),
+            underlay_addr: u32::from_ne_bytes(config.node_addr.octets()),
+        })?;
         datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
         info!(device = VXLAN_DEVICE, ifindex = vxlan, port = config.vxlan_port, "overlay device ready");
+        match &underlay {
+            Some((index, name)) => {
+                datapath.attach_underlay(name, *index)?;
+                info!(device = %name, ifindex = index, addr = %config.node_addr, "routing mesh ready");
+            }
+            None => {
+                warn!(addr = %config.node_addr, "no interface holds the node address: published ports will not answer")
+            }
+        }
         Ok(Dataplane { config, links, datapath, spec: DataplaneSpec::default(), plan: Plan::default(), names })
     }
 
@@ -131,7 +147,8 @@ impl Dataplane {
 
     /// The host's side of the way out: forwarding, masquerade, routes back to workloads.
     async fn apply_host(&self, plan: &Plan) -> Result<(), NetError> {
-        if !plan.masquerade.is_empty() {
+        // Ingress replies need it too: the FIB lookup that sends them out refuses otherwise.
+        if !plan.masquerade.is_empty() || !plan.lb.ingress.is_empty() {
             host::enable_forwarding()?;
         }
         host::sync_nat(&plan.masquerade, &plan.gateways, self.config.dns)?;

@@ -87,7 +87,7 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
         let mac = shoal_api::MacAddr::from_ipv4(svc.vip).0;
         plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: 0, mac, router_mac: [0; 6] });
     }
-    plan.lb = lb::plan(spec)?;
+    plan.lb = lb::plan(spec, node_addr)?;
     plan.masquerade = spec.networks.iter().filter(|n| !n.internal).map(|n| n.subnet).collect();
     plan.gateways = spec.networks.iter().filter_map(|n| n.gateway()).collect();
     plan.host_routes.sort();

@@ -45,6 +45,33 @@ pub struct ServiceVip {
     /// the VIP (which is then not balanced).
     #[serde(default)]
     pub dnsrr: bool,
+    /// Ports published on the nodes' underlay addresses (`docker service create --publish`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<PublishedPort>,
+}
+
+/// A service port published on the nodes' own addresses, reached from outside the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PublishedPort {
+    pub protocol: Protocol,
+    /// Port on the nodes' addresses.
+    pub published_port: u16,
+    /// Port on each backend.
+    pub target_port: u16,
+    #[serde(default)]
+    pub publish_mode: PublishMode,
+}
+
+/// Where a published port answers (Docker's `mode=` of `--publish`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// On every node (the routing mesh), balanced over the backends on any node.
+    #[default]
+    Ingress,
+    /// Only on the nodes running a backend, and only to their own backends.
+    Host,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -135,6 +162,10 @@ pub enum SpecError {
     ZeroPort { service: String },
     #[error("service {service:?}: {vip}:{port}/{protocol:?} is declared twice")]
     DuplicateServicePort { service: String, vip: Ipv4Addr, port: u16, protocol: Protocol },
+    #[error("service {service:?}: published port {port}/{protocol:?} is already in use")]
+    DuplicatePublishedPort { service: String, port: u16, protocol: Protocol },
+    #[error("service {service:?}: port published with ingress mode can't be used with dnsrr mode")]
+    IngressWithDnsrr { service: String },
 }
 
 impl DataplaneSpec {
@@ -194,6 +225,7 @@ impl DataplaneSpec {
 
     fn validate_services(&self, endpoints: &HashSet<(&str, Ipv4Addr)>) -> Result<(), SpecError> {
         let mut ports = HashSet::new();
+        let mut published = HashSet::new();
         for svc in &self.services {
             let net = self
                 .network(&svc.network)
@@ -219,6 +251,23 @@ impl DataplaneSpec {
                         service: svc.name.clone(),
                         vip: svc.vip,
                         port: p.port,
+                        protocol: p.protocol,
+                    });
+                }
+            }
+            for p in &svc.published {
+                if p.published_port == 0 || p.target_port == 0 {
+                    return Err(SpecError::ZeroPort { service: svc.name.clone() });
+                }
+                if svc.dnsrr && p.publish_mode == PublishMode::Ingress {
+                    return Err(SpecError::IngressWithDnsrr { service: svc.name.clone() });
+                }
+                // One node address, one listener per port: host-mode ports too, since two
+                // services' backends may share a node.
+                if !published.insert((p.published_port, p.protocol)) {
+                    return Err(SpecError::DuplicatePublishedPort {
+                        service: svc.name.clone(),
+                        port: p.published_port,
                         protocol: p.protocol,
                     });
                 }
@@ -298,6 +347,12 @@ mod tests {
                 ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 8080 }],
                 backends: vec!["10.78.0.2".parse().unwrap()],
                 dnsrr: false,
+                published: vec![PublishedPort {
+                    protocol: Protocol::Tcp,
+                    published_port: 8080,
+                    target_port: 8080,
+                    publish_mode: PublishMode::Ingress,
+                }],
             }],
         }
     }
@@ -362,6 +417,24 @@ mod tests {
         let mut s = spec();
         s.services[0].ports[0].target_port = 0;
         assert!(matches!(s.validate(), Err(SpecError::ZeroPort { .. })));
+
+        let mut s = spec();
+        s.services[0].published[0].published_port = 0;
+        assert!(matches!(s.validate(), Err(SpecError::ZeroPort { .. })));
+
+        let mut s = spec();
+        let mut other = s.services[0].clone();
+        other.name = "api".into();
+        other.vip = "10.78.0.101".parse().unwrap();
+        other.published[0].publish_mode = PublishMode::Host;
+        s.services.push(other);
+        assert!(matches!(s.validate(), Err(SpecError::DuplicatePublishedPort { .. })));
+
+        let mut s = spec();
+        s.services[0].dnsrr = true;
+        assert!(matches!(s.validate(), Err(SpecError::IngressWithDnsrr { .. })));
+        s.services[0].published[0].publish_mode = PublishMode::Host;
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

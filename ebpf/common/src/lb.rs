@@ -57,6 +57,29 @@ pub struct MaglevTable {
     pub slots: [u32; MAGLEV_SLOTS],
 }
 
+/// A published port, as clients outside the overlay address it on any of the node's
+/// addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IngressKey {
+    /// Published port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The backends behind a published port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IngressEntry {
+    /// Key of the port's Maglev table; its backends carry the target port.
+    pub id: u32,
+    /// Backends in the table; 0 means no backend (the packet is refused).
+    pub backends: u32,
+    /// Network the backends are reached on.
+    pub vni: u32,
+}
+
 /// A flow as one direction of it looks on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,21 +93,34 @@ pub struct FlowKey {
 }
 
 /// What the connection table remembers of a balanced flow, for each direction.
-/// Forward (client -> VIP): the backend chosen. Reverse (backend -> client): the VIP to put
-/// back as the source. No timestamps: an idle flow keeps its entry until the LRU needs room,
-/// never because it was quiet (IPVS drops idle flows after 900 s).
+/// Forward (client -> VIP or published port): the backend chosen. Reverse (backend ->
+/// client): the address and port to put back as the source, and with `flags` where the reply
+/// goes next. No timestamps: an idle flow keeps its entry until the LRU needs room, never
+/// because it was quiet (IPVS drops idle flows after 900 s).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatEntry {
+    /// Network byte order (host byte order with `NAT_RETURN_VIA_NODE`: a tunnel key's).
     pub addr: u32,
+    /// Network byte order.
     pub port: u16,
-    pub _pad: u16,
+    pub flags: u16,
 }
+
+/// Reverse entry of an ingress flow on the node the client connected to: after the source
+/// rewrite the reply leaves through the underlay, to the client.
+pub const NAT_REPLY_TO_UNDERLAY: u16 = 1;
+/// Reverse entry of an ingress flow on the backend's node when the client connected to
+/// another node: no rewrite here; the reply goes back over the overlay to the node `addr`,
+/// which rewrites it (so the client sees the address it connected to).
+pub const NAT_RETURN_VIA_NODE: u16 = 2;
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_SLOTS);
+const _: () = assert!(core::mem::size_of::<IngressKey>() == 4);
+const _: () = assert!(core::mem::size_of::<IngressEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 8);
 
@@ -99,6 +135,10 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MaglevTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IngressKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IngressEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.

@@ -19,7 +19,7 @@ pub mod maps {
     /// host-side ifindex -> `InterfaceEntry`: which network a workload interface belongs to.
     pub const INTERFACES: &str = "SHOAL_INTERFACES";
     /// index 0 -> `NodeConfig`: per-node settings the programs need.
-    pub const NODE_CONFIG: &str = "SHOAL_NODE_CONFIG";
+    pub const NODE_CONFIG: &str = "SHOAL_NODE_CONFIG_V2";
     /// `stats::*` code -> `Counter`, per CPU.
     pub const STATS: &str = "SHOAL_STATS";
     /// `ServiceKey` -> `ServiceEntry`.
@@ -28,6 +28,8 @@ pub mod maps {
     pub const BACKENDS: &str = "SHOAL_BACKENDS";
     /// service ID -> `MaglevTable`.
     pub const MAGLEV: &str = "SHOAL_MAGLEV";
+    /// `IngressKey` -> `IngressEntry`: the ports published on this node's underlay address.
+    pub const INGRESS: &str = "SHOAL_INGRESS";
     /// LRU `FlowKey` -> `NatEntry`: forward (client -> VIP) and reverse (backend -> client).
     pub const CONNTRACK: &str = "SHOAL_CONNTRACK";
     /// LRU socket cookie -> `NatEntry`: the VIP a socket asked for, for `getpeername`.

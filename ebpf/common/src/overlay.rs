@@ -59,12 +59,18 @@ pub const GATEWAY_NODE: u32 = u32::MAX;
 pub struct NodeConfig {
     /// ifindex of the node's `vxlan external` device; 0 while it does not exist.
     pub vxlan_ifindex: u32,
+    /// ifindex of the interface holding the node's underlay address, where published ports
+    /// answer and ingress replies leave; 0 when the node has none (no routing mesh).
+    pub underlay_ifindex: u32,
+    /// The node's underlay address, network byte order: published ports answer on it only
+    /// (a node that routes for others must not take their traffic).
+    pub underlay_addr: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 20);
 const _: () = assert!(core::mem::size_of::<InterfaceEntry>() == 28);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 4);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 12);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -36,6 +36,15 @@ pub const LB_REVERSE_NAT: u32 = 6;
 pub const FORWARD_HOST: u32 = 7;
 /// A workload's connect() to a VIP sent straight to a backend by the socket hook.
 pub const SOCK_LB_CONNECT: u32 = 8;
+/// Arrived on the underlay for a published port and delivered to a backend on this node.
+pub const INGRESS_LOCAL: u32 = 9;
+/// Arrived on the underlay for a published port and encapsulated to the backend's node.
+pub const INGRESS_REMOTE: u32 = 10;
+/// A backend's reply to an ingress client, given the published address back as its source
+/// and sent out the underlay.
+pub const INGRESS_REPLY: u32 = 11;
+/// A backend's reply to an ingress client that came through another node, sent back there.
+pub const INGRESS_RETURN: u32 = 12;
 
 /// First drop code; everything from here on is a drop.
 pub const DROP_FIRST: u32 = 16;
@@ -65,6 +74,8 @@ pub const DROP_NO_BACKEND: u32 = 25;
 pub const DROP_IP_OPTIONS: u32 = 26;
 /// Rewriting addresses or checksums failed.
 pub const DROP_NAT: u32 = 27;
+/// No route (or no neighbour) out the underlay for a reply to an ingress client.
+pub const DROP_FIB: u32 = 28;
 
 /// Size of the `STATS` array.
 pub const MAX: u32 = 32;
@@ -81,6 +92,10 @@ pub fn name(code: u32) -> Option<&'static str> {
         LB_REVERSE_NAT => "lb_reverse_nat",
         FORWARD_HOST => "forward_host",
         SOCK_LB_CONNECT => "sock_lb_connect",
+        INGRESS_LOCAL => "ingress_local",
+        INGRESS_REMOTE => "ingress_remote",
+        INGRESS_REPLY => "ingress_reply",
+        INGRESS_RETURN => "ingress_return",
         DROP_MALFORMED => "drop_malformed",
         DROP_UNKNOWN_INTERFACE => "drop_unknown_interface",
         DROP_NO_ENDPOINT => "drop_no_endpoint",
@@ -93,6 +108,7 @@ pub fn name(code: u32) -> Option<&'static str> {
         DROP_NO_BACKEND => "drop_no_backend",
         DROP_IP_OPTIONS => "drop_ip_options",
         DROP_NAT => "drop_nat",
+        DROP_FIB => "drop_fib",
         _ => return None,
     })
 }

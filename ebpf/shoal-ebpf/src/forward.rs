@@ -1,31 +1,42 @@
-//! The two ways out for an overlay packet: into a local workload (`bpf_redirect_peer`, which
-//! skips the host-side veth's backlog queue) or to another node through the VXLAN device with
-//! a tunnel key naming the network (VNI) and the node.
+//! The ways out for a packet: into a local workload (`bpf_redirect_peer`, which skips the
+//! host-side veth's backlog queue), to another node through the VXLAN device with a tunnel
+//! key naming the network (VNI) and the node, or out the underlay to a client outside the
+//! cluster (a FIB lookup for the next hop, as Cilium's `fib_redirect`).
 
 use aya_ebpf::{
-    bindings::{bpf_tunnel_key, TC_ACT_REDIRECT},
-    helpers::generated::{bpf_redirect, bpf_redirect_peer, bpf_skb_set_tunnel_key},
+    bindings::{bpf_fib_lookup, bpf_tunnel_key, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_REDIRECT},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key,
+    },
     programs::TcContext,
+    EbpfContext,
 };
 use shoal_common::{
-    overlay::EndpointEntry,
-    stats::{DROP_MALFORMED, DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TUNNEL_KEY},
+    overlay::{EndpointEntry, NodeConfig},
+    stats::{DROP_FIB, DROP_MALFORMED, DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TUNNEL_KEY},
 };
 
 use crate::{
-    headers::{ptr_at, EthHdr},
+    headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN},
     maps::NODE_CONFIG,
     stats::count,
 };
 
 /// TTL of the outer IPv4 header of encapsulated packets.
 const TUNNEL_TTL: u8 = 64;
+const AF_INET: u8 = 2;
 
-/// Hands the frame to a workload on this node, with the MACs it expects to see.
+/// Hands the frame to a workload on this node, after giving a service backend's reply its
+/// VIP back as the source (here, where the client is).
 #[inline(always)]
 pub fn deliver_local(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Result<i32, u32> {
-    // A reply from a service backend regains the VIP as its source here, where the client is.
     crate::lb::reverse_nat(ctx)?;
+    hand_to_workload(ctx, to, counter)
+}
+
+/// Hands the frame to a workload on this node as it is, with the MACs it expects to see.
+#[inline(always)]
+pub fn hand_to_workload(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Result<i32, u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     unsafe {
@@ -40,7 +51,7 @@ pub fn deliver_local(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Resul
 /// Sends the frame to the node running `to`, inside VXLAN with `vni`.
 #[inline(always)]
 pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) -> Result<i32, u32> {
-    let vxlan_ifindex = match NODE_CONFIG.get(0) {
+    let vxlan_ifindex = match node_config() {
         Some(config) if config.vxlan_ifindex != 0 => config.vxlan_ifindex,
         _ => return Err(DROP_NO_OVERLAY_DEVICE),
     };
@@ -61,6 +72,57 @@ pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) 
     count(ctx, counter);
     // SAFETY: plain helper call; egress redirect to the VXLAN device, which reads the key.
     redirect_verdict(unsafe { bpf_redirect(vxlan_ifindex, 0) })
+}
+
+/// Sends the IPv4 packet out of the node's underlay interface towards its destination, as
+/// the node's own routing table says, with the next hop's MAC.
+#[inline(always)]
+pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
+    let ifindex = match node_config() {
+        Some(config) if config.underlay_ifindex != 0 => config.underlay_ifindex,
+        _ => return Err(DROP_FIB),
+    };
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.ifindex = ifindex;
+    // SAFETY: bounds-checked by ptr_at above; the union fields written are the IPv4 ones.
+    unsafe {
+        fib.l4_protocol = (*ip).protocol;
+        fib.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len);
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).saddr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).daddr);
+    }
+    // SAFETY: `fib` lives on our stack for the call and the size passed is its own.
+    let rc = unsafe {
+        fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        // No neighbour entry yet (the kernel resolves it and queues the packet meanwhile), or
+        // forwarding off on the interface (the lookup refuses; the slow path does not care).
+        if rc < 0 {
+            return Err(DROP_FIB);
+        }
+        count(ctx, counter);
+        // SAFETY: plain helper call; no parameters: the kernel finds the next hop itself.
+        return redirect_verdict(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) });
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    unsafe {
+        (*eth).dst = fib.dmac;
+        (*eth).src = fib.smac;
+    }
+    count(ctx, counter);
+    // SAFETY: plain helper call; egress redirect to the interface the route names.
+    redirect_verdict(unsafe { bpf_redirect(fib.ifindex, 0) })
+}
+
+/// The node's settings, copied out of `NODE_CONFIG`.
+#[inline(always)]
+pub fn node_config() -> Option<NodeConfig> {
+    NODE_CONFIG.get(0).copied()
 }
 
 /// The verdict of a `bpf_redirect*` call: redirect on success, a counted drop otherwise.

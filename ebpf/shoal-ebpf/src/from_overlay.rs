@@ -12,6 +12,8 @@ use shoal_common::{
 use crate::{
     forward::deliver_local,
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
+    ingress,
+    lb::flow_of,
     maps::{lookup, ENDPOINTS},
     stats::drop_packet,
 };
@@ -40,10 +42,25 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
-    let daddr = unsafe { (*ip).daddr };
-    let lookup_key = EndpointKey { vni: key.tunnel_id, addr: u32::from_ne_bytes(daddr) };
-    match lookup(&ENDPOINTS, &lookup_key) {
-        Some(to) if to.ifindex != 0 => deliver_local(ctx, &to, DELIVER_FROM_OVERLAY),
-        _ => Err(DROP_NO_ENDPOINT),
+    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let vni = key.tunnel_id;
+    match lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(daddr) }) {
+        Some(to) if to.ifindex != 0 => {
+            // A source that is no endpoint of the network is a client outside the cluster
+            // that came in through the sending node's published port: replies go back there.
+            if lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(saddr) }).is_none() {
+                if let Some(flow) = flow_of(ctx)? {
+                    // SAFETY: the helper filled the key of an IPv4 tunnel: the IPv4 member.
+                    let sender = unsafe { key.__bindgen_anon_1.remote_ipv4 };
+                    ingress::remember_return(&flow, sender)?;
+                }
+            }
+            deliver_local(ctx, &to, DELIVER_FROM_OVERLAY)
+        }
+        _ => {
+            // A backend's reply to a client that connected to this node's published port.
+            let Some(flow) = flow_of(ctx)? else { return Err(DROP_NO_ENDPOINT) };
+            ingress::reply(ctx, &flow, vni)?.ok_or(DROP_NO_ENDPOINT)
+        }
     }
 }

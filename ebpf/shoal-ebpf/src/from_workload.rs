@@ -17,7 +17,7 @@ use crate::{
     arp,
     forward::{deliver_local, encapsulate},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
-    lb,
+    ingress, lb,
     maps::{lookup, ENDPOINTS, INTERFACES},
     stats::{count, drop_packet},
 };
@@ -55,6 +55,12 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     let dst = u32::from_ne_bytes(daddr);
     let key = EndpointKey { vni: iface.vni, addr: dst };
     let Some(to) = lookup(&ENDPOINTS, &key) else {
+        // A backend's reply to a client of a published port, on its way back.
+        if let Some(flow) = lb::flow_of(ctx)? {
+            if let Some(verdict) = ingress::reply(ctx, &flow, iface.vni)? {
+                return Ok(verdict);
+            }
+        }
         // Off the overlay: out through this node's stack (it masquerades), if the network
         // has a way out; an unknown address inside the subnet is nobody.
         if dst & iface.mask != iface.subnet && iface.flags & IFACE_OUTBOUND != 0 {

@@ -43,7 +43,7 @@ struct Ports {
 
 /// The flow of the IPv4 TCP/UDP packet in `ctx`, if it is one we can balance.
 #[inline(always)]
-fn flow_of(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
+pub fn flow_of(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     let (version_ihl, proto, saddr, daddr) = unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).saddr, (*ip).daddr) };
@@ -77,12 +77,13 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
         }
         None => {
             let chosen = pick(service.id, service.backends, &flow)?;
-            track(&flow, &chosen)?;
+            let vip = NatEntry { addr: flow.daddr, port: flow.dport, flags: 0 };
+            track(&flow, &chosen, &vip)?;
             count(ctx, LB_NEW_FLOW);
             chosen
         }
     };
-    rewrite(ctx, flow.proto, IP_DADDR, L4_DPORT, flow.daddr, backend.addr, flow.dport, backend.port)?;
+    rewrite_destination(ctx, &flow, &backend)?;
     Ok(true)
 }
 
@@ -104,7 +105,7 @@ pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32
         // SAFETY: the pointer is valid for this program run; `get` bounds the index.
         let Some(backend_id) = (unsafe { (*table).slots.get(slot).copied() }) else { break };
         let Some(backend) = lookup(&BACKENDS, &backend_id) else { break };
-        chosen = Some(NatEntry { addr: backend.addr, port: backend.port, _pad: 0 });
+        chosen = Some(NatEntry { addr: backend.addr, port: backend.port, flags: 0 });
         if backend.addr != flow.saddr || backends == 1 {
             break;
         }
@@ -113,9 +114,9 @@ pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32
 }
 
 /// Remembers the flow both ways: forward to its backend, and the reverse (the backend's
-/// replies) to the VIP they must appear to come from.
+/// replies) to `reverse`: where they must appear to come from, and how they leave.
 #[inline(always)]
-fn track(flow: &FlowKey, backend: &NatEntry) -> Result<(), u32> {
+pub fn track(flow: &FlowKey, backend: &NatEntry, reverse_nat: &NatEntry) -> Result<(), u32> {
     let reverse = FlowKey {
         saddr: backend.addr,
         daddr: flow.saddr,
@@ -124,8 +125,7 @@ fn track(flow: &FlowKey, backend: &NatEntry) -> Result<(), u32> {
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let vip = NatEntry { addr: flow.daddr, port: flow.dport, _pad: 0 };
-    CONNTRACK.insert(reverse, vip, 0).map_err(|_| DROP_NAT)?;
+    CONNTRACK.insert(reverse, reverse_nat, 0).map_err(|_| DROP_NAT)?;
     CONNTRACK.insert(flow, backend, 0).map_err(|_| DROP_NAT)?;
     Ok(())
 }
@@ -135,9 +135,25 @@ fn track(flow: &FlowKey, backend: &NatEntry) -> Result<(), u32> {
 pub fn reverse_nat(ctx: &TcContext) -> Result<(), u32> {
     let Some(flow) = flow_of(ctx)? else { return Ok(()) };
     let Some(vip) = lookup_lru(&CONNTRACK, &flow) else { return Ok(()) };
-    rewrite(ctx, flow.proto, IP_SADDR, L4_SPORT, flow.saddr, vip.addr, flow.sport, vip.port)?;
+    if vip.flags != 0 {
+        // An ingress flow's reply: not for a workload here.
+        return Ok(());
+    }
+    rewrite_source(ctx, &flow, &vip)?;
     count(ctx, LB_REVERSE_NAT);
     Ok(())
+}
+
+/// Points the packet of `flow` at `to` (DNAT).
+#[inline(always)]
+pub fn rewrite_destination(ctx: &TcContext, flow: &FlowKey, to: &NatEntry) -> Result<(), u32> {
+    rewrite(ctx, flow.proto, IP_DADDR, L4_DPORT, flow.daddr, to.addr, flow.dport, to.port)
+}
+
+/// Makes the packet of `flow` come from `from` (reverse NAT).
+#[inline(always)]
+pub fn rewrite_source(ctx: &TcContext, flow: &FlowKey, from: &NatEntry) -> Result<(), u32> {
+    rewrite(ctx, flow.proto, IP_SADDR, L4_SPORT, flow.saddr, from.addr, flow.sport, from.port)
 }
 
 /// Replaces an address and a port (both network byte order) and fixes the IP and L4
@@ -168,8 +184,9 @@ fn rewrite(
     Ok(())
 }
 
-/// A well-mixed hash of the flow (murmur3's finaliser over the folded tuple). Only this
-/// node's choice for a new flow depends on it; the table it indexes is the same everywhere.
+/// A well-mixed hash of the flow (murmur3's finaliser over the folded tuple). The table it
+/// indexes is the same on every node, so a flow hashed the same picks the same backend
+/// anywhere (the routing mesh zeroes `daddr`, the one thing that differs between nodes).
 #[inline(always)]
 fn flow_hash(flow: &FlowKey) -> u32 {
     let mut h =

@@ -2,6 +2,8 @@
 //!
 //! - `from_workload`: TC ingress on the host side of a workload's veth (what the workload sends).
 //! - `from_overlay`: TC ingress on the node's `vxlan external` device (what other nodes send).
+//! - `from_underlay`: TC ingress on the node's underlay interface (clients of published ports).
+//! - `sock_connect`, `sock_getpeername`: cgroup socket hooks of the workloads (VIPs per socket).
 //!
 //! All maps are declared in `maps.rs`; packet layouts in `headers.rs`; shared steps (ARP
 //! answers, delivery, encapsulation, counters) in modules of their own, as in Cilium's `bpf/lib`.
@@ -11,8 +13,10 @@
 mod arp;
 mod forward;
 mod from_overlay;
+mod from_underlay;
 mod from_workload;
 mod headers;
+mod ingress;
 mod lb;
 mod maps;
 mod sock;

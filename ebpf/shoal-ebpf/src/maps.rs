@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use shoal_common::{
-    lb::{Backend, FlowKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey},
+    lb::{Backend, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey},
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
     stats::{Counter, MAX},
 };
@@ -21,7 +21,7 @@ pub static ENDPOINTS: HashMap<EndpointKey, EndpointEntry> = HashMap::pinned(6553
 pub static INTERFACES: HashMap<u32, InterfaceEntry> = HashMap::pinned(4096, 0);
 
 /// Node-wide settings at index 0.
-#[map(name = "SHOAL_NODE_CONFIG")]
+#[map(name = "SHOAL_NODE_CONFIG_V2")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
 /// Outcome counters, indexed by `shoal_common::stats` codes.
@@ -55,6 +55,10 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(262144, 0);
 /// Each service's Maglev table, by service ID. Not preallocated: 4 KiB a service.
 #[map(name = "SHOAL_MAGLEV")]
 pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+
+/// Ports published on the node's underlay address (the routing mesh and host-mode ports).
+#[map(name = "SHOAL_INGRESS")]
+pub static INGRESS: HashMap<IngressKey, IngressEntry> = HashMap::pinned(16384, 0);
 
 /// Balanced flows, both directions; least recently used go first when full.
 #[map(name = "SHOAL_CONNTRACK")]

@@ -39,7 +39,7 @@ fn try_connect(ctx: &SockAddrContext) -> Option<()> {
     let flow =
         FlowKey { saddr: cookie as u32, daddr: vip, sport: (cookie >> 32) as u16, dport: port, proto, _pad: [0; 3] };
     let backend = pick(service.id, service.backends, &flow).ok()?;
-    SOCK_VIPS.insert(cookie, NatEntry { addr: vip, port, _pad: 0 }, 0).ok()?;
+    SOCK_VIPS.insert(cookie, NatEntry { addr: vip, port, flags: 0 }, 0).ok()?;
     // SAFETY: as above; these two fields are writable for connect4.
     unsafe {
         (*addr).user_ip4 = backend.addr;

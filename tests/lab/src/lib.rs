@@ -34,7 +34,7 @@ pub use cgroups::command as cgroup_command;
 pub use cmd::{run, run_ok};
 pub use netns::{command as netns_command, in_netns};
 pub use teardown::down;
-pub use workload::{ping, tcp_exchange, Conversation, TextServer, Workload};
+pub use workload::{ping, tcp_exchange, Conversation, TextServer, UdpClient, UdpTextServer, Workload};
 
 /// Lab name used by `cargo xtask lab` when none is given.
 pub const DEFAULT_LAB: &str = "shoal";
@@ -250,6 +250,19 @@ impl Lab {
     /// inside is `eth0` with `addr`/`prefix` and the overlay MTU.
     pub fn add_workload(&self, host: &str, name: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<Workload> {
         workload::create(&self.name, self.host(host)?, name, addr, prefix, mtu)
+    }
+
+    /// Adds a machine outside the cluster on the lab switch, running no shoald: namespace
+    /// `<lab>-<name>` whose `eth0` has `addr` on the underlay (a client of published ports).
+    /// Returns the namespace; `down` removes it with the rest of the lab.
+    pub fn add_client(&self, name: &str, addr: Ipv4Addr) -> Result<String> {
+        check_name(name)?;
+        if name == "switch" || self.hosts.iter().any(|h| h.name == name || h.addr == addr) {
+            bail!("lab {}: {name} or {addr} is already a host's", self.name);
+        }
+        let netns = format!("{}-{name}", self.name);
+        netns::create_plugged(&self.name, &netns, name, addr)?;
+        Ok(netns)
     }
 
     /// Cuts `hosts` off from the other hosts on the lab switch (they still reach each other).

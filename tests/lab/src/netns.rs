@@ -40,13 +40,18 @@ pub fn create_switch(lab: &str) -> Result<()> {
 
 /// A host namespace whose `eth0` is plugged into the switch as port `<host name>`.
 pub fn create_host(lab: &str, host: &Host) -> Result<()> {
+    create_plugged(lab, &host.netns, &host.name, host.addr)
+}
+
+/// A namespace `ns` whose `eth0`, at `addr` on the underlay, is plugged into the switch as
+/// port `port`.
+pub fn create_plugged(lab: &str, ns: &str, port: &str, addr: std::net::Ipv4Addr) -> Result<()> {
     let sw = switch_netns(lab);
-    let ns = host.netns.as_str();
     run_ok(&["ip", "netns", "add", ns])?;
     run_ok(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-    run_ok(&["ip", "-n", &sw, "link", "add", &host.name, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
-    run_ok(&["ip", "-n", &sw, "link", "set", &host.name, "master", BRIDGE, "up"])?;
-    let cidr = format!("{}/{UNDERLAY_PREFIX}", host.addr);
+    run_ok(&["ip", "-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+    run_ok(&["ip", "-n", &sw, "link", "set", port, "master", BRIDGE, "up"])?;
+    let cidr = format!("{addr}/{UNDERLAY_PREFIX}");
     run_ok(&["ip", "-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
     run_ok(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
     Ok(())

@@ -85,7 +85,8 @@ impl Workload {
 }
 
 /// A TCP server inside a namespace that answers each line `x` with `<text> <x>`, on a thread
-/// of this process. Stops when dropped.
+/// of this process; `{peer}` in `text` becomes the address the connection came from (what a
+/// backend sees of its client). Stops when dropped.
 pub struct TextServer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -110,9 +111,9 @@ impl TextServer {
 fn serve(listener: std::net::TcpListener, stop: &std::sync::atomic::AtomicBool, text: &str) {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 // One thread per connection: a long-lived client must not block the others.
-                let text = text.to_owned();
+                let text = text.replace("{peer}", &peer.ip().to_string());
                 std::thread::spawn(move || answer_lines(stream, &text));
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
@@ -140,6 +141,63 @@ impl Drop for TextServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A UDP server inside a namespace that answers each datagram `x` with `<text> <x>` (with
+/// `{peer}` as in `TextServer`), on a thread of this process. Stops when dropped.
+pub struct UdpTextServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpTextServer {
+    pub fn start(netns: &str, port: u16, text: &str) -> Result<UdpTextServer> {
+        use std::sync::{atomic::AtomicBool, Arc};
+        let socket = crate::in_netns(netns, move || std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, text) = (stop.clone(), text.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((len, from)) = socket.recv_from(&mut buf) else { continue };
+                let text = text.replace("{peer}", &from.ip().to_string());
+                let _ = socket.send_to(format!("{text} {}", String::from_utf8_lossy(&buf[..len])).as_bytes(), from);
+            }
+        });
+        Ok(UdpTextServer { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for UdpTextServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A UDP socket opened inside a namespace on a port of the kernel's choosing, kept across
+/// exchanges: every datagram it sends belongs to the same client flow.
+pub struct UdpClient {
+    socket: std::net::UdpSocket,
+}
+
+impl UdpClient {
+    pub fn open(netns: &str) -> Result<UdpClient> {
+        let socket = crate::in_netns(netns, || std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        Ok(UdpClient { socket })
+    }
+
+    /// Sends `message` to `to` and waits for one answer; returns it with where it came from.
+    pub fn ask(&self, to: std::net::SocketAddr, message: &str) -> Result<(String, std::net::SocketAddr)> {
+        self.socket.send_to(message.as_bytes(), to)?;
+        let mut buf = [0u8; 2048];
+        let (len, from) = self.socket.recv_from(&mut buf).with_context(|| format!("no answer from {to}"))?;
+        Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
     }
 }
 

@@ -1,0 +1,56 @@
+//! TC ingress on the node's underlay interface: the routing mesh's way in.
+//!
+//! A TCP or UDP packet to a port published on this node's address goes to the flow's backend,
+//! on this node or over the overlay to the backend's node, with the client's address kept as
+//! its source. Everything else (the node's own traffic, VXLAN, the control plane) passes to
+//! the stack untouched; a packet the mesh cannot parse is not its business, so it passes too.
+
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use shoal_common::{
+    lb::IngressKey,
+    overlay::{EndpointKey, GATEWAY_NODE},
+    stats::{DROP_NO_ENDPOINT, INGRESS_LOCAL, INGRESS_REMOTE},
+};
+
+use crate::{
+    forward::{encapsulate, hand_to_workload, node_config},
+    headers::{ptr_at, EthHdr, ETH_P_IP_BE},
+    ingress,
+    lb::flow_of,
+    maps::{lookup, ENDPOINTS, INGRESS},
+    stats::drop_packet,
+};
+
+#[classifier]
+pub fn from_underlay(ctx: TcContext) -> i32 {
+    match try_from_underlay(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => drop_packet(&ctx, reason),
+    }
+}
+
+#[inline(always)]
+fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Ok(TC_ACT_OK) };
+    // SAFETY: bounds-checked by ptr_at just above.
+    if unsafe { (*eth).proto } != ETH_P_IP_BE {
+        return Ok(TC_ACT_OK);
+    }
+    let Ok(Some(flow)) = flow_of(ctx) else { return Ok(TC_ACT_OK) };
+    let Some(config) = node_config() else { return Ok(TC_ACT_OK) };
+    if flow.daddr != config.underlay_addr {
+        return Ok(TC_ACT_OK);
+    }
+    let key = IngressKey { port: flow.dport, proto: flow.proto, _pad: 0 };
+    let Some(port) = lookup(&INGRESS, &key) else { return Ok(TC_ACT_OK) };
+    let backend = ingress::balance(ctx, &flow, &port)?;
+    let to = lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
+    if to.ifindex != 0 {
+        hand_to_workload(ctx, &to, INGRESS_LOCAL)
+    } else if to.node_addr == 0 || to.node_addr == GATEWAY_NODE {
+        // A VIP or a gateway named as a backend: no workload there.
+        Err(DROP_NO_ENDPOINT)
+    } else {
+        encapsulate(ctx, &to, port.vni, INGRESS_REMOTE)
+    }
+}

@@ -1,0 +1,85 @@
+//! The routing mesh's connection handling (north-south), shared by the programs that see its
+//! packets: balancing a client's flow to a published port, remembering where the backend's
+//! replies must go, and sending them there.
+//!
+//! A flow from client C to node N's published port P goes to backend B, on N or on another
+//! node M, with C kept as its source (Swarm's ingress SNATs it away: moby#25526). B's replies
+//! go to C, so they must be caught before anything routes them: on N they get N:P back as
+//! their source and leave through N's underlay; on M they go back over the overlay to N first
+//! (the ingress node is the one that knows the published address, and the one C's flow state
+//! in any stateful middlebox between C and N expects).
+
+use aya_ebpf::programs::TcContext;
+use shoal_common::{
+    lb::{FlowKey, IngressEntry, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
+    overlay::EndpointEntry,
+    stats::{DROP_NAT, INGRESS_REPLY, INGRESS_RETURN, LB_NEW_FLOW, LB_TRACKED},
+};
+
+use crate::{
+    forward::{encapsulate, out_underlay},
+    lb::{pick, rewrite_destination, rewrite_source, track},
+    maps::{lookup_lru, CONNTRACK},
+    stats::count,
+};
+
+/// Points a client's packet to a published port at the flow's backend: the one it was
+/// pinned to, or for a new flow the one Maglev gives it. The hash leaves out the node's
+/// address, so every node picks the same backend for the same client flow.
+#[inline(always)]
+pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<NatEntry, u32> {
+    let backend = match lookup_lru(&CONNTRACK, flow) {
+        Some(tracked) => {
+            count(ctx, LB_TRACKED);
+            tracked
+        }
+        None => {
+            let chosen = pick(port.id, port.backends, &FlowKey { daddr: 0, ..*flow })?;
+            let published = NatEntry { addr: flow.daddr, port: flow.dport, flags: NAT_REPLY_TO_UNDERLAY };
+            track(flow, &chosen, &published)?;
+            count(ctx, LB_NEW_FLOW);
+            chosen
+        }
+    };
+    rewrite_destination(ctx, flow, &backend)?;
+    Ok(backend)
+}
+
+/// On a backend's node: remembers that replies of `flow` (a client's packet that another
+/// node's ingress sent here) go back to that node, `ingress_node` (host byte order).
+#[inline(always)]
+pub fn remember_return(flow: &FlowKey, ingress_node: u32) -> Result<(), u32> {
+    let reply = FlowKey {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let via = NatEntry { addr: ingress_node, port: 0, flags: NAT_RETURN_VIA_NODE };
+    // Written once per flow, not per packet: an unchanged entry is left alone.
+    if lookup_lru(&CONNTRACK, &reply) != Some(via) {
+        CONNTRACK.insert(reply, via, 0).map_err(|_| DROP_NAT)?;
+    }
+    Ok(())
+}
+
+/// If the packet is a backend's reply to an ingress client, sends it on its way (out the
+/// underlay with the published address as its source, or back to the ingress node over
+/// network `vni`) and returns the verdict; `None` for any other packet.
+#[inline(always)]
+pub fn reply(ctx: &TcContext, flow: &FlowKey, vni: u32) -> Result<Option<i32>, u32> {
+    let Some(entry) = lookup_lru(&CONNTRACK, flow) else { return Ok(None) };
+    match entry.flags {
+        NAT_REPLY_TO_UNDERLAY => {
+            rewrite_source(ctx, flow, &entry)?;
+            out_underlay(ctx, INGRESS_REPLY).map(Some)
+        }
+        NAT_RETURN_VIA_NODE => {
+            let node = EndpointEntry { ifindex: 0, node_addr: entry.addr, mac: [0; 6], router_mac: [0; 6] };
+            encapsulate(ctx, &node, vni, INGRESS_RETURN).map(Some)
+        }
+        _ => Ok(None),
+    }
+}

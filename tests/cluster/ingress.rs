@@ -1,0 +1,143 @@
+//! The routing mesh (north-south): a published port answers on every host's underlay address
+//! and reaches backends on any host, keeps the client's address as the source the backend
+//! sees, picks the same backend for a flow on every host, and sends replies back through the
+//! host the client connected to. Host-mode ports answer only where a backend runs.
+
+use std::{collections::BTreeSet, net::SocketAddr};
+
+use shoal_api::dataplane::{Protocol, PublishMode, PublishedPort};
+use shoal_common::stats::{INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN};
+use shoal_lab::{tcp_exchange, Conversation, TextServer, UdpClient, UdpTextServer};
+use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
+
+const CLIENT: &str = "10.77.3.1";
+
+fn published(protocol: Protocol, published_port: u16, target_port: u16, mode: PublishMode) -> PublishedPort {
+    PublishedPort { protocol, published_port, target_port, publish_mode: mode }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_published_port_answers_on_every_host_from_every_backend_with_the_client_address_kept() {
+    let lab = plain_lab("e2eingress", 1, 2);
+    let hosts = ["mgr1", "wrk1", "wrk2"];
+    let backends: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| workload(&lab, h, &format!("web{}", i + 1), &format!("10.78.0.1{}", i + 1)))
+        .collect();
+    let _tcp: Vec<TextServer> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TextServer::start(&b.netns, 80, &format!("web{} {{peer}}", i + 1)).unwrap())
+        .collect();
+    let _udp: Vec<UdpTextServer> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| UdpTextServer::start(&b.netns, 5300, &format!("web{}", i + 1)).unwrap())
+        .collect();
+    let all: Vec<_> = backends.iter().collect();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &all).unwrap();
+    let mut web =
+        blue_service("web", "10.78.0.100", Protocol::Tcp, 80, 80, &["10.78.0.11", "10.78.0.12", "10.78.0.13"]);
+    web.published = vec![
+        published(Protocol::Tcp, 8080, 80, PublishMode::Ingress),
+        published(Protocol::Udp, 5353, 5300, PublishMode::Ingress),
+    ];
+    let mut local = blue_service("local", "10.78.0.101", Protocol::Tcp, 80, 80, &["10.78.0.12"]);
+    local.published = vec![published(Protocol::Tcp, 9090, 80, PublishMode::Host)];
+    spec.services = vec![web, local];
+    lab.apply_dataplane(&spec).unwrap();
+    let client = lab.add_client("outside", addr(CLIENT)).unwrap();
+
+    // Every host answers, from every backend, and every backend sees the client's address.
+    let everyone: BTreeSet<String> = ["web1", "web2", "web3"].map(String::from).into();
+    for host in &lab.hosts {
+        let mut seen = BTreeSet::new();
+        for i in 0..60 {
+            let reply = tcp_exchange(&client, host.addr, 8080, &format!("hello{i}"))
+                .unwrap_or_else(|e| panic!("{}:8080 did not answer: {e:#}", host.addr));
+            let words: Vec<&str> = reply.split(' ').collect();
+            assert_eq!(words[1..], [CLIENT, &format!("hello{i}")], "via {}: {reply}", host.name);
+            seen.insert(words[0].to_owned());
+            if seen == everyone {
+                break;
+            }
+        }
+        assert_eq!(seen, everyone, "not every backend answered through {}", host.name);
+        // Local and remote backends both served, and every reply left through this host.
+        assert!(host.packets(INGRESS_LOCAL).unwrap() >= 1, "{} delivered nothing locally", host.name);
+        assert!(host.packets(INGRESS_REMOTE).unwrap() >= 1, "{} sent nothing to other hosts", host.name);
+        assert!(host.packets(INGRESS_REPLY).unwrap() >= 3, "{} sent no replies out", host.name);
+    }
+    for host in &lab.hosts {
+        assert!(host.packets(INGRESS_RETURN).unwrap() >= 1, "{} returned no reply to an ingress host", host.name);
+    }
+
+    // UDP: the same client flow gets the same backend whichever host it enters, and the
+    // answer comes from the address and port the client sent to.
+    let mut chosen = BTreeSet::new();
+    for flow in 0..12 {
+        let socket = UdpClient::open(&client).unwrap();
+        let mut names = BTreeSet::new();
+        for host in &lab.hosts {
+            let to = SocketAddr::from((host.addr, 5353));
+            let (reply, from) = socket.ask(to, "q").unwrap();
+            assert_eq!(from, to, "the answer must come from the published address");
+            names.insert(reply.split(' ').next().unwrap().to_owned());
+        }
+        assert_eq!(names.len(), 1, "flow {flow} got different backends on different hosts: {names:?}");
+        chosen.extend(names);
+    }
+    assert!(chosen.len() >= 2, "twelve flows all went to {chosen:?}: the hash does not spread");
+
+    // Host mode: only wrk1 runs the service's task, so only wrk1 answers, with its own task.
+    let wrk1 = lab.host("wrk1").unwrap();
+    let reply = tcp_exchange(&client, wrk1.addr, 9090, "hi").unwrap();
+    assert_eq!(reply, format!("web2 {CLIENT} hi"));
+    for host in lab.hosts.iter().filter(|h| h.name != "wrk1") {
+        assert!(tcp_exchange(&client, host.addr, 9090, "hi").is_err(), "{} answered a host-mode port", host.name);
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn an_ingress_connection_survives_restarts_and_a_drained_backend_keeps_it() {
+    let lab = plain_lab("e2eingressrs", 1, 1);
+    let backends = [workload(&lab, "mgr1", "web1", "10.78.0.11"), workload(&lab, "wrk1", "web2", "10.78.0.12")];
+    let _servers: Vec<TextServer> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TextServer::start(&b.netns, 80, &format!("web{}", i + 1)).unwrap())
+        .collect();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&backends[0], &backends[1]]).unwrap();
+    let service = |members: &[&str]| {
+        let mut web = blue_service("web", "10.78.0.100", Protocol::Tcp, 80, 80, members);
+        web.published = vec![published(Protocol::Tcp, 8080, 80, PublishMode::Ingress)];
+        web
+    };
+    spec.services = vec![service(&["10.78.0.11", "10.78.0.12"])];
+    lab.apply_dataplane(&spec).unwrap();
+    let client = lab.add_client("outside", addr(CLIENT)).unwrap();
+    let mgr1 = lab.host("mgr1").unwrap();
+
+    // A connection through mgr1 goes on while each host's shoald restarts.
+    let mut talk = Conversation::open(&client, mgr1.addr, 8080).unwrap();
+    let pinned = talk.say("one").unwrap().split_once(' ').unwrap().0.to_owned();
+    for host in ["mgr1", "wrk1"] {
+        lab.stop(host).unwrap();
+        assert_eq!(talk.say("while stopped").unwrap(), format!("{pinned} while stopped"), "{host} stopped");
+        lab.start(host).unwrap();
+        assert_eq!(talk.say("restarted").unwrap(), format!("{pinned} restarted"), "{host} restarted");
+    }
+
+    // Draining its backend: the open connection goes on; new ones go to the other backend.
+    let other = if pinned == "web1" { "10.78.0.12" } else { "10.78.0.11" };
+    spec.services = vec![service(&[other])];
+    lab.apply_dataplane(&spec).unwrap();
+    assert_eq!(talk.say("drained").unwrap(), format!("{pinned} drained"));
+    for i in 0..10 {
+        let reply = tcp_exchange(&client, mgr1.addr, 8080, &format!("new{i}")).unwrap();
+        assert!(!reply.starts_with(&pinned), "a new connection reached the drained backend: {reply}");
+    }
+}
