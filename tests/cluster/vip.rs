@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use shoal_api::dataplane::Protocol;
-use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT, SOCK_LB_CONNECT};
+use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT, SOCK_LB_CONNECT, SOCK_LB_RECVMSG, SOCK_LB_SENDMSG};
 use shoal_lab::{tcp_exchange, Conversation, TextServer, UdpClient, UdpTextServer};
 use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
@@ -119,4 +119,48 @@ fn a_udp_vip_balances_datagrams_and_replies_come_from_the_vip() {
         UdpClient::open(&client.netns).unwrap().ask(vip, "query").expect("an answer through the UDP VIP");
     assert_eq!(reply, "dns1 query");
     assert_eq!(from, vip, "the reply must come from the VIP");
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_workload_process_sending_datagrams_to_a_vip_is_balanced_at_the_socket() {
+    let lab = plain_lab("e2esockudp", 1, 1);
+    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
+    let backend = workload(&lab, "wrk1", "dns1", "10.78.0.11");
+    let _server = UdpTextServer::start(&backend.netns, 5300, "dns1 {peer}").unwrap();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
+    spec.services = vec![blue_service("dns", VIP, Protocol::Udp, 53, 5300, &["10.78.0.11"])];
+    lab.apply_dataplane(&spec).unwrap();
+    let mgr1 = lab.host("mgr1").unwrap();
+    let cgroup = mgr1.cgroup.clone().expect("this machine has no cgroup2 mount for the workloads' cgroup");
+    let tc_flows_before = mgr1.packets(LB_NEW_FLOW).unwrap();
+
+    // Unconnected sendto()/recvfrom(), as most DNS clients do, then a connected socket.
+    let script = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+for q in ("a", "b"):
+    s.sendto(q.encode(), ("10.78.0.100", 53))
+    data, peer = s.recvfrom(512)
+    print(peer[0], peer[1], data.decode())
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.settimeout(3)
+c.connect(("10.78.0.100", 53))
+c.send(b"c")
+print(*c.getpeername(), c.recv(512).decode())
+"#;
+    let argv: Vec<String> = ["python3", "-c", script].map(String::from).to_vec();
+    let out = shoal_lab::cgroup_command(&cgroup, &client.netns, &argv).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        ["10.78.0.100 53 dns1 10.78.0.2 a", "10.78.0.100 53 dns1 10.78.0.2 b", "10.78.0.100 53 dns1 10.78.0.2 c"],
+        "answers appear to come from the VIP; the backend sees the client itself"
+    );
+    assert!(mgr1.packets(SOCK_LB_SENDMSG).unwrap() >= 2, "the sendmsg hook chose the backend");
+    assert!(mgr1.packets(SOCK_LB_RECVMSG).unwrap() >= 2, "the recvmsg hook showed the VIP");
+    assert_eq!(mgr1.packets(LB_NEW_FLOW).unwrap(), tc_flows_before, "the datagrams needed no per-packet NAT");
 }

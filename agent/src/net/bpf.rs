@@ -43,7 +43,10 @@ const FROM_OVERLAY: &str = "from_overlay";
 const FROM_UNDERLAY: &str = "from_underlay";
 /// cgroup hooks of the workloads' cgroup (socket-level balancing).
 const SOCK_CONNECT: &str = "sock_connect";
+const SOCK_SENDMSG: &str = "sock_sendmsg";
+const SOCK_RECVMSG: &str = "sock_recvmsg";
 const SOCK_GETPEERNAME: &str = "sock_getpeername";
+const SOCK_HOOKS: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
 
 /// Where bpffs is mounted on every Linux host.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -79,6 +82,7 @@ impl Datapath {
             maps::INGRESS,
             maps::CONNTRACK,
             maps::SOCK_VIPS,
+            maps::SOCK_PEERS,
         ] {
             if ebpf.map(name).is_none() {
                 return Err(map_error(name, MapError::InvalidName { name: name.into() }));
@@ -87,7 +91,7 @@ impl Datapath {
         for name in [FROM_WORKLOAD, FROM_OVERLAY, FROM_UNDERLAY] {
             classifier(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
         }
-        for name in [SOCK_CONNECT, SOCK_GETPEERNAME] {
+        for name in SOCK_HOOKS {
             sock_addr(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
         }
         info!(pin_dir = %pin_dir.display(), %kernel, "BPF programs loaded");
@@ -149,7 +153,7 @@ impl Datapath {
     /// the TC path until it is back).
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), NetError> {
         let dir = std::fs::File::open(cgroup)?;
-        for name in [SOCK_CONNECT, SOCK_GETPEERNAME] {
+        for name in SOCK_HOOKS {
             sock_addr(&mut self.ebpf, name)?
                 .attach(&dir, CgroupAttachMode::Single)
                 .map_err(|source| NetError::Program { program: name, source })?;

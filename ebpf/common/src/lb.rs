@@ -115,6 +115,20 @@ pub const NAT_REPLY_TO_UNDERLAY: u16 = 1;
 /// which rewrites it (so the client sees the address it connected to).
 pub const NAT_RETURN_VIA_NODE: u16 = 2;
 
+/// A datagram source as one socket sees it: a backend's address and port, by socket cookie
+/// (the reverse translation of the `sendmsg` hook, for `recvmsg`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockPeerKey {
+    pub cookie: u64,
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<SockPeerKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
@@ -141,6 +155,8 @@ mod pod {
     unsafe impl aya::Pod for super::IngressEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockPeerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NatEntry {}
 }

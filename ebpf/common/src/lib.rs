@@ -34,4 +34,7 @@ pub mod maps {
     pub const CONNTRACK: &str = "SHOAL_CONNTRACK";
     /// LRU socket cookie -> `NatEntry`: the VIP a socket asked for, for `getpeername`.
     pub const SOCK_VIPS: &str = "SHOAL_SOCK_VIPS";
+    /// LRU `SockPeerKey` -> `NatEntry`: the VIP a backend's datagrams to a socket must appear
+    /// to come from (`recvmsg`).
+    pub const SOCK_PEERS: &str = "SHOAL_SOCK_PEERS";
 }

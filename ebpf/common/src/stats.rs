@@ -45,6 +45,10 @@ pub const INGRESS_REMOTE: u32 = 10;
 pub const INGRESS_REPLY: u32 = 11;
 /// A backend's reply to an ingress client that came through another node, sent back there.
 pub const INGRESS_RETURN: u32 = 12;
+/// A workload's datagram to a VIP sent straight to a backend by the `sendmsg` hook.
+pub const SOCK_LB_SENDMSG: u32 = 13;
+/// A datagram from a backend shown to the workload as coming from the VIP (`recvmsg`).
+pub const SOCK_LB_RECVMSG: u32 = 14;
 
 /// First drop code; everything from here on is a drop.
 pub const DROP_FIRST: u32 = 16;
@@ -96,6 +100,8 @@ pub fn name(code: u32) -> Option<&'static str> {
         INGRESS_REMOTE => "ingress_remote",
         INGRESS_REPLY => "ingress_reply",
         INGRESS_RETURN => "ingress_return",
+        SOCK_LB_SENDMSG => "sock_lb_sendmsg",
+        SOCK_LB_RECVMSG => "sock_lb_recvmsg",
         DROP_MALFORMED => "drop_malformed",
         DROP_UNKNOWN_INTERFACE => "drop_unknown_interface",
         DROP_NO_ENDPOINT => "drop_no_endpoint",

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use shoal_common::{
-    lb::{Backend, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey},
+    lb::{Backend, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey, SockPeerKey},
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
     stats::{Counter, MAX},
 };
@@ -67,3 +67,7 @@ pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(262144,
 /// The VIP each socket connected to, by socket cookie, so `getpeername` shows it.
 #[map(name = "SHOAL_SOCK_VIPS")]
 pub static SOCK_VIPS: LruHashMap<u64, NatEntry> = LruHashMap::pinned(262144, 0);
+
+/// The VIP behind each backend a socket sent datagrams to, so `recvmsg` shows the VIP.
+#[map(name = "SHOAL_SOCK_PEERS")]
+pub static SOCK_PEERS: LruHashMap<SockPeerKey, NatEntry> = LruHashMap::pinned(262144, 0);
