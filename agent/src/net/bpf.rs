@@ -407,6 +407,9 @@ fn adopt(prog: &mut SchedClassifier, pinned: PinnedLink, program: &'static str) 
     FdLink::try_from(link).map_err(|e| NetError::Link(e.to_string()))
 }
 
+#[path = "bpf_testbed.rs"]
+pub mod testbed;
+
 #[cfg(test)]
 #[path = "bpf_privileged.rs"]
 mod privileged;

@@ -1,0 +1,350 @@
+//! The real programs loaded into a scratch pin directory with a small, known network in their
+//! maps, run by the kernel on crafted packets (BPF_PROG_TEST_RUN): the setup of the
+//! privileged program tests and of the per-program cost benchmark (`shoal-bpf-cost`).
+//!
+//! Under test_run a packet "arrives" on `lo` (ifindex 1), so `lo` plays the workload's
+//! host-side veth (and, for the routing mesh, the underlay interface); redirect helpers only
+//! record their target, so the verdict and the rewritten bytes are what can be checked.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
+use serde::Serialize;
+use shoal_common::{
+    lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_SLOTS, PROTO_TCP},
+    maps,
+    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
+};
+
+use super::{Datapath, BPFFS, FROM_OVERLAY, FROM_UNDERLAY, FROM_WORKLOAD};
+use crate::net::{overlay::Plan, NetError};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+pub const LO: u32 = 1;
+pub const VNI: u32 = 4097;
+pub const ROUTER_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0xfe];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x42, 10, 78, 0, 2];
+/// The workload behind `lo`.
+pub const CLIENT: [u8; 4] = [10, 78, 0, 2];
+pub const REMOTE: [u8; 4] = [10, 78, 0, 3];
+pub const REMOTE_MAC: [u8; 6] = [0x02, 0x42, 10, 78, 0, 3];
+pub const LOCAL: [u8; 4] = [10, 78, 0, 4];
+pub const LOCAL_MAC: [u8; 6] = [0x02, 0x42, 10, 78, 0, 4];
+pub const LOCAL_VETH: u32 = 4242;
+pub const LOCAL_VETH_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x04];
+pub const VIP: [u8; 4] = [10, 78, 0, 100];
+/// This node's underlay address.
+pub const NODE: [u8; 4] = [10, 77, 0, 11];
+/// A client outside the cluster (TEST-NET-1).
+pub const OUTSIDE: [u8; 4] = [192, 0, 2, 10];
+/// The published port of `with_published_port`.
+pub const PUBLISHED: u16 = 8080;
+
+/// A datapath with its own pin directory, removed (with bpffs if we mounted it) on drop.
+/// One at a time per process: one may have to mount bpffs and unmount it afterwards.
+pub struct Testbed {
+    _serial: std::sync::MutexGuard<'static, ()>,
+    datapath: Option<Datapath>,
+    pin_dir: PathBuf,
+    mounted_bpffs: bool,
+}
+
+impl Testbed {
+    /// `lo` is a workload interface (CLIENT) on VNI 4097, with one remote peer (REMOTE) and
+    /// one local peer (LOCAL); the node's VXLAN device is `lo` too.
+    pub fn new() -> Result<Testbed, NetError> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mounted_bpffs = !statfs(Path::new(BPFFS)).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+        let pin_dir = PathBuf::from(format!("{BPFFS}/shoal-testbed-{}", std::process::id()));
+        let mut testbed = Testbed { _serial: serial, datapath: None, pin_dir, mounted_bpffs };
+        let mut datapath = Datapath::load(&testbed.pin_dir)?;
+        let key = |a: [u8; 4]| EndpointKey { vni: VNI, addr: u32::from_ne_bytes(a) };
+        let plan = Plan {
+            endpoints: [
+                (
+                    key(REMOTE),
+                    EndpointEntry { ifindex: 0, node_addr: 0x0a4d_0201, mac: REMOTE_MAC, router_mac: [0; 6] },
+                ),
+                (
+                    key(LOCAL),
+                    EndpointEntry { ifindex: LOCAL_VETH, node_addr: 0, mac: LOCAL_MAC, router_mac: LOCAL_VETH_MAC },
+                ),
+                (key(VIP), EndpointEntry { ifindex: 0, node_addr: 0, mac: [0; 6], router_mac: [0; 6] }),
+                (key(CLIENT), EndpointEntry { ifindex: LO, node_addr: 0, mac: CLIENT_MAC, router_mac: ROUTER_MAC }),
+            ]
+            .into_iter()
+            .collect(),
+            interfaces: [(
+                LO,
+                InterfaceEntry {
+                    vni: VNI,
+                    addr: u32::from_ne_bytes(CLIENT),
+                    mac: ROUTER_MAC,
+                    _pad: [0; 2],
+                    subnet: u32::from_ne_bytes([10, 78, 0, 0]),
+                    mask: u32::from_ne_bytes([255, 255, 255, 0]),
+                    flags: 0,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        datapath.apply(&plan)?;
+        datapath.configure(NodeConfig { vxlan_ifindex: LO, ..Default::default() })?;
+        testbed.datapath = Some(datapath);
+        Ok(testbed)
+    }
+
+    fn datapath(&mut self) -> &mut Datapath {
+        self.datapath.as_mut().expect("present until drop")
+    }
+
+    /// Runs `program` once on `packet`; returns the verdict and the packet as it left.
+    pub fn run(&self, program: &'static str, packet: &[u8]) -> Result<(u32, Vec<u8>), NetError> {
+        let mut out = vec![0u8; packet.len() + 64];
+        let (verdict, size, _) = self.test_run(program, packet, Some(&mut out), 1)?;
+        out.truncate(size);
+        Ok((verdict, out))
+    }
+
+    /// Runs `program` on `packet` `repeat` times in the kernel; returns the verdict and the
+    /// kernel's average time per run.
+    pub fn time(&self, program: &'static str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), NetError> {
+        let (verdict, _, duration) = self.test_run(program, packet, None, repeat)?;
+        Ok((verdict, duration))
+    }
+
+    fn test_run(
+        &self,
+        program: &'static str,
+        packet: &[u8],
+        out: Option<&mut [u8]>,
+        repeat: u32,
+    ) -> Result<(u32, usize, Duration), NetError> {
+        let datapath = self.datapath.as_ref().expect("present until drop");
+        let prog: &SchedClassifier = datapath
+            .ebpf
+            .program(program)
+            .ok_or(NetError::Program { program, source: aya::programs::ProgramError::UnexpectedProgramType })?
+            .try_into()
+            .map_err(|source| NetError::Program { program, source })?;
+        let result = prog
+            .test_run(TestRunOptions { data_in: Some(packet), data_out: out, repeat, ..TestRunOptions::new() })
+            .map_err(|source| NetError::Program { program, source })?;
+        Ok((result.return_value, result.data_size_out as usize, result.duration))
+    }
+
+    /// Packets counted under `code` so far.
+    pub fn count(&self, code: u32) -> Result<u64, NetError> {
+        let counters = self.datapath.as_ref().expect("present until drop").counters()?;
+        Ok(counters.iter().find(|c| c.code == code).map_or(0, |c| c.packets))
+    }
+
+    /// Adds a service VIP:80/tcp on VNI 4097 balanced to REMOTE:8080.
+    pub fn with_service(&mut self) -> Result<(), NetError> {
+        let datapath = self.datapath();
+        let key = ServiceKey { vni: VNI, vip: u32::from_ne_bytes(VIP), port: 80u16.to_be(), proto: PROTO_TCP, _pad: 0 };
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = datapath.map_mut(maps::SERVICES)?;
+        services.insert(key, ServiceEntry { id: 7, backends: 1 }, 0).map_err(|e| map_error(maps::SERVICES, e))?;
+        add_table(datapath, 7, 9, REMOTE, 8080)
+    }
+
+    /// Makes `lo` this node's underlay interface at NODE, publishing TCP PUBLISHED, balanced
+    /// to REMOTE:80.
+    pub fn with_published_port(&mut self) -> Result<(), NetError> {
+        let datapath = self.datapath();
+        datapath.configure(NodeConfig {
+            vxlan_ifindex: LO,
+            underlay_ifindex: LO,
+            underlay_addr: u32::from_ne_bytes(NODE),
+        })?;
+        let key = IngressKey { port: PUBLISHED.to_be(), proto: PROTO_TCP, _pad: 0 };
+        let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = datapath.map_mut(maps::INGRESS)?;
+        ingress
+            .insert(key, IngressEntry { id: 11, backends: 1, vni: VNI }, 0)
+            .map_err(|e| map_error(maps::INGRESS, e))?;
+        add_table(datapath, 11, 12, REMOTE, 80)
+    }
+
+    /// Makes the workload behind `lo` the one at `addr` (so `lo` can play a backend's veth).
+    pub fn set_workload_addr(&mut self, addr: [u8; 4]) -> Result<(), NetError> {
+        let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.datapath().map_mut(maps::INTERFACES)?;
+        let current = interfaces.get(&LO, 0).map_err(|e| map_error(maps::INTERFACES, e))?;
+        let entry = InterfaceEntry { addr: u32::from_ne_bytes(addr), ..current };
+        interfaces.insert(LO, entry, 0).map_err(|e| map_error(maps::INTERFACES, e))
+    }
+
+    /// Adds (or replaces) the endpoint at `addr` on VNI 4097.
+    pub fn set_endpoint(&mut self, addr: [u8; 4], entry: EndpointEntry) -> Result<(), NetError> {
+        let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> =
+            self.datapath().map_mut(maps::ENDPOINTS)?;
+        let key = EndpointKey { vni: VNI, addr: u32::from_ne_bytes(addr) };
+        endpoints.insert(key, entry, 0).map_err(|e| map_error(maps::ENDPOINTS, e))
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        drop(self.datapath.take());
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if self.mounted_bpffs {
+            let _ = nix::mount::umount(BPFFS);
+        }
+    }
+}
+
+/// A one-backend Maglev table `id` whose every slot is backend `backend` at `addr:port`.
+fn add_table(datapath: &mut Datapath, id: u32, backend: u32, addr: [u8; 4], port: u16) -> Result<(), NetError> {
+    let mut backends: HashMap<&mut MapData, u32, Backend> = datapath.map_mut(maps::BACKENDS)?;
+    let entry = Backend { addr: u32::from_ne_bytes(addr), port: port.to_be(), _pad: 0 };
+    backends.insert(backend, entry, 0).map_err(|e| map_error(maps::BACKENDS, e))?;
+    let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = datapath.map_mut(maps::MAGLEV)?;
+    maglev.insert(id, MaglevTable { slots: [backend; MAGLEV_SLOTS] }, 0).map_err(|e| map_error(maps::MAGLEV, e))
+}
+
+fn map_error(map: &'static str, source: aya::maps::MapError) -> NetError {
+    NetError::Map { map, source }
+}
+
+/// An ARP request from CLIENT for `target`.
+pub fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&[0xff; 6]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&CLIENT);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&target);
+    p
+}
+
+/// A small UDP datagram from CLIENT to `dst` (port 8000).
+pub fn ipv4_to(dst: [u8; 4]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&ROUTER_MAC);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x00]);
+    p.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&CLIENT);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[0x30, 0x39, 0x1f, 0x40, 0, 8, 0, 0]);
+    p
+}
+
+/// A TCP segment `src:sport -> dst:dport` with correct IPv4 and TCP checksums.
+pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&ROUTER_MAC);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x00]);
+    p.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    let ip = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip.to_be_bytes());
+    let l4 = checksum(&p[34..], pseudo(&p));
+    p[50..52].copy_from_slice(&l4.to_be_bytes());
+    p
+}
+
+fn pseudo(p: &[u8]) -> u32 {
+    let words = |b: &[u8]| b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum::<u32>();
+    words(&p[26..34]) + 6 + (p.len() as u32 - 34)
+}
+
+fn checksum(bytes: &[u8], start: u32) -> u16 {
+    let mut sum = start;
+    for c in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether the IPv4 and TCP checksums of `p` verify.
+pub fn checksums_ok(p: &[u8]) -> bool {
+    checksum(&p[14..34], 0) == 0 && checksum(&p[34..], pseudo(p)) == 0
+}
+
+/// The kernel's time for one program on one kind of packet.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramCost {
+    pub program: &'static str,
+    pub case: &'static str,
+    pub verdict: u32,
+    /// Nanoseconds per packet, one value per round.
+    pub rounds_ns: Vec<f64>,
+}
+
+/// Single runs per round: their median is the round's figure.
+const SAMPLES: usize = 20_000;
+
+/// Times each program on the packets of its common paths, `rounds` times.
+///
+/// Repeat mode runs a program again and again on the same buffer, so a packet the program
+/// rewrites (DNAT, an ARP request turned into its reply) would be measured on its rewritten
+/// self from the second run on. So each figure is the median of single runs on the fresh
+/// packet, less the timing overhead of a single run: the median single run of a path that
+/// leaves the packet alone minus that path's repeat-mode average (over `repeat` runs).
+/// Each packet runs once first, so a balanced flow is measured as tracked (the steady state).
+pub fn program_costs(repeat: u32, rounds: usize) -> Result<Vec<ProgramCost>, NetError> {
+    let mut bed = Testbed::new()?;
+    bed.with_service()?;
+    bed.with_published_port()?;
+    let pass = tcp(OUTSIDE, 50000, NODE, 22);
+    let cases = [
+        (FROM_UNDERLAY, "not a published port (pass)", pass.clone()),
+        (FROM_UNDERLAY, "published port, tracked flow (DNAT + encapsulate)", tcp(OUTSIDE, 50000, NODE, PUBLISHED)),
+        (FROM_WORKLOAD, "ARP request answered", arp_request(REMOTE)),
+        (FROM_WORKLOAD, "to a remote endpoint (encapsulate)", tcp(CLIENT, 40000, REMOTE, 80)),
+        (FROM_WORKLOAD, "to a local endpoint (redirect_peer)", tcp(CLIENT, 40000, LOCAL, 80)),
+        (FROM_WORKLOAD, "to a VIP, tracked flow (DNAT + encapsulate)", tcp(CLIENT, 40001, VIP, 80)),
+        (FROM_OVERLAY, "no tunnel metadata (drop; test_run cannot set any)", tcp(REMOTE, 80, CLIENT, 40000)),
+        // Last: `lo` then plays the backend's veth.
+        (FROM_WORKLOAD, "ingress reply (reverse NAT + FIB lookup)", tcp(REMOTE, 80, OUTSIDE, 50000)),
+    ];
+    let mut costs = Vec::new();
+    for (program, case, packet) in cases {
+        if case.starts_with("ingress reply") {
+            bed.set_workload_addr(REMOTE)?;
+        }
+        let (verdict, _) = bed.run(program, &packet)?;
+        let mut rounds_ns = Vec::new();
+        for _ in 0..rounds {
+            let overhead = bed.single_run_median(FROM_UNDERLAY, &pass)?
+                - bed.time(FROM_UNDERLAY, &pass, repeat)?.1.as_secs_f64() * 1e9;
+            rounds_ns.push(bed.single_run_median(program, &packet)? - overhead);
+        }
+        costs.push(ProgramCost { program, case, verdict, rounds_ns });
+    }
+    Ok(costs)
+}
+
+impl Testbed {
+    /// The median of the kernel's time for `SAMPLES` single runs of `program` on `packet`.
+    fn single_run_median(&self, program: &'static str, packet: &[u8]) -> Result<f64, NetError> {
+        let mut samples = Vec::with_capacity(SAMPLES);
+        for _ in 0..SAMPLES {
+            samples.push(self.time(program, packet, 1)?.1.as_nanos() as f64);
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(samples[SAMPLES / 2])
+    }
+}
