@@ -40,6 +40,13 @@ pub fn build() -> Result<()> {
     cargo(&["build", "--workspace", "--bins"])
 }
 
+/// Builds optimised binaries (what benchmarks measure) and returns their directory.
+pub fn build_release() -> Result<PathBuf> {
+    bootstrap::ensure()?;
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    Ok(bin_dir().parent().context("bin dir is <target>/debug")?.join("release"))
+}
+
 /// README's test command: formatting, lints, unit tests, then the end-to-end tests in the lab.
 pub fn test() -> Result<()> {
     let started = Instant::now();

@@ -11,6 +11,10 @@ use crate::{
     daemon,
 };
 
+/// Largest desired state accepted: a node's whole view of the cluster (10,000 services with
+/// a VIP and a published port each is ~3 MiB of JSON).
+pub const BODY_LIMIT: usize = 64 << 20;
+
 pub async fn show(State(node): State<Arc<Node>>) -> Json<DataplaneSpec> {
     Json(node.dataplane.lock().await.spec().clone())
 }

@@ -8,7 +8,7 @@ pub mod system;
 use std::{path::PathBuf, sync::Arc};
 
 use axum::{
-    extract::Request,
+    extract::{DefaultBodyLimit, Request},
     middleware::{self, Next},
     response::Response,
     routing::get,
@@ -49,7 +49,10 @@ pub async fn serve(
         .route("/_ping", get(system::ping).head(system::ping))
         .route("/version", get(system::version))
         .route("/info", get(system::info))
-        .route("/shoal/v1/dataplane", get(dataplane::show).put(dataplane::replace))
+        .route(
+            "/shoal/v1/dataplane",
+            get(dataplane::show).put(dataplane::replace).layer(DefaultBodyLimit::max(dataplane::BODY_LIMIT)),
+        )
         .route("/shoal/v1/dataplane/stats", get(dataplane::stats))
         .with_state(node.clone())
         .merge(shoal_manager::engine_api::routes(node.swarm.clone()))

@@ -243,8 +243,21 @@ pub fn ipv4_to(dst: [u8; 4]) -> Vec<u8> {
     p
 }
 
-/// A TCP segment `src:sport -> dst:dport` with correct IPv4 and TCP checksums.
+/// A TCP SYN `src:sport -> dst:dport` (a connection's first packet).
+pub fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    tcp_with_flags(src, sport, dst, dport, TCP_SYN)
+}
+
+/// A TCP ACK `src:sport -> dst:dport` (any later packet of a connection).
 pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    tcp_with_flags(src, sport, dst, dport, TCP_ACK)
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment `src:sport -> dst:dport` with `flags` and correct IPv4 and TCP checksums.
+fn tcp_with_flags(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&ROUTER_MAC);
     p.extend_from_slice(&CLIENT_MAC);
@@ -254,7 +267,7 @@ pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     p.extend_from_slice(&dst);
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     let ip = checksum(&p[14..34], 0);
     p[24..26].copy_from_slice(&ip.to_be_bytes());
     let l4 = checksum(&p[34..], pseudo(&p));

@@ -18,7 +18,7 @@ use shoal_common::{
 
 use crate::{
     forward::{encapsulate, out_underlay},
-    lb::{pick, rewrite_destination, rewrite_source, track},
+    lb::{pick, reply_of, rewrite_destination, rewrite_source, track, tracked},
     maps::{lookup_lru, CONNTRACK},
     stats::count,
 };
@@ -28,7 +28,7 @@ use crate::{
 /// address, so every node picks the same backend for the same client flow.
 #[inline(always)]
 pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<NatEntry, u32> {
-    let backend = match lookup_lru(&CONNTRACK, flow) {
+    let backend = match tracked(ctx, flow) {
         Some(tracked) => {
             count(ctx, LB_TRACKED);
             tracked
@@ -49,14 +49,7 @@ pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<N
 /// node's ingress sent here) go back to that node, `ingress_node` (host byte order).
 #[inline(always)]
 pub fn remember_return(flow: &FlowKey, ingress_node: u32) -> Result<(), u32> {
-    let reply = FlowKey {
-        saddr: flow.daddr,
-        daddr: flow.saddr,
-        sport: flow.dport,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let reply = reply_of(flow);
     let via = NatEntry { addr: ingress_node, port: 0, flags: NAT_RETURN_VIA_NODE };
     // Written once per flow, not per packet: an unchanged entry is left alone.
     if lookup_lru(&CONNTRACK, &reply) != Some(via) {

@@ -32,7 +32,10 @@ const IP_DADDR: usize = ETH_HLEN + 16;
 /// Offsets of the ports and checksums in the L4 header.
 const L4_SPORT: usize = L4;
 const L4_DPORT: usize = L4 + 2;
+const TCP_FLAGS: usize = L4 + 13;
 const TCP_CSUM: usize = L4 + 16;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const UDP_CSUM: usize = L4 + 6;
 
 #[repr(C)]
@@ -69,8 +72,16 @@ pub fn flow_of(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
 pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
     let Some(flow) = flow_of(ctx)? else { return Ok(false) };
     let key = ServiceKey { vni, vip: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
-    let Some(service) = lookup(&SERVICES, &key) else { return Ok(false) };
-    let backend = match lookup_lru(&CONNTRACK, &flow) {
+    let Some(service) = lookup(&SERVICES, &key) else {
+        if opens_connection(ctx, &flow) {
+            // Not to a VIP, but from a port an earlier VIP flow may have used: its reverse
+            // NAT state must not rewrite this connection's replies (a socket-balanced
+            // connect() goes to a backend's own address, from a recycled port).
+            let _ = CONNTRACK.remove(reply_of(&flow));
+        }
+        return Ok(false);
+    };
+    let backend = match tracked(ctx, &flow) {
         Some(tracked) => {
             count(ctx, LB_TRACKED);
             tracked
@@ -85,6 +96,43 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
     };
     rewrite_destination(ctx, &flow, &backend)?;
     Ok(true)
+}
+
+/// The flow's tracked state, unless the packet opens a new TCP connection: a client reuses
+/// a port long before any old state would go, and a new connection must get a fresh choice
+/// (one that knows which backends were drained since).
+#[inline(always)]
+pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Option<NatEntry> {
+    if opens_connection(ctx, flow) {
+        return None;
+    }
+    lookup_lru(&CONNTRACK, flow)
+}
+
+/// Whether the packet is a TCP SYN without ACK.
+#[inline(always)]
+fn opens_connection(ctx: &TcContext, flow: &FlowKey) -> bool {
+    if flow.proto != PROTO_TCP {
+        return false;
+    }
+    match ptr_at::<u8>(ctx, TCP_FLAGS) {
+        // SAFETY: bounds-checked by ptr_at.
+        Some(flags) => (unsafe { *flags }) & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        None => false,
+    }
+}
+
+/// The other direction of `flow`.
+#[inline(always)]
+pub fn reply_of(flow: &FlowKey) -> FlowKey {
+    FlowKey {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
 }
 
 /// The backend the service's Maglev table gives this flow.
@@ -117,14 +165,7 @@ pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32
 /// replies) to `reverse`: where they must appear to come from, and how they leave.
 #[inline(always)]
 pub fn track(flow: &FlowKey, backend: &NatEntry, reverse_nat: &NatEntry) -> Result<(), u32> {
-    let reverse = FlowKey {
-        saddr: backend.addr,
-        daddr: flow.saddr,
-        sport: backend.port,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let reverse = reply_of(&FlowKey { daddr: backend.addr, dport: backend.port, ..*flow });
     CONNTRACK.insert(reverse, reverse_nat, 0).map_err(|_| DROP_NAT)?;
     CONNTRACK.insert(flow, backend, 0).map_err(|_| DROP_NAT)?;
     Ok(())

@@ -52,9 +52,10 @@ pub static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(65536, 
 #[map(name = "SHOAL_BACKENDS")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(262144, 0);
 
-/// Each service's Maglev table, by service ID. Not preallocated: 4 KiB a service.
+/// Each service port's Maglev table, by ID. Not preallocated: 4 KiB a table, only for the
+/// tables in use (10,000 services with a VIP and a published port each take 80 MiB).
 #[map(name = "SHOAL_MAGLEV")]
-pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
 
 /// Ports published on the node's underlay address (the routing mesh and host-mode ports).
 #[map(name = "SHOAL_INGRESS")]

@@ -17,20 +17,29 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         failovers: usize,
     },
-    /// Data plane: overlay vs underlay TCP throughput (iperf3).
+    /// Data plane: HTTP through shoal's mesh and VIPs vs a direct path, nftables and iptables
+    /// at several scales; programming time; per-program BPF cost; overlay vs underlay TCP.
     Net {
-        /// Runs of each path.
+        /// Runs of each measurement.
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Seconds per run.
-        #[arg(long, default_value_t = 5)]
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 3)]
         seconds: u32,
+        /// Numbers of services to measure at.
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+        scales: Vec<usize>,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        iperf_seconds: u32,
     },
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Control { failovers } => control::run(failovers),
-        BenchCommand::Net { runs, seconds } => net::run(runs, seconds),
+        BenchCommand::Net { runs, seconds, scales, iperf_seconds } => {
+            net::run(net::Options { runs, seconds, scales, iperf_seconds })
+        }
     }
 }
