@@ -10,7 +10,7 @@
 
 use shoal_common::stats::{ARP_REPLY, DELIVER_FROM_OVERLAY, DROP_FIRST, FORWARD_REMOTE};
 use shoal_lab::{ping, tcp_exchange, Conversation, TextServer};
-use shoal_tests::{overlay_spec, plain_lab, vxlan_packets, workload};
+use shoal_tests::{addr, overlay_spec, plain_lab, vxlan_packets, workload};
 
 const PORT: u16 = 7000;
 
@@ -87,6 +87,27 @@ fn networks_are_isolated_by_vni() {
 
     assert_eq!(ping(&a.netns, b.addr, 2).unwrap(), 0, "blue reached red");
     assert_eq!(lab.host("mgr1").unwrap().packets(FORWARD_REMOTE).unwrap(), 0);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_workload_on_two_networks_reaches_both_while_they_stay_apart() {
+    let lab = plain_lab("e2etwonets", 1, 1);
+    let both_blue = workload(&lab, "mgr1", "m", "10.78.0.2");
+    let both_red = lab.attach_workload(&both_blue, "mred", "eth1", addr("10.79.0.2"), 24, 1450).unwrap();
+    // Both single-network workloads on one host: not even that host's way out joins them.
+    let blue = workload(&lab, "wrk1", "b", "10.78.0.3");
+    let red = workload(&lab, "wrk1", "r", "10.79.0.3");
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&both_blue, &blue]).unwrap();
+    let red_spec = overlay_spec("red", 4098, "10.79.0.0/24", &[&both_red, &red]).unwrap();
+    spec.networks.extend(red_spec.networks);
+    spec.endpoints.extend(red_spec.endpoints);
+    lab.apply_dataplane(&spec).unwrap();
+
+    assert_eq!(ping(&both_blue.netns, blue.addr, 2).unwrap(), 2, "m reaches blue over its blue interface");
+    assert_eq!(ping(&both_blue.netns, red.addr, 2).unwrap(), 2, "m reaches red over its red interface");
+    assert_eq!(ping(&blue.netns, red.addr, 2).unwrap(), 0, "blue reached red");
+    assert_eq!(ping(&red.netns, blue.addr, 2).unwrap(), 0, "red reached blue");
 }
 
 #[test]

@@ -18,7 +18,9 @@ pub fn enable_forwarding() -> Result<(), NetError> {
 }
 
 /// Makes the NAT table masquerade exactly `subnets`' traffic leaving them, and send DNS
-/// queries to any of `gateways` to this node's DNS server at `dns`.
+/// queries to any of `gateways` to this node's DNS server at `dns`. The node's stack lets
+/// into `subnets` only replies to the workloads' own connections: the way out must not be a
+/// way from one network into another (Docker's `DOCKER-ISOLATION` chains).
 pub fn sync_nat(
     subnets: &[Ipv4Net],
     gateways: &[Ipv4Addr],
@@ -29,12 +31,19 @@ pub fn sync_nat(
         Some(dns) => gateways.iter().map(|g| format!("    ip daddr {g} udp dport 53 dnat to {dns}\n")).collect(),
         None => String::new(),
     };
+    let isolation = match subnets {
+        [] => String::new(),
+        _ => {
+            let set = subnets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            format!("    ip daddr {{ {set} }} ct state new drop\n")
+        }
+    };
     // Create-then-delete makes the delete safe when the table is absent; all in one
     // transaction, so the rules never disappear in between.
     let mut script = format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n");
     if !subnets.is_empty() || !dns_rules.is_empty() {
         script.push_str(&format!(
-            "table ip {NAT_TABLE} {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{dns_rules}  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{rules}  }}\n}}\n"
+            "table ip {NAT_TABLE} {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{dns_rules}  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{rules}  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{isolation}  }}\n}}\n"
         ));
     }
     nft(&script)

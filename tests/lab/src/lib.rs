@@ -252,6 +252,22 @@ impl Lab {
         workload::create(&self.name, self.host(host)?, name, addr, prefix, mtu)
     }
 
+    /// Attaches `workload` to another network too: an interface `inside` in its namespace
+    /// with host side `shw-<name>`, at `addr`/`prefix`. The returned value describes that
+    /// interface (its `endpoint` is the workload on the other network).
+    pub fn attach_workload(
+        &self,
+        workload: &Workload,
+        name: &str,
+        inside: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: u32,
+    ) -> Result<Workload> {
+        let host = self.hosts.iter().find(|h| h.addr == workload.node_addr).context("the workload's host")?;
+        workload::attach(host, workload, name, inside, addr, prefix, mtu)
+    }
+
     /// Adds a machine outside the cluster on the lab switch, running no shoald: namespace
     /// `<lab>-<name>` whose `eth0` has `addr` on the underlay (a client of published ports).
     /// Returns the namespace; `down` removes it with the rest of the lab.

@@ -21,15 +21,54 @@ pub struct Workload {
 }
 
 pub fn create(lab: &str, host: &Host, name: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<Workload> {
+    let netns = format!("{lab}-{}-{name}", host.name);
+    run_ok(&["ip", "netns", "add", &netns])?;
+    run_ok(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+    // As Docker does for containers on networks without IPv6: no link-local addresses, no
+    // router solicitations (the overlay carries IPv4 only and drops the rest).
+    let nsenter_net = format!("--net=/run/netns/{netns}");
+    run_ok(&[
+        "nsenter",
+        &nsenter_net,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ])?;
+    let workload = plug(host, &netns, name, "eth0", addr, prefix, mtu)?;
+    // The network's gateway is its first address (the overlay's default), the way out.
+    let network = u32::from(addr) & (u32::MAX << (32 - u32::from(prefix)));
+    let gateway = Ipv4Addr::from(network + 1);
+    if gateway != addr && prefix < 31 {
+        run_ok(&["ip", "-n", &netns, "route", "add", "default", "via", &gateway.to_string()])?;
+    }
+    Ok(workload)
+}
+
+/// Gives `workload` one more interface, `inside` in its namespace with host side
+/// `shw-<name>`, at `addr`/`prefix` (another network: its subnet is routed on the link, the
+/// default route stays on the first one).
+pub fn attach(
+    host: &Host,
+    workload: &Workload,
+    name: &str,
+    inside: &str,
+    addr: Ipv4Addr,
+    prefix: u8,
+    mtu: u32,
+) -> Result<Workload> {
+    plug(host, &workload.netns, name, inside, addr, prefix, mtu)
+}
+
+/// A veth from `host` (`shw-<name>`) into `netns` (`inside`), up, with `addr` and a MAC
+/// derived from it.
+fn plug(host: &Host, netns: &str, name: &str, inside: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<Workload> {
     let host_iface = format!("shw-{name}");
     if host_iface.len() > 15 {
         bail!("workload name {name:?} is too long (at most 11 characters)");
     }
-    let netns = format!("{lab}-{}-{name}", host.name);
     let mac = MacAddr::from_ipv4(addr);
     let (mtu, cidr, mac_text) = (mtu.to_string(), format!("{addr}/{prefix}"), mac.to_string());
-    run_ok(&["ip", "netns", "add", &netns])?;
-    run_ok(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
     run_ok(&[
         "ip",
         "-n",
@@ -43,32 +82,15 @@ pub fn create(lab: &str, host: &Host, name: &str, addr: Ipv4Addr, prefix: u8, mt
         "veth",
         "peer",
         "name",
-        "eth0",
+        inside,
         "netns",
-        &netns,
+        netns,
     ])?;
     run_ok(&["ip", "-n", &host.netns, "link", "set", &host_iface, "up"])?;
-    run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "address", &mac_text, "mtu", &mtu])?;
-    run_ok(&["ip", "-n", &netns, "addr", "add", &cidr, "dev", "eth0"])?;
-    // As Docker does for containers on networks without IPv6: no link-local addresses, no
-    // router solicitations (the overlay carries IPv4 only and drops the rest).
-    let nsenter_net = format!("--net=/run/netns/{netns}");
-    run_ok(&[
-        "nsenter",
-        &nsenter_net,
-        "sysctl",
-        "-qw",
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-    ])?;
-    run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
-    // The network's gateway is its first address (the overlay's default), the way out.
-    let network = u32::from(addr) & (u32::MAX << (32 - u32::from(prefix)));
-    let gateway = Ipv4Addr::from(network + 1);
-    if gateway != addr && prefix < 31 {
-        run_ok(&["ip", "-n", &netns, "route", "add", "default", "via", &gateway.to_string()])?;
-    }
-    Ok(Workload { netns, host_iface, addr, mac, node_addr: host.addr })
+    run_ok(&["ip", "-n", netns, "link", "set", inside, "address", &mac_text, "mtu", &mtu])?;
+    run_ok(&["ip", "-n", netns, "addr", "add", &cidr, "dev", inside])?;
+    run_ok(&["ip", "-n", netns, "link", "set", inside, "up"])?;
+    Ok(Workload { netns: netns.to_owned(), host_iface, addr, mac, node_addr: host.addr })
 }
 
 impl Workload {

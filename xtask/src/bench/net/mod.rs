@@ -328,9 +328,11 @@ fn render(
          path, conntrack and reverse NAT in BPF).\n\
          At each scale shoal holds the measured services plus N - 1 others, each with a VIP and a\n\
          published port (so 10,000 services mean ~20,000 Maglev tables); the routers hold N services.\n\n\
-         ![requests and connections per second](net.svg)\n\n",
+         ![requests and connections per second](net.svg)\n\n\
+         ## Every path against the direct one (median of the per-round ratios)\n\n{summary}\n",
         runs = options.runs,
         secs = options.seconds,
+        summary = report::ratio_summary(scales),
     );
     for scale in scales {
         out.push_str(&format!(

@@ -95,6 +95,33 @@ fn latency(us: f64) -> String {
     }
 }
 
+/// Each path's median ratio to direct, per mode and scale: flat or not at a glance.
+pub fn ratio_summary(scales: &[HttpScale]) -> String {
+    let mut out = String::from("| path |");
+    for mode in ["keep-alive", "new connections"] {
+        for scale in scales {
+            let _ = write!(out, " {mode}, {} services |", scale.services);
+        }
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(2 * scales.len()));
+    out.push('\n');
+    let Some(first) = scales.first() else { return out };
+    for (p, row) in first.keep_alive.iter().enumerate() {
+        let _ = write!(out, "| {} |", row.path);
+        for mode in [Mode::KeepAlive, Mode::NewConnections] {
+            for scale in scales {
+                let rows = scale.rows(mode);
+                let rates = |r: &HttpRow| r.samples.iter().map(|s| s.per_second).collect::<Vec<_>>();
+                let ratios: Vec<f64> = rates(&rows[p]).iter().zip(rates(&rows[0])).map(|(r, d)| r / d).collect();
+                let _ = write!(out, " {:.2} |", median(&ratios));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Load times: a row per balancer, a column per scale.
 pub fn program_table(rows: &[ProgramRow]) -> String {
     let Some(first) = rows.first() else { return String::new() };
