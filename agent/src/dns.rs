@@ -153,13 +153,8 @@ mod tests {
 
     #[test]
     fn names_resolve_per_network_for_all_three_record_kinds() {
-        let net = |name: &str, subnet: &str| OverlayNetwork {
-            name: name.into(),
-            vni: if name == "blue" { 1 } else { 2 },
-            subnet: subnet.parse().unwrap(),
-            mtu: None,
-            gateway: None,
-            internal: false,
+        let net = |name: &str, subnet: &str| {
+            OverlayNetwork::new(name, if name == "blue" { 1 } else { 2 }, subnet.parse().unwrap())
         };
         let svc = |name: &str, network: &str, dnsrr: bool| ServiceVip {
             name: name.into(),

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use shoal_api::dataplane::Protocol;
 use shoal_common::stats::{LB_NEW_FLOW, LB_REVERSE_NAT, SOCK_LB_CONNECT, SOCK_LB_RECVMSG, SOCK_LB_SENDMSG};
-use shoal_lab::{tcp_exchange, Conversation, TextServer, UdpClient, UdpTextServer};
+use shoal_lab::{tcp_exchange, Conversation, Lab, TextServer, UdpClient, UdpTextServer, Workload};
 use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
 const VIP: &str = "10.78.0.100";
@@ -71,17 +71,10 @@ fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_workload_process_connecting_to_a_vip_is_balanced_at_the_socket() {
-    let lab = plain_lab("e2esocklb", 1, 1);
-    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
-    let backend = workload(&lab, "wrk1", "web1", "10.78.0.11");
+    let (lab, client, backend) = one_backend_behind_a_vip("e2esocklb", Protocol::Tcp, 80, 7000);
     let _server = TextServer::start(&backend.netns, 7000, "web1").unwrap();
-    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
-    spec.services = vec![blue_service("web", VIP, Protocol::Tcp, 80, 7000, &["10.78.0.11"])];
-    lab.apply_dataplane(&spec).unwrap();
     let mgr1 = lab.host("mgr1").unwrap();
-    let Some(cgroup) = mgr1.cgroup.clone() else {
-        panic!("this machine has no cgroup2 mount for the workloads' cgroup");
-    };
+    let cgroup = mgr1.cgroup.clone().expect("this machine has no cgroup2 mount for the workloads' cgroup");
     let tc_flows_before = mgr1.packets(LB_NEW_FLOW).unwrap();
 
     // A real process in the workloads' cgroup, as a container's would be.
@@ -106,13 +99,8 @@ print(s.makefile().readline().strip())
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_udp_vip_balances_datagrams_and_replies_come_from_the_vip() {
-    let lab = plain_lab("e2eudpvip", 1, 1);
-    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
-    let backend = workload(&lab, "wrk1", "dns1", "10.78.0.11");
+    let (_lab, client, backend) = one_backend_behind_a_vip("e2eudpvip", Protocol::Udp, 53, 5300);
     let _server = UdpTextServer::start(&backend.netns, 5300, "dns1").unwrap();
-    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
-    spec.services = vec![blue_service("dns", VIP, Protocol::Udp, 53, 5300, &["10.78.0.11"])];
-    lab.apply_dataplane(&spec).unwrap();
 
     let vip = std::net::SocketAddr::from((addr(VIP), 53));
     let (reply, from) =
@@ -124,13 +112,8 @@ fn a_udp_vip_balances_datagrams_and_replies_come_from_the_vip() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_workload_process_sending_datagrams_to_a_vip_is_balanced_at_the_socket() {
-    let lab = plain_lab("e2esockudp", 1, 1);
-    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
-    let backend = workload(&lab, "wrk1", "dns1", "10.78.0.11");
+    let (lab, client, backend) = one_backend_behind_a_vip("e2esockudp", Protocol::Udp, 53, 5300);
     let _server = UdpTextServer::start(&backend.netns, 5300, "dns1 {peer}").unwrap();
-    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
-    spec.services = vec![blue_service("dns", VIP, Protocol::Udp, 53, 5300, &["10.78.0.11"])];
-    lab.apply_dataplane(&spec).unwrap();
     let mgr1 = lab.host("mgr1").unwrap();
     let cgroup = mgr1.cgroup.clone().expect("this machine has no cgroup2 mount for the workloads' cgroup");
     let tc_flows_before = mgr1.packets(LB_NEW_FLOW).unwrap();
@@ -163,4 +146,16 @@ print(*c.getpeername(), c.recv(512).decode())
     assert!(mgr1.packets(SOCK_LB_SENDMSG).unwrap() >= 2, "the sendmsg hook chose the backend");
     assert!(mgr1.packets(SOCK_LB_RECVMSG).unwrap() >= 2, "the recvmsg hook showed the VIP");
     assert_eq!(mgr1.packets(LB_NEW_FLOW).unwrap(), tc_flows_before, "the datagrams needed no per-packet NAT");
+}
+
+/// Lab `name` with a client workload on mgr1 (10.78.0.2) and one backend on wrk1
+/// (10.78.0.11) behind VIP:`port`/`protocol`, forwarded to `target_port`.
+fn one_backend_behind_a_vip(name: &str, protocol: Protocol, port: u16, target_port: u16) -> (Lab, Workload, Workload) {
+    let lab = plain_lab(name, 1, 1);
+    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
+    let backend = workload(&lab, "wrk1", "backend", "10.78.0.11");
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&client, &backend]).unwrap();
+    spec.services = vec![blue_service("svc", VIP, protocol, port, target_port, &["10.78.0.11"])];
+    lab.apply_dataplane(&spec).unwrap();
+    (lab, client, backend)
 }

@@ -197,14 +197,7 @@ mod tests {
             interface: Some("veth".into()),
         };
         DataplaneSpec {
-            networks: vec![OverlayNetwork {
-                name: "blue".into(),
-                vni: 4097,
-                subnet: "10.78.0.0/24".parse().unwrap(),
-                mtu: None,
-                gateway: None,
-                internal: false,
-            }],
+            networks: vec![OverlayNetwork::new("blue", 4097, "10.78.0.0/24".parse().unwrap())],
             endpoints: vec![endpoint("10.78.0.11", "10.77.0.11"), endpoint("10.78.0.12", "10.77.0.12")],
             services: vec![ServiceVip {
                 name: "web".into(),

@@ -134,14 +134,7 @@ mod tests {
 
     fn spec(endpoints: Vec<Endpoint>) -> DataplaneSpec {
         DataplaneSpec {
-            networks: vec![OverlayNetwork {
-                name: "blue".into(),
-                vni: 4097,
-                subnet: "10.78.0.0/24".parse().unwrap(),
-                mtu: None,
-                gateway: None,
-                internal: false,
-            }],
+            networks: vec![OverlayNetwork::new("blue", 4097, "10.78.0.0/24".parse().unwrap())],
             endpoints,
             services: vec![],
         }

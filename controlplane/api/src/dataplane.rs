@@ -282,6 +282,11 @@ impl DataplaneSpec {
 }
 
 impl OverlayNetwork {
+    /// A network with Docker's defaults: MTU 1450, the first address as gateway, a way out.
+    pub fn new(name: &str, vni: u32, subnet: Ipv4Net) -> Self {
+        OverlayNetwork { name: name.to_owned(), vni, subnet, mtu: None, gateway: None, internal: false }
+    }
+
     pub fn mtu(&self) -> u32 {
         self.mtu.unwrap_or(DEFAULT_OVERLAY_MTU)
     }
@@ -325,14 +330,7 @@ mod tests {
 
     fn spec() -> DataplaneSpec {
         DataplaneSpec {
-            networks: vec![OverlayNetwork {
-                name: "blue".into(),
-                vni: 4097,
-                subnet: "10.78.0.0/24".parse().unwrap(),
-                mtu: None,
-                gateway: None,
-                internal: false,
-            }],
+            networks: vec![OverlayNetwork::new("blue", 4097, "10.78.0.0/24".parse().unwrap())],
             endpoints: vec![Endpoint {
                 network: "blue".into(),
                 addr: "10.78.0.2".parse().unwrap(),

@@ -108,14 +108,7 @@ impl Host {
 /// One overlay network with every given workload on it.
 pub fn overlay_spec(network: &str, vni: u32, subnet: &str, workloads: &[&Workload]) -> Result<DataplaneSpec> {
     Ok(DataplaneSpec {
-        networks: vec![OverlayNetwork {
-            name: network.into(),
-            vni,
-            subnet: subnet.parse()?,
-            mtu: None,
-            gateway: None,
-            internal: false,
-        }],
+        networks: vec![OverlayNetwork::new(network, vni, subnet.parse()?)],
         endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
         services: vec![],
     })
@@ -265,7 +258,7 @@ impl Lab {
         mtu: u32,
     ) -> Result<Workload> {
         let host = self.hosts.iter().find(|h| h.addr == workload.node_addr).context("the workload's host")?;
-        workload::attach(host, workload, name, inside, addr, prefix, mtu)
+        workload::plug(host, &workload.netns, name, inside, addr, prefix, mtu)
     }
 
     /// Adds a machine outside the cluster on the lab switch, running no shoald: namespace

@@ -45,24 +45,17 @@ pub fn create(lab: &str, host: &Host, name: &str, addr: Ipv4Addr, prefix: u8, mt
     Ok(workload)
 }
 
-/// Gives `workload` one more interface, `inside` in its namespace with host side
-/// `shw-<name>`, at `addr`/`prefix` (another network: its subnet is routed on the link, the
-/// default route stays on the first one).
-pub fn attach(
+/// A veth from `host` (`shw-<name>`) into `netns` (`inside`), up, with `addr` and a MAC
+/// derived from it.
+pub(crate) fn plug(
     host: &Host,
-    workload: &Workload,
+    netns: &str,
     name: &str,
     inside: &str,
     addr: Ipv4Addr,
     prefix: u8,
     mtu: u32,
 ) -> Result<Workload> {
-    plug(host, &workload.netns, name, inside, addr, prefix, mtu)
-}
-
-/// A veth from `host` (`shw-<name>`) into `netns` (`inside`), up, with `addr` and a MAC
-/// derived from it.
-fn plug(host: &Host, netns: &str, name: &str, inside: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> Result<Workload> {
     let host_iface = format!("shw-{name}");
     if host_iface.len() > 15 {
         bail!("workload name {name:?} is too long (at most 11 characters)");
