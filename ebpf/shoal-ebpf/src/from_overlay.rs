@@ -13,7 +13,7 @@ use crate::{
     forward::deliver_local,
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
     ingress,
-    lb::flow_of,
+    lb::{flow_of, starts_flow},
     maps::{lookup, ENDPOINTS},
     stats::drop_packet,
 };
@@ -42,14 +42,15 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
-    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let daddr = unsafe { (*ip).daddr };
     let vni = key.tunnel_id;
     match lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(daddr) }) {
         Some(to) if to.ifindex != 0 => {
-            // A source that is no endpoint of the network is a client outside the cluster
-            // that came in through the sending node's published port: replies go back there.
-            if lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(saddr) }).is_none() {
-                if let Some(flow) = flow_of(ctx)? {
+            // A flow from an address that is no endpoint of the network comes from a client
+            // outside the cluster, through the sending node's published port: its replies go
+            // back there. Checked as a flow starts, so the overlay's own packets pay nothing.
+            if let Some(flow) = flow_of(ctx)? {
+                if starts_flow(ctx, &flow) && lookup(&ENDPOINTS, &EndpointKey { vni, addr: flow.saddr }).is_none() {
                     // SAFETY: the helper filled the key of an IPv4 tunnel: the IPv4 member.
                     let sender = unsafe { key.__bindgen_anon_1.remote_ipv4 };
                     ingress::remember_return(&flow, sender)?;
