@@ -108,13 +108,7 @@ fn a_connection_to_a_vip_goes_to_its_backend_and_the_reply_comes_from_the_vip() 
     // Reverse: the backend's reply, delivered to the client, comes from VIP:80. Here `lo`
     // plays the backend's veth and the client is a local endpoint.
     fx.set_workload_addr(REMOTE).unwrap();
-    let client = shoal_common::overlay::EndpointEntry {
-        ifindex: LOCAL_VETH,
-        node_addr: 0,
-        mac: CLIENT_MAC,
-        router_mac: LOCAL_VETH_MAC,
-    };
-    fx.set_endpoint(CLIENT, client).unwrap();
+    fx.set_client_behind_local_veth().unwrap();
     let (verdict, reply) = fx.run(FROM_WORKLOAD, &tcp(REMOTE, 8080, CLIENT, 40000)).unwrap();
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&reply[26..30], &VIP, "source given back as the VIP");
@@ -143,13 +137,7 @@ fn a_new_connection_from_a_port_a_vip_flow_used_keeps_its_replies_as_they_are() 
     // Its replies reach the client unchanged: `lo` now plays the backend's veth and the
     // client is a local endpoint.
     fx.set_workload_addr(REMOTE).unwrap();
-    let client = shoal_common::overlay::EndpointEntry {
-        ifindex: LOCAL_VETH,
-        node_addr: 0,
-        mac: CLIENT_MAC,
-        router_mac: LOCAL_VETH_MAC,
-    };
-    fx.set_endpoint(CLIENT, client).unwrap();
+    fx.set_client_behind_local_veth().unwrap();
     let (verdict, reply) = fx.run(FROM_WORKLOAD, &tcp(REMOTE, 8080, CLIENT, 40000)).unwrap();
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&reply[26..30], &REMOTE, "the old VIP flow's state rewrote a direct connection's reply");

@@ -185,11 +185,13 @@ impl Testbed {
         interfaces.insert(LO, entry, 0).map_err(|e| map_error(maps::INTERFACES, e))
     }
 
-    /// Adds (or replaces) the endpoint at `addr` on VNI 4097.
-    pub fn set_endpoint(&mut self, addr: [u8; 4], entry: EndpointEntry) -> Result<(), NetError> {
+    /// Makes CLIENT a local endpoint behind LOCAL_VETH, so that `lo` can play a backend
+    /// that answers it.
+    pub fn set_client_behind_local_veth(&mut self) -> Result<(), NetError> {
         let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> =
             self.datapath().map_mut(maps::ENDPOINTS)?;
-        let key = EndpointKey { vni: VNI, addr: u32::from_ne_bytes(addr) };
+        let key = EndpointKey { vni: VNI, addr: u32::from_ne_bytes(CLIENT) };
+        let entry = EndpointEntry { ifindex: LOCAL_VETH, node_addr: 0, mac: CLIENT_MAC, router_mac: LOCAL_VETH_MAC };
         endpoints.insert(key, entry, 0).map_err(|e| map_error(maps::ENDPOINTS, e))
     }
 }
