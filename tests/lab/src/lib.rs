@@ -265,7 +265,9 @@ impl Lab {
     /// `<lab>-<name>` whose `eth0` has `addr` on the underlay (a client of published ports).
     /// Returns the namespace; `down` removes it with the rest of the lab.
     pub fn add_client(&self, name: &str, addr: Ipv4Addr) -> Result<String> {
-        check_name(name)?;
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+            bail!("client name {name:?}: use lowercase letters and digits only");
+        }
         if name == "switch" || self.hosts.iter().any(|h| h.name == name || h.addr == addr) {
             bail!("lab {}: {name} or {addr} is already a host's", self.name);
         }
