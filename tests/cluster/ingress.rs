@@ -36,7 +36,9 @@ fn a_published_port_answers_on_every_host_from_every_backend_with_the_client_add
         .enumerate()
         .map(|(i, b)| UdpTextServer::start(&b.netns, 5300, &format!("web{}", i + 1)).unwrap())
         .collect();
-    let all: Vec<_> = backends.iter().collect();
+    // A workload that calls the published port too, as containers call a node's address.
+    let caller = workload(&lab, "mgr1", "caller", "10.78.0.2");
+    let all: Vec<_> = backends.iter().chain([&caller]).collect();
     let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &all).unwrap();
     let mut web =
         blue_service("web", "10.78.0.100", Protocol::Tcp, 80, 80, &["10.78.0.11", "10.78.0.12", "10.78.0.13"]);
@@ -90,6 +92,14 @@ fn a_published_port_answers_on_every_host_from_every_backend_with_the_client_add
         chosen.extend(names);
     }
     assert!(chosen.len() >= 2, "twelve flows all went to {chosen:?}: the hash does not spread");
+
+    // From a workload: its own node's published port is the mesh too (the backend sees the
+    // workload's address); another node's is reached through the way out (masqueraded).
+    let mgr1 = lab.host("mgr1").unwrap();
+    let reply = tcp_exchange(&caller.netns, mgr1.addr, 8080, "own").unwrap();
+    assert!(reply.ends_with(" 10.78.0.2 own"), "via its own node: {reply}");
+    let reply = tcp_exchange(&caller.netns, lab.host("wrk2").unwrap().addr, 8080, "other").unwrap();
+    assert!(reply.ends_with(&format!(" {} other", mgr1.addr)), "via another node: {reply}");
 
     // Host mode: only wrk1 runs the service's task, so only wrk1 answers, with its own task.
     let wrk1 = lab.host("wrk1").unwrap();

@@ -6,18 +6,12 @@
 //! the stack untouched; a packet the mesh cannot parse is not its business, so it passes too.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use shoal_common::{
-    lb::IngressKey,
-    overlay::{EndpointKey, GATEWAY_NODE},
-    stats::{DROP_NO_ENDPOINT, INGRESS_LOCAL, INGRESS_REMOTE},
-};
 
 use crate::{
-    forward::{encapsulate, hand_to_workload, node_config},
+    forward::node_config,
     headers::{ptr_at, EthHdr, ETH_P_IP_BE},
     ingress,
     lb::flow_of,
-    maps::{lookup, ENDPOINTS, INGRESS},
     stats::drop_packet,
 };
 
@@ -41,16 +35,5 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
     if flow.daddr != config.underlay_addr {
         return Ok(TC_ACT_OK);
     }
-    let key = IngressKey { port: flow.dport, proto: flow.proto, _pad: 0 };
-    let Some(port) = lookup(&INGRESS, &key) else { return Ok(TC_ACT_OK) };
-    let backend = ingress::balance(ctx, &flow, &port)?;
-    let to = lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
-    if to.ifindex != 0 {
-        hand_to_workload(ctx, &to, INGRESS_LOCAL)
-    } else if to.node_addr == 0 || to.node_addr == GATEWAY_NODE {
-        // A VIP or a gateway named as a backend: no workload there.
-        Err(DROP_NO_ENDPOINT)
-    } else {
-        encapsulate(ctx, &to, port.vni, INGRESS_REMOTE)
-    }
+    Ok(ingress::enter(ctx, &flow)?.unwrap_or(TC_ACT_OK))
 }

@@ -15,7 +15,7 @@ use shoal_common::{
 
 use crate::{
     arp,
-    forward::{deliver_local, encapsulate},
+    forward::{deliver_local, encapsulate, node_config},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
     ingress, lb,
     maps::{lookup, ENDPOINTS, INTERFACES},
@@ -55,10 +55,17 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     let dst = u32::from_ne_bytes(daddr);
     let key = EndpointKey { vni: iface.vni, addr: dst };
     let Some(to) = lookup(&ENDPOINTS, &key) else {
-        // A backend's reply to a client of a published port, on its way back.
         if let Some(flow) = lb::flow_of(ctx)? {
+            // A backend's reply to a client of a published port, on its way back.
             if let Some(verdict) = ingress::reply(ctx, &flow, iface.vni)? {
                 return Ok(verdict);
+            }
+            // A published port on this node's own address: the mesh, as for a client outside
+            // (the node's stack would only find nothing listening there).
+            if node_config().is_some_and(|config| config.underlay_addr == dst) {
+                if let Some(verdict) = ingress::enter(ctx, &flow)? {
+                    return Ok(verdict);
+                }
             }
         }
         // Off the overlay: out through this node's stack (it masquerades), if the network

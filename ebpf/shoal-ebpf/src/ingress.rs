@@ -11,17 +11,39 @@
 
 use aya_ebpf::programs::TcContext;
 use shoal_common::{
-    lb::{FlowKey, IngressEntry, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
-    overlay::EndpointEntry,
-    stats::{DROP_NAT, INGRESS_REPLY, INGRESS_RETURN, LB_NEW_FLOW, LB_TRACKED},
+    lb::{FlowKey, IngressEntry, IngressKey, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
+    overlay::{EndpointEntry, EndpointKey, GATEWAY_NODE},
+    stats::{
+        DROP_NAT, DROP_NO_ENDPOINT, INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN, LB_NEW_FLOW,
+        LB_TRACKED,
+    },
 };
 
 use crate::{
-    forward::{encapsulate, out_underlay},
+    forward::{encapsulate, hand_to_workload, out_underlay},
     lb::{pick, reply_of, rewrite_destination, rewrite_source, track, tracked},
-    maps::{lookup_lru, CONNTRACK},
+    maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS},
     stats::count,
 };
+
+/// If `flow` goes to a port published on this node, sends it to the flow's backend (on this
+/// node or over the overlay) and returns the verdict; `None` when no such port is published.
+/// The caller has checked that the destination is this node's address.
+#[inline(always)]
+pub fn enter(ctx: &TcContext, flow: &FlowKey) -> Result<Option<i32>, u32> {
+    let key = IngressKey { port: flow.dport, proto: flow.proto, _pad: 0 };
+    let Some(port) = lookup(&INGRESS, &key) else { return Ok(None) };
+    let backend = balance(ctx, flow, &port)?;
+    let to = lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
+    if to.ifindex != 0 {
+        hand_to_workload(ctx, &to, INGRESS_LOCAL).map(Some)
+    } else if to.node_addr == 0 || to.node_addr == GATEWAY_NODE {
+        // A VIP or a gateway named as a backend: no workload there.
+        Err(DROP_NO_ENDPOINT)
+    } else {
+        encapsulate(ctx, &to, port.vni, INGRESS_REMOTE).map(Some)
+    }
+}
 
 /// Points a client's packet to a published port at the flow's backend: the one it was
 /// pinned to, or for a new flow the one Maglev gives it. The hash leaves out the node's

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use shoal_common::{
-    lb::{FlowKey, NatEntry, ServiceKey, MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP},
+    lb::{FlowKey, NatEntry, ServiceKey, MAGLEV_SLOTS, NAT_RETURN_VIA_NODE, PROTO_TCP, PROTO_UDP},
     stats::{DROP_MALFORMED, DROP_NAT, DROP_NO_BACKEND, LB_NEW_FLOW, LB_REVERSE_NAT, LB_TRACKED},
 };
 
@@ -183,8 +183,8 @@ pub fn track(flow: &FlowKey, backend: &NatEntry, reverse_nat: &NatEntry) -> Resu
 pub fn reverse_nat(ctx: &TcContext) -> Result<(), u32> {
     let Some(flow) = flow_of(ctx)? else { return Ok(()) };
     let Some(vip) = lookup_lru(&CONNTRACK, &flow) else { return Ok(()) };
-    if vip.flags != 0 {
-        // An ingress flow's reply: not for a workload here.
+    if vip.flags == NAT_RETURN_VIA_NODE {
+        // Another node's ingress flow: that node restores the published address.
         return Ok(());
     }
     rewrite_source(ctx, &flow, &vip)?;
