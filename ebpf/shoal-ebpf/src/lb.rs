@@ -223,11 +223,19 @@ fn rewrite(
         ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
             .map_err(|_| DROP_NAT)?;
         ctx.l3_csum_replace(IP_CSUM, old_addr as u64, new_addr as u64, 4).map_err(|_| DROP_NAT)?;
-        ctx.store(addr_off, &new_addr, 0).map_err(|_| DROP_NAT)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2).map_err(|_| DROP_NAT)?;
-        ctx.store(port_off, &new_port, 0).map_err(|_| DROP_NAT)?;
+    }
+    // The fields themselves are written in place, not with `bpf_skb_store_bytes`: the
+    // checksum helpers above already made the headers writable, and a helper call per field
+    // costs more than the write.
+    let addr: *mut u32 = ptr_at(ctx, addr_off).ok_or(DROP_NAT)?;
+    let port: *mut u16 = ptr_at(ctx, port_off).ok_or(DROP_NAT)?;
+    // SAFETY: both bounds-checked by ptr_at just above (after the helpers moved the data).
+    unsafe {
+        addr.write_unaligned(new_addr);
+        port.write_unaligned(new_port);
     }
     Ok(())
 }
