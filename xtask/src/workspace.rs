@@ -10,8 +10,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::bootstrap;
 
+/// The workspace root. Read at run time first (`cargo run` sets it): with a target directory
+/// shared between checkouts, the binary may have been built from another one.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    let manifest_dir = manifest_dir.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.parent().map(Path::to_owned).expect("xtask lives in the workspace")
 }
 
 /// Directory of the debug binaries (`shoald`, `shoal`), honouring `CARGO_TARGET_DIR`.
