@@ -74,7 +74,6 @@ fn a_workload_process_connecting_to_a_vip_is_balanced_at_the_socket() {
     let (lab, client, backend) = one_backend_behind_a_vip("e2esocklb", Protocol::Tcp, 80, 7000);
     let _server = TextServer::start(&backend.netns, 7000, "web1").unwrap();
     let mgr1 = lab.host("mgr1").unwrap();
-    let cgroup = mgr1.cgroup.clone().expect("this machine has no cgroup2 mount for the workloads' cgroup");
     let tc_flows_before = mgr1.packets(LB_NEW_FLOW).unwrap();
 
     // A real process in the workloads' cgroup, as a container's would be.
@@ -86,11 +85,7 @@ s.sendall(b"hi\n")
 print(peer[0], peer[1])
 print(s.makefile().readline().strip())
 "#;
-    let argv: Vec<String> = ["python3", "-c", script].map(String::from).to_vec();
-    let out = shoal_lab::cgroup_command(&cgroup, &client.netns, &argv).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
+    let lines = python_in_workloads_cgroup(&lab, &client, script);
     assert_eq!(lines, ["10.78.0.100 80", "web1 hi"], "the application sees the VIP and reaches a backend");
     assert!(mgr1.packets(SOCK_LB_CONNECT).unwrap() >= 1, "the socket hook chose the backend");
     assert_eq!(mgr1.packets(LB_NEW_FLOW).unwrap(), tc_flows_before, "the packets needed no per-packet NAT");
@@ -115,7 +110,6 @@ fn a_workload_process_sending_datagrams_to_a_vip_is_balanced_at_the_socket() {
     let (lab, client, backend) = one_backend_behind_a_vip("e2esockudp", Protocol::Udp, 53, 5300);
     let _server = UdpTextServer::start(&backend.netns, 5300, "dns1 {peer}").unwrap();
     let mgr1 = lab.host("mgr1").unwrap();
-    let cgroup = mgr1.cgroup.clone().expect("this machine has no cgroup2 mount for the workloads' cgroup");
     let tc_flows_before = mgr1.packets(LB_NEW_FLOW).unwrap();
 
     // Unconnected sendto()/recvfrom(), as most DNS clients do, then a connected socket.
@@ -133,11 +127,7 @@ c.connect(("10.78.0.100", 53))
 c.send(b"c")
 print(*c.getpeername(), c.recv(512).decode())
 "#;
-    let argv: Vec<String> = ["python3", "-c", script].map(String::from).to_vec();
-    let out = shoal_lab::cgroup_command(&cgroup, &client.netns, &argv).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
+    let lines = python_in_workloads_cgroup(&lab, &client, script);
     assert_eq!(
         lines,
         ["10.78.0.100 53 dns1 10.78.0.2 a", "10.78.0.100 53 dns1 10.78.0.2 b", "10.78.0.100 53 dns1 10.78.0.2 c"],
@@ -158,4 +148,15 @@ fn one_backend_behind_a_vip(name: &str, protocol: Protocol, port: u16, target_po
     spec.services = vec![blue_service("svc", VIP, protocol, port, target_port, &["10.78.0.11"])];
     lab.apply_dataplane(&spec).unwrap();
     (lab, client, backend)
+}
+
+/// Runs the Python `script` in `client`'s namespace as a process of mgr1's workloads' cgroup
+/// (where the socket hooks are), as a container's process would run; returns its output lines.
+fn python_in_workloads_cgroup(lab: &Lab, client: &Workload, script: &str) -> Vec<String> {
+    let cgroup = lab.host("mgr1").unwrap().cgroup.clone();
+    let cgroup = cgroup.expect("this machine has no cgroup2 mount for the workloads' cgroup");
+    let argv: Vec<String> = ["python3", "-c", script].map(String::from).to_vec();
+    let out = shoal_lab::cgroup_command(&cgroup, &client.netns, &argv).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
 }
