@@ -51,6 +51,18 @@ fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
     let pinned = first.split_once(' ').unwrap().0.to_owned();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(talk.say("two").unwrap(), format!("{pinned} two"));
+    // Rather than idling 15 minutes: the flow's state is an entry of an LRU map whose value
+    // holds no time at all (the backend's address and port), so being quiet cannot expire it,
+    // and it is still there after the pause.
+    let conntrack = format!("{}/e2evip/mgr1/{}", shoal_lab::BPF_ROOT, shoal_common::maps::CONNTRACK);
+    let map: serde_json::Value =
+        serde_json::from_str(&shoal_lab::run_ok(&["bpftool", "-j", "map", "show", "pinned", &conntrack]).unwrap())
+            .unwrap();
+    assert_eq!((map["type"].as_str(), map["bytes_value"].as_u64()), (Some("lru_hash"), Some(8)), "{map}");
+    let key = flow_key(addr("10.78.0.2"), talk.local_port().unwrap(), addr(VIP), 80);
+    let mut argv = vec!["bpftool", "map", "lookup", "pinned", conntrack.as_str(), "key", "hex"];
+    argv.extend(key.iter().map(String::as_str));
+    shoal_lab::run_ok(&argv).expect("the quiet flow's state is gone");
 
     // Drain the pinned backend: its open connection goes on, new ones go elsewhere.
     let remaining: Vec<&str> = ["10.78.0.11", "10.78.0.12", "10.78.0.13"]
@@ -159,4 +171,15 @@ fn python_in_workloads_cgroup(lab: &Lab, client: &Workload, script: &str) -> Vec
     let out = shoal_lab::cgroup_command(&cgroup, &client.netns, &argv).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// `FlowKey{saddr, daddr, sport, dport, proto TCP}` as bpftool's hex bytes.
+fn flow_key(saddr: std::net::Ipv4Addr, sport: u16, daddr: std::net::Ipv4Addr, dport: u16) -> Vec<String> {
+    let mut bytes = Vec::new();
+    bytes.extend(saddr.octets());
+    bytes.extend(daddr.octets());
+    bytes.extend(sport.to_be_bytes());
+    bytes.extend(dport.to_be_bytes());
+    bytes.extend([6, 0, 0, 0]);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

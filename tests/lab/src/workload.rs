@@ -232,6 +232,11 @@ impl Conversation {
         Ok(Conversation { reader: std::io::BufReader::new(stream.try_clone()?), stream })
     }
 
+    /// The connection's local port (the client's side of its flow).
+    pub fn local_port(&self) -> Result<u16> {
+        Ok(self.stream.local_addr()?.port())
+    }
+
     /// Sends a line and returns the reply line.
     pub fn say(&mut self, message: &str) -> Result<String> {
         use std::io::{BufRead, Write};
