@@ -2,12 +2,15 @@
 //! wrk as every client, with wrk's figures parsed.
 
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
+
+use super::server::NetnsServer;
 
 /// wrk's connections, as in the reference measurement (`wrk -c32`).
 const CONNECTIONS: &str = "32";
@@ -42,44 +45,24 @@ pub fn ensure_nginx() -> Result<()> {
 
 /// nginx serving `GET /` with a 3-byte answer on port 80 inside `netns`; ended (by PID) when
 /// dropped. Its files live in `dir`, which the lab removes.
-pub struct Nginx(Child);
-
-impl Nginx {
-    pub fn start(netns: &str, dir: &Path) -> Result<Nginx> {
-        let prefix: PathBuf = dir.join(format!("nginx-{netns}"));
-        std::fs::create_dir_all(&prefix)?;
-        let conf = prefix.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\n\
+pub fn start_nginx(netns: &str, dir: &Path) -> Result<NetnsServer> {
+    let prefix: PathBuf = dir.join(format!("nginx-{netns}"));
+    std::fs::create_dir_all(&prefix)?;
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\n\
                  events {{ worker_connections 8192; }}\n\
                  http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 600s;\n\
                  \x20 server {{ listen 80 backlog=4096; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-                pid = prefix.join("nginx.pid").display(),
-                err = prefix.join("error.log").display(),
-            ),
-        )?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .args(["--", "/usr/sbin/nginx", "-p"])
-            .arg(&prefix)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx")?;
-        std::thread::sleep(Duration::from_millis(200));
-        Ok(Nginx(child))
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+            pid = prefix.join("nginx.pid").display(),
+            err = prefix.join("error.log").display(),
+        ),
+    )?;
+    let argv =
+        [OsStr::new("/usr/sbin/nginx"), OsStr::new("-p"), prefix.as_os_str(), OsStr::new("-c"), conf.as_os_str()];
+    NetnsServer::start(netns, &argv, Duration::from_millis(200))
 }
 
 /// How wrk's connections behave.

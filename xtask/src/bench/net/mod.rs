@@ -14,6 +14,7 @@
 mod http;
 mod kube;
 mod report;
+mod server;
 mod throughput;
 
 use std::{
@@ -30,9 +31,10 @@ use shoal_api::dataplane::{
 use shoal_lab::{overlay_spec, Lab, LabConfig, Workload};
 
 use crate::workspace;
-use http::{Mode, Nginx};
+use http::Mode;
 use kube::{Balancer, Router};
 use report::{CostRow, HttpRow, HttpScale, ProgramRow};
+use server::NetnsServer;
 
 const LAB: &str = "benchnet";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 1);
@@ -118,7 +120,7 @@ struct Rig {
     /// mgr1's workloads' cgroup (socket-level balancing).
     cgroup: PathBuf,
     base: DataplaneSpec,
-    _servers: Vec<Nginx>,
+    _servers: Vec<NetnsServer>,
 }
 
 impl Rig {
@@ -133,9 +135,9 @@ impl Rig {
         let base = overlay_spec("bench", 4097, "10.78.0.0/16", &[&local, &remote, &vip_client])?;
         lab.apply_dataplane(&base)?;
         let dir = Path::new(shoal_lab::STATE_ROOT).join(LAB);
-        let mut servers = vec![Nginx::start(&local.netns, &dir)?, Nginx::start(&remote.netns, &dir)?];
+        let mut servers = vec![http::start_nginx(&local.netns, &dir)?, http::start_nginx(&remote.netns, &dir)?];
         for router in &routers {
-            servers.push(Nginx::start(&router.backend, &dir)?);
+            servers.push(http::start_nginx(&router.backend, &dir)?);
         }
         Ok(Rig { client, routers, local, remote, vip_client, cgroup, base, _servers: servers })
     }

@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 
-use super::report::spread;
+use super::{report::spread, server::NetnsServer};
 
 const IPERF_PORT: &str = "5201";
 
@@ -25,8 +25,9 @@ pub struct Throughput {
 }
 
 pub fn measure(overlay: Path, underlay: Path, runs: usize, seconds: u32) -> Result<Throughput> {
-    let _overlay_server = Server::start(overlay.to)?;
-    let _underlay_server = Server::start(underlay.to)?;
+    let iperf_server = ["iperf3", "-s", "-p", IPERF_PORT];
+    let _overlay_server = NetnsServer::start(overlay.to, &iperf_server, Duration::from_millis(300))?;
+    let _underlay_server = NetnsServer::start(underlay.to, &iperf_server, Duration::from_millis(300))?;
     let mut result = Throughput { overlay: Vec::new(), underlay: Vec::new(), seconds };
     for run in 1..=runs {
         let o = iperf(overlay.from, overlay.addr, seconds)?;
@@ -36,30 +37,6 @@ pub fn measure(overlay: Path, underlay: Path, runs: usize, seconds: u32) -> Resu
         result.underlay.push(u);
     }
     Ok(result)
-}
-
-/// An iperf3 server in a namespace, ended (by PID) when dropped.
-struct Server(std::process::Child);
-
-impl Server {
-    fn start(netns: &str) -> Result<Server> {
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .args(["--", "iperf3", "-s", "-p", IPERF_PORT])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("iperf3 (cargo xtask bootstrap installs it)")?;
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Server(child))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// One iperf3 run from `netns` to `server`: receiver throughput in Gbit/s.
