@@ -134,7 +134,7 @@ async fn update(client: &Client, reference: &str, change: impl FnOnce(&mut NodeS
     let node: Node = client.get(&format!("/nodes/{reference}")).await?;
     let mut spec = node.spec.clone();
     change(&mut spec)?;
-    client.post_empty(&format!("/nodes/{}/update?version={}", node.id, node.version.index), &spec).await
+    client.post_empty(&format!("/nodes/{}/update?version={}", node.id, node.meta.version.index), &spec).await
 }
 
 async fn ls(client: &Client, quiet: bool) -> Result<()> {
@@ -186,7 +186,7 @@ fn pretty_node(n: &Node) -> String {
         }
     }
     out.push_str(&format!("Hostname:\t\t{}\n", n.description.hostname));
-    out.push_str(&format!("Joined at:\t\t{}\n", n.created_at));
+    out.push_str(&format!("Joined at:\t\t{}\n", n.meta.created_at));
     out.push_str(&format!(
         "Status:\n State:\t\t\t{}\n Availability:\t\t{}\n Address:\t\t{}\n",
         capitalize(&n.status.state.to_string()),

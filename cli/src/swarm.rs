@@ -174,7 +174,7 @@ pub async fn run(client: &Client, command: SwarmCommand) -> Result<()> {
                     Role::Worker => "rotateWorkerToken",
                     Role::Manager => "rotateManagerToken",
                 };
-                let path = format!("/swarm/update?version={}&{flag}=true", swarm.cluster.version.index);
+                let path = format!("/swarm/update?version={}&{flag}=true", swarm.cluster.meta.version.index);
                 client.post_empty(&path, &swarm.cluster.spec).await?;
                 if !quiet {
                     println!("Successfully rotated {} join token.\n", role_name(role));
@@ -192,7 +192,7 @@ pub async fn run(client: &Client, command: SwarmCommand) -> Result<()> {
             let mut spec = swarm.cluster.spec.clone();
             args.apply(&mut spec);
             let now_locked = spec.encryption_config.auto_lock_managers;
-            client.post_empty(&format!("/swarm/update?version={}", swarm.cluster.version.index), &spec).await?;
+            client.post_empty(&format!("/swarm/update?version={}", swarm.cluster.meta.version.index), &spec).await?;
             println!("Swarm updated.");
             if now_locked && !was_locked {
                 print_unlock_key(client, false).await?;
@@ -216,7 +216,8 @@ pub async fn run(client: &Client, command: SwarmCommand) -> Result<()> {
                 if !swarm.cluster.spec.encryption_config.auto_lock_managers {
                     bail!("cannot rotate because autolock is not turned on");
                 }
-                let path = format!("/swarm/update?version={}&rotateManagerUnlockKey=true", swarm.cluster.version.index);
+                let path =
+                    format!("/swarm/update?version={}&rotateManagerUnlockKey=true", swarm.cluster.meta.version.index);
                 client.post_empty(&path, &swarm.cluster.spec).await?;
                 if !quiet {
                     println!("Successfully rotated manager unlock key.\n");

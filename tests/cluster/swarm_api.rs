@@ -10,7 +10,7 @@ fn bad_input_gets_dockers_status_and_changes_nothing() {
     let lab = lab("e2eswarmapi", 1, 1);
     let api = lab.host("mgr1").unwrap().api();
     let before: Node = api.get("/nodes/wrk1").unwrap().json().unwrap();
-    let update = format!("/nodes/{}/update?version={}", before.id, before.version.index);
+    let update = format!("/nodes/{}/update?version={}", before.id, before.meta.version.index);
 
     // (what, path, body, status, words of the message)
     type Case<'a> = (&'a str, String, Option<Vec<u8>>, u16, &'a str);
@@ -21,7 +21,7 @@ fn bad_input_gets_dockers_status_and_changes_nothing() {
         ("unknown node", "/nodes/nosuchnode/update?version=1".into(), Some(b"{}".to_vec()), 404, "not found"),
         (
             "stale version",
-            format!("/nodes/{}/update?version={}", before.id, before.version.index - 1),
+            format!("/nodes/{}/update?version={}", before.id, before.meta.version.index - 1),
             Some(serde_json::to_vec(&before.spec).unwrap()),
             409,
             "update out of sequence",
@@ -39,7 +39,7 @@ fn bad_input_gets_dockers_status_and_changes_nothing() {
     let missing = api.get("/nodes/nosuchnode").unwrap();
     assert_eq!(missing.status, 404);
     let after: Node = api.get("/nodes/wrk1").unwrap().json().unwrap();
-    assert_eq!(after.version, before.version, "a refused request changed the node");
+    assert_eq!(after.meta.version, before.meta.version, "a refused request changed the node");
     assert_eq!(after.spec, before.spec);
 
     let worker = lab.host("wrk1").unwrap().api().get("/swarm").unwrap();

@@ -115,7 +115,7 @@ fn acknowledged_writes_survive_the_leader_stopping_and_starting() {
                 let Ok(node) = api.get("/nodes/wrk1").and_then(|r| r.json::<Node>()) else { continue };
                 let mut spec = node.spec.clone();
                 spec.annotations.labels.insert(format!("w{i}"), "acked".into());
-                let path = format!("/nodes/{}/update?version={}", node.id, node.version.index);
+                let path = format!("/nodes/{}/update?version={}", node.id, node.meta.version.index);
                 if api.post_json(&path, &spec).is_ok_and(|r| r.status == 200) {
                     acked.lock().unwrap().push(format!("w{i}"));
                 }

@@ -9,9 +9,12 @@ pub mod dataplane;
 pub mod error;
 pub mod info;
 pub mod mac;
+pub mod network;
 pub mod node;
+pub mod service;
 pub mod swarm;
 pub mod system;
+pub mod task;
 
 pub use error::ErrorResponse;
 

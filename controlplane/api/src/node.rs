@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::swarm::{Annotations, ObjectVersion, TlsInfo};
+use crate::swarm::{Annotations, Meta, TlsInfo};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -127,9 +127,8 @@ pub struct ManagerStatus {
 pub struct Node {
     #[serde(rename = "ID")]
     pub id: String,
-    pub version: ObjectVersion,
-    pub created_at: String,
-    pub updated_at: String,
+    #[serde(flatten)]
+    pub meta: Meta,
     pub spec: NodeSpec,
     pub description: NodeDescription,
     pub status: NodeStatus,

@@ -14,6 +14,19 @@ pub struct ObjectVersion {
     pub index: u64,
 }
 
+/// What the store stamps on every object it keeps (moby's `swarm.Meta`): the version (raft
+/// index of the last change) and when the object was created and last changed (RFC 3339).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Meta {
+    #[serde(default)]
+    pub version: ObjectVersion,
+    #[serde(default)]
+    pub created_at: String,
+    #[serde(default)]
+    pub updated_at: String,
+}
+
 /// Name and labels, embedded in every spec (moby's `Annotations`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -144,9 +157,8 @@ pub struct TlsInfo {
 pub struct ClusterInfo {
     #[serde(rename = "ID")]
     pub id: String,
-    pub version: ObjectVersion,
-    pub created_at: String,
-    pub updated_at: String,
+    #[serde(flatten)]
+    pub meta: Meta,
     pub spec: SwarmSpec,
     #[serde(rename = "TLSInfo")]
     pub tls_info: TlsInfo,

@@ -12,9 +12,9 @@ use axum::{
     routing::post,
     Extension, Json, Router,
 };
-use shoal_api::node::{Node, NodeRole, NodeSpec, NodeState, NodeStatus};
+use shoal_api::node::{ManagerStatus, Node, NodeRole, NodeSpec, NodeState, NodeStatus};
 use shoal_ca::{JoinToken, NodeIdentity, RootCa};
-use shoal_store::{transport::Peer, Op, RaftPeer};
+use shoal_store::{objects::node_replaceable, transport::Peer, Batch, Index, Kind, RaftPeer};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -57,9 +57,10 @@ async fn members_only(State(manager): State<Arc<Manager>>, mut req: Request, nex
         return (StatusCode::UNAUTHORIZED, Json(ErrorReply { message: "a node certificate is required".into() }))
             .into_response();
     };
-    let allowed = manager.store().shared().read(|s| {
-        !s.removed_nodes.contains(&peer.node_id) && s.cluster.as_ref().is_none_or(|c| c.info.id == peer.cluster_id)
-    });
+    let allowed = manager
+        .store()
+        .shared()
+        .read(|s| !s.removed_nodes.contains(&peer.node_id) && s.cluster().is_none_or(|c| c.info.id == peer.cluster_id));
     if !allowed {
         let message = format!("node {} is not a member of this swarm", peer.node_id);
         return (StatusCode::FORBIDDEN, Json(ErrorReply { message })).into_response();
@@ -72,8 +73,10 @@ async fn members_only(State(manager): State<Arc<Manager>>, mut req: Request, nex
 /// token grants, and a node object in the store.
 async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -> Result<Json<JoinReply>, SwarmError> {
     let store = manager.store();
-    let cluster =
-        store.shared().read(|s| s.cluster.clone()).ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+    let cluster = store
+        .shared()
+        .read(|s| s.cluster().map(|c| shoal_store::Cluster::clone(c)))
+        .ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
     let token: JoinToken = call.token.parse().map_err(|_| invalid_token())?;
     let matches = |stored: &str| stored.parse::<JoinToken>().is_ok_and(|t| t.same_secret(&token));
     let role = if matches(&cluster.manager_token) {
@@ -97,7 +100,19 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
         status: NodeStatus { state: NodeState::Ready, message: String::new(), addr: call.advertise_addr },
         ..Default::default()
     };
-    store.write(Op::AddNode { node: Box::new(node) }).await?;
+    // A machine that left (or died) and joins again replaces its old, down entry in the
+    // same transaction; a live node or a manager keeps its hostname (the create is refused).
+    let replaced = store.shared().read(|s| {
+        s.nodes
+            .find(Index::Name, &node.description.hostname)
+            .find(|n| node_replaceable(n))
+            .map(|n| (n.id.clone(), n.meta.version.index))
+    });
+    let mut batch = Batch::new();
+    if let Some((old, version)) = replaced {
+        batch = batch.delete(Kind::Node, old, Some(version));
+    }
+    store.write(batch.create(node)).await?;
     info!(node = %node_id, ?role, "node joined");
     Ok(Json(JoinReply {
         node_id,
@@ -126,10 +141,11 @@ async fn renew(
     Extension(Caller(caller)): Extension<Caller>,
     Json(call): Json<RenewCall>,
 ) -> Result<Json<RenewReply>, SwarmError> {
-    let (cluster, node) = manager.store().shared().read(|s| (s.cluster.clone(), s.nodes.get(&caller.node_id).cloned()));
+    let (cluster, node) =
+        manager.store().shared().read(|s| (s.cluster().cloned(), s.nodes.get(&caller.node_id).cloned()));
     let cluster = cluster.ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
     let node = node.ok_or_else(|| SwarmError::NotFound(format!("node {} not found", caller.node_id)))?;
-    let identity = NodeIdentity { node_id: node.id, role: node.spec.role, cluster_id: cluster.info.id.clone() };
+    let identity = NodeIdentity { node_id: node.id.clone(), role: node.spec.role, cluster_id: cluster.info.id.clone() };
     let root = RootCa::from_pem(&cluster.info.tls_info.trust_root, &cluster.root_key_pem)
         .map_err(|e| SwarmError::Internal(e.to_string()))?;
     let cert_pem = root
@@ -162,7 +178,14 @@ async fn raft_join(
     }
     let peer = RaftPeer { node_id: caller.node_id.clone(), addr: call.addr.clone() };
     manager.store().add_manager(call.raft_id, peer).await?;
-    manager.store().write(Op::SetManagerAddr { id: caller.node_id.clone(), addr: Some(call.addr) }).await?;
+    let status = ManagerStatus { addr: call.addr, ..Default::default() };
+    manager
+        .store()
+        .update::<Node>(&caller.node_id, |node| {
+            node.manager_status = Some(status.clone());
+            Ok(true)
+        })
+        .await?;
     info!(node = %caller.node_id, raft_id = call.raft_id, "manager joined raft");
     Ok(Json(()))
 }
@@ -173,10 +196,14 @@ async fn leave(
     State(manager): State<Arc<Manager>>,
     Extension(Caller(caller)): Extension<Caller>,
 ) -> Result<Json<()>, SwarmError> {
-    let addr = manager.store().shared().read(|s| s.nodes.get(&caller.node_id).map(|n| n.status.addr.clone()));
-    let addr = addr.ok_or_else(|| SwarmError::NotFound(format!("node {} not found", caller.node_id)))?;
-    let status = NodeStatus { state: NodeState::Down, message: "left the swarm".into(), addr };
-    manager.store().write(Op::SetNodeStatus { id: caller.node_id.clone(), status, description: None }).await?;
+    manager
+        .store()
+        .update::<Node>(&caller.node_id, |node| {
+            node.status =
+                NodeStatus { state: NodeState::Down, message: "left the swarm".into(), addr: node.status.addr.clone() };
+            Ok(true)
+        })
+        .await?;
     info!(node = %caller.node_id, "node left");
     Ok(Json(()))
 }

@@ -9,10 +9,9 @@ use std::{
 };
 
 use shoal_api::{
-    node::{NodeState, NodeStatus},
+    node::{Node, NodeState, NodeStatus},
     swarm::DEFAULT_HEARTBEAT_PERIOD_NS,
 };
-use shoal_store::Op;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -59,11 +58,14 @@ impl Dispatcher {
         let changed_description = call.description.as_ref().is_some_and(|d| *d != node.description);
         if node.status.state != NodeState::Ready || node.status.addr != call.addr || changed_description {
             info!(node = node_id, addr = %call.addr, "node ready");
+            let status = NodeStatus { state: NodeState::Ready, message: String::new(), addr: call.addr };
             store
-                .write(Op::SetNodeStatus {
-                    id: node_id.to_owned(),
-                    status: NodeStatus { state: NodeState::Ready, message: String::new(), addr: call.addr },
-                    description: call.description.map(Box::new),
+                .update::<Node>(node_id, |node| {
+                    node.status = status.clone();
+                    if let Some(description) = &call.description {
+                        node.description = description.clone();
+                    }
+                    Ok(true)
                 })
                 .await?;
         }
@@ -102,7 +104,7 @@ impl Dispatcher {
         let (period_ns, ready) = store.shared().read(|s| {
             let ready: Vec<(String, String)> = s
                 .nodes
-                .values()
+                .iter()
                 .filter(|n| n.status.state == NodeState::Ready)
                 .map(|n| (n.id.clone(), n.status.addr.clone()))
                 .collect();
@@ -115,11 +117,20 @@ impl Dispatcher {
         };
         for (id, addr) in silent {
             info!(node = %id, "no heartbeat for {grace:?}: node down");
+            // Re-checked against the node as it is when written: a heartbeat that marked it
+            // Ready after the read above wins, and is never overwritten with Down.
+            let heard_since = || {
+                let last_seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+                last_seen.get(&id).copied().unwrap_or(since).elapsed() <= grace
+            };
             store
-                .write(Op::SetNodeStatus {
-                    id,
-                    status: NodeStatus { state: NodeState::Down, message: "heartbeat failure".into(), addr },
-                    description: None,
+                .update::<Node>(&id, |node| {
+                    if node.status.state != NodeState::Ready || heard_since() {
+                        return Ok(false);
+                    }
+                    node.status =
+                        NodeStatus { state: NodeState::Down, message: "heartbeat failure".into(), addr: addr.clone() };
+                    Ok(true)
                 })
                 .await?;
         }
@@ -130,8 +141,7 @@ impl Dispatcher {
 /// The cluster's heartbeat period in nanoseconds (Swarm's default when unset).
 pub fn heartbeat_period_ns(state: &shoal_store::ClusterState) -> i64 {
     state
-        .cluster
-        .as_ref()
+        .cluster()
         .map(|c| c.info.spec.dispatcher.heartbeat_period)
         .filter(|p| *p > 0)
         .unwrap_or(DEFAULT_HEARTBEAT_PERIOD_NS)

@@ -63,6 +63,7 @@ impl SwarmError {
                 CommandError::NotFound { .. } => 404,
                 CommandError::OutOfSequence | CommandError::Conflict(_) => 409,
                 CommandError::FailedPrecondition(_) | CommandError::Invalid(_) => 400,
+                CommandError::UnsupportedFormat(_) => 500,
             },
             SwarmError::Write(WriteError::NoLeader | WriteError::Unavailable(_)) => 503,
             SwarmError::Internal(_) => 500,

@@ -4,19 +4,21 @@
 use std::sync::Arc;
 
 use shoal_ca::{DataKey, UnlockKey};
-use shoal_store::Change;
-use tokio::sync::{broadcast::error::RecvError, watch};
+use shoal_store::{Filter, Kind, WatchError};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{Manager, SwarmDir};
 
 pub async fn follow_autolock(manager: Arc<Manager>, dir: SwarmDir, data_key: DataKey, stopped: watch::Receiver<bool>) {
-    let mut changes = manager.store().shared().subscribe();
     let stop = crate::manager::until(stopped);
     tokio::pin!(stop);
     let mut current: Option<Option<String>> = None;
     loop {
-        let wanted = manager.store().shared().read(|s| s.cluster.as_ref().map(|c| c.unlock_key.clone()));
+        let (wanted, mut changes) = manager
+            .store()
+            .shared()
+            .view_and_watch(Filter::kinds(&[Kind::Cluster]), |s| s.cluster().map(|c| c.unlock_key.clone()));
         if let Some(wanted) = wanted {
             if current.as_ref() != Some(&wanted) {
                 match rewrap(&dir, &data_key, wanted.as_deref()) {
@@ -31,9 +33,9 @@ pub async fn follow_autolock(manager: Arc<Manager>, dir: SwarmDir, data_key: Dat
         tokio::select! {
             _ = &mut stop => return,
             change = changes.recv() => match change {
-                Ok(Change::Cluster | Change::All) | Err(RecvError::Lagged(_)) => {}
-                Ok(Change::Node(_)) => continue,
-                Err(RecvError::Closed) => return,
+                // Any change to the cluster (or a resync) is a reason to look again.
+                Ok(_) | Err(WatchError::Resync) => {}
+                Err(WatchError::Closed) => return,
             },
         }
     }

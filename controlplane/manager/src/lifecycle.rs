@@ -9,7 +9,7 @@ use shoal_api::{
     swarm::{ClusterInfo, InitRequest, JoinRequest, LocalNodeState, TlsInfo},
 };
 use shoal_ca::{tls::TlsMaterial, DataKey, JoinToken, NodeIdentity, NodeKey, RootCa, UnlockKey};
-use shoal_store::{Cluster, Op, RaftPeer};
+use shoal_store::{Batch, Cluster, RaftPeer};
 use tracing::{info, warn};
 
 use crate::{
@@ -111,7 +111,7 @@ impl Swarm {
             manager_status: Some(ManagerStatus { addr, ..Default::default() }),
             ..Default::default()
         };
-        manager.store().write(Op::CreateCluster { cluster: Box::new(cluster), first: Box::new(first) }).await?;
+        manager.store().write(Batch::new().create(cluster).create(first)).await?;
         info!(node = %node_id, "swarm initialized");
         Ok(node_id)
     }
@@ -133,15 +133,16 @@ impl Swarm {
         };
         let mut membership = view.membership.clone().ok_or(SwarmError::NotInSwarm)?;
         let mut state = manager.store().shared().read(|s| s.clone());
-        if state.cluster.is_none() {
+        if state.cluster().is_none() {
             return Err(SwarmError::InvalidArgument("this node's state holds no swarm to recover".into()));
         }
-        let unlock = state.cluster.as_ref().and_then(|c| c.unlock_key.as_deref()).map(str::parse::<UnlockKey>);
+        let unlock = state.cluster().and_then(|c| c.unlock_key.as_deref()).map(str::parse::<UnlockKey>);
         let data_key = self.dir.data_key(unlock.transpose().ok().flatten().as_ref())?.ok_or(SwarmError::Locked)?;
         self.deactivate().await;
 
         let addr = cluster_addr(&membership);
-        for node in state.nodes.values_mut() {
+        let nodes: Vec<_> = state.nodes.iter().map(|n| shoal_api::node::Node::clone(n)).collect();
+        for mut node in nodes {
             if node.id == membership.node_id {
                 node.status.state = NodeState::Ready;
                 node.manager_status = Some(ManagerStatus { addr: addr.clone(), ..Default::default() });
@@ -150,6 +151,7 @@ impl Swarm {
                 node.status.message = "not heard from since the cluster was re-created".into();
                 node.manager_status = None;
             }
+            state.nodes.insert(std::sync::Arc::new(node));
         }
         std::fs::remove_dir_all(self.dir.raft_dir())
             .map_err(|e| SwarmError::io("removing the old raft data".into(), e))?;
@@ -159,7 +161,7 @@ impl Swarm {
         self.activate(membership.clone(), Some(data_key)).await?;
         let manager = self.manager()?;
         manager.store().bootstrap(RaftPeer { node_id: membership.node_id.clone(), addr }).await?;
-        manager.store().write(Op::RestoreState { state: Box::new(state) }).await?;
+        manager.store().restore(state).await?;
         info!(node = %membership.node_id, "new cluster forced from this manager's state");
         Ok(membership.node_id)
     }

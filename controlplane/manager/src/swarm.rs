@@ -190,7 +190,7 @@ impl Swarm {
             manager.store().shared().read(|s| {
                 info.nodes = Some(s.nodes.len() as u64);
                 info.managers = Some(s.managers().count() as u64);
-                info.cluster = s.cluster.as_ref().map(|c| c.info.clone());
+                info.cluster = s.cluster().map(|c| c.info.clone());
             });
         }
         info

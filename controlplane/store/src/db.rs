@@ -1,9 +1,11 @@
 //! The embedded database under a manager's raft directory (redb): one table for the log,
-//! one for small records (vote, committed, purge point, snapshot). Every value is JSON sealed
-//! with the node's data key; every write transaction is committed durably (fsync) before it
-//! returns, so whatever raft acknowledges is on disk.
+//! one for records (vote, committed, purge point, the snapshot). Every value is sealed with
+//! the node's data key (log entries and small records as JSON, the snapshot as its own
+//! binary encoding); every write transaction is committed durably (fsync) before it returns,
+//! so whatever raft acknowledges is on disk. Every call blocks: async callers run them on
+//! the blocking pool (`blocking`), never on a runtime worker.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
@@ -17,7 +19,9 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 pub const VOTE: &str = "vote";
 pub const COMMITTED: &str = "committed";
 pub const LAST_PURGED: &str = "last_purged";
-pub const SNAPSHOT: &str = "snapshot";
+/// The snapshot's raft metadata (JSON) and its data (`codec`), written together.
+const SNAPSHOT_META: &str = "snapshot_meta";
+const SNAPSHOT_DATA: &str = "snapshot_data";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -28,6 +32,11 @@ pub enum DbError {
     Codec(#[from] serde_json::Error),
     #[error("sealing: {0}")]
     Seal(#[from] shoal_ca::CaError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] crate::codec::CodecError),
+    /// The blocking task running the work panicked or was cancelled.
+    #[error("database worker: {0}")]
+    Worker(String),
 }
 
 macro_rules! from_redb {
@@ -80,6 +89,30 @@ impl Db {
             return Ok(None);
         };
         Ok(Some(self.unseal(sealed.value())?))
+    }
+
+    /// Stores a snapshot (its metadata and data) in one durable transaction.
+    pub fn put_snapshot<T: Serialize>(&self, meta: &T, data: &[u8]) -> Result<(), DbError> {
+        let meta = self.seal(meta)?;
+        let data = self.key.seal(data)?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut records = tx.open_table(RECORDS)?;
+            records.insert(SNAPSHOT_META, meta.as_slice())?;
+            records.insert(SNAPSHOT_DATA, data.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The stored snapshot's metadata and data, if there is one.
+    pub fn snapshot<T: DeserializeOwned>(&self) -> Result<Option<(T, Vec<u8>)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(RECORDS)?;
+        let (Some(meta), Some(data)) = (table.get(SNAPSHOT_META)?, table.get(SNAPSHOT_DATA)?) else {
+            return Ok(None);
+        };
+        Ok(Some((self.unseal(meta.value())?, self.key.open(data.value())?)))
     }
 
     /// Writes entries `(index, value)` in one durable transaction.
@@ -135,4 +168,14 @@ impl Db {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Runs `work` on the database from the blocking pool: redb commits fsync, and a runtime
+/// worker stuck in one would stall every task scheduled on it (raft's timers included).
+pub async fn blocking<T: Send + 'static>(
+    db: &Arc<Db>,
+    work: impl FnOnce(&Db) -> Result<T, DbError> + Send + 'static,
+) -> Result<T, DbError> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || work(&db)).await.unwrap_or_else(|e| Err(DbError::Worker(e.to_string())))
 }

@@ -8,22 +8,36 @@
 //!   (sealed, in the same database) and announces every change on a watch channel.
 //! - `network`: raft RPCs to other managers over mutual TLS.
 //!
-//! `state` holds the objects and the pure `apply` of each `Command` (version checks and all),
-//! shared by every replica so they all decide alike. `raft` puts the pieces together.
+//! Around them, shaped like swarmkit's `manager/state/store`:
+//! - `objects`: the kinds of object (one file each: identity, indexes, invariants) and
+//!   `table`: one kind's objects with their indexes.
+//! - `command`: what a raft entry carries — a transaction (a batch of mutations over any
+//!   kinds, all or nothing) with its format version — and `state`: the pure `apply`.
+//! - `watch`: the event stream, with `view_and_watch` for a consistent start.
+//! - `codec`: the snapshot encoding. `raft` puts the pieces together.
 #![forbid(unsafe_code)]
 
+mod codec;
+pub mod command;
 mod db;
 pub mod log;
 pub mod network;
+pub mod objects;
 pub mod raft;
 pub mod state;
 pub mod state_machine;
+pub mod table;
 pub mod transport;
 mod types;
+pub mod watch;
 
+pub use command::{Batch, Command, Mutation};
+pub use objects::{Cluster, Index, Kind, Object, StoredObject};
 pub use raft::{now_rfc3339, ClusterStore, StoreConfig, WriteError};
-pub use state::{Cluster, ClusterState, Command, CommandError, Op};
-pub use types::{Applied, Change, RaftId, RaftPeer, TypeConfig};
+pub use state::{ClusterState, CommandError};
+pub use table::{ResolveError, Table};
+pub use types::{Applied, RaftId, RaftPeer, TypeConfig};
+pub use watch::{Action, Event, Filter, WatchError, Watcher};
 
 #[cfg(test)]
 mod suite_tests;

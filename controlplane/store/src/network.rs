@@ -24,8 +24,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shoal_api::node::NodeRole;
 
 use crate::{
+    command::Command,
     raft::{ClusterStore, WriteError},
-    state::Command,
     transport::Peer,
     types::{Applied, RaftId, RaftPeer, TypeConfig},
 };
@@ -130,7 +130,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<RaftId>, InstallSnapshotError> {
-        self.call("snapshot", &rpc, &option).await
+        let body = SnapshotChunk::encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let response = self
+            .client
+            .post(format!("https://{}/raft/snapshot", self.addr))
+            .timeout(option.hard_ttl())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        let reply: Result<InstallSnapshotResponse<RaftId>, RaftError<RaftId, InstallSnapshotError>> =
+            response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn vote(&mut self, rpc: VoteRequest<RaftId>, option: RPCOption) -> RpcResult<VoteResponse<RaftId>> {
@@ -160,8 +178,7 @@ async fn managers_only(State(store): State<Arc<ClusterStore>>, req: Request, nex
         return (StatusCode::FORBIDDEN, "only managers may call raft endpoints").into_response();
     }
     let refused = store.shared().read(|state| {
-        state.removed_nodes.contains(&peer.node_id)
-            || state.cluster.as_ref().is_some_and(|c| c.info.id != peer.cluster_id)
+        state.removed_nodes.contains(&peer.node_id) || state.cluster().is_some_and(|c| c.info.id != peer.cluster_id)
     });
     if refused {
         return (StatusCode::FORBIDDEN, "this node's certificate is no longer valid in the swarm").into_response();
@@ -183,11 +200,52 @@ async fn vote(
     Json(store.raft().vote(rpc).await)
 }
 
-async fn snapshot(
-    State(store): State<Arc<ClusterStore>>,
-    Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> Json<Result<InstallSnapshotResponse<RaftId>, RaftError<RaftId, InstallSnapshotError>>> {
-    Json(store.raft().install_snapshot(rpc).await)
+async fn snapshot(State(store): State<Arc<ClusterStore>>, body: axum::body::Bytes) -> Response {
+    match SnapshotChunk::decode(&body) {
+        Ok(rpc) => Json(store.raft().install_snapshot(rpc).await).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("snapshot chunk: {e}")).into_response(),
+    }
+}
+
+/// A snapshot chunk on the wire: the length of a JSON header (vote, metadata, offset,
+/// done), the header, then the chunk's bytes as they are — not a JSON array of numbers.
+struct SnapshotChunk;
+
+#[derive(Serialize, Deserialize)]
+struct ChunkHeader {
+    vote: openraft::Vote<RaftId>,
+    meta: openraft::SnapshotMeta<RaftId, RaftPeer>,
+    offset: u64,
+    done: bool,
+}
+
+impl SnapshotChunk {
+    fn encode(rpc: InstallSnapshotRequest<TypeConfig>) -> Result<Vec<u8>, serde_json::Error> {
+        let header =
+            serde_json::to_vec(&ChunkHeader { vote: rpc.vote, meta: rpc.meta, offset: rpc.offset, done: rpc.done })?;
+        let mut body = Vec::with_capacity(4 + header.len() + rpc.data.len());
+        body.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        body.extend_from_slice(&header);
+        body.extend_from_slice(&rpc.data);
+        Ok(body)
+    }
+
+    fn decode(body: &[u8]) -> Result<InstallSnapshotRequest<TypeConfig>, String> {
+        let (len, rest) = body.split_first_chunk::<4>().ok_or("too short")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err("header longer than the chunk".into());
+        }
+        let (header, data) = rest.split_at(len);
+        let header: ChunkHeader = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+        Ok(InstallSnapshotRequest {
+            vote: header.vote,
+            meta: header.meta,
+            offset: header.offset,
+            data: data.to_vec(),
+            done: header.done,
+        })
+    }
 }
 
 async fn forward(State(store): State<Arc<ClusterStore>>, Json(forward): Json<Forward>) -> Json<ForwardReply> {

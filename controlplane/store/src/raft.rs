@@ -1,6 +1,6 @@
 //! `ClusterStore`: one manager's replica — the raft node built from the log, the state
-//! machine and the network — with the operations the rest of the manager uses: write a
-//! command (forwarded to the leader when we are not it), read the state, watch changes,
+//! machine and the network — with the operations the rest of the manager uses: commit a
+//! transaction (forwarded to the leader when we are not it), read the state, watch changes,
 //! and change the set of managers.
 
 use std::{
@@ -19,10 +19,12 @@ use shoal_ca::DataKey;
 use tracing::info;
 
 use crate::{
+    command::{Batch, Command, Mutation},
     db::Db,
     log::LogStore,
     network::{Forward, Network},
-    state::{Command, CommandError, Op},
+    objects::StoredObject,
+    state::{ClusterState, CommandError},
     state_machine::{Shared, StateMachineStore},
     types::{Applied, RaftId, RaftPeer, TypeConfig},
 };
@@ -36,6 +38,17 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(6);
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const ELECTION_MIN: Duration = Duration::from_millis(1500);
 const ELECTION_MAX: Duration = Duration::from_millis(3000);
+/// One snapshot chunk (and, for the last, the follower's install of the whole state) may
+/// take this long: a 100k-task state is tens of MB to move, decode and persist on a loaded
+/// two-core machine. openraft's 200 ms default would never let a big snapshot land.
+const INSTALL_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Entries per AppendEntries: a transaction entry may carry thousands of objects, so keep
+/// a message well under the cluster port's size limit.
+const MAX_PAYLOAD_ENTRIES: u64 = 32;
+/// Mutations one transaction may carry (a larger change is split by its writer).
+pub const MAX_BATCH: usize = 5000;
+/// How often a read-modify-write is retried when another writer changed the object first.
+const UPDATE_ATTEMPTS: usize = 5;
 
 pub struct StoreConfig {
     /// Directory of the database (`<data-root>/swarm/raft`).
@@ -83,6 +96,8 @@ impl ClusterStore {
             election_timeout_max: ELECTION_MAX.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(2000),
             max_in_snapshot_log_to_keep: 500,
+            install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT.as_millis() as u64,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         }
         .validate()
@@ -121,9 +136,52 @@ impl ClusterStore {
         self.metrics().current_leader == Some(self.raft_id)
     }
 
-    /// Stamps `op` with the current time and commits it through the leader.
-    pub async fn write(&self, op: Op) -> Result<Applied, WriteError> {
-        let command = Command { at: now_rfc3339(), op };
+    /// Commits `batch` through the leader, stamped with the current time: every mutation or
+    /// none. The result's version is the entry's raft index, the new version of every
+    /// object the batch created or updated.
+    pub async fn write(&self, batch: Batch) -> Result<Applied, WriteError> {
+        if batch.len() > MAX_BATCH {
+            return Err(CommandError::Invalid(format!(
+                "a transaction may change at most {MAX_BATCH} objects ({} asked)",
+                batch.len()
+            ))
+            .into());
+        }
+        self.commit(Command::batch(now_rfc3339(), batch.0)).await
+    }
+
+    /// Replaces the whole state (`swarm init --force-new-cluster`'s first entry).
+    pub async fn restore(&self, state: ClusterState) -> Result<Applied, WriteError> {
+        self.commit(Command::restore(now_rfc3339(), state)).await
+    }
+
+    /// Read-modify-write of one object, swarmkit's `store.Update`: `change` edits a copy of
+    /// the current object and says whether there is anything to write; the write carries
+    /// the version read, and is re-done from a fresh read if another writer got there first.
+    /// `Ok(None)` when `change` found nothing to do.
+    pub async fn update<T: StoredObject>(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut T) -> Result<bool, CommandError>,
+    ) -> Result<Option<Applied>, WriteError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let current = self.shared.read(|s| T::table(s).get(id).cloned());
+            let current = current.ok_or_else(|| CommandError::NotFound { kind: T::KIND.to_string(), id: id.into() })?;
+            let version = current.meta().version.index;
+            let mut object = T::clone(&current);
+            if !change(&mut object)? {
+                return Ok(None);
+            }
+            let update = Mutation::Update { object: T::wrap(Arc::new(object)), version };
+            match self.write(Batch(vec![update])).await {
+                Err(WriteError::Refused(CommandError::OutOfSequence)) => continue,
+                other => return other.map(Some),
+            }
+        }
+        Err(CommandError::OutOfSequence.into())
+    }
+
+    async fn commit(&self, command: Command) -> Result<Applied, WriteError> {
         let applied = self.submit(Forward::Write(command)).await?;
         let applied = applied.ok_or_else(|| WriteError::Unavailable("the leader returned no result".into()))?;
         // Read-your-writes: a write forwarded to the leader is answered once this replica has

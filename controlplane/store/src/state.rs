@@ -1,91 +1,44 @@
-//! The replicated objects and the one place that changes them: `ClusterState::apply`.
+//! Every object of the cluster, one table per kind, and the one place that changes them:
+//! `ClusterState::apply`.
 //!
 //! Apply is pure — a function of the state, the command and the raft index — so every
-//! replica decides alike. Checks that depend on the state (the version a writer read, unique
-//! hostnames, the last manager) happen here, at apply time, where they cannot race.
+//! replica decides alike. The checks that depend on the state (the version a writer read,
+//! unique names, the last manager) happen here, at apply time, where they cannot race. A
+//! transaction is applied mutation by mutation, each checked against the state as the
+//! earlier ones left it; the first refusal undoes the ones before it, so a batch changes
+//! all or nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{collections::BTreeSet, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use shoal_api::{
-    node::{ManagerStatus, Node, NodeDescription, NodeRole, NodeSpec, NodeState, NodeStatus},
-    swarm::ClusterInfo,
+    network::Network,
+    node::{Node, NodeRole},
+    service::Service,
+    task::Task,
 };
 
-use crate::types::{Applied, Change};
-
-/// The swarm's own record: what `GET /swarm` shows plus the secrets only managers hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cluster {
-    pub info: ClusterInfo,
-    /// PEM of the root CA key (the whole store is sealed at rest).
-    pub root_key_pem: String,
-    pub worker_token: String,
-    pub manager_token: String,
-    /// `SWMKEY-1-...` while autolock is on.
-    pub unlock_key: Option<String>,
-}
+use crate::{
+    command::{Body, Command, Mutation},
+    objects::{with_object, Cluster, Index, Kind, Object, Rules, StoredObject},
+    table::Table,
+    types::Applied,
+    watch::{Action, Event},
+};
 
 /// Every object of the cluster.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Image", into = "Image")]
 pub struct ClusterState {
-    pub cluster: Option<Cluster>,
-    pub nodes: BTreeMap<String, Node>,
+    /// At most one: the swarm's record.
+    pub clusters: Table<Cluster>,
+    pub nodes: Table<Node>,
+    pub services: Table<Service>,
+    pub tasks: Table<Task>,
+    pub networks: Table<Network>,
     /// IDs of removed nodes: their certificates stay valid until they expire, so every
     /// endpoint refuses them by ID.
     pub removed_nodes: BTreeSet<String>,
-}
-
-/// One change to the cluster, with the time its proposer stamped on it (replicas must not
-/// read their own clocks while applying).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command {
-    /// RFC 3339 time of the proposal.
-    pub at: String,
-    pub op: Op,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Op {
-    /// The first entry of a new swarm: the cluster and its first manager.
-    CreateCluster {
-        cluster: Box<Cluster>,
-        first: Box<Node>,
-    },
-    /// Replaces the cluster record if `version` is still current.
-    UpdateCluster {
-        version: u64,
-        cluster: Box<Cluster>,
-    },
-    AddNode {
-        node: Box<Node>,
-    },
-    /// A user's change to a node (availability, labels, role) if `version` is still current.
-    UpdateNodeSpec {
-        id: String,
-        version: u64,
-        spec: NodeSpec,
-    },
-    /// What the dispatcher observed (heartbeats) or the node reported about itself.
-    SetNodeStatus {
-        id: String,
-        status: NodeStatus,
-        description: Option<Box<NodeDescription>>,
-    },
-    /// Marks a node as a raft member at `addr`, or not a member (`None`).
-    SetManagerAddr {
-        id: String,
-        addr: Option<String>,
-    },
-    RemoveNode {
-        id: String,
-        force: bool,
-    },
-    /// The first entry of a cluster re-created from a surviving manager's state
-    /// (`swarm init --force-new-cluster`): everything as it was.
-    RestoreState {
-        state: Box<ClusterState>,
-    },
 }
 
 /// Why a command was refused; nothing changed.
@@ -103,245 +56,230 @@ pub enum CommandError {
     FailedPrecondition(String),
     #[error("{0}")]
     Invalid(String),
+    /// The entry was written in a command format this replica does not know.
+    #[error("command format {0} is newer than this shoald understands (up to {max}): upgrade it", max = crate::command::FORMAT)]
+    UnsupportedFormat(u32),
+}
+
+/// How to take back one applied mutation.
+enum Undo {
+    /// Put back the object as it was (an update or a delete).
+    Restore(Object),
+    /// Remove an object the batch created.
+    Remove(Kind, String),
+    /// Forget a node ID the batch added to `removed_nodes`.
+    Unremove(String),
+}
+
+/// The outcome of applying one entry: the result for its writer and the events for
+/// watchers (none when refused; `Replaced` when the whole state was swapped).
+pub enum Outcome {
+    Applied(Result<Applied, CommandError>, Vec<Event>),
+    Replaced,
 }
 
 impl ClusterState {
-    /// Applies `command` at raft index `index`; returns the change to announce.
-    pub fn apply(&mut self, index: u64, command: Command) -> (Result<Applied, CommandError>, Option<Change>) {
+    /// The swarm's record, once the swarm exists.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.clusters.iter().next()
+    }
+
+    pub fn managers(&self) -> impl Iterator<Item = &Arc<Node>> {
+        self.nodes.find(Index::Role, "manager")
+    }
+
+    pub fn is_manager(node: &Node) -> bool {
+        node.spec.role == NodeRole::Manager
+    }
+
+    /// Applies `command` at raft index `index`.
+    pub fn apply(&mut self, index: u64, command: Command) -> Outcome {
         let at = command.at;
-        let result = match command.op {
-            Op::CreateCluster { cluster, first } => self.create_cluster(index, &at, *cluster, *first),
-            Op::UpdateCluster { version, cluster } => self.update_cluster(index, &at, version, *cluster),
-            Op::AddNode { node } => self.add_node(index, &at, *node),
-            Op::UpdateNodeSpec { id, version, spec } => self.update_node_spec(index, &at, &id, version, spec),
-            Op::SetNodeStatus { id, status, description } => self.with_node(index, &at, &id, |node| {
-                node.status = status;
-                if let Some(description) = description {
-                    node.description = *description;
-                }
-                Ok(())
-            }),
-            Op::SetManagerAddr { id, addr } => self.with_node(index, &at, &id, |node| {
-                node.manager_status = addr.map(|addr| ManagerStatus { addr, ..Default::default() });
-                Ok(())
-            }),
-            Op::RemoveNode { id, force } => self.remove_node(&id, force),
-            Op::RestoreState { state } => {
+        match command.body {
+            Body::Restore(state) => {
                 *self = *state;
-                Ok(Change::All)
+                Outcome::Replaced
             }
-        };
-        match result {
-            Ok(change) => (Ok(Applied { version: index }), Some(change)),
-            Err(e) => (Err(e), None),
+            Body::Unsupported(_) => Outcome::Applied(Err(CommandError::UnsupportedFormat(command.format)), Vec::new()),
+            Body::Batch(mutations) => {
+                let mut undo = Vec::with_capacity(mutations.len());
+                let mut events = Vec::with_capacity(mutations.len());
+                for mutation in mutations {
+                    match self.mutate(index, &at, mutation, &mut undo) {
+                        Ok(event) => events.push(event),
+                        Err(e) => {
+                            self.roll_back(undo);
+                            return Outcome::Applied(Err(e), Vec::new());
+                        }
+                    }
+                }
+                Outcome::Applied(Ok(Applied { version: index }), events)
+            }
         }
     }
 
-    pub fn managers(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.values().filter(|n| n.spec.role == NodeRole::Manager)
-    }
-
-    fn create_cluster(
+    fn mutate(
         &mut self,
         index: u64,
         at: &str,
-        mut cluster: Cluster,
-        mut first: Node,
-    ) -> Result<Change, CommandError> {
-        if self.cluster.is_some() {
-            return Err(CommandError::Conflict("this node is already part of a swarm".into()));
+        mutation: Mutation,
+        undo: &mut Vec<Undo>,
+    ) -> Result<Event, CommandError> {
+        match mutation {
+            Mutation::Create(object) => with_object!(object, o => self.create(index, at, o, undo)),
+            Mutation::Update { object, version } => with_object!(object, o => self.update(index, at, o, version, undo)),
+            Mutation::Delete { kind, id, version } => match kind {
+                Kind::Cluster => self.delete::<Cluster>(index, &id, version, undo),
+                Kind::Node => self.delete::<Node>(index, &id, version, undo),
+                Kind::Service => self.delete::<Service>(index, &id, version, undo),
+                Kind::Task => self.delete::<Task>(index, &id, version, undo),
+                Kind::Network => self.delete::<Network>(index, &id, version, undo),
+            },
         }
-        stamp_new(
-            &mut cluster.info.version.index,
-            &mut cluster.info.created_at,
-            &mut cluster.info.updated_at,
-            index,
-            at,
-        );
-        stamp_new(&mut first.version.index, &mut first.created_at, &mut first.updated_at, index, at);
-        self.nodes.insert(first.id.clone(), first);
-        self.cluster = Some(cluster);
-        Ok(Change::All)
     }
 
-    fn update_cluster(&mut self, index: u64, at: &str, version: u64, mut new: Cluster) -> Result<Change, CommandError> {
-        let current =
-            self.cluster.as_mut().ok_or(CommandError::NotFound { kind: "cluster".into(), id: "default".into() })?;
-        if current.info.version.index != version {
-            return Err(CommandError::OutOfSequence);
-        }
-        new.info.id = current.info.id.clone();
-        new.info.created_at = current.info.created_at.clone();
-        new.info.version.index = index;
-        new.info.updated_at = at.to_owned();
-        *current = new;
-        Ok(Change::Cluster)
-    }
-
-    fn add_node(&mut self, index: u64, at: &str, mut node: Node) -> Result<Change, CommandError> {
-        if self.removed_nodes.contains(&node.id) || self.nodes.contains_key(&node.id) {
-            return Err(CommandError::Conflict(format!("node {} already exists", node.id)));
-        }
-        let hostname = node.description.hostname.clone();
-        if let Some(other) = self.nodes.values().find(|n| n.description.hostname == hostname) {
-            // A machine that left (or died) and joins again replaces its old, down entry;
-            // a live node or a manager keeps its name.
-            let replaceable = other.status.state == NodeState::Down && other.spec.role == NodeRole::Worker;
-            if !replaceable {
-                return Err(CommandError::Conflict(format!(
-                    "a node with hostname {hostname} is already part of the swarm ({}): remove it first (docker node rm)",
-                    other.id
-                )));
-            }
-            let old = other.id.clone();
-            self.nodes.remove(&old);
-            self.removed_nodes.insert(old);
-        }
-        stamp_new(&mut node.version.index, &mut node.created_at, &mut node.updated_at, index, at);
-        let id = node.id.clone();
-        self.nodes.insert(id.clone(), node);
-        Ok(Change::All)
-    }
-
-    fn update_node_spec(
+    fn create<T: Rules>(
         &mut self,
         index: u64,
         at: &str,
-        id: &str,
+        new: Arc<T>,
+        undo: &mut Vec<Undo>,
+    ) -> Result<Event, CommandError> {
+        if new.id().is_empty() {
+            return Err(CommandError::Invalid(format!("a {} needs an ID", T::KIND)));
+        }
+        if T::table(self).get(new.id()).is_some() {
+            return Err(CommandError::Conflict(format!("{} {} already exists", T::KIND, new.id())));
+        }
+        T::check_create(self, &new)?;
+        let mut new = Arc::unwrap_or_clone(new);
+        let meta = new.meta_mut();
+        meta.version.index = index;
+        meta.created_at = at.to_owned();
+        meta.updated_at = at.to_owned();
+        let new = Arc::new(new);
+        T::table_mut(self).insert(new.clone());
+        undo.push(Undo::Remove(T::KIND, new.id().to_owned()));
+        Ok(Event { index, action: Action::Create, old: None, new: Some(T::wrap(new)) })
+    }
+
+    fn update<T: Rules>(
+        &mut self,
+        index: u64,
+        at: &str,
+        new: Arc<T>,
         version: u64,
-        spec: NodeSpec,
-    ) -> Result<Change, CommandError> {
-        let node = self.nodes.get(id).ok_or_else(|| not_found(id))?;
-        if node.version.index != version {
+        undo: &mut Vec<Undo>,
+    ) -> Result<Event, CommandError> {
+        let old = T::table(self).get(new.id()).cloned().ok_or_else(|| not_found(T::KIND, new.id()))?;
+        if old.meta().version.index != version {
             return Err(CommandError::OutOfSequence);
         }
-        if node.spec.role == NodeRole::Manager && spec.role == NodeRole::Worker && self.managers().count() == 1 {
-            return Err(CommandError::FailedPrecondition("attempting to demote the last manager of the swarm".into()));
-        }
-        self.with_node(index, at, id, |node| {
-            node.spec = spec;
-            Ok(())
-        })
+        T::check_update(self, &old, &new)?;
+        let mut new = Arc::unwrap_or_clone(new);
+        let meta = new.meta_mut();
+        meta.version.index = index;
+        meta.created_at = old.meta().created_at.clone();
+        meta.updated_at = at.to_owned();
+        let new = Arc::new(new);
+        T::table_mut(self).insert(new.clone());
+        undo.push(Undo::Restore(T::wrap(old.clone())));
+        Ok(Event { index, action: Action::Update, old: Some(T::wrap(old)), new: Some(T::wrap(new)) })
     }
 
-    fn remove_node(&mut self, id: &str, force: bool) -> Result<Change, CommandError> {
-        let node = self.nodes.get(id).ok_or_else(|| not_found(id))?;
-        if node.spec.role == NodeRole::Manager || node.manager_status.is_some() {
-            return Err(CommandError::FailedPrecondition(format!(
-                "node {id} is a cluster manager and is a member of the raft cluster. It must be demoted to worker before removal"
-            )));
-        }
-        if !force && node.status.state == NodeState::Ready {
-            return Err(CommandError::FailedPrecondition(format!("node {id} is not down and can't be removed")));
-        }
-        self.nodes.remove(id);
-        self.removed_nodes.insert(id.to_owned());
-        Ok(Change::Node(id.to_owned()))
-    }
-
-    fn with_node(
+    fn delete<T: Rules>(
         &mut self,
         index: u64,
-        at: &str,
         id: &str,
-        change: impl FnOnce(&mut Node) -> Result<(), CommandError>,
-    ) -> Result<Change, CommandError> {
-        let node = self.nodes.get_mut(id).ok_or_else(|| not_found(id))?;
-        change(node)?;
-        node.version.index = index;
-        node.updated_at = at.to_owned();
-        Ok(Change::Node(id.to_owned()))
+        version: Option<u64>,
+        undo: &mut Vec<Undo>,
+    ) -> Result<Event, CommandError> {
+        let old = T::table(self).get(id).cloned().ok_or_else(|| not_found(T::KIND, id))?;
+        if version.is_some_and(|v| v != old.meta().version.index) {
+            return Err(CommandError::OutOfSequence);
+        }
+        T::check_delete(self, &old)?;
+        T::table_mut(self).remove(id);
+        undo.push(Undo::Restore(T::wrap(old.clone())));
+        if T::KIND == Kind::Node && self.removed_nodes.insert(id.to_owned()) {
+            undo.push(Undo::Unremove(id.to_owned()));
+        }
+        Ok(Event { index, action: Action::Delete, old: Some(T::wrap(old)), new: None })
+    }
+
+    fn roll_back(&mut self, undo: Vec<Undo>) {
+        for step in undo.into_iter().rev() {
+            match step {
+                Undo::Restore(object) => with_object!(object, o => {
+                    put_back(self, o);
+                }),
+                Undo::Remove(kind, id) => match kind {
+                    Kind::Cluster => drop(self.clusters.remove(&id)),
+                    Kind::Node => drop(self.nodes.remove(&id)),
+                    Kind::Service => drop(self.services.remove(&id)),
+                    Kind::Task => drop(self.tasks.remove(&id)),
+                    Kind::Network => drop(self.networks.remove(&id)),
+                },
+                Undo::Unremove(id) => {
+                    self.removed_nodes.remove(&id);
+                }
+            }
+        }
     }
 }
 
-fn not_found(id: &str) -> CommandError {
-    CommandError::NotFound { kind: "node".into(), id: id.to_owned() }
+fn put_back<T: StoredObject>(state: &mut ClusterState, object: Arc<T>) {
+    T::table_mut(state).insert(object);
 }
 
-fn stamp_new(version: &mut u64, created: &mut String, updated: &mut String, index: u64, at: &str) {
-    *version = index;
-    *created = at.to_owned();
-    *updated = at.to_owned();
+fn not_found(kind: Kind, id: &str) -> CommandError {
+    CommandError::NotFound { kind: kind.to_string(), id: id.to_owned() }
+}
+
+/// The state as it is written out (snapshots, restores): each table as a list of its
+/// objects; the indexes are rebuilt on reading. Built from shared objects, so taking one is
+/// cheap and can be encoded away from the state's lock.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Image {
+    pub clusters: Vec<Arc<Cluster>>,
+    pub nodes: Vec<Arc<Node>>,
+    pub services: Vec<Arc<Service>>,
+    pub tasks: Vec<Arc<Task>>,
+    pub networks: Vec<Arc<Network>>,
+    pub removed_nodes: Vec<String>,
+}
+
+impl From<&ClusterState> for Image {
+    fn from(state: &ClusterState) -> Self {
+        Image {
+            clusters: state.clusters.iter().cloned().collect(),
+            nodes: state.nodes.iter().cloned().collect(),
+            services: state.services.iter().cloned().collect(),
+            tasks: state.tasks.iter().cloned().collect(),
+            networks: state.networks.iter().cloned().collect(),
+            removed_nodes: state.removed_nodes.iter().cloned().collect(),
+        }
+    }
+}
+
+impl From<ClusterState> for Image {
+    fn from(state: ClusterState) -> Self {
+        Image::from(&state)
+    }
+}
+
+impl From<Image> for ClusterState {
+    fn from(image: Image) -> Self {
+        ClusterState {
+            clusters: image.clusters.into_iter().collect(),
+            nodes: image.nodes.into_iter().collect(),
+            services: image.services.into_iter().collect(),
+            tasks: image.tasks.into_iter().collect(),
+            networks: image.networks.into_iter().collect(),
+            removed_nodes: image.removed_nodes.into_iter().collect(),
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use shoal_api::node::NodeAvailability;
-
-    use super::*;
-
-    const AT: &str = "2026-11-21T00:00:00Z";
-
-    fn node(id: &str, hostname: &str, role: NodeRole) -> Node {
-        let mut node = Node { id: id.into(), ..Default::default() };
-        node.description.hostname = hostname.into();
-        node.spec.role = role;
-        node.status.state = NodeState::Ready;
-        node
-    }
-
-    fn cmd(op: Op) -> Command {
-        Command { at: AT.into(), op }
-    }
-
-    fn swarm() -> ClusterState {
-        let mut state = ClusterState::default();
-        let (result, change) = state.apply(
-            1,
-            cmd(Op::CreateCluster { cluster: Box::default(), first: Box::new(node("m1", "mgr1", NodeRole::Manager)) }),
-        );
-        assert_eq!(result, Ok(Applied { version: 1 }));
-        assert_eq!(change, Some(Change::All));
-        state
-    }
-
-    #[test]
-    fn versions_are_raft_indexes_and_stale_writers_lose() {
-        let mut state = swarm();
-        state.apply(2, cmd(Op::AddNode { node: Box::new(node("w1", "wrk1", NodeRole::Worker)) })).0.unwrap();
-        assert_eq!(state.nodes["w1"].version.index, 2);
-        let spec = NodeSpec { availability: NodeAvailability::Drain, ..Default::default() };
-        let ok = state.apply(3, cmd(Op::UpdateNodeSpec { id: "w1".into(), version: 2, spec: spec.clone() }));
-        assert_eq!(ok.0, Ok(Applied { version: 3 }));
-        let stale = state.apply(4, cmd(Op::UpdateNodeSpec { id: "w1".into(), version: 2, spec }));
-        assert_eq!(stale.0, Err(CommandError::OutOfSequence));
-        assert_eq!(state.nodes["w1"].version.index, 3, "a refused command changes nothing");
-    }
-
-    #[test]
-    fn hostnames_are_unique_but_a_down_worker_is_replaced() {
-        let mut state = swarm();
-        let dup = state.apply(2, cmd(Op::AddNode { node: Box::new(node("x", "mgr1", NodeRole::Worker)) }));
-        assert!(matches!(dup.0, Err(CommandError::Conflict(_))));
-        assert!(!state.nodes.contains_key("x"));
-
-        let mut gone = node("w1", "wrk1", NodeRole::Worker);
-        gone.status.state = NodeState::Down;
-        state.apply(2, cmd(Op::AddNode { node: Box::new(gone) })).0.unwrap();
-        state.apply(3, cmd(Op::AddNode { node: Box::new(node("w2", "wrk1", NodeRole::Worker)) })).0.unwrap();
-        assert!(state.nodes.contains_key("w2") && !state.nodes.contains_key("w1"));
-        assert!(state.removed_nodes.contains("w1"), "the replaced node's certificate stops working");
-    }
-
-    #[test]
-    fn the_last_manager_cannot_be_demoted_or_removed() {
-        let mut state = swarm();
-        let demote = NodeSpec { role: NodeRole::Worker, ..Default::default() };
-        let refused = state.apply(2, cmd(Op::UpdateNodeSpec { id: "m1".into(), version: 1, spec: demote }));
-        assert!(matches!(refused.0, Err(CommandError::FailedPrecondition(_))));
-        let removed = state.apply(2, cmd(Op::RemoveNode { id: "m1".into(), force: true }));
-        assert!(matches!(removed.0, Err(CommandError::FailedPrecondition(_))));
-    }
-
-    #[test]
-    fn a_ready_node_needs_force_and_a_removed_id_never_comes_back() {
-        let mut state = swarm();
-        state.apply(2, cmd(Op::AddNode { node: Box::new(node("w1", "wrk1", NodeRole::Worker)) })).0.unwrap();
-        let refused = state.apply(3, cmd(Op::RemoveNode { id: "w1".into(), force: false }));
-        assert!(matches!(refused.0, Err(CommandError::FailedPrecondition(_))));
-        state.apply(3, cmd(Op::RemoveNode { id: "w1".into(), force: true })).0.unwrap();
-        assert!(state.removed_nodes.contains("w1"));
-        let again = state.apply(4, cmd(Op::AddNode { node: Box::new(node("w1", "wrk9", NodeRole::Worker)) }));
-        assert!(matches!(again.0, Err(CommandError::Conflict(_))));
-    }
-}
+mod tests;

@@ -1,7 +1,10 @@
 //! The state machine (openraft `RaftStateMachine`): applies committed commands to the
-//! in-memory `ClusterState`, builds and installs snapshots (persisted, sealed), and
-//! announces every change to watchers — the roles react to these instead of calling each
-//! other.
+//! in-memory `ClusterState`, hands each entry's events to the watchers, and builds and
+//! installs snapshots (binary, sealed, persisted).
+//!
+//! Snapshots are built from a copy of the state taken under the read lock (the objects are
+//! shared, so the copy is a list of pointers) and encoded and written with no lock held, on
+//! the blocking pool: applying goes on meanwhile.
 
 use std::{
     io::Cursor,
@@ -10,31 +13,28 @@ use std::{
 
 use openraft::{
     storage::{RaftStateMachine, Snapshot},
-    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
 };
-use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
 use crate::{
-    db::{Db, DbError, SNAPSHOT},
-    state::{ClusterState, CommandError},
-    types::{Applied, Change, RaftId, RaftPeer, TypeConfig},
+    codec,
+    db::{blocking, Db, DbError},
+    state::{ClusterState, CommandError, Image, Outcome},
+    types::{Applied, RaftId, RaftPeer, TypeConfig},
+    watch::{Filter, Hub, Watcher, WATCH_BUFFER},
 };
 
 type Result<T> = std::result::Result<T, StorageError<RaftId>>;
 type Membership = StoredMembership<RaftId, RaftPeer>;
 
-/// How many changes a slow watcher may fall behind before it must re-read everything.
-const WATCH_BUFFER: usize = 1024;
-
-/// What replicas have applied, readable by the rest of the manager.
+/// What this replica has applied, readable by the rest of the manager.
 pub struct Shared {
     applied: RwLock<AppliedState>,
-    changes: broadcast::Sender<Change>,
+    hub: Hub,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 struct AppliedState {
     last_applied: Option<LogId<RaftId>>,
     membership: Membership,
@@ -52,18 +52,24 @@ impl Shared {
         self.applied.read().unwrap_or_else(|p| p.into_inner()).membership.clone()
     }
 
-    /// Changes from now on. A receiver that lags gets `RecvError::Lagged` and should treat it
-    /// as `Change::All`.
-    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
+    /// The raft index of the last applied entry (0 before any).
+    pub fn last_applied(&self) -> u64 {
+        self.applied.read().unwrap_or_else(|p| p.into_inner()).last_applied.map_or(0, |l| l.index)
     }
-}
 
-/// A snapshot as stored: openraft's metadata plus the serialized state.
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<RaftId, RaftPeer>,
-    data: Vec<u8>,
+    /// Reads the state with `f` and returns a watch of every change after that read, so the
+    /// caller neither misses nor double-counts one (swarmkit's `ViewAndWatch`).
+    pub fn view_and_watch<T>(&self, filter: Filter, f: impl FnOnce(&ClusterState) -> T) -> (T, Watcher) {
+        let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
+        let view = f(&applied.state);
+        let after = applied.last_applied.map_or(0, |l| l.index);
+        (view, self.hub.subscribe(filter, after, WATCH_BUFFER))
+    }
+
+    /// A watch of every change from now on.
+    pub fn watch(&self, filter: Filter) -> Watcher {
+        self.view_and_watch(filter, |_| ()).1
+    }
 }
 
 #[derive(Clone)]
@@ -80,46 +86,43 @@ impl StateMachineStore {
     /// Starts from the last persisted snapshot, if any; raft re-applies the log after it.
     pub(crate) fn open(db: Arc<Db>) -> std::result::Result<Self, DbError> {
         let mut applied = AppliedState::default();
-        if let Some(snapshot) = db.record::<StoredSnapshot>(SNAPSHOT)? {
-            applied.state = serde_json::from_slice(&snapshot.data)?;
-            applied.last_applied = snapshot.meta.last_log_id;
-            applied.membership = snapshot.meta.last_membership;
+        if let Some((meta, data)) = db.snapshot::<SnapshotMeta<RaftId, RaftPeer>>()? {
+            applied.state = codec::decode(&data)?;
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership;
         }
-        let (changes, _) = broadcast::channel(WATCH_BUFFER);
-        Ok(StateMachineStore { db, shared: Arc::new(Shared { applied: RwLock::new(applied), changes }) })
+        Ok(StateMachineStore { db, shared: Arc::new(Shared { applied: RwLock::new(applied), hub: Hub::default() }) })
     }
 
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
     }
-
-    fn announce(&self, change: Change) {
-        // No watchers is fine: nobody to tell.
-        let _ = self.shared.changes.send(change);
-    }
-
-    fn snapshot_of(applied: &AppliedState) -> std::result::Result<StoredSnapshot, DbError> {
-        let data = serde_json::to_vec(&applied.state)?;
-        let id = applied.last_applied.map_or(0, |l| l.index);
-        Ok(StoredSnapshot {
-            meta: SnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.membership.clone(),
-                snapshot_id: format!("{id}-{}", applied.last_applied.map_or(0, |l| l.leader_id.term)),
-            },
-            data,
-        })
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let stored = {
+        let (image, last_applied, membership) = {
             let applied = self.shared.applied.read().unwrap_or_else(|p| p.into_inner());
-            Self::snapshot_of(&applied).map_err(io(StorageIOError::read_state_machine))?
+            (Image::from(&applied.state), applied.last_applied, applied.membership.clone())
         };
-        self.db.put_record(SNAPSHOT, &stored).map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
-        Ok(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id: format!(
+                "{}-{}",
+                last_applied.map_or(0, |l| l.index),
+                last_applied.map_or(0, |l| l.leader_id.term)
+            ),
+        };
+        let stored_meta = meta.clone();
+        let data = blocking(&self.db, move |db| {
+            let data = codec::encode(&image)?;
+            db.put_snapshot(&stored_meta, &data)?;
+            Ok(data)
+        })
+        .await
+        .map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -137,29 +140,44 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut results = Vec::new();
-        let mut changes = Vec::new();
-        {
-            let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
-            for entry in entries {
-                let index = entry.log_id.index;
-                applied.last_applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => results.push(Ok(Applied { version: index })),
-                    EntryPayload::Normal(command) => {
-                        let (result, change) = applied.state.apply(index, command);
-                        results.push(result);
-                        changes.extend(change);
-                    }
-                    EntryPayload::Membership(membership) => {
-                        applied.membership = StoredMembership::new(Some(entry.log_id), membership);
-                        results.push(Ok(Applied { version: index }));
-                        changes.push(Change::All);
+        let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
+        for entry in entries {
+            let index = entry.log_id.index;
+            match entry.payload {
+                EntryPayload::Blank => results.push(Ok(Applied { version: index })),
+                EntryPayload::Normal(command) => {
+                    let format = command.format;
+                    match applied.state.apply(index, command) {
+                        Outcome::Applied(Err(CommandError::UnsupportedFormat(_)), _) => {
+                            // Stop here, before this entry counts as applied: a replica that
+                            // skipped it would silently diverge from the others.
+                            let message = format!(
+                                "raft entry {index} is in command format {format}, newer than this shoald \
+                                 understands (up to {}): upgrade shoald on this manager",
+                                crate::command::FORMAT
+                            );
+                            tracing::error!("{message}");
+                            let error = AnyError::error(message);
+                            return Err(
+                                StorageIOError::new(ErrorSubject::Apply(entry.log_id), ErrorVerb::Read, error).into()
+                            );
+                        }
+                        Outcome::Applied(result, events) => {
+                            results.push(result);
+                            self.shared.hub.publish(events);
+                        }
+                        Outcome::Replaced => {
+                            results.push(Ok(Applied { version: index }));
+                            self.shared.hub.resync_all();
+                        }
                     }
                 }
+                EntryPayload::Membership(membership) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    results.push(Ok(Applied { version: index }));
+                }
             }
-        }
-        for change in changes {
-            self.announce(change);
+            applied.last_applied = Some(entry.log_id);
         }
         Ok(results)
     }
@@ -178,23 +196,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
         let data = snapshot.into_inner();
-        let state: ClusterState = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.db.put_record(SNAPSHOT, &stored).map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
-        {
-            let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
-            applied.state = state;
-            applied.last_applied = meta.last_log_id;
-            applied.membership = meta.last_membership.clone();
-        }
-        self.announce(Change::All);
+        let stored_meta = meta.clone();
+        let state = blocking(&self.db, move |db| {
+            let state = codec::decode(&data)?;
+            db.put_snapshot(&stored_meta, &data)?;
+            Ok(state)
+        })
+        .await
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
+        let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
+        applied.state = state;
+        applied.last_applied = meta.last_log_id;
+        applied.membership = meta.last_membership.clone();
+        self.shared.hub.resync_all();
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> =
-            self.db.record(SNAPSHOT).map_err(io(|e| StorageIOError::read_snapshot(None, e)))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let stored = blocking(&self.db, |db| db.snapshot::<SnapshotMeta<RaftId, RaftPeer>>())
+            .await
+            .map_err(io(|e| StorageIOError::read_snapshot(None, e)))?;
+        Ok(stored.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
+
+#[cfg(test)]
+mod tests;

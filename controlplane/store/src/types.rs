@@ -4,7 +4,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Command, CommandError};
+use crate::{command::Command, state::CommandError};
 
 /// A manager's raft member ID. Swarm node IDs are strings; raft wants a number, so each
 /// manager gets a random one at join and the membership maps it to the node (`RaftPeer`).
@@ -22,15 +22,6 @@ pub struct RaftPeer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     pub version: u64,
-}
-
-/// What changed, announced to watchers after each applied command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    Cluster,
-    Node(String),
-    /// Membership or a snapshot replaced everything.
-    All,
 }
 
 openraft::declare_raft_types!(

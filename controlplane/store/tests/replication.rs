@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use shoal_api::node::{Node, NodeRole, NodeSpec};
 use shoal_ca::{tls::TlsMaterial, DataKey, NodeIdentity, NodeKey, RootCa};
-use shoal_store::{network, transport, Cluster, ClusterStore, Op, RaftPeer, StoreConfig, WriteError};
+use shoal_store::{network, transport, Batch, Cluster, ClusterStore, RaftPeer, StoreConfig, WriteError};
 use tokio::{net::TcpListener, sync::oneshot};
 
 const CLUSTER: &str = "testcluster";
@@ -51,10 +51,17 @@ fn first_node() -> Node {
     node
 }
 
-fn label(key: &str, value: &str) -> NodeSpec {
+/// node1 as `m` holds it now.
+fn node1(m: &Manager) -> Node {
+    m.store.shared().read(|s| Node::clone(s.nodes.get("node1").expect("node1 exists")))
+}
+
+/// A transaction relabelling `node` if it is still at the version it was read at.
+fn relabel(node: &Node, key: &str, value: &str) -> Batch {
     let mut spec = NodeSpec { role: NodeRole::Manager, ..Default::default() };
     spec.annotations.labels = HashMap::from([(key.to_owned(), value.to_owned())]);
-    spec
+    let version = node.meta.version.index;
+    Batch::new().update(Node { spec, ..node.clone() }, version)
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -80,30 +87,20 @@ async fn three_managers_replicate_forward_and_survive_the_leader() {
     managers[0].store.bootstrap(managers[0].peer.clone()).await.unwrap();
     let mut cluster = Cluster::default();
     cluster.info.id = CLUSTER.into();
-    managers[0]
-        .store
-        .write(Op::CreateCluster { cluster: Box::new(cluster), first: Box::new(first_node()) })
-        .await
-        .unwrap();
+    managers[0].store.write(Batch::new().create(cluster).create(first_node())).await.unwrap();
     for i in 1..3 {
         let (id, peer) = (managers[i].store.raft_id(), managers[i].peer.clone());
         managers[0].store.add_manager(id, peer).await.unwrap();
     }
 
     // Run: a follower writes; the write is forwarded to the leader and lands everywhere.
-    let version = managers[0].store.shared().read(|s| s.nodes["node1"].version.index);
-    let applied = managers[2]
-        .store
-        .write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("zone", "secret-plaintext-label") })
-        .await
-        .unwrap();
+    let before = node1(&managers[0]);
+    let applied = managers[2].store.write(relabel(&before, "zone", "secret-plaintext-label")).await.unwrap();
     for m in &managers {
-        eventually("replication", || m.store.shared().read(|s| s.nodes["node1"].version.index == applied.version))
-            .await;
+        eventually("replication", || node1(m).meta.version.index == applied.version).await;
     }
     // A stale version is refused wherever it is sent.
-    let stale =
-        managers[1].store.write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("a", "b") }).await;
+    let stale = managers[1].store.write(relabel(&before, "a", "b")).await;
     assert!(matches!(stale, Err(WriteError::Refused(_))), "{stale:?}");
 
     // Check: the data on disk is sealed.
@@ -122,26 +119,16 @@ async fn three_managers_replicate_forward_and_survive_the_leader() {
         m.store.wait_for_leader(Duration::from_secs(10)).await.unwrap();
     }
     eventually("a new leader", || managers[0].store.metrics().current_leader.is_some_and(|l| l != leader)).await;
-    let version = managers[0].store.shared().read(|s| s.nodes["node1"].version.index);
-    managers[1]
-        .store
-        .write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("after", "failover") })
-        .await
-        .unwrap();
+    managers[1].store.write(relabel(&node1(&managers[0]), "after", "failover")).await.unwrap();
     for m in &managers {
-        eventually("replication after failover", || {
-            m.store.shared().read(|s| s.nodes["node1"].spec.annotations.labels.contains_key("after"))
-        })
-        .await;
+        eventually("replication after failover", || node1(m).spec.annotations.labels.contains_key("after")).await;
     }
 
     // Lose a second manager: one of three cannot reach a quorum and says so.
     let mut gone = managers.remove(0);
     gone.stop_server.take().unwrap().send(()).unwrap();
     gone.store.shutdown().await;
-    let version = managers[0].store.shared().read(|s| s.nodes["node1"].version.index);
-    let refused =
-        managers[0].store.write(Op::UpdateNodeSpec { id: "node1".into(), version, spec: label("x", "y") }).await;
+    let refused = managers[0].store.write(relabel(&node1(&managers[0]), "x", "y")).await;
     assert_eq!(refused, Err(WriteError::NoLeader));
     for m in managers {
         m.store.shutdown().await;

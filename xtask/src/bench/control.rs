@@ -71,7 +71,7 @@ fn write_label(api: &ApiClient, node: &str, key: &str) -> Result<bool> {
     let node: Node = api.get(&format!("/nodes/{node}"))?.json()?;
     let mut spec = node.spec.clone();
     spec.annotations.labels.insert(key.to_owned(), "1".into());
-    let response = api.post_json(&format!("/nodes/{}/update?version={}", node.id, node.version.index), &spec)?;
+    let response = api.post_json(&format!("/nodes/{}/update?version={}", node.id, node.meta.version.index), &spec)?;
     Ok(response.status == 200)
 }
 

@@ -2,7 +2,9 @@
 //! labels, role — a demotion also takes the node out of raft), remove.
 
 use shoal_api::node::{Node, NodeRole, NodeSpec, NodeState, Reachability};
-use shoal_store::{ClusterState, Op};
+use std::sync::Arc;
+
+use shoal_store::{Batch, ClusterState, CommandError, Kind, WriteError};
 
 use crate::{Manager, SwarmError};
 
@@ -22,7 +24,7 @@ pub fn list(manager: &Manager, filters: &NodeFilters) -> Vec<Node> {
     manager
         .store()
         .shared()
-        .read(|s| s.nodes.values().filter(|n| matches(n, filters)).map(|n| present(n, leader.as_deref())).collect())
+        .read(|s| s.nodes.iter().filter(|n| matches(n, filters)).map(|n| present(n, leader.as_deref())).collect())
 }
 
 fn matches(node: &Node, f: &NodeFilters) -> bool {
@@ -58,20 +60,8 @@ pub fn inspect(manager: &Manager, reference: &str) -> Result<Node, SwarmError> {
     manager.store().shared().read(|s| resolve(s, reference).map(|n| present(n, leader.as_deref())))
 }
 
-fn resolve<'a>(state: &'a ClusterState, reference: &str) -> Result<&'a Node, SwarmError> {
-    if let Some(node) = state.nodes.get(reference) {
-        return Ok(node);
-    }
-    let by_name: Vec<&Node> = state.nodes.values().filter(|n| n.description.hostname == reference).collect();
-    if by_name.len() == 1 {
-        return Ok(by_name[0]);
-    }
-    let by_prefix: Vec<&Node> = state.nodes.values().filter(|n| n.id.starts_with(reference)).collect();
-    match by_prefix.len() {
-        1 => Ok(by_prefix[0]),
-        0 => Err(SwarmError::NotFound(format!("node {reference} not found"))),
-        n => Err(SwarmError::NotFound(format!("node {reference} is ambiguous ({n} matches found)"))),
-    }
+fn resolve<'a>(state: &'a ClusterState, reference: &str) -> Result<&'a Arc<Node>, SwarmError> {
+    state.nodes.resolve(reference).map_err(|e| SwarmError::NotFound(e.to_string()))
 }
 
 /// `POST /nodes/{id}/update?version=N`.
@@ -88,17 +78,23 @@ pub async fn update(manager: &Manager, reference: &str, version: u64, spec: Node
             manager.store().remove_manager(raft_id).await?;
         }
     }
-    manager.store().write(Op::UpdateNodeSpec { id: node.id.clone(), version, spec }).await?;
+    let mut updated = Node::clone(&node);
+    updated.spec = spec;
     if demoted {
-        manager.store().write(Op::SetManagerAddr { id: node.id, addr: None }).await?;
+        updated.manager_status = None;
     }
+    manager.store().write(Batch::new().update(updated, version)).await?;
     Ok(())
 }
 
 /// `DELETE /nodes/{id}?force=`.
 pub async fn remove(manager: &Manager, reference: &str, force: bool) -> Result<(), SwarmError> {
-    let id = manager.store().shared().read(|s| resolve(s, reference).map(|n| n.id.clone()))?;
-    manager.store().write(Op::RemoveNode { id, force }).await?;
+    let node = manager.store().shared().read(|s| resolve(s, reference).cloned())?;
+    if !force && node.status.state == NodeState::Ready {
+        let refused = CommandError::FailedPrecondition(format!("node {} is not down and can't be removed", node.id));
+        return Err(WriteError::from(refused).into());
+    }
+    manager.store().write(Batch::new().delete(Kind::Node, node.id.clone(), Some(node.meta.version.index))).await?;
     Ok(())
 }
 
@@ -134,7 +130,7 @@ mod tests {
     fn resolves_by_id_prefix_and_hostname() {
         let mut state = ClusterState::default();
         for n in [node("abc1", "mgr1", NodeState::Ready, true), node("abd2", "wrk1", NodeState::Ready, false)] {
-            state.nodes.insert(n.id.clone(), n);
+            state.nodes.insert(Arc::new(n));
         }
         assert_eq!(resolve(&state, "abc1").unwrap().id, "abc1");
         assert_eq!(resolve(&state, "wrk1").unwrap().id, "abd2");

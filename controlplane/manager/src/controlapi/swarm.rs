@@ -5,7 +5,7 @@ use shoal_api::swarm::{
     JoinTokens, Swarm, SwarmSpec, DEFAULT_HEARTBEAT_PERIOD_NS, DEFAULT_NODE_CERT_EXPIRY_NS, DEFAULT_TASK_HISTORY_LIMIT,
 };
 use shoal_ca::{JoinToken, UnlockKey};
-use shoal_store::Op;
+use shoal_store::Batch;
 
 use crate::{Manager, SwarmError};
 
@@ -44,7 +44,7 @@ pub fn with_defaults(mut spec: SwarmSpec) -> SwarmSpec {
 /// `GET /swarm`.
 pub fn inspect(manager: &Manager) -> Result<Swarm, SwarmError> {
     manager.store().shared().read(|s| {
-        let cluster = s.cluster.as_ref().ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+        let cluster = s.cluster().ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
         Ok(Swarm {
             cluster: cluster.info.clone(),
             join_tokens: JoinTokens { worker: cluster.worker_token.clone(), manager: cluster.manager_token.clone() },
@@ -73,7 +73,7 @@ pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Ro
     let mut cluster = manager
         .store()
         .shared()
-        .read(|s| s.cluster.clone())
+        .read(|s| s.cluster().map(|c| shoal_store::Cluster::clone(c)))
         .ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
     let internal = |e: shoal_ca::CaError| SwarmError::Internal(e.to_string());
     let digest = shoal_ca::root::digest_of_pem(&cluster.info.tls_info.trust_root).map_err(internal)?;
@@ -90,14 +90,14 @@ pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Ro
         (true, _) => Some(UnlockKey::generate().map_err(internal)?.to_string()),
     };
     cluster.info.spec = spec;
-    manager.store().write(Op::UpdateCluster { version, cluster: Box::new(cluster) }).await?;
+    manager.store().write(Batch::new().update(cluster, version)).await?;
     Ok(())
 }
 
 /// `GET /swarm/unlockkey`: the key, or an empty one when autolock is off (as dockerd).
 pub fn unlock_key(manager: &Manager) -> Result<String, SwarmError> {
     manager.store().shared().read(|s| {
-        let cluster = s.cluster.as_ref().ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
+        let cluster = s.cluster().ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
         Ok(cluster.unlock_key.clone().unwrap_or_default())
     })
 }

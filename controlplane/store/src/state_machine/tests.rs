@@ -1,0 +1,76 @@
+//! The state machine: events reach watchers right after the view they started from, an
+//! entry of an unknown format stops applying before it, and snapshots round-trip.
+
+use openraft::{CommittedLeaderId, EntryPayload};
+use shoal_api::{node::Node, task::Task};
+
+use super::*;
+use crate::{
+    command::{Batch, Body, Command},
+    objects::Kind,
+    watch::{Filter, WatchError},
+};
+
+fn store() -> (tempfile::TempDir, StateMachineStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("raft.db"), shoal_ca::DataKey::generate().unwrap()).unwrap();
+    (dir, StateMachineStore::open(Arc::new(db)).unwrap())
+}
+
+fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
+    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) }
+}
+
+fn create_tasks(index: u64, ids: &[&str]) -> Entry<TypeConfig> {
+    let mut batch = Batch::new();
+    for id in ids {
+        batch = batch.create(Task { id: (*id).into(), service_id: "web".into(), ..Default::default() });
+    }
+    entry(index, Command::batch("t".into(), batch.0))
+}
+
+#[tokio::test]
+async fn view_and_watch_sees_each_change_once() {
+    let (_dir, mut sm) = store();
+    sm.apply([create_tasks(1, &["a", "b"])]).await.unwrap();
+    let shared = sm.shared();
+    let (seen, mut watcher) = shared.view_and_watch(Filter::kinds(&[Kind::Task]), |s| s.tasks.len());
+    assert_eq!((seen, watcher.after()), (2, 1));
+    sm.apply([
+        create_tasks(2, &["c"]),
+        entry(3, Command::batch("t".into(), Batch::new().create(Node { id: "n".into(), ..Default::default() }).0)),
+    ])
+    .await
+    .unwrap();
+    let event = watcher.recv().await.unwrap();
+    assert_eq!((event.index, event.id()), (2, "c"), "the first event is the first change after the view");
+    assert!(watcher.try_recv().is_none(), "the node event was filtered out");
+}
+
+#[tokio::test]
+async fn an_unknown_command_format_stops_the_state_machine_before_it() {
+    let (_dir, mut sm) = store();
+    let newer =
+        Command { format: crate::command::FORMAT + 1, at: "t".into(), body: Body::Unsupported(serde_json::json!({})) };
+    let error = sm.apply([create_tasks(1, &["a"]), entry(2, newer), create_tasks(3, &["b"])]).await.unwrap_err();
+    assert!(error.to_string().contains("command format 2"), "{error}");
+    let (last, _) = sm.applied_state().await.unwrap();
+    assert_eq!(last.map(|l| l.index), Some(1), "the unknown entry does not count as applied");
+    assert_eq!(sm.shared().read(|s| s.tasks.len()), 1);
+}
+
+#[tokio::test]
+async fn snapshots_round_trip_and_tell_watchers_to_resync() {
+    let (_dir, mut sm) = store();
+    sm.apply([create_tasks(1, &["a", "b", "c"])]).await.unwrap();
+    let snapshot = sm.build_snapshot().await.unwrap();
+    assert!(snapshot.snapshot.get_ref().starts_with(b"SHOALSNP"), "binary, not JSON");
+
+    let (_dir2, mut other) = store();
+    let mut watcher = other.shared().watch(Filter::all());
+    other.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
+    assert_eq!(other.shared().read(|s| s.tasks.count(crate::Index::Service, "web")), 3);
+    assert_eq!(watcher.recv().await.unwrap_err(), WatchError::Resync);
+    let current = other.get_current_snapshot().await.unwrap().expect("persisted");
+    assert_eq!(current.meta, snapshot.meta);
+}
