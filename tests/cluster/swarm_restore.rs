@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use shoal_tests::{docker_ok, eventually, lab, node_ls};
+use shoal_tests::{docker_ok, eventually, lab, leader, node_ls};
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
@@ -44,4 +44,37 @@ fn a_backup_of_a_manager_brings_the_swarm_back_with_force_new_cluster() {
         node_ls(&lab, "mgr1")?.into_iter().find(|r| r.hostname == "wrk1" && r.status == "Ready")
     });
     docker_ok(&lab, "mgr1", &["node", "update", "--label-add", "after=restore", "wrk1"]);
+}
+
+/// `--force-new-cluster` fences the old cluster: managers that come back with their old
+/// raft state (a higher term, a longer log, a quorum of the old membership between them)
+/// are refused by the new cluster, so they can neither depose its leader nor truncate its
+/// log, and what it wrote stands.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn old_managers_that_come_back_cannot_undo_force_new_cluster() {
+    let lab = lab("e2efence", 3, 1);
+    for m in ["mgr2", "mgr3"] {
+        lab.kill(m).unwrap();
+    }
+    let out = docker_ok(&lab, "mgr1", &["swarm", "init", "--force-new-cluster"]);
+    assert!(out.contains("Swarm initialized"), "{out}");
+    let mgr1_leads = || leader(&lab, "mgr1").is_some_and(|l| l == "mgr1");
+    eventually("mgr1 leading the new cluster", Duration::from_secs(20), || mgr1_leads().then_some(()));
+    docker_ok(&lab, "mgr1", &["node", "update", "--label-add", "fence0=new", "wrk1"]);
+
+    // The old managers come back, elect one of themselves in the old membership and try
+    // to bring mgr1 (still a member there) into line.
+    for m in ["mgr2", "mgr3"] {
+        lab.start(m).unwrap();
+    }
+    for i in 1..=8 {
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(mgr1_leads(), "mgr1 was deposed by a manager of the old cluster ({i})");
+        docker_ok(&lab, "mgr1", &["node", "update", "--label-add", &format!("fence{i}=new"), "wrk1"]);
+    }
+    let labels = docker_ok(&lab, "mgr1", &["node", "inspect", "wrk1", "--format", "{{json .Spec.Labels}}"]);
+    for i in 0..=8 {
+        assert!(labels.contains(&format!("fence{i}")), "write {i} of the new cluster lost: {labels}");
+    }
 }

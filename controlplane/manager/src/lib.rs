@@ -4,7 +4,9 @@
 //!   (init, join, leave, unlock, promote/demote, certificate renewal).
 //! - `manager`: a running manager — the replica (`shoal-store`), its cluster port
 //!   (`cluster_port`: raft, CA and dispatcher endpoints over mutual TLS) and its loops
-//!   (`dispatcher`: heartbeats and node liveness; `keys`: autolock re-wrapping).
+//!   (`dispatcher`: heartbeats; `keys`: autolock re-wrapping).
+//! - `leadership`: the leader-only roles' shape (`new(store)`, `run(cancel)`, pure
+//!   decisions) and their start and stop with leadership; `dispatcher::liveness` is one.
 //! - `session`: every node's heartbeats to the leader, role changes, renewals.
 //! - `controlapi`: what Engine API calls do with the store; `engine_api`: the HTTP routes.
 //! - `disk`: what a node keeps under `<data-root>/swarm`; `wire`: cluster-port messages.
@@ -19,6 +21,7 @@ mod dispatcher;
 pub mod engine_api;
 mod error;
 mod keys;
+mod leadership;
 mod lifecycle;
 mod manager;
 mod session;

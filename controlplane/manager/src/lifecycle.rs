@@ -133,6 +133,10 @@ impl Swarm {
         };
         let mut membership = view.membership.clone().ok_or(SwarmError::NotInSwarm)?;
         let mut state = manager.store().shared().read(|s| s.clone());
+        // Fence the old cluster: its members' raft IDs (ours included: we take a new one)
+        // are refused from now on, so old managers that come back cannot depose the new
+        // leader or truncate its log.
+        state.retired_raft_ids.extend(manager.members().into_iter().map(|(id, _)| id));
         if state.cluster().is_none() {
             return Err(SwarmError::InvalidArgument("this node's state holds no swarm to recover".into()));
         }

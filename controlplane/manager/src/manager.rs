@@ -9,7 +9,14 @@ use shoal_store::{ClusterStore, RaftPeer, StoreConfig};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::info;
 
-use crate::{cluster_port, disk::Membership, dispatcher::Dispatcher, keys, SwarmDir, SwarmError};
+use crate::{
+    cluster_port,
+    disk::Membership,
+    dispatcher::{Dispatcher, Liveness},
+    keys,
+    leadership::{self, RoleStarter},
+    SwarmDir, SwarmError,
+};
 
 pub struct Manager {
     store: Arc<ClusterStore>,
@@ -51,12 +58,18 @@ impl Manager {
         });
         let tasks = vec![
             tokio::spawn(cluster_port::serve(manager.clone(), listener, until(stopped.clone()))),
-            tokio::spawn(Dispatcher::run(manager.clone(), stopped.clone())),
+            tokio::spawn(leadership::run_while_leader(manager.store.clone(), manager.leader_roles(), stopped.clone())),
             tokio::spawn(keys::follow_autolock(manager.clone(), dir.clone(), data_key, stopped)),
         ];
         *manager.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         info!(node = %manager.node_id, addr = %manager.addr, raft_id, "manager started");
         Ok(manager)
+    }
+
+    /// The roles that run on the leader only, each built afresh per term of leadership.
+    fn leader_roles(&self) -> Vec<RoleStarter> {
+        let (store, heartbeats) = (self.store.clone(), self.dispatcher.heartbeats());
+        vec![leadership::starter(move || Liveness::new(store.clone(), heartbeats.clone()))]
     }
 
     pub fn store(&self) -> &Arc<ClusterStore> {

@@ -10,7 +10,7 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::post,
-    Json, Router,
+    Extension, Json, Router,
 };
 use openraft::{
     error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
@@ -22,6 +22,7 @@ use openraft::{
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shoal_api::node::NodeRole;
+use shoal_ca::NodeIdentity;
 
 use crate::{
     command::Command,
@@ -186,25 +187,85 @@ async fn managers_only(State(store): State<Arc<ClusterStore>>, req: Request, nex
     next.run(req).await
 }
 
+/// Why a raft message was refused although its sender holds a manager certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SenderError {
+    #[error("raft member {0} belongs to a cluster that was re-created with --force-new-cluster: this manager must leave the swarm and join again")]
+    Retired(RaftId),
+    #[error("node {node} may not speak for raft member {member}")]
+    Impersonation { node: String, member: RaftId },
+    #[error("raft member {member} is not a member of this cluster and node {node} is not one of its managers")]
+    Stranger { node: String, member: RaftId },
+}
+
+/// Whether the node in `peer`'s certificate may send raft messages as member `sender` (the
+/// leader or candidate the message names). A member known to this replica must be that
+/// very node; an unknown one (added after what this replica has seen) must at least be one
+/// of the cluster's managers; a replica that knows no members yet (a manager joining)
+/// hears its leader.
+pub fn check_sender(store: &ClusterStore, peer: &NodeIdentity, sender: RaftId) -> Result<(), SenderError> {
+    let (retired, is_manager) = store.shared().read(|s| {
+        let is_manager = s.nodes.get(&peer.node_id).is_some_and(|n| n.spec.role == NodeRole::Manager);
+        (s.retired_raft_ids.contains(&sender), is_manager)
+    });
+    if retired {
+        return Err(SenderError::Retired(sender));
+    }
+    let metrics = store.metrics();
+    let membership = metrics.membership_config.membership();
+    match membership.get_node(&sender) {
+        Some(member) if member.node_id == peer.node_id => Ok(()),
+        Some(_) => Err(SenderError::Impersonation { node: peer.node_id.clone(), member: sender }),
+        None if membership.nodes().next().is_none() || is_manager => Ok(()),
+        None => Err(SenderError::Stranger { node: peer.node_id.clone(), member: sender }),
+    }
+}
+
+/// Runs `check_sender` for a handler: the refusal to send back (403 naming the reason), if any.
+fn refusal(store: &ClusterStore, peer: &Peer, sender: RaftId) -> Option<Response> {
+    let Some(identity) = &peer.0 else {
+        return Some((StatusCode::UNAUTHORIZED, "a manager certificate is required").into_response());
+    };
+    let refused = check_sender(store, identity, sender).err()?;
+    tracing::warn!(node = %identity.node_id, member = sender, error = %refused, "raft message refused");
+    Some((StatusCode::FORBIDDEN, refused.to_string()).into_response())
+}
+
 async fn append(
     State(store): State<Arc<ClusterStore>>,
+    Extension(peer): Extension<Peer>,
     Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<RaftId>, RaftError<RaftId>>> {
-    Json(store.raft().append_entries(rpc).await)
+) -> Response {
+    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id) {
+        return refused;
+    }
+    Json(store.raft().append_entries(rpc).await).into_response()
 }
 
 async fn vote(
     State(store): State<Arc<ClusterStore>>,
+    Extension(peer): Extension<Peer>,
     Json(rpc): Json<VoteRequest<RaftId>>,
-) -> Json<Result<VoteResponse<RaftId>, RaftError<RaftId>>> {
-    Json(store.raft().vote(rpc).await)
+) -> Response {
+    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id) {
+        return refused;
+    }
+    Json(store.raft().vote(rpc).await).into_response()
 }
 
-async fn snapshot(State(store): State<Arc<ClusterStore>>, body: axum::body::Bytes) -> Response {
-    match SnapshotChunk::decode(&body) {
-        Ok(rpc) => Json(store.raft().install_snapshot(rpc).await).into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, format!("snapshot chunk: {e}")).into_response(),
+async fn snapshot(
+    State(store): State<Arc<ClusterStore>>,
+    Extension(peer): Extension<Peer>,
+    body: axum::body::Bytes,
+) -> Response {
+    let rpc = match SnapshotChunk::decode(&body) {
+        Ok(rpc) => rpc,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("snapshot chunk: {e}")).into_response(),
+    };
+    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id) {
+        return refused;
     }
+    Json(store.raft().install_snapshot(rpc).await).into_response()
 }
 
 /// A snapshot chunk on the wire: the length of a JSON header (vote, metadata, offset,

@@ -39,6 +39,10 @@ pub struct ClusterState {
     /// IDs of removed nodes: their certificates stay valid until they expire, so every
     /// endpoint refuses them by ID.
     pub removed_nodes: BTreeSet<String>,
+    /// Raft member IDs of a cluster this one replaced (`swarm init --force-new-cluster`):
+    /// the old managers, should they come back with their old raft state, are refused, so
+    /// they can neither depose the new leader nor truncate its log.
+    pub retired_raft_ids: BTreeSet<u64>,
 }
 
 /// Why a command was refused; nothing changed.
@@ -247,6 +251,8 @@ pub struct Image {
     pub tasks: Vec<Arc<Task>>,
     pub networks: Vec<Arc<Network>>,
     pub removed_nodes: Vec<String>,
+    #[serde(default)]
+    pub retired_raft_ids: Vec<u64>,
 }
 
 impl From<&ClusterState> for Image {
@@ -258,6 +264,7 @@ impl From<&ClusterState> for Image {
             tasks: state.tasks.iter().cloned().collect(),
             networks: state.networks.iter().cloned().collect(),
             removed_nodes: state.removed_nodes.iter().cloned().collect(),
+            retired_raft_ids: state.retired_raft_ids.iter().copied().collect(),
         }
     }
 }
@@ -277,6 +284,7 @@ impl From<Image> for ClusterState {
             tasks: image.tasks.into_iter().collect(),
             networks: image.networks.into_iter().collect(),
             removed_nodes: image.removed_nodes.into_iter().collect(),
+            retired_raft_ids: image.retired_raft_ids.into_iter().collect(),
         }
     }
 }

@@ -14,6 +14,8 @@ struct Manager {
     store: Arc<ClusterStore>,
     peer: RaftPeer,
     stop_server: Option<oneshot::Sender<()>>,
+    /// Dials the others with this manager's certificate.
+    client: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
@@ -26,11 +28,12 @@ async fn manager(root: &RootCa, n: u64) -> Manager {
         key_pem: key.to_pem().to_string(),
     };
     let dir = tempfile::tempdir().unwrap();
+    let client = transport::client(&material).unwrap();
     let store = ClusterStore::open(StoreConfig {
         dir: dir.path().join("raft"),
         data_key: DataKey::generate().unwrap(),
         raft_id: n,
-        client: transport::client(&material).unwrap(),
+        client: client.clone(),
     })
     .await
     .unwrap();
@@ -41,7 +44,7 @@ async fn manager(root: &RootCa, n: u64) -> Manager {
     tokio::spawn(transport::serve(listener, move || tls.clone(), network::routes(store.clone()), async {
         let _ = stopped.await;
     }));
-    Manager { store, peer: RaftPeer { node_id: identity.node_id, addr }, stop_server: Some(stop), _dir: dir }
+    Manager { store, peer: RaftPeer { node_id: identity.node_id, addr }, stop_server: Some(stop), client, _dir: dir }
 }
 
 fn first_node() -> Node {
@@ -102,6 +105,21 @@ async fn three_managers_replicate_forward_and_survive_the_leader() {
     // A stale version is refused wherever it is sent.
     let stale = managers[1].store.write(relabel(&before, "a", "b")).await;
     assert!(matches!(stale, Err(WriteError::Refused(_))), "{stale:?}");
+
+    // A manager may not speak for another member: node3's certificate asking for votes as
+    // member 1 (node1) is refused, and the leader stays.
+    let term = managers[0].store.metrics().current_term;
+    let forged = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 5, 1), None);
+    let reply = managers[2]
+        .client
+        .post(format!("https://{}/raft/vote", managers[1].peer.addr))
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), reqwest::StatusCode::FORBIDDEN);
+    assert!(reply.text().await.unwrap().contains("may not speak for raft member 1"));
+    assert_eq!(managers[1].store.metrics().current_term, term, "a forged vote changed nothing");
 
     // Check: the data on disk is sealed.
     for m in &managers {

@@ -211,6 +211,11 @@ impl Lab {
         shoald::stop(self.host(host)?)
     }
 
+    /// Kills `host`'s shoald with SIGKILL (a crash); keeps its data.
+    pub fn kill(&self, host: &str) -> Result<()> {
+        shoald::kill_now(self.host(host)?)
+    }
+
     /// Starts `host`'s shoald again on its existing data root.
     pub fn start(&self, host: &str) -> Result<u32> {
         shoald::start(self, self.host(host)?, &[])

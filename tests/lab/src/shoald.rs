@@ -86,6 +86,19 @@ pub fn stop(host: &Host) -> Result<()> {
     Ok(())
 }
 
+/// Kills `host`'s shoald at once (SIGKILL: no shutdown, no flush, as a crash or power
+/// loss of the process); keeps its data.
+pub fn kill_now(host: &Host) -> Result<()> {
+    if let Some(pid) = running_pid(host) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        if !wait_gone(pid, KILL_WAIT) {
+            bail!("{}: shoald (pid {pid}) did not exit after SIGKILL", host.name);
+        }
+    }
+    let _ = std::fs::remove_file(&host.pid_file);
+    Ok(())
+}
+
 /// Ends a process the lab started: SIGTERM, then SIGKILL after `grace`. Returns whether it
 /// is gone (a process stuck in the kernel may outlive even SIGKILL for a while).
 pub fn stop_pid(pid: u32, grace: Duration) -> bool {
