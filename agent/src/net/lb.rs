@@ -12,8 +12,8 @@ use std::{
 
 use shoal_api::dataplane::{DataplaneSpec, Protocol, PublishMode, ServiceVip};
 use shoal_common::lb::{
-    Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_PRIME, MAGLEV_SLOTS, PROTO_TCP,
-    PROTO_UDP, SOCKET_VNI,
+    Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_PRIME,
+    MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP, SOCKET_VNI,
 };
 
 use crate::net::NetError;
@@ -145,10 +145,54 @@ pub fn maglev(backends: &[(String, u32)]) -> MaglevTable {
             }
         }
     }
+    break_long_runs(&mut slots[..MAGLEV_PRIME]);
     for extra in MAGLEV_PRIME..MAGLEV_SLOTS {
         slots[extra] = slots[extra - MAGLEV_PRIME];
     }
     MaglevTable { slots }
+}
+
+/// The longest run of one backend a table may hold (cyclically, over its `MAGLEV_PRIME`
+/// slots). The TC path probes `HAIRPIN_PROBES` slots from the flow's for a backend other
+/// than the client; near the end of the table those probes wrap through the repeated
+/// slots and see as few as `HAIRPIN_PROBES - 3` distinct ones, so runs must stay shorter
+/// than that for the probes always to find another backend.
+pub const MAX_RUN: usize = HAIRPIN_PROBES - 4;
+
+/// Breaks every run of one backend longer than `MAX_RUN` by swapping a slot of the run with
+/// the nearest slot of another backend that sits between two slots not of the run's
+/// backend. Swaps keep every backend's share; the result is a function of the table alone,
+/// so every node still builds the same one. Maglev alone gives runs of 8 and more
+/// (six backends: 1 flow in ~300 from one of them was balanced back to itself and lost).
+fn break_long_runs(slots: &mut [u32]) {
+    let n = slots.len();
+    if slots.iter().all(|s| *s == slots[0]) {
+        return;
+    }
+    let at = |slots: &[u32], i: usize| slots[i % n];
+    // Each pass fixes every run it meets; a swap can lengthen a neighbouring run of the
+    // other backend by one, which a later pass fixes. Tables converge in a pass or two.
+    for _ in 0..16 {
+        let mut changed = false;
+        for start in 0..n {
+            let backend = slots[start];
+            if (1..=MAX_RUN).any(|k| at(slots, start + k) != backend) {
+                continue;
+            }
+            let inside = (start + MAX_RUN) % n;
+            let quiet =
+                |q: usize| at(slots, q) != backend && at(slots, q + n - 1) != backend && at(slots, q + 1) != backend;
+            let far = (1..n).map(|d| (inside + d) % n);
+            let other = far.clone().find(|q| quiet(*q)).or_else(|| far.clone().find(|q| slots[*q] != backend));
+            if let Some(q) = other {
+                slots.swap(inside, q);
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
+    }
 }
 
 fn fnv64(bytes: &[u8], basis: u64) -> u64 {
@@ -177,6 +221,41 @@ mod tests {
             assert!((330..=350).contains(&share), "backend {id} has {share} of {MAGLEV_PRIME}");
         }
         assert_eq!(table.slots[MAGLEV_PRIME..], table.slots[..MAGLEV_SLOTS - MAGLEV_PRIME]);
+    }
+
+    /// Whether every window the TC path probes (from any slot, wrapping) holds two backends.
+    fn probes_always_find_another(table: &MaglevTable) -> bool {
+        (0..MAGLEV_SLOTS).all(|first| {
+            let window: Vec<u32> = (0..HAIRPIN_PROBES).map(|k| table.slots[(first + k) & (MAGLEV_SLOTS - 1)]).collect();
+            window.iter().any(|b| *b != window[0])
+        })
+    }
+
+    #[test]
+    fn a_client_that_is_a_backend_always_finds_another_within_the_probes() {
+        // The demo's six backends: plain Maglev gave 10.78.0.12 a run of 9 slots, so 1 flow
+        // in ~300 from that workload was balanced back to itself and lost.
+        let demo: Vec<(String, u32)> = (11..=16).map(|i| (format!("10.78.0.{i}:8080"), i)).collect();
+        assert!(probes_always_find_another(&maglev(&demo)));
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..300 {
+            let count = 2 + round % 40;
+            let set: Vec<(String, u32)> = (0..count)
+                .map(|i| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (
+                        format!("10.{}.{}.{}:{}", seed >> 56, (seed >> 48) & 255, (seed >> 40) & 255, seed & 0xffff),
+                        i + 1,
+                    )
+                })
+                .collect();
+            let table = maglev(&set);
+            assert!(probes_always_find_another(&table), "round {round}: {count} backends");
+            let longest = (0..MAGLEV_PRIME)
+                .map(|s| (0..).take_while(|k| table.slots[(s + k) % MAGLEV_PRIME] == table.slots[s]).count())
+                .max();
+            assert!(longest <= Some(MAX_RUN), "round {round}: a run of {longest:?}");
+        }
     }
 
     #[test]

@@ -9,6 +9,13 @@ pub const MAGLEV_PRIME: usize = 1021;
 /// past `MAGLEV_PRIME` repeat the first ones.
 pub const MAGLEV_SLOTS: usize = 1024;
 
+/// Consecutive slots (from the flow's, wrapping at `MAGLEV_SLOTS`) the TC path tries to find
+/// a backend other than the client itself: a packet balanced back to its sender would come
+/// into its namespace with its own address as source, which the kernel drops as martian.
+/// The agent builds every table so that any `HAIRPIN_PROBES` such slots hold at least two
+/// backends (when the service has two).
+pub const HAIRPIN_PROBES: usize = 8;
+
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use shoal_common::{
-    lb::{FlowKey, NatEntry, ServiceKey, MAGLEV_SLOTS, NAT_RETURN_VIA_NODE, PROTO_TCP, PROTO_UDP},
+    lb::{FlowKey, NatEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_SLOTS, NAT_RETURN_VIA_NODE, PROTO_TCP, PROTO_UDP},
     stats::{DROP_MALFORMED, DROP_NAT, DROP_NO_BACKEND, LB_NEW_FLOW, LB_REVERSE_NAT, LB_TRACKED},
 };
 
@@ -17,9 +17,6 @@ use crate::{
     maps::{lookup, lookup_lru, BACKENDS, CONNTRACK, MAGLEV, SERVICES},
     stats::count,
 };
-
-/// Slots tried to find a backend other than the client itself.
-const HAIRPIN_PROBES: usize = 8;
 
 /// IPv4 header without options: the only shape balanced (offsets stay constant for the
 /// verifier).

@@ -34,7 +34,9 @@ pub use cgroups::command as cgroup_command;
 pub use cmd::{run, run_ok};
 pub use netns::{command as netns_command, in_netns};
 pub use teardown::down;
-pub use workload::{ping, tcp_exchange, Conversation, TextServer, UdpClient, UdpTextServer, Workload};
+pub use workload::{
+    ping, tcp_exchange, tcp_exchange_from, Conversation, TextServer, UdpClient, UdpTextServer, Workload,
+};
 
 /// Lab name used by `cargo xtask lab` when none is given.
 pub const DEFAULT_LAB: &str = "shoal";

@@ -251,17 +251,46 @@ impl Conversation {
 
 /// From inside `netns`: connects to `addr:port`, sends `message` and returns the reply line.
 pub fn tcp_exchange(netns: &str, addr: Ipv4Addr, port: u16, message: &str) -> Result<String> {
-    use std::io::{BufRead, BufReader, Write};
     let message = message.to_owned();
     crate::in_netns(netns, move || -> Result<String> {
-        let timeout = std::time::Duration::from_secs(3);
-        let stream = std::net::TcpStream::connect_timeout(&(addr, port).into(), timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        writeln!(&stream, "{message}")?;
-        let mut reply = String::new();
-        BufReader::new(&stream).read_line(&mut reply)?;
-        Ok(reply.trim_end().to_owned())
+        let stream = std::net::TcpStream::connect_timeout(&(addr, port).into(), EXCHANGE_TIMEOUT)?;
+        say_and_hear(stream, &message)
     })?
+}
+
+/// How long an exchange may take to connect, and then to answer.
+const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Like `tcp_exchange`, from the fixed source address and port `from` (a flow whose hash is
+/// known, to hit one slot of a balancer's table).
+pub fn tcp_exchange_from(
+    netns: &str,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    message: &str,
+) -> Result<String> {
+    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let message = message.to_owned();
+    crate::in_netns(netns, move || -> Result<String> {
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        // connect() honours the send timeout (Linux).
+        let timeout = nix::sys::time::TimeVal::new(EXCHANGE_TIMEOUT.as_secs() as i64, 0);
+        setsockopt(&fd, sockopt::SendTimeout, &timeout)?;
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(from))?;
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))
+            .with_context(|| format!("connecting {from} -> {to}"))?;
+        say_and_hear(std::net::TcpStream::from(fd), &message)
+    })?
+}
+
+fn say_and_hear(stream: std::net::TcpStream, message: &str) -> Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+    writeln!(&stream, "{message}")?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    Ok(reply.trim_end().to_owned())
 }
 
 /// From inside `netns`: `busybox ping -c count` to `addr`; returns how many replies came back.
