@@ -11,12 +11,18 @@ use serde::{de::Error as _, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{
     objects::{Kind, Object},
-    state::ClusterState,
+    state::{ClusterState, CommandError},
 };
 
 /// The command format this build writes and the newest it can apply. Bump it whenever a
 /// `Body` or `Mutation` variant is added or changes meaning.
 pub const FORMAT: u32 = 1;
+
+/// Mutations one transaction may carry (a larger change is split by its writer).
+pub const MAX_BATCH: usize = 5000;
+/// The most a transaction may weigh in the log (JSON), so that every entry fits in one raft
+/// message (`network::MAX_MESSAGE`) with room to spare.
+pub const MAX_ENTRY_BYTES: usize = crate::network::MAX_MESSAGE / 4;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {
@@ -54,6 +60,49 @@ impl Command {
 
     pub fn restore(at: String, state: ClusterState) -> Self {
         Command { format: FORMAT, at, body: Body::Restore(Box::new(state)) }
+    }
+
+    /// Whether the leader may put this command in the log. Checked where the entry is
+    /// proposed, also for commands forwarded by other managers: an entry of a format this
+    /// build cannot apply would, once committed, stop every replica that cannot either
+    /// (a newer follower's write forwarded to an older leader during an upgrade).
+    pub fn admissible(&self) -> Result<(), CommandError> {
+        if self.format != FORMAT || matches!(self.body, Body::Unsupported(_)) {
+            return Err(CommandError::UnsupportedFormat(self.format));
+        }
+        let Body::Batch(mutations) = &self.body else { return Ok(()) };
+        if mutations.len() > MAX_BATCH {
+            return Err(CommandError::Invalid(format!(
+                "a transaction may change at most {MAX_BATCH} objects ({} asked)",
+                mutations.len()
+            )));
+        }
+        // Small transactions cannot come near the bound; weigh only the big ones.
+        if mutations.len() > 64 {
+            let mut weight = Weight(0);
+            serde_json::to_writer(&mut weight, self).map_err(|e| CommandError::Invalid(e.to_string()))?;
+            if weight.0 > MAX_ENTRY_BYTES {
+                return Err(CommandError::Invalid(format!(
+                    "a transaction may weigh at most {MAX_ENTRY_BYTES} bytes ({} asked): split it",
+                    weight.0
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts the bytes written to it.
+struct Weight(usize);
+
+impl std::io::Write for Weight {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

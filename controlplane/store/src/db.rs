@@ -91,18 +91,30 @@ impl Db {
         Ok(Some(self.unseal(sealed.value())?))
     }
 
-    /// Stores a snapshot (its metadata and data) in one durable transaction.
-    pub fn put_snapshot<T: Serialize>(&self, meta: &T, data: &[u8]) -> Result<(), DbError> {
-        let meta = self.seal(meta)?;
+    /// Stores a snapshot (its metadata and data) in one durable transaction, unless the one
+    /// stored is not `older` than it: a snapshot built from an older state can finish after
+    /// a newer one was installed (openraft builds in a task of its own), and must not
+    /// replace it — the log before the newer one is already purged.
+    pub fn put_snapshot<T: Serialize + DeserializeOwned>(
+        &self,
+        meta: &T,
+        data: &[u8],
+        older: impl Fn(&T) -> bool,
+    ) -> Result<bool, DbError> {
+        let sealed_meta = self.seal(meta)?;
         let data = self.key.seal(data)?;
         let tx = self.db.begin_write()?;
         {
             let mut records = tx.open_table(RECORDS)?;
-            records.insert(SNAPSHOT_META, meta.as_slice())?;
+            let stored = records.get(SNAPSHOT_META)?.map(|m| self.unseal::<T>(m.value())).transpose()?;
+            if stored.is_some_and(|stored| !older(&stored)) {
+                return Ok(false);
+            }
+            records.insert(SNAPSHOT_META, sealed_meta.as_slice())?;
             records.insert(SNAPSHOT_DATA, data.as_slice())?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(true)
     }
 
     /// The stored snapshot's metadata and data, if there is one.

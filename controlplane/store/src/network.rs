@@ -13,7 +13,7 @@ use axum::{
     Extension, Json, Router,
 };
 use openraft::{
-    error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
+    error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable},
     network::{RPCOption, RaftNetwork, RaftNetworkFactory},
     raft::{
         AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Largest raft message accepted (snapshots travel in chunks well below this).
-const MAX_MESSAGE: usize = 64 << 20;
+pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// A write a follower hands to the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,11 +96,21 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: DeserializeOwned + std::error::Error,
     {
+        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send(path, body, option).await
+    }
+
+    async fn send<Resp, E>(&self, path: &str, body: Vec<u8>, option: &RPCOption) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: DeserializeOwned + std::error::Error,
+    {
         let response = self
             .client
             .post(format!("https://{}/raft/{path}", self.addr))
             .timeout(option.hard_ttl())
-            .json(req)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
             .send()
             .await
             .map_err(|e| {
@@ -123,7 +133,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<RaftId>> {
-        self.call("append", &rpc, &option).await
+        let body = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // Too big for the receiver: openraft sends fewer entries at a time when told so
+        // (every single entry fits: `ClusterStore::write` bounds them).
+        if body.len() > MAX_MESSAGE && rpc.entries.len() > 1 {
+            return Err(PayloadTooLarge::new_entries_hint(rpc.entries.len() as u64 / 2).into());
+        }
+        self.send("append", body, &option).await
     }
 
     async fn install_snapshot(
@@ -164,6 +180,7 @@ pub fn routes(store: Arc<ClusterStore>) -> Router {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/forward", post(forward))
+        .layer(Extension(Arc::new(std::sync::Mutex::new(Reception::default()))))
         .layer(DefaultBodyLimit::max(MAX_MESSAGE))
         .layer(middleware::from_fn_with_state(store.clone(), managers_only))
         .with_state(store)
@@ -256,6 +273,7 @@ async fn vote(
 async fn snapshot(
     State(store): State<Arc<ClusterStore>>,
     Extension(peer): Extension<Peer>,
+    Extension(reception): Extension<Arc<std::sync::Mutex<Reception>>>,
     body: axum::body::Bytes,
 ) -> Response {
     let rpc = match SnapshotChunk::decode(&body) {
@@ -265,7 +283,44 @@ async fn snapshot(
     if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id) {
         return refused;
     }
+    let accepted = reception.lock().unwrap_or_else(|p| p.into_inner()).accept(&rpc);
+    if let Err(e) = accepted {
+        return (StatusCode::BAD_REQUEST, format!("snapshot chunk: {e}")).into_response();
+    }
     Json(store.raft().install_snapshot(rpc).await).into_response()
+}
+
+/// Largest snapshot a manager accepts (a 100k-task state is tens of MB).
+const MAX_SNAPSHOT: u64 = 1 << 30;
+
+/// The snapshot being received: chunks must come in order, each where the last ended (or
+/// the last again), and the whole stay under `MAX_SNAPSHOT` (openraft would otherwise seek
+/// to any offset a sender names and zero-fill the gap in memory).
+#[derive(Default)]
+struct Reception {
+    snapshot_id: String,
+    /// Where the last chunk began (a sender whose answer was lost sends it again).
+    last: u64,
+    next: u64,
+}
+
+impl Reception {
+    fn accept(&mut self, rpc: &InstallSnapshotRequest<TypeConfig>) -> Result<(), String> {
+        if rpc.offset == 0 {
+            self.snapshot_id = rpc.meta.snapshot_id.clone();
+        } else if rpc.meta.snapshot_id != self.snapshot_id || (rpc.offset != self.next && rpc.offset != self.last) {
+            return Err(format!(
+                "chunk of snapshot {} at offset {}, expected offset {} of snapshot {}",
+                rpc.meta.snapshot_id, rpc.offset, self.next, self.snapshot_id
+            ));
+        }
+        let end = rpc.offset + rpc.data.len() as u64;
+        if end > MAX_SNAPSHOT {
+            return Err(format!("a snapshot may hold at most {MAX_SNAPSHOT} bytes"));
+        }
+        (self.last, self.next) = (rpc.offset, end);
+        Ok(())
+    }
 }
 
 /// A snapshot chunk on the wire: the length of a JSON header (vote, metadata, offset,
@@ -311,4 +366,29 @@ impl SnapshotChunk {
 
 async fn forward(State(store): State<Arc<ClusterStore>>, Json(forward): Json<Forward>) -> Json<ForwardReply> {
     Json(store.execute_as_leader(forward).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{SnapshotMeta, Vote};
+
+    use super::*;
+
+    fn chunk(id: &str, offset: u64, len: usize) -> InstallSnapshotRequest<TypeConfig> {
+        let meta = SnapshotMeta { snapshot_id: id.into(), ..Default::default() };
+        InstallSnapshotRequest { vote: Vote::new(1, 1), meta, offset, data: vec![0; len], done: false }
+    }
+
+    #[test]
+    fn snapshot_chunks_come_in_order_and_within_bounds() {
+        let mut reception = Reception::default();
+        assert!(reception.accept(&chunk("s1", 0, 10)).is_ok());
+        assert!(reception.accept(&chunk("s1", 10, 10)).is_ok());
+        assert!(reception.accept(&chunk("s1", 10, 10)).is_ok(), "the last chunk again (its answer was lost)");
+        assert!(reception.accept(&chunk("s1", 1 << 40, 1)).is_err(), "a jump that would zero-fill memory");
+        assert!(reception.accept(&chunk("s2", 20, 1)).is_err(), "another snapshot's chunk mid-way");
+        assert!(reception.accept(&chunk("s1", 20, 10)).is_ok());
+        let mut nearly_full = Reception { snapshot_id: "s3".into(), last: 0, next: MAX_SNAPSHOT - 10 };
+        assert!(nearly_full.accept(&chunk("s3", MAX_SNAPSHOT - 10, 11)).is_err(), "past the size limit");
+    }
 }

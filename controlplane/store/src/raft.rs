@@ -45,8 +45,6 @@ const INSTALL_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Entries per AppendEntries: a transaction entry may carry thousands of objects, so keep
 /// a message well under the cluster port's size limit.
 const MAX_PAYLOAD_ENTRIES: u64 = 32;
-/// Mutations one transaction may carry (a larger change is split by its writer).
-pub const MAX_BATCH: usize = 5000;
 /// How often a read-modify-write is retried when another writer changed the object first.
 const UPDATE_ATTEMPTS: usize = 5;
 
@@ -140,14 +138,20 @@ impl ClusterStore {
     /// none. The result's version is the entry's raft index, the new version of every
     /// object the batch created or updated.
     pub async fn write(&self, batch: Batch) -> Result<Applied, WriteError> {
-        if batch.len() > MAX_BATCH {
-            return Err(CommandError::Invalid(format!(
-                "a transaction may change at most {MAX_BATCH} objects ({} asked)",
-                batch.len()
-            ))
-            .into());
-        }
+        self.shared.read(|s| stale_update(s, &batch))?;
         self.commit(Command::batch(now_rfc3339(), batch.0)).await
+    }
+
+    /// Like `write`, only if this replica leads (never forwarded): for leader-only roles,
+    /// whose decisions rest on what this manager saw while leading.
+    pub async fn write_as_leader(&self, batch: Batch) -> Result<Applied, WriteError> {
+        self.shared.read(|s| stale_update(s, &batch))?;
+        let forward = Forward::Write(Command::batch(now_rfc3339(), batch.0));
+        match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
+            Err(_) | Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
+            Ok(Err(Local::Failed(e))) => Err(e),
+            Ok(Ok(applied)) => applied.ok_or_else(|| WriteError::Unavailable("raft returned no result".into())),
+        }
     }
 
     /// Replaces the whole state (`swarm init --force-new-cluster`'s first entry).
@@ -174,7 +178,12 @@ impl ClusterStore {
             }
             let update = Mutation::Update { object: T::wrap(Arc::new(object)), version };
             match self.write(Batch(vec![update])).await {
-                Err(WriteError::Refused(CommandError::OutOfSequence)) => continue,
+                // Another writer got there first: wait until this replica shows its change
+                // (a follower may not have applied it yet) and start again from there.
+                Err(WriteError::Refused(CommandError::OutOfSequence)) => {
+                    self.wait_for_change::<T>(id, version).await;
+                    continue;
+                }
                 other => return other.map(Some),
             }
         }
@@ -189,6 +198,20 @@ impl ClusterStore {
         // in a row on a follower must not fail with a stale version).
         self.wait_applied(applied.version).await;
         Ok(applied)
+    }
+
+    /// Waits (bounded) until this replica holds object `id` at a version other than `version`.
+    async fn wait_for_change<T: StoredObject>(&self, id: &str, version: u64) {
+        let mut metrics = self.raft.metrics();
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            loop {
+                let now = self.shared.read(|s| T::table(s).get(id).map(|o| o.meta().version.index));
+                if now != Some(version) || metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// Waits (bounded) until this replica has applied the entry at `index`.
@@ -243,7 +266,10 @@ impl ClusterStore {
 
     async fn try_local(&self, forward: &Forward) -> Result<Option<Applied>, Local> {
         let result = match forward {
-            Forward::Write(command) => self.raft.client_write(command.clone()).await.map(|r| Some(r.data)),
+            Forward::Write(command) => {
+                command.admissible().map_err(|e| Local::Failed(e.into()))?;
+                self.raft.client_write(command.clone()).await.map(|r| Some(r.data))
+            }
             Forward::AddManager { id, peer } => {
                 let added = self.raft.add_learner(*id, peer.clone(), true).await;
                 match added {
@@ -296,6 +322,23 @@ impl ClusterStore {
         }
         info!(raft_id = self.raft_id, "cluster store closed");
     }
+}
+
+/// An update whose writer read an older version than this replica already holds is refused
+/// here, without a raft entry: versions only grow, so it would be refused at apply time too.
+/// (A replica that lags cannot tell; apply time decides then.)
+fn stale_update(state: &ClusterState, batch: &Batch) -> Result<(), CommandError> {
+    for mutation in &batch.0 {
+        let (kind, id, version) = match mutation {
+            Mutation::Update { object, version } => (object.kind(), object.id(), *version),
+            Mutation::Delete { kind, id, version: Some(version) } => (*kind, id.as_str(), *version),
+            _ => continue,
+        };
+        if state.version_of(kind, id).is_some_and(|current| current > version) {
+            return Err(CommandError::OutOfSequence);
+        }
+    }
+    Ok(())
 }
 
 enum Local {

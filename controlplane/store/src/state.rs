@@ -92,6 +92,20 @@ impl ClusterState {
         self.nodes.find(Index::Role, "manager")
     }
 
+    /// The version of object `id` of `kind`, if there is one.
+    pub fn version_of(&self, kind: Kind, id: &str) -> Option<u64> {
+        fn of<T: StoredObject>(table: &Table<T>, id: &str) -> Option<u64> {
+            table.get(id).map(|o| o.meta().version.index)
+        }
+        match kind {
+            Kind::Cluster => of(&self.clusters, id),
+            Kind::Node => of(&self.nodes, id),
+            Kind::Service => of(&self.services, id),
+            Kind::Task => of(&self.tasks, id),
+            Kind::Network => of(&self.networks, id),
+        }
+    }
+
     pub fn is_manager(node: &Node) -> bool {
         node.spec.role == NodeRole::Manager
     }
@@ -102,6 +116,7 @@ impl ClusterState {
         match command.body {
             Body::Restore(state) => {
                 *self = *state;
+                self.restamp(index);
                 Outcome::Replaced
             }
             Body::Unsupported(_) => Outcome::Applied(Err(CommandError::UnsupportedFormat(command.format)), Vec::new()),
@@ -209,6 +224,25 @@ impl ClusterState {
             undo.push(Undo::Unremove(id.to_owned()));
         }
         Ok(Event { index, action: Action::Delete, old: Some(T::wrap(old)), new: None })
+    }
+
+    /// Gives every object the version `index`: restored objects carry versions from the
+    /// old cluster's log, which the new log will reach again, and a writer holding such a
+    /// number must not match an object changed since.
+    fn restamp(&mut self, index: u64) {
+        fn restamp<T: StoredObject>(table: &mut Table<T>, index: u64) {
+            let objects: Vec<Arc<T>> = table.iter().cloned().collect();
+            for object in objects {
+                let mut object = Arc::unwrap_or_clone(object);
+                object.meta_mut().version.index = index;
+                table.insert(Arc::new(object));
+            }
+        }
+        restamp(&mut self.clusters, index);
+        restamp(&mut self.nodes, index);
+        restamp(&mut self.services, index);
+        restamp(&mut self.tasks, index);
+        restamp(&mut self.networks, index);
     }
 
     fn roll_back(&mut self, undo: Vec<Undo>) {

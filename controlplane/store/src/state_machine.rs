@@ -117,7 +117,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let stored_meta = meta.clone();
         let data = blocking(&self.db, move |db| {
             let data = codec::encode(&image)?;
-            db.put_snapshot(&stored_meta, &data)?;
+            db.put_snapshot(&stored_meta, &data, |stored| stored.last_log_id < stored_meta.last_log_id)?;
             Ok(data)
         })
         .await
@@ -199,16 +199,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let stored_meta = meta.clone();
         let state = blocking(&self.db, move |db| {
             let state = codec::decode(&data)?;
-            db.put_snapshot(&stored_meta, &data)?;
+            db.put_snapshot(&stored_meta, &data, |stored| stored.last_log_id <= stored_meta.last_log_id)?;
             Ok(state)
         })
         .await
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
-        let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
-        applied.state = state;
-        applied.last_applied = meta.last_log_id;
-        applied.membership = meta.last_membership.clone();
-        self.shared.hub.resync_all();
+        let replaced = {
+            let mut applied = self.shared.applied.write().unwrap_or_else(|p| p.into_inner());
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership.clone();
+            self.shared.hub.resync_all();
+            std::mem::replace(&mut applied.state, state)
+        };
+        // Freeing a big state takes a while: not under the lock.
+        drop(replaced);
         Ok(())
     }
 

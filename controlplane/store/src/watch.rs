@@ -152,6 +152,10 @@ impl Hub {
         let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         subscribers.retain(|s| {
+            // A dropped watcher whose filter matches nothing here would otherwise stay forever.
+            if s.events.is_closed() {
+                return false;
+            }
             for event in events.iter().filter(|e| s.filter.matches(e)) {
                 match s.events.try_send(event.clone()) {
                     Ok(()) => {}

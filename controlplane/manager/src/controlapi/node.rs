@@ -67,6 +67,10 @@ fn resolve<'a>(state: &'a ClusterState, reference: &str) -> Result<&'a Arc<Node>
 /// `POST /nodes/{id}/update?version=N`.
 pub async fn update(manager: &Manager, reference: &str, version: u64, spec: NodeSpec) -> Result<(), SwarmError> {
     let node = manager.store().shared().read(|s| resolve(s, reference).cloned())?;
+    if node.meta.version.index != version {
+        // Before anything changes: a stale demotion must not take the node out of raft.
+        return Err(WriteError::from(CommandError::OutOfSequence).into());
+    }
     let demoted = node.spec.role == NodeRole::Manager && spec.role == NodeRole::Worker;
     if demoted {
         let managers = manager.store().shared().read(|s| s.managers().count());

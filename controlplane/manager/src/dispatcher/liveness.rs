@@ -45,7 +45,7 @@ impl Liveness {
             }
             info!(node = %node.id, "no heartbeat for {grace:?}: node down");
             let version = node.meta.version.index;
-            match self.store.write(Batch::new().update(node, version)).await {
+            match self.store.write_as_leader(Batch::new().update(node, version)).await {
                 Ok(_) | Err(WriteError::Refused(CommandError::OutOfSequence | CommandError::NotFound { .. })) => {}
                 Err(e) => return Err(e),
             }

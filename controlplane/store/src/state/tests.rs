@@ -171,3 +171,34 @@ fn a_newer_format_is_refused_without_a_change() {
     }
     assert_eq!(state, before);
 }
+
+#[test]
+fn a_restore_gives_every_object_the_restore_entry_as_version() {
+    let mut old = swarm();
+    assert!(apply(&mut old, 40, Batch::new().create(task("t1", "s1", 1))).0.is_ok());
+    let mut state = ClusterState::default();
+    assert!(matches!(state.apply(3, Command::restore(AT.into(), old)), Outcome::Replaced));
+    // A writer holding version 40 from the old cluster must not match once the new log
+    // reaches index 40 again.
+    assert_eq!(state.version_of(Kind::Task, "t1"), Some(3));
+    assert_eq!(state.version_of(Kind::Node, "m1"), Some(3));
+}
+
+#[test]
+fn the_leader_admits_only_commands_it_can_apply() {
+    let mut command = Command::batch(AT.into(), Batch::new().create(task("t", "s", 1)).0);
+    assert_eq!(command.admissible(), Ok(()));
+    command.format = crate::command::FORMAT + 1;
+    assert_eq!(command.admissible(), Err(CommandError::UnsupportedFormat(crate::command::FORMAT + 1)));
+    let too_many = (0..=crate::command::MAX_BATCH).map(|i| Mutation::Create(task(&i.to_string(), "s", 1).into()));
+    let command = Command::batch(AT.into(), too_many.collect());
+    assert!(matches!(command.admissible(), Err(CommandError::Invalid(m)) if m.contains("at most 5000")));
+    let heavy = Task {
+        id: "x".into(),
+        annotations: shoal_api::swarm::Annotations { name: "x".repeat(1 << 20), ..Default::default() },
+        ..Default::default()
+    };
+    let heavy = (0..100).map(|i| Mutation::Create(Task { id: i.to_string(), ..heavy.clone() }.into()));
+    let command = Command::batch(AT.into(), heavy.collect());
+    assert!(matches!(command.admissible(), Err(CommandError::Invalid(m)) if m.contains("weigh at most")));
+}

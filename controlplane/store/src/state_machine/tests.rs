@@ -74,3 +74,18 @@ async fn snapshots_round_trip_and_tell_watchers_to_resync() {
     let current = other.get_current_snapshot().await.unwrap().expect("persisted");
     assert_eq!(current.meta, snapshot.meta);
 }
+
+#[tokio::test]
+async fn a_snapshot_built_from_an_older_state_never_replaces_a_newer_one() {
+    let (_dir, mut sm) = store();
+    sm.apply([create_tasks(1, &["a"])]).await.unwrap();
+    let old = sm.build_snapshot().await.unwrap();
+    sm.apply([create_tasks(2, &["b"])]).await.unwrap();
+    let new = sm.build_snapshot().await.unwrap();
+    // The older build lands last (openraft builds in a task of its own, racing installs).
+    let (_dir2, mut other) = store();
+    other.install_snapshot(&new.meta, new.snapshot).await.unwrap();
+    other.install_snapshot(&old.meta, old.snapshot).await.unwrap();
+    let current = other.get_current_snapshot().await.unwrap().expect("persisted");
+    assert_eq!(current.meta.last_log_id, new.meta.last_log_id, "the newer snapshot stays on disk");
+}
