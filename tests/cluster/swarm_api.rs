@@ -2,7 +2,7 @@
 //! codes and messages, and nothing changed.
 
 use shoal_api::{node::Node, swarm::Swarm, ErrorResponse};
-use shoal_tests::lab;
+use shoal_tests::{docker_err, docker_ok, lab, plain_lab};
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
@@ -68,4 +68,74 @@ print(len(managers))
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines, ["3", "['mgr1', 'wrk1', 'wrk2']", swarm.cluster.id.as_str(), "active", "1"]);
+}
+
+/// `docker swarm init` with the options users give it: refused whole (nothing created) when
+/// one is wrong, and shown back by `docker info` / `GET /swarm` when right; `node ls`
+/// filters as dockerd has them.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn swarm_init_takes_every_option_and_refuses_bad_ones_whole() {
+    let lab = plain_lab("e2einit", 1, 0);
+    // (The CLI masks a pool's host bits itself; the API refuses them.)
+    let api = lab.host("mgr1").unwrap().api();
+    let body = br#"{"ListenAddr":"0.0.0.0:2377","AdvertiseAddr":"eth0","DefaultAddrPool":["10.20.0.1/16"]}"#;
+    let response = api.request("POST", "/swarm/init", Some(body)).unwrap();
+    assert_eq!(response.status, 400, "{}", response.text());
+    assert!(response.text().contains("host bits set"), "{}", response.text());
+    let bad: [(&[&str], &str); 4] = [
+        (&["--data-path-port", "80"], "data path port 80 is out of the valid range"),
+        (&["--default-addr-pool", "10.20.0.0/16", "--default-addr-pool-mask-length", "12"], "invalid subnet size"),
+        (&["--cert-expiry", "10m"], "minimum certificate expiry"),
+        (&["--advertise-addr", "nosuchif0"], "advertise address must be an IP address"),
+    ];
+    for (args, words) in bad {
+        let err = docker_err(&lab, "mgr1", &[&["swarm", "init"], args].concat());
+        assert!(err.contains(words), "{args:?}: {err}");
+        let state = docker_ok(&lab, "mgr1", &["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+        assert_eq!(state.trim(), "inactive", "{args:?} left a swarm behind");
+    }
+
+    // The interface name (as dockerd accepts it) stands for its address.
+    docker_ok(
+        &lab,
+        "mgr1",
+        &[
+            "swarm",
+            "init",
+            "--advertise-addr",
+            "eth0:2377",
+            "--default-addr-pool",
+            "10.20.0.0/16",
+            "--default-addr-pool-mask-length",
+            "26",
+            "--data-path-port",
+            "7789",
+            "--availability",
+            "drain",
+            "--task-history-limit",
+            "3",
+        ],
+    );
+    let swarm: Swarm = lab.host("mgr1").unwrap().api().get("/swarm").unwrap().json().unwrap();
+    assert_eq!(swarm.cluster.default_addr_pool, ["10.20.0.0/16"]);
+    assert_eq!((swarm.cluster.subnet_size, swarm.cluster.data_path_port), (26, 7789));
+    assert_eq!(swarm.cluster.spec.orchestration.task_history_retention_limit, Some(3));
+    let raw = lab.host("mgr1").unwrap().api().get("/swarm").unwrap().text();
+    assert!(!raw.contains("PRIVATE KEY"), "GET /swarm returned a private key");
+    let addr = docker_ok(&lab, "mgr1", &["info", "--format", "{{.Swarm.NodeAddr}}"]);
+    assert_eq!(addr.trim(), lab.host("mgr1").unwrap().addr.to_string());
+    let availability = docker_ok(&lab, "mgr1", &["node", "ls", "--format", "{{.Availability}}"]);
+    assert_eq!(availability.trim(), "Drain");
+
+    // node ls filters, and dockerd's refusal of an unknown one.
+    docker_ok(&lab, "mgr1", &["node", "update", "--label-add", "zone=a", "mgr1"]);
+    let ls = |filter: &str| docker_ok(&lab, "mgr1", &["node", "ls", "-q", "--filter", filter]).lines().count();
+    assert_eq!(ls("node.label=zone=a"), 1);
+    assert_eq!(ls("node.label=zone=b"), 0);
+    assert_eq!(ls("label=zone"), 0, "label= is the engine's labels");
+    assert_eq!(ls("role=manager"), 1);
+    assert_eq!(ls("membership=accepted"), 1);
+    let err = docker_err(&lab, "mgr1", &["node", "ls", "--filter", "colour=red"]);
+    assert!(err.contains("invalid filter 'colour'"), "{err}");
 }

@@ -14,6 +14,7 @@ use axum::{
     routing::get,
     Router,
 };
+use shoal_store::transport::{serve_with, Limits};
 use tokio::{
     net::{TcpListener, UnixListener},
     sync::Mutex,
@@ -63,7 +64,9 @@ pub async fn serve(
     let tls_server = tcp.map(|(listener, tls)| {
         let router = Router::new().fallback_service(app.clone());
         let mut stopped = stopped.clone();
-        tokio::spawn(shoal_store::transport::serve(listener, move || tls.clone(), router, async move {
+        // Followed logs and event streams may stay silent for long: an hour, not minutes.
+        let limits = Limits { idle: std::time::Duration::from_secs(3600), ..Limits::default() };
+        tokio::spawn(serve_with(limits, listener, move || tls.clone(), router, async move {
             let _ = stopped.wait_for(|s| *s).await;
         }))
     });

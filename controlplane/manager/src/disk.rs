@@ -61,21 +61,58 @@ impl SwarmDir {
         write_json(&self.dir.join("state.json"), membership)
     }
 
+    /// The node's root, certificate and key, all three from one generation (see `save_tls`).
     pub fn tls(&self) -> Result<TlsMaterial, SwarmError> {
+        let certs = self.dir.join("certs");
+        // Resolved once: a renewal switching generations between two reads must not give a
+        // certificate from one and a key from the other.
+        let generation = std::fs::canonicalize(&certs).map_err(|e| SwarmError::io("reading certs".into(), e))?;
         let read = |name: &str| {
-            std::fs::read_to_string(self.dir.join("certs").join(name))
+            std::fs::read_to_string(generation.join(name))
                 .map_err(|e| SwarmError::io(format!("reading certs/{name}"), e))
         };
         Ok(TlsMaterial { root_pem: read("root.crt")?, cert_pem: read("node.crt")?, key_pem: read("node.key")? })
     }
 
-    /// Replaces certificate and key together (key first: a crash in between leaves a key
-    /// without its certificate, which the next renewal fixes, never the reverse).
+    /// Replaces root, certificate and key together: all three go into a new directory
+    /// (`certs-<n>`, each file and the directory synced), then the `certs` symlink is
+    /// switched to it in one rename. A crash at any point leaves `certs` on a complete
+    /// generation, old or new, never a key without its certificate.
     pub fn save_tls(&self, tls: &TlsMaterial) -> Result<(), SwarmError> {
-        let certs = self.dir.join("certs");
-        write_file(&certs.join("node.key"), tls.key_pem.as_bytes())?;
-        write_file(&certs.join("root.crt"), tls.root_pem.as_bytes())?;
-        write_file(&certs.join("node.crt"), tls.cert_pem.as_bytes())
+        let io = |what: &str, e| SwarmError::io(format!("{what} the node certificate"), e);
+        let link = self.dir.join("certs");
+        let current = std::fs::read_link(&link).ok();
+        let n = current
+            .as_ref()
+            .and_then(|t| t.file_name()?.to_str()?.strip_prefix("certs-")?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let generation = self.dir.join(format!("certs-{}", n + 1));
+        // One left by a crash before its switch was never in use.
+        if generation.exists() {
+            std::fs::remove_dir_all(&generation).map_err(|e| io("clearing", e))?;
+        }
+        write_file(&generation.join("node.key"), tls.key_pem.as_bytes())?;
+        write_file(&generation.join("root.crt"), tls.root_pem.as_bytes())?;
+        write_file(&generation.join("node.crt"), tls.cert_pem.as_bytes())?;
+        // A node from before generations keeps a plain directory; it becomes generation 0.
+        if link.is_dir() && current.is_none() {
+            std::fs::rename(&link, self.dir.join("certs-0")).map_err(|e| io("moving", e))?;
+        }
+        let staged = self.dir.join("certs.next");
+        let _ = std::fs::remove_file(&staged);
+        std::os::unix::fs::symlink(generation.file_name().expect("a generation has a name"), &staged)
+            .map_err(|e| io("linking", e))?;
+        std::fs::rename(&staged, &link).map_err(|e| io("switching", e))?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing", e))?;
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| io("listing", e))?.flatten() {
+            let name = entry.file_name();
+            let old = name.to_str().is_some_and(|n| n.starts_with("certs-"))
+                && name != generation.file_name().unwrap_or_default();
+            if old {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(())
     }
 
     /// The data key: `Ok(None)` when it is wrapped and `unlock` is absent (locked).
@@ -162,4 +199,50 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SwarmError> {
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn material(tag: &str) -> TlsMaterial {
+        TlsMaterial { root_pem: format!("root {tag}"), cert_pem: format!("cert {tag}"), key_pem: format!("key {tag}") }
+    }
+
+    #[test]
+    fn certificate_and_key_are_replaced_together() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SwarmDir::new(root.path());
+        dir.save_tls(&material("one")).unwrap();
+        dir.save_tls(&material("two")).unwrap();
+        let tls = dir.tls().unwrap();
+        assert_eq!((tls.cert_pem.as_str(), tls.key_pem.as_str()), ("cert two", "key two"));
+
+        // A crash half-way through the next renewal: a generation written but not switched
+        // to (here with only its key). The node still reads a whole pair, the old one.
+        let next = root.path().join("swarm/certs-3");
+        std::fs::create_dir_all(&next).unwrap();
+        std::fs::write(next.join("node.key"), "key three").unwrap();
+        let tls = dir.tls().unwrap();
+        assert_eq!((tls.cert_pem.as_str(), tls.key_pem.as_str()), ("cert two", "key two"));
+        dir.save_tls(&material("four")).unwrap();
+        assert_eq!(dir.tls().unwrap().key_pem, "key four");
+        let left: Vec<_> =
+            std::fs::read_dir(root.path().join("swarm")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.iter().filter(|n| n.to_string_lossy().starts_with("certs-")).count(), 1, "{left:?}");
+    }
+
+    #[test]
+    fn a_node_from_before_generations_moves_over() {
+        let root = tempfile::tempdir().unwrap();
+        let certs = root.path().join("swarm/certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        for (name, text) in [("root.crt", "root old"), ("node.crt", "cert old"), ("node.key", "key old")] {
+            std::fs::write(certs.join(name), text).unwrap();
+        }
+        let dir = SwarmDir::new(root.path());
+        assert_eq!(dir.tls().unwrap().key_pem, "key old");
+        dir.save_tls(&material("new")).unwrap();
+        assert_eq!(dir.tls().unwrap().cert_pem, "cert new");
+    }
 }

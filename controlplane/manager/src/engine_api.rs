@@ -138,14 +138,7 @@ async fn unlock_key(State(swarm): State<Arc<Swarm>>) -> Result<Json<UnlockKeyRes
 
 async fn list_nodes(State(swarm): State<Arc<Swarm>>, Query(query): Q) -> Result<Json<Vec<Node>>, ApiError> {
     let filters = parse_filters(query.get("filters").map(String::as_str).unwrap_or(""))?;
-    let pick = |name: &str| filters.get(name).cloned().unwrap_or_default();
-    let filters = NodeFilters {
-        id: pick("id"),
-        name: pick("name"),
-        role: pick("role"),
-        membership: pick("membership"),
-        label: pick("node.label"),
-    };
+    let filters = NodeFilters::from_query(&filters).map_err(bad_request)?;
     let manager = swarm.manager()?;
     Ok(Json(controlapi::node::list(&manager, &filters)))
 }

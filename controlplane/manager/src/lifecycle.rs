@@ -13,7 +13,7 @@ use shoal_store::{Batch, Cluster, RaftPeer};
 use tracing::{info, warn};
 
 use crate::{
-    controlapi::swarm::with_defaults,
+    controlapi::swarm::{address_pool, data_path_port, validated},
     disk::Membership,
     manager::cluster_addr,
     session::post,
@@ -34,6 +34,10 @@ impl Swarm {
         if self.local_state() != LocalNodeState::Inactive {
             return Err(SwarmError::AlreadyInSwarm);
         }
+        // Everything the request says is checked before anything is made.
+        validated(req.spec.clone())?;
+        address_pool(&req.default_addr_pool, req.subnet_size)?;
+        data_path_port(req.data_path_port)?;
         let (listen_addr, advertise_addr) = self.addresses(&req.listen_addr, &req.advertise_addr)?;
         let availability = parse_availability(&req.availability)?;
         let created = self.create_cluster(req, listen_addr, advertise_addr, availability).await;
@@ -57,7 +61,9 @@ impl Swarm {
         let root = RootCa::generate().map_err(internal)?;
         let digest = root.digest().map_err(internal)?;
         let unlock = req.auto_lock_managers.then(UnlockKey::generate).transpose().map_err(internal)?;
-        let mut spec = with_defaults(req.spec);
+        let mut spec = validated(req.spec)?;
+        let (default_addr_pool, subnet_size) = address_pool(&req.default_addr_pool, req.subnet_size)?;
+        let data_path_port = data_path_port(req.data_path_port)?;
         spec.encryption_config.auto_lock_managers = req.auto_lock_managers;
 
         let key = NodeKey::generate().map_err(internal)?;
@@ -93,9 +99,9 @@ impl Swarm {
                 id: cluster_id,
                 spec,
                 tls_info: TlsInfo { trust_root: root.cert_pem().to_owned(), ..Default::default() },
-                subnet_size: 24,
-                data_path_port: 4789,
-                default_addr_pool: vec!["10.0.0.0/8".into()],
+                subnet_size,
+                data_path_port,
+                default_addr_pool,
                 ..Default::default()
             },
             root_key_pem: root.key_pem().to_string(),
@@ -391,7 +397,7 @@ impl Swarm {
         let (listen_ip, _) = listen.rsplit_once(':').unwrap_or((&listen, ""));
         let advertise_ip = advertise.rsplit_once(':').map_or(advertise, |(ip, _)| ip);
         let chosen = if !advertise_ip.is_empty() {
-            advertise_ip.to_owned()
+            interface_addr(advertise_ip)?.unwrap_or_else(|| advertise_ip.to_owned())
         } else if listen_ip != "0.0.0.0" {
             listen_ip.to_owned()
         } else if let Some(ip) = self.config.default_advertise_addr {
@@ -405,6 +411,30 @@ impl Swarm {
             .parse::<IpAddr>()
             .map_err(|_| SwarmError::InvalidArgument(format!("advertise address must be an IP address: {chosen:?}")))?;
         Ok((listen, chosen))
+    }
+}
+
+/// The IPv4 address of interface `name` (`--advertise-addr eth0` or `eth0:2377`, as
+/// dockerd accepts), or `None` if `name` is no interface here (then it must be an address).
+fn interface_addr(name: &str) -> Result<Option<String>, SwarmError> {
+    if name.parse::<IpAddr>().is_ok() {
+        return Ok(None);
+    }
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| SwarmError::Internal(format!("listing interfaces: {e}")))?;
+    let found: Vec<std::net::Ipv4Addr> = addrs
+        .filter(|a| a.interface_name == name)
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .collect();
+    match found.as_slice() {
+        [] if nix::net::if_::if_nametoindex(name).is_ok() => {
+            Err(SwarmError::InvalidArgument(format!("interface {name} has no IPv4 addresses")))
+        }
+        [] => Ok(None),
+        [one] => Ok(Some(one.to_string())),
+        _ => Err(SwarmError::InvalidArgument(format!(
+            "interface {name} has more than one IPv4 address ({})",
+            found.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" and ")
+        ))),
     }
 }
 

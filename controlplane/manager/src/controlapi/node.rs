@@ -15,7 +15,45 @@ pub struct NodeFilters {
     pub name: Vec<String>,
     pub role: Vec<String>,
     pub membership: Vec<String>,
+    /// `node.label`: the node's own labels (`docker node update --label-add`).
     pub label: Vec<String>,
+    /// `label`: the engine's labels (dockerd's `--label`).
+    pub engine_label: Vec<String>,
+}
+
+impl NodeFilters {
+    /// From the query's `filters`, refusing what dockerd refuses (an unknown filter, a role
+    /// or membership that does not exist) with its wording.
+    pub fn from_query(filters: &std::collections::HashMap<String, Vec<String>>) -> Result<Self, String> {
+        let mut out = NodeFilters::default();
+        for (key, values) in filters {
+            let field = match key.as_str() {
+                "id" => &mut out.id,
+                "name" => &mut out.name,
+                "role" => &mut out.role,
+                "membership" => &mut out.membership,
+                "node.label" => &mut out.label,
+                "label" => &mut out.engine_label,
+                other => return Err(format!("invalid filter '{other}'")),
+            };
+            field.extend(values.iter().cloned());
+        }
+        if let Some(role) = out.role.iter().find(|r| !matches!(r.as_str(), "manager" | "worker")) {
+            return Err(format!("invalid filter 'role={role}'"));
+        }
+        if let Some(m) = out.membership.iter().find(|m| !matches!(m.as_str(), "accepted" | "pending")) {
+            return Err(format!("invalid filter 'membership={m}'"));
+        }
+        Ok(out)
+    }
+}
+
+/// A `key` or `key=value` label filter against `labels`.
+fn has_label(labels: &std::collections::HashMap<String, String>, filter: &str) -> bool {
+    match filter.split_once('=') {
+        Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
+        None => labels.contains_key(filter),
+    }
 }
 
 /// `GET /nodes`.
@@ -33,10 +71,8 @@ fn matches(node: &Node, f: &NodeFilters) -> bool {
         && any(&f.name, &|v| node.description.hostname.starts_with(v) || node.spec.annotations.name.starts_with(v))
         && any(&f.role, &|v| v == node.spec.role.to_string())
         && any(&f.membership, &|v| v == "accepted")
-        && any(&f.label, &|v| match v.split_once('=') {
-            Some((k, val)) => node.spec.annotations.labels.get(k).is_some_and(|x| x == val),
-            None => node.spec.annotations.labels.contains_key(v),
-        })
+        && any(&f.label, &|v| has_label(&node.spec.annotations.labels, v))
+        && any(&f.engine_label, &|v| has_label(&node.description.engine.labels, v))
 }
 
 /// A node as clients see it: the stored object plus leadership and reachability, which only
@@ -151,5 +187,18 @@ mod tests {
         assert!(matches(&worker, &role));
         let label = NodeFilters { label: vec!["zone=b".into()], ..Default::default() };
         assert!(!matches(&worker, &label));
+        let engine = NodeFilters { engine_label: vec!["zone".into()], ..Default::default() };
+        assert!(!matches(&worker, &engine), "label= is the engine's labels, not the node's");
+        worker.description.engine.labels.insert("zone".into(), "x".into());
+        assert!(matches(&worker, &engine));
+    }
+
+    #[test]
+    fn unknown_filters_and_values_are_refused_as_dockerd_does() {
+        let query = |k: &str, v: &str| std::collections::HashMap::from([(k.to_owned(), vec![v.to_owned()])]);
+        assert!(NodeFilters::from_query(&query("node.label", "zone=a")).is_ok());
+        assert_eq!(NodeFilters::from_query(&query("colour", "red")).unwrap_err(), "invalid filter 'colour'");
+        assert_eq!(NodeFilters::from_query(&query("role", "king")).unwrap_err(), "invalid filter 'role=king'");
+        assert!(NodeFilters::from_query(&query("membership", "maybe")).is_err());
     }
 }

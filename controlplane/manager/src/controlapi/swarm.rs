@@ -60,9 +60,9 @@ pub struct Rotate {
     pub unlock_key: bool,
 }
 
-/// `POST /swarm/update?version=N`: replaces the spec (as read at `version`) and rotates what
-/// was asked. Turning autolock on makes an unlock key; off drops it.
-pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Rotate) -> Result<(), SwarmError> {
+/// The spec with Swarm's defaults filled in, if it is one a swarm may have (checked alike at
+/// `swarm init` and `swarm update`).
+pub fn validated(spec: SwarmSpec) -> Result<SwarmSpec, SwarmError> {
     let spec = with_defaults(spec);
     if spec.ca_config.node_cert_expiry < MIN_CERT_EXPIRY_NS {
         return Err(SwarmError::InvalidArgument("minimum certificate expiry time is 1h0m0s".into()));
@@ -70,6 +70,51 @@ pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Ro
     if spec.dispatcher.heartbeat_period < 1_000_000_000 {
         return Err(SwarmError::InvalidArgument("heartbeat period must be at least 1s".into()));
     }
+    if spec.raft.election_tick <= spec.raft.heartbeat_tick {
+        return Err(SwarmError::InvalidArgument("election tick must be greater than heartbeat tick".into()));
+    }
+    if spec.orchestration.task_history_retention_limit.is_some_and(|l| l < 0) {
+        return Err(SwarmError::InvalidArgument("task history retention limit cannot be negative".into()));
+    }
+    Ok(spec)
+}
+
+/// The pool overlay networks' subnets are carved from, as `swarm init` gives it (dockerd's
+/// defaults: 10.0.0.0/8 in /24s).
+pub fn address_pool(pool: &[String], subnet_size: u32) -> Result<(Vec<String>, u32), SwarmError> {
+    let subnet_size = if subnet_size == 0 { 24 } else { subnet_size };
+    if pool.is_empty() {
+        return Ok((vec!["10.0.0.0/8".into()], subnet_size));
+    }
+    for cidr in pool {
+        let net: ipnet::Ipv4Net =
+            cidr.parse().map_err(|_| SwarmError::InvalidArgument(format!("invalid base pool {cidr:?}")))?;
+        if net.trunc() != net {
+            return Err(SwarmError::InvalidArgument(format!("invalid base pool {cidr:?}: host bits set")));
+        }
+        if subnet_size < u32::from(net.prefix_len()) || subnet_size > 29 {
+            return Err(SwarmError::InvalidArgument(format!(
+                "invalid subnet size {subnet_size} for base pool {cidr}: it must be between /{} and /29",
+                net.prefix_len()
+            )));
+        }
+    }
+    Ok((pool.to_vec(), subnet_size))
+}
+
+/// The VXLAN port overlays use (dockerd: 4789 when unset, else within 1024-49151).
+pub fn data_path_port(port: u32) -> Result<u32, SwarmError> {
+    match port {
+        0 => Ok(4789),
+        1024..=49151 => Ok(port),
+        _ => Err(SwarmError::InvalidArgument(format!("data path port {port} is out of the valid range 1024-49151"))),
+    }
+}
+
+/// `POST /swarm/update?version=N`: replaces the spec (as read at `version`) and rotates what
+/// was asked. Turning autolock on makes an unlock key; off drops it.
+pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Rotate) -> Result<(), SwarmError> {
+    let spec = validated(spec)?;
     let mut cluster = manager
         .store()
         .shared()

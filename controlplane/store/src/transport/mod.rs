@@ -3,13 +3,16 @@
 //!
 //! Every connection's client certificate (verified by rustls against the cluster root) is
 //! turned into a `Peer` request extension, so handlers authorize by node ID and role without
-//! touching TLS. Plain TCP never gets past the handshake.
+//! touching TLS. Plain TCP never gets past the handshake. `limits` bounds what one client
+//! can hold: connections, handshake and header time, silence.
+
+mod limits;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::Router;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
     service::TowerToHyperService,
 };
@@ -19,22 +22,35 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tracing::debug;
 
+pub use self::limits::Limits;
+use self::limits::{Admission, Idle};
+
 /// Who is on the other end of a cluster connection: the identity in its certificate, or
 /// `None` for a node that has none yet (it may only join).
 #[derive(Debug, Clone)]
 pub struct Peer(pub Option<NodeIdentity>);
 
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves `router` over mutual TLS on `listener` until `shutdown` completes. The TLS
-/// configuration is read anew for each connection, so certificate renewal needs no restart.
+/// Serves `router` over mutual TLS on `listener` until `shutdown` completes, within the
+/// default `Limits`. The TLS configuration is read anew for each connection, so certificate
+/// renewal needs no restart.
 pub async fn serve(
     listener: TcpListener,
     tls: impl Fn() -> Arc<rustls::ServerConfig> + Send + Sync + 'static,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
+    serve_with(Limits::default(), listener, tls, router, shutdown).await
+}
+
+/// `serve` within `limits`.
+pub async fn serve_with(
+    limits: Limits,
+    listener: TcpListener,
+    tls: impl Fn() -> Arc<rustls::ServerConfig> + Send + Sync + 'static,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let admission = Arc::new(Admission::default());
     tokio::pin!(shutdown);
     // Connections end with the server: a stopped manager must not keep answering on
     // connections it accepted before (dropping the set aborts them).
@@ -51,10 +67,16 @@ pub async fn serve(
                 }
             },
         };
+        // Over the limits: closed at once, before any TLS work.
+        let Some(admitted) = admission.admit(remote.ip(), &limits) else {
+            debug!(%remote, "connection refused: too many open");
+            continue;
+        };
         let acceptor = TlsAcceptor::from(tls());
         let router = router.clone();
         connections.spawn(async move {
-            if let Err(e) = serve_connection(acceptor, stream, remote, router).await {
+            let _admitted = admitted;
+            if let Err(e) = serve_connection(&limits, acceptor, stream, remote, router).await {
                 debug!(%remote, error = %e, "cluster connection ended");
             }
         });
@@ -62,12 +84,13 @@ pub async fn serve(
 }
 
 async fn serve_connection(
+    limits: &Limits,
     acceptor: TlsAcceptor,
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
     router: Router,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
+    let tls = tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await??;
     // A verified certificate that names no swarm node (an operator's client certificate on
     // the TCP Engine API) is simply no node identity; node-only endpoints refuse it.
     let peer = tls
@@ -81,9 +104,9 @@ async fn serve_connection(
         req.extensions_mut().insert(Peer(peer.clone()));
         req
     });
-    auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(service))
-        .await
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.headers);
+    builder.serve_connection(TokioIo::new(Idle::new(tls, limits.idle)), TowerToHyperService::new(service)).await
 }
 
 /// Timeout of one request to another node.
@@ -108,3 +131,6 @@ fn build(config: rustls::ClientConfig) -> Result<reqwest::Client, CaError> {
         .build()
         .map_err(|e| CaError::InvalidCertificate(format!("HTTP client: {e}")))
 }
+
+#[cfg(test)]
+mod tests;
