@@ -11,6 +11,7 @@ use std::{
 };
 
 use shoal_api::node::Node;
+use shoal_lab::Lab;
 use shoal_tests::{docker, docker_ok, eventually, lab, leader, node_ls};
 
 const MANAGERS: [&str; 3] = ["mgr1", "mgr2", "mgr3"];
@@ -168,42 +169,79 @@ fn acknowledged_writes_survive_the_leader_and_then_every_manager_killed() {
     eprintln!("{} acknowledged writes, all present on all managers", acked.len());
 }
 
+/// The role in a node's certificate (`swarm-manager` / `swarm-worker` in its subject).
+fn certificate_role(lab: &Lab, host: &str) -> String {
+    let cert = std::fs::read(lab.host(host).unwrap().data_root.join("swarm/certs/node.crt")).unwrap();
+    let out =
+        shoal_lab::run_with_stdin(&["openssl", "x509", "-noout", "-subject"], &String::from_utf8_lossy(&cert)).unwrap();
+    if out.contains("swarm-manager") {
+        "manager".into()
+    } else {
+        "worker".into()
+    }
+}
+
+/// How many raft members `host` counts.
+fn raft_members(lab: &Lab, host: &str) -> Option<usize> {
+    let info: shoal_api::info::Info = lab.host(host).ok()?.api().get("/info").ok()?.json().ok()?;
+    Some(info.swarm.remote_managers.len())
+}
+
+/// Whether `docker node ls` on `from` shows `host` with a manager status.
+fn shown_as_manager(lab: &Lab, from: &str, host: &str) -> Option<bool> {
+    Some(!node_ls(lab, from)?.into_iter().find(|r| r.hostname == host)?.manager_status.is_empty())
+}
+
+/// Promotions and demotions are intents the leader carries out in raft: each completes even
+/// when the leader is killed right after it was asked for, the store shows a node as a
+/// manager exactly when raft has it as a voter, and a demoted node's certificate says
+/// worker and its raft data is gone.
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
-fn promote_and_demote_change_raft_membership_and_certificates() {
+fn promote_and_demote_complete_even_when_the_leader_dies_half_way() {
     let lab = lab("e2eroles", 3, 1);
-    let members = |host: &str| -> Option<usize> {
-        let info: shoal_api::info::Info = lab.host(host).ok()?.api().get("/info").ok()?.json().ok()?;
-        Some(info.swarm.remote_managers.len())
-    };
-    assert_eq!(members("mgr1"), Some(3));
+    assert_eq!(raft_members(&lab, "mgr1"), Some(3));
+    let leader_now =
+        || eventually("a leader", Duration::from_secs(20), || MANAGERS.into_iter().find_map(|m| leader(&lab, m)));
 
     let out = docker_ok(&lab, "mgr1", &["node", "promote", "wrk1"]);
     assert!(out.contains("Node wrk1 promoted to a manager in the swarm."), "{out}");
-    eventually("wrk1 in raft", Duration::from_secs(30), || (members("mgr1")? == 4).then_some(()));
+    let killed = leader_now();
+    lab.kill(&killed).unwrap();
+    let asker = MANAGERS.into_iter().find(|m| *m != killed).unwrap();
+    eventually("wrk1 in raft", Duration::from_secs(40), || (raft_members(&lab, asker)? == 4).then_some(()));
+    eventually("wrk1 shown as a manager", Duration::from_secs(30), || {
+        shown_as_manager(&lab, asker, "wrk1")?.then_some(())
+    });
     eventually("wrk1 serving as a manager", Duration::from_secs(30), || {
         node_ls(&lab, "wrk1")?.into_iter().find(|r| r.is_self && r.manager_status == "Reachable")
     });
-    let cert = std::fs::read_to_string(lab.host("wrk1").unwrap().data_root.join("swarm/certs/node.crt")).unwrap();
-    let role = std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-subject"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(cert.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(String::from_utf8_lossy(&role.stdout).contains("swarm-manager"), "wrk1's certificate still says worker");
+    assert_eq!(certificate_role(&lab, "wrk1"), "manager");
+    lab.start(&killed).unwrap();
 
-    let out = docker_ok(&lab, "mgr1", &["node", "demote", "mgr3"]);
+    // mgr3 out of raft, with the leader killed right after the request (mgr3 itself
+    // perhaps).
+    let asker = if leader_now() == "mgr1" { "mgr2" } else { "mgr1" };
+    let out = docker_ok(&lab, asker, &["node", "demote", "mgr3"]);
     assert!(out.contains("Manager mgr3 demoted in the swarm."), "{out}");
-    eventually("mgr3 out of raft", Duration::from_secs(30), || (members("mgr1")? == 3).then_some(()));
-    eventually("mgr3 a worker", Duration::from_secs(30), || {
-        let err = String::from_utf8_lossy(&docker(&lab, "mgr3", &["node", "ls"]).stderr).into_owned();
-        err.contains("Worker nodes can't be used").then_some(())
+    let killed = leader_now();
+    lab.kill(&killed).unwrap();
+    let watcher = ["mgr1", "mgr2", "wrk1"].into_iter().find(|m| *m != killed).unwrap();
+    eventually("mgr3 out of raft", Duration::from_secs(40), || (raft_members(&lab, watcher)? == 3).then_some(()));
+    eventually("mgr3 no longer shown as a manager", Duration::from_secs(30), || {
+        (!shown_as_manager(&lab, watcher, "mgr3")?).then_some(())
     });
+    if killed != "mgr3" {
+        eventually("mgr3 a worker", Duration::from_secs(30), || {
+            let err = String::from_utf8_lossy(&docker(&lab, "mgr3", &["node", "ls"]).stderr).into_owned();
+            err.contains("Worker nodes can't be used").then_some(())
+        });
+    }
+    lab.start(&killed).unwrap();
+    eventually("mgr3's certificate says worker", Duration::from_secs(40), || {
+        (certificate_role(&lab, "mgr3") == "worker").then_some(())
+    });
+    let raft_dir = lab.host("mgr3").unwrap().data_root.join("swarm/raft");
+    eventually("mgr3's raft data gone", Duration::from_secs(20), || (!raft_dir.exists()).then_some(()));
     docker_ok(&lab, "wrk1", &["node", "update", "--label-add", "after=roles", "wrk1"]);
 }

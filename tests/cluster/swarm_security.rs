@@ -149,3 +149,66 @@ fn curl<S: AsRef<str>>(lab: &Lab, host: &str, args: &[S]) -> (String, String) {
     let out = lab.command(host, &argv).unwrap().output().unwrap();
     (String::from_utf8_lossy(&out.stdout).trim().to_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// A `swarm join` whose answer was lost is tried again with the same request ID: the retry
+/// gets the node the first try made (same ID, a certificate for its key), so no ghost node
+/// holds the hostname; another request for that hostname is refused while it is live.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_retried_join_makes_one_node() {
+    let lab = lab("e2ejoinretry", 1, 0);
+    let token = docker_ok(&lab, "mgr1", &["swarm", "join-token", "-q", "worker"]).trim().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, csr) = (dir.path().join("k.pem"), dir.path().join("csr.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=ghost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let description = shoal_api::node::NodeDescription { hostname: "ghost".into(), ..Default::default() };
+    let join = |request_id: &str| -> (String, serde_json::Value) {
+        let body = serde_json::json!({
+            "token": token,
+            "csr_pem": std::fs::read_to_string(&csr).unwrap(),
+            "advertise_addr": "10.77.9.9",
+            "listen_addr": "0.0.0.0:2377",
+            "availability": "active",
+            "description": description,
+            "request_id": request_id,
+        });
+        let root = certs(&lab, "mgr1").root;
+        let argv: Vec<String> = ["curl", "-sS", "--http1.1", "--max-time", "10", "-w", "\n%{http_code}"]
+            .into_iter()
+            .map(String::from)
+            .chain([
+                "--cacert".into(),
+                root.display().to_string(),
+                "--resolve".into(),
+                "swarm-manager:2377:10.77.1.1".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                body.to_string(),
+                "https://swarm-manager:2377/join".into(),
+            ])
+            .collect();
+        let out = lab.command("mgr1", &argv).unwrap().output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (reply, status) = text.rsplit_once('\n').unwrap();
+        (status.to_owned(), serde_json::from_str(reply).unwrap_or_default())
+    };
+    let (status, first) = join("request-one");
+    assert_eq!(status, "200", "{first}");
+    let (status, again) = join("request-one");
+    assert_eq!(status, "200", "the retry was refused: {again}");
+    assert_eq!(first["node_id"], again["node_id"], "the retry made another node");
+    let ghosts = docker_ok(&lab, "mgr1", &["node", "ls", "--filter", "name=ghost", "-q"]);
+    assert_eq!(ghosts.lines().count(), 1, "{ghosts}");
+    let (status, other) = join("request-two");
+    assert_eq!(status, "409", "a second live node took the hostname: {other}");
+}

@@ -38,3 +38,11 @@ pub fn new_id() -> Result<String, CaError> {
     random(&mut bytes)?;
     Ok(base36::encode(&bytes, 25))
 }
+
+/// The ID for the object a request with ID `request` creates in cluster `scope`: the same
+/// on every retry of that request (so a retried write is recognised, not done twice), and
+/// unguessable without the request ID (a SHA-256 of both, shaped like `new_id`).
+pub fn id_for(scope: &str, request: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{scope}\0{request}").as_bytes());
+    base36::encode(&digest.as_ref()[..16], 25)
+}

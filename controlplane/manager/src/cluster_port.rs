@@ -14,7 +14,7 @@ use axum::{
 };
 use shoal_api::node::{ManagerStatus, Node, NodeRole, NodeSpec, NodeState, NodeStatus};
 use shoal_ca::{JoinToken, NodeIdentity, RootCa};
-use shoal_store::{objects::node_replaceable, transport::Peer, Batch, Index, Kind, RaftPeer};
+use shoal_store::{objects::node_replaceable, transport::Peer, Batch, CommandError, Index, Kind, RaftPeer, WriteError};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -86,7 +86,13 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
     } else {
         return Err(invalid_token());
     };
-    let node_id = shoal_ca::new_id().map_err(|e| SwarmError::Internal(e.to_string()))?;
+    // A retried request makes the same node ID, so a join whose first try went through
+    // (its answer lost) gets that node back instead of a second one holding the hostname.
+    let node_id = if call.request_id.is_empty() {
+        shoal_ca::new_id().map_err(|e| SwarmError::Internal(e.to_string()))?
+    } else {
+        shoal_ca::id_for(&cluster.info.id, &call.request_id)
+    };
     let identity = NodeIdentity { node_id: node_id.clone(), role, cluster_id: cluster.info.id.clone() };
     let root = RootCa::from_pem(&cluster.info.tls_info.trust_root, &cluster.root_key_pem)
         .map_err(|e| SwarmError::Internal(e.to_string()))?;
@@ -112,8 +118,25 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
     if let Some((old, version)) = replaced {
         batch = batch.delete(Kind::Node, old, Some(version));
     }
-    store.write(batch.create(node)).await?;
-    info!(node = %node_id, ?role, "node joined");
+    // A retry of a join that went through finds the node it made; a retry racing its own
+    // first try finds it once that create is refused as a duplicate.
+    let hostname = node.description.hostname.clone();
+    let made_by_this_request = || {
+        store
+            .shared()
+            .read(|s| s.nodes.get(&node_id).map(|n| n.description.hostname == hostname && n.spec.role == role))
+    };
+    match made_by_this_request() {
+        Some(true) => info!(node = %node_id, "join retried: the node it made already"),
+        Some(false) => return Err(SwarmError::Conflict(format!("node {node_id} already exists"))),
+        None => match store.write(batch.create(node)).await {
+            Ok(_) => info!(node = %node_id, ?role, "node joined"),
+            Err(WriteError::Refused(CommandError::Conflict(_))) if made_by_this_request() == Some(true) => {
+                info!(node = %node_id, "join retried: the node it made already")
+            }
+            Err(e) => return Err(e.into()),
+        },
+    }
     Ok(Json(JoinReply {
         node_id,
         cluster_id: cluster.info.id,
@@ -175,6 +198,12 @@ async fn raft_join(
     let wanted = manager.store().shared().read(|s| s.nodes.get(&caller.node_id).map(|n| n.spec.role));
     if wanted != Some(NodeRole::Manager) {
         return Err(SwarmError::InvalidArgument(format!("node {} is not to be a manager", caller.node_id)));
+    }
+    if manager.store().shared().read(|s| s.retired_raft_ids.contains(&call.raft_id)) {
+        return Err(SwarmError::InvalidArgument(format!(
+            "raft member {} belongs to a cluster that was re-created with --force-new-cluster: leave the swarm and join again",
+            call.raft_id
+        )));
     }
     let peer = RaftPeer { node_id: caller.node_id.clone(), addr: call.addr.clone() };
     manager.store().add_manager(call.raft_id, peer).await?;

@@ -120,7 +120,7 @@ async fn update_swarm(State(swarm): State<Arc<Swarm>>, Query(query): Q, bytes: B
         unlock_key: flag(&query, "rotateManagerUnlockKey")?,
     };
     let spec: SwarmSpec = body(&bytes)?;
-    let manager = swarm.manager()?;
+    let manager = swarm.serving_manager()?;
     controlapi::swarm::update(&manager, version, spec, rotate).await?;
     Ok(StatusCode::OK)
 }
@@ -132,19 +132,19 @@ async fn unlock(State(swarm): State<Arc<Swarm>>, bytes: Bytes) -> Result<StatusC
 }
 
 async fn unlock_key(State(swarm): State<Arc<Swarm>>) -> Result<Json<UnlockKeyResponse>, ApiError> {
-    let manager = swarm.manager()?;
+    let manager = swarm.serving_manager()?;
     Ok(Json(UnlockKeyResponse { unlock_key: controlapi::swarm::unlock_key(&manager)? }))
 }
 
 async fn list_nodes(State(swarm): State<Arc<Swarm>>, Query(query): Q) -> Result<Json<Vec<Node>>, ApiError> {
     let filters = parse_filters(query.get("filters").map(String::as_str).unwrap_or(""))?;
     let filters = NodeFilters::from_query(&filters).map_err(bad_request)?;
-    let manager = swarm.manager()?;
+    let manager = swarm.serving_manager()?;
     Ok(Json(controlapi::node::list(&manager, &filters)))
 }
 
 async fn inspect_node(State(swarm): State<Arc<Swarm>>, Path(id): Path<String>) -> Result<Json<Node>, ApiError> {
-    let manager = swarm.manager()?;
+    let manager = swarm.serving_manager()?;
     Ok(Json(controlapi::node::inspect(&manager, &id)?))
 }
 
@@ -156,7 +156,7 @@ async fn update_node(
 ) -> Result<StatusCode, ApiError> {
     let version = version(&query)?;
     let spec: NodeSpec = body(&bytes)?;
-    let manager = swarm.manager()?;
+    let manager = swarm.serving_manager()?;
     controlapi::node::update(&manager, &id, version, spec).await?;
     Ok(StatusCode::OK)
 }
@@ -167,7 +167,7 @@ async fn remove_node(
     Query(query): Q,
 ) -> Result<StatusCode, ApiError> {
     let force = flag(&query, "force")?;
-    let manager = swarm.manager()?;
+    let manager = swarm.serving_manager()?;
     controlapi::node::remove(&manager, &id, force).await?;
     Ok(StatusCode::OK)
 }

@@ -65,7 +65,7 @@ impl SwarmError {
                 CommandError::FailedPrecondition(_) | CommandError::Invalid(_) => 400,
                 CommandError::UnsupportedFormat(_) => 500,
             },
-            SwarmError::Write(WriteError::NoLeader | WriteError::Unavailable(_)) => 503,
+            SwarmError::Write(WriteError::NoLeader | WriteError::Unavailable(_) | WriteError::Ambiguous(_)) => 503,
             SwarmError::Internal(_) => 500,
         }
     }

@@ -6,7 +6,8 @@
 //!   (`cluster_port`: raft, CA and dispatcher endpoints over mutual TLS) and its loops
 //!   (`dispatcher`: heartbeats; `keys`: autolock re-wrapping).
 //! - `leadership`: the leader-only roles' shape (`new(store)`, `run(cancel)`, pure
-//!   decisions) and their start and stop with leadership; `dispatcher::liveness` is one.
+//!   decisions) and their start and stop with leadership; `dispatcher::liveness` and
+//!   `role_manager` (promotions and demotions carried out in raft) are the first.
 //! - `session`: every node's heartbeats to the leader, role changes, renewals.
 //! - `controlapi`: what Engine API calls do with the store; `engine_api`: the HTTP routes.
 //! - `disk`: what a node keeps under `<data-root>/swarm`; `wire`: cluster-port messages.
@@ -24,6 +25,7 @@ mod keys;
 mod leadership;
 mod lifecycle;
 mod manager;
+mod role_manager;
 mod session;
 mod swarm;
 mod wire;

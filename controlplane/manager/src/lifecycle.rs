@@ -23,6 +23,8 @@ use crate::{
 
 /// Swarm's cluster port.
 pub const DEFAULT_PORT: u16 = 2377;
+/// Tries of one `swarm join` whose outcome stays unknown (no answer) before giving up.
+const JOIN_ATTEMPTS: u32 = 4;
 
 impl Swarm {
     /// `swarm init`: a new cluster with this node as its first manager and leader.
@@ -216,8 +218,9 @@ impl Swarm {
             listen_addr: listen_addr.clone(),
             availability: parse_availability(&req.availability)?,
             description: self.description(),
+            request_id: shoal_ca::new_id().map_err(internal)?,
         };
-        let reply: JoinReply = post(&client, remote, "join", &call).await?;
+        let reply = self.join_call(&client, remote, &call).await?;
         let tls = TlsMaterial { root_pem: reply.root_pem, cert_pem: reply.cert_pem, key_pem: key.to_pem().to_string() };
         let membership = Membership {
             node_id: reply.node_id.clone(),
@@ -248,6 +251,39 @@ impl Swarm {
     }
 
     /// Asks the managers to make this (manager-certified) node a raft member.
+    /// `POST /join`, tried again (with the same request ID, so at most one node is made) while
+    /// its outcome is unknown: the manager could not be reached or did not say.
+    async fn join_call(
+        &self,
+        client: &reqwest::Client,
+        remote: &str,
+        call: &JoinCall,
+    ) -> Result<JoinReply, SwarmError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match post::<_, JoinReply>(client, remote, "join", call).await {
+                Err(SwarmError::Unreachable(e)) if attempt < JOIN_ATTEMPTS => {
+                    warn!(error = %e, attempt, "join not answered: trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Asks the managers again to take this manager into raft (a join or promotion that was
+    /// cut short).
+    pub(crate) async fn rejoin_raft(&self) -> Result<(), SwarmError> {
+        let _guard = self.ops.lock().await;
+        let Some(membership) = self.view().membership else { return Ok(()) };
+        if membership.role != NodeRole::Manager {
+            return Ok(());
+        }
+        let via = membership.managers.first().cloned().unwrap_or_default();
+        self.join_raft(&membership, &self.dir.tls()?, &via).await
+    }
+
     async fn join_raft(&self, membership: &Membership, tls: &TlsMaterial, via: &str) -> Result<(), SwarmError> {
         let client = shoal_store::transport::client(tls).map_err(|e| SwarmError::Internal(e.to_string()))?;
         let call = RaftJoinCall {

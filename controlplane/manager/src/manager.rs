@@ -15,8 +15,12 @@ use crate::{
     dispatcher::{Dispatcher, Liveness},
     keys,
     leadership::{self, RoleStarter},
+    role_manager::RoleManager,
     SwarmDir, SwarmError,
 };
+
+/// How long a stopping leader tries to hand over before it just stops.
+const HANDOVER_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Manager {
     store: Arc<ClusterStore>,
@@ -69,7 +73,10 @@ impl Manager {
     /// The roles that run on the leader only, each built afresh per term of leadership.
     fn leader_roles(&self) -> Vec<RoleStarter> {
         let (store, heartbeats) = (self.store.clone(), self.dispatcher.heartbeats());
-        vec![leadership::starter(move || Liveness::new(store.clone(), heartbeats.clone()))]
+        let liveness = leadership::starter(move || Liveness::new(store.clone(), heartbeats.clone()));
+        let store = self.store.clone();
+        let roles = leadership::starter(move || RoleManager::new(store.clone()));
+        vec![liveness, roles]
     }
 
     pub fn store(&self) -> &Arc<ClusterStore> {
@@ -102,6 +109,12 @@ impl Manager {
         membership.membership().nodes().map(|(id, peer)| (*id, peer.clone())).collect()
     }
 
+    /// Whether this replica is a voter of the cluster it belongs to.
+    pub fn is_voter(&self) -> bool {
+        let raft_id = self.store.raft_id();
+        self.store.metrics().membership_config.membership().voter_ids().any(|id| id == raft_id)
+    }
+
     /// Cluster ports of all managers.
     pub fn manager_addrs(&self) -> Vec<String> {
         self.members().into_iter().map(|(_, peer)| peer.addr).collect()
@@ -113,8 +126,10 @@ impl Manager {
         self.members().into_iter().find(|(id, _)| *id == leader).map(|(_, peer)| peer)
     }
 
-    /// Stops the cluster port and the loops, then the replica.
+    /// Hands leadership over if we lead (the cluster port still serves, so the new leader
+    /// gets our vote), then stops the cluster port and the loops, then the replica.
     pub async fn stop(&self) {
+        self.store.hand_over(HANDOVER_LIMIT).await;
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use shoal_api::swarm::DEFAULT_HEARTBEAT_PERIOD_NS;
+use shoal_api::{node::NodeRole, swarm::DEFAULT_HEARTBEAT_PERIOD_NS};
 use shoal_ca::tls::TlsMaterial;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -86,9 +86,25 @@ async fn beat(
 /// Acts on what the managers want: a role change, or a certificate about to expire.
 async fn follow(swarm: &Arc<Swarm>, reply: &HeartbeatReply) -> Result<(), SwarmError> {
     let (membership, tls) = swarm.session_context()?;
-    if reply.role != membership.role {
-        info!(from = ?membership.role, to = ?reply.role, "the swarm changed this node's role");
-        return swarm.change_role(reply.role).await;
+    let in_raft = reply.managers.contains(&crate::manager::cluster_addr(&membership));
+    match (membership.role, reply.role) {
+        // Demoted: a worker only once the leader has taken this node out of raft, so it
+        // never drops a replica that still counts towards the quorum.
+        (NodeRole::Manager, NodeRole::Worker) if in_raft => {
+            info!("demoted: waiting to be taken out of raft");
+            return Ok(());
+        }
+        (from, to) if from != to => {
+            info!(?from, ?to, "the swarm changed this node's role");
+            return swarm.change_role(to).await;
+        }
+        // A promotion (or join) cut short before raft took this node in: ask again, until
+        // it is a voter or no longer meant to be a manager.
+        (NodeRole::Manager, NodeRole::Manager) if !in_raft && reply.accepted => {
+            info!("a manager not in raft yet: asking to join again");
+            return swarm.rejoin_raft().await;
+        }
+        _ => {}
     }
     if needs_renewal(&tls) {
         info!("renewing this node's certificate");
@@ -152,7 +168,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use std::time::Duration;
 
-    use shoal_api::node::NodeRole;
     use shoal_ca::{NodeIdentity, NodeKey, RootCa};
 
     use super::*;

@@ -165,6 +165,20 @@ impl Swarm {
         }
     }
 
+    /// The manager, for calls that read or change the swarm: only once its replica is a
+    /// voter (a manager still joining holds an empty or partial copy, which it must not
+    /// serve as the swarm's state).
+    pub fn serving_manager(&self) -> Result<Arc<Manager>, SwarmError> {
+        let manager = self.manager()?;
+        if !manager.is_voter() {
+            return Err(SwarmError::Unreachable(
+                "this node is still joining the managers (catching up with the swarm's state): try again in a moment"
+                    .into(),
+            ));
+        }
+        Ok(manager)
+    }
+
     pub fn local_state(&self) -> LocalNodeState {
         self.view().state
     }

@@ -13,6 +13,10 @@ pub struct JoinCall {
     pub listen_addr: String,
     pub availability: NodeAvailability,
     pub description: NodeDescription,
+    /// The same on every retry of one `swarm join`: a retried join whose first try did go
+    /// through gets the node it made, not a second one holding the hostname.
+    #[serde(default)]
+    pub request_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -55,6 +55,17 @@ impl Network {
         Network { client }
     }
 
+    /// Asks the manager at `addr` to stand for election now (the leader handing over).
+    pub async fn elect(&self, addr: &str) -> Result<(), String> {
+        let response =
+            self.client.post(format!("https://{addr}/raft/elect")).send().await.map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(response.text().await.unwrap_or_default())
+        }
+    }
+
     /// Hands `forward` to the manager at `addr` (the leader).
     pub async fn forward(&self, addr: &str, forward: &Forward) -> ForwardReply {
         let response = self
@@ -63,9 +74,15 @@ impl Network {
             .json(forward)
             .send()
             .await
-            // A leader we cannot reach (refused, reset, timed out) is, to the caller, no
-            // leader at all.
-            .map_err(|_| WriteError::NoLeader)?;
+            // A leader we cannot reach is, to the caller, no leader at all; one that got
+            // the write and did not answer may have applied it.
+            .map_err(|e| {
+                if e.is_connect() {
+                    WriteError::NoLeader
+                } else {
+                    WriteError::Ambiguous(format!("the leader at {addr} did not answer: {e}"))
+                }
+            })?;
         response
             .json::<ForwardReply>()
             .await
@@ -180,6 +197,7 @@ pub fn routes(store: Arc<ClusterStore>) -> Router {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/forward", post(forward))
+        .route("/raft/elect", post(elect))
         .layer(Extension(Arc::new(std::sync::Mutex::new(Reception::default()))))
         .layer(DefaultBodyLimit::max(MAX_MESSAGE))
         .layer(middleware::from_fn_with_state(store.clone(), managers_only))
@@ -361,6 +379,22 @@ impl SnapshotChunk {
             data: data.to_vec(),
             done: header.done,
         })
+    }
+}
+
+/// The leader, stopping, asks this manager to take over: it stands for election at once
+/// (the leader, whose log it has, votes for it and steps down). Only the current leader may
+/// ask.
+async fn elect(State(store): State<Arc<ClusterStore>>, Extension(peer): Extension<Peer>) -> Response {
+    let metrics = store.metrics();
+    let leader = metrics.current_leader.and_then(|id| metrics.membership_config.membership().get_node(&id).cloned());
+    let asked_by_leader = peer.0.as_ref().zip(leader).is_some_and(|(p, l)| p.node_id == l.node_id);
+    if !asked_by_leader {
+        return (StatusCode::FORBIDDEN, "only the leader may hand over leadership").into_response();
+    }
+    match store.raft().trigger().elect().await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 

@@ -35,9 +35,14 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// Raft timings. Swarmkit elects after 10 s (10 ticks of 1 s); shoal is much quicker while
 /// staying clear of spurious elections on a loaded two-core machine.
-const HEARTBEAT: Duration = Duration::from_millis(250);
-const ELECTION_MIN: Duration = Duration::from_millis(1500);
-const ELECTION_MAX: Duration = Duration::from_millis(3000);
+/// A follower stands for election after 0.5-1 s without hearing from the leader; the
+/// others grant their vote only once that long has passed since they heard from it (the
+/// leader lease, openraft's `election_timeout_max`), so a crashed leader is replaced in about
+/// a second. The heartbeat is a fifth of the shortest timeout: on a loaded two-core machine
+/// a follower still hears several before it would stand.
+const HEARTBEAT: Duration = Duration::from_millis(100);
+const ELECTION_MIN: Duration = Duration::from_millis(500);
+const ELECTION_MAX: Duration = Duration::from_millis(1000);
 /// One snapshot chunk (and, for the last, the follower's install of the whole state) may
 /// take this long: a 100k-task state is tens of MB to move, decode and persist on a loaded
 /// two-core machine. openraft's 200 ms default would never let a big snapshot land.
@@ -67,6 +72,10 @@ pub enum WriteError {
     NoLeader,
     #[error("{0}")]
     Unavailable(String),
+    /// The write was handed to raft but no answer came in time: it may yet be applied, or
+    /// not. Read before trying again (or retry with the same request ID where there is one).
+    #[error("the write may or may not have been applied ({0}): check before trying again")]
+    Ambiguous(String),
 }
 
 pub struct ClusterStore {
@@ -148,7 +157,8 @@ impl ClusterStore {
         self.shared.read(|s| stale_update(s, &batch))?;
         let forward = Forward::Write(Command::batch(now_rfc3339(), batch.0));
         match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
-            Err(_) | Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
+            Err(_) => Err(WriteError::Ambiguous(format!("no quorum answered within {WRITE_TIMEOUT:?}"))),
+            Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
             Ok(Err(Local::Failed(e))) => Err(e),
             Ok(Ok(applied)) => applied.ok_or_else(|| WriteError::Unavailable("raft returned no result".into())),
         }
@@ -241,13 +251,43 @@ impl ClusterStore {
 
     /// Runs `forward` here if we lead, else on the leader.
     async fn submit(&self, forward: Forward) -> Result<Option<Applied>, WriteError> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
-            Err(_) => Err(WriteError::NoLeader),
+        let tried = self.metrics().current_leader;
+        match self.submit_once(&forward).await {
+            // Mid-election, or the leader we knew is gone: wait for the outcome (about one
+            // election timeout) rather than fail a write a moment before another leads.
+            Err(WriteError::NoLeader) if self.wait_for_new_leader(tried, ELECTION_MAX * 2).await => {
+                self.submit_once(&forward).await
+            }
+            other => other,
+        }
+    }
+
+    /// Waits (bounded) until a leader other than `old` is known.
+    async fn wait_for_new_leader(&self, old: Option<RaftId>, limit: Duration) -> bool {
+        let mut metrics = self.raft.metrics();
+        let waited = tokio::time::timeout(limit, async {
+            loop {
+                let leader = metrics.borrow().current_leader;
+                if leader.is_some() && leader != old {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        waited.await.is_ok()
+    }
+
+    async fn submit_once(&self, forward: &Forward) -> Result<Option<Applied>, WriteError> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(forward)).await {
+            // Proposed here as leader, not committed in time: a quorum may still take it.
+            Err(_) => Err(WriteError::Ambiguous(format!("no quorum answered within {WRITE_TIMEOUT:?}"))),
             Ok(Ok(applied)) => Ok(applied),
             Ok(Err(Local::NotLeader(Some(leader)))) => {
-                tokio::time::timeout(WRITE_TIMEOUT, self.network.forward(&leader.addr, &forward))
-                    .await
-                    .unwrap_or(Err(WriteError::NoLeader))
+                tokio::time::timeout(WRITE_TIMEOUT, self.network.forward(&leader.addr, forward)).await.unwrap_or_else(
+                    |_| Err(WriteError::Ambiguous(format!("the leader at {} did not answer in time", leader.addr))),
+                )
             }
             Ok(Err(Local::NotLeader(None))) => Err(WriteError::NoLeader),
             Ok(Err(Local::Failed(e))) => Err(e),
@@ -258,7 +298,8 @@ impl ClusterStore {
     /// moved meanwhile the caller hears `NoLeader` and may retry.
     pub(crate) async fn execute_as_leader(&self, forward: Forward) -> Result<Option<Applied>, WriteError> {
         match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
-            Err(_) | Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
+            Err(_) => Err(WriteError::Ambiguous(format!("no quorum answered within {WRITE_TIMEOUT:?}"))),
+            Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
             Ok(Err(Local::Failed(e))) => Err(e),
             Ok(Ok(applied)) => Ok(applied),
         }
@@ -297,6 +338,52 @@ impl ClusterStore {
             }
             Err(RaftError::Fatal(e)) => Err(Local::Failed(WriteError::Unavailable(format!("raft stopped: {e}")))),
         }
+    }
+
+    /// A leader that is about to stop hands over (a graceful `docker` daemon stop, SIGTERM):
+    /// it waits until a voter has its whole log, asks that voter to stand for election now,
+    /// and waits for it to win, so writes pause for an election round trip instead of the
+    /// followers' election timeout. `false` if there was nothing to hand over or it did not
+    /// happen within `limit` (then the others elect as after a crash).
+    pub async fn hand_over(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        if !self.is_leader() {
+            return false;
+        }
+        let target = loop {
+            let metrics = self.metrics();
+            let membership = metrics.membership_config.membership().clone();
+            let caught_up = |id: &RaftId| {
+                metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index)
+                    >= metrics.last_log_index
+            };
+            let voters: Vec<RaftId> = membership.voter_ids().filter(|id| *id != self.raft_id).collect();
+            if voters.is_empty() {
+                return false;
+            }
+            if let Some(peer) = voters.iter().find(|id| caught_up(id)).and_then(|id| membership.get_node(id)) {
+                break peer.clone();
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        if let Err(e) = self.network.elect(&target.addr).await {
+            tracing::warn!(to = %target.node_id, error = %e, "handing over leadership failed");
+            return false;
+        }
+        let mut metrics = self.raft.metrics();
+        let handed = tokio::time::timeout_at(deadline, async {
+            while metrics.borrow().current_leader == Some(self.raft_id) {
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let handed = handed.await.is_ok();
+        info!(to = %target.node_id, handed, "leadership handed over");
+        handed
     }
 
     /// Waits until some manager leads (after bootstrap or a restart).

@@ -31,7 +31,7 @@ use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork};
 
 pub use api::{ApiClient, Response};
 pub use cgroups::command as cgroup_command;
-pub use cmd::{run, run_ok};
+pub use cmd::{run, run_ok, run_with_stdin};
 pub use netns::{command as netns_command, in_netns};
 pub use teardown::down;
 pub use workload::{

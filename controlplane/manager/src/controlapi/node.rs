@@ -1,5 +1,5 @@
 //! Nodes: list and inspect (with the manager status computed from raft), update (availability,
-//! labels, role — a demotion also takes the node out of raft), remove.
+//! labels, role — an intent the leader's role manager carries out in raft), remove.
 
 use shoal_api::node::{Node, NodeRole, NodeSpec, NodeState, Reachability};
 use std::sync::Arc;
@@ -108,21 +108,13 @@ pub async fn update(manager: &Manager, reference: &str, version: u64, spec: Node
         return Err(WriteError::from(CommandError::OutOfSequence).into());
     }
     let demoted = node.spec.role == NodeRole::Manager && spec.role == NodeRole::Worker;
-    if demoted {
-        let managers = manager.store().shared().read(|s| s.managers().count());
-        if managers <= 1 {
-            return Err(SwarmError::InvalidArgument("attempting to demote the last manager of the swarm".into()));
-        }
-        // Out of raft first, while it still counts towards the quorum that agrees to it.
-        if let Some((raft_id, _)) = manager.members().into_iter().find(|(_, p)| p.node_id == node.id) {
-            manager.store().remove_manager(raft_id).await?;
-        }
+    if demoted && manager.store().shared().read(|s| s.managers().count()) <= 1 {
+        return Err(SwarmError::InvalidArgument("attempting to demote the last manager of the swarm".into()));
     }
+    // The role is an intent: the leader's role manager takes a demoted node out of raft
+    // (and the node, seeing that, becomes a worker); a promoted node joins raft itself.
     let mut updated = Node::clone(&node);
     updated.spec = spec;
-    if demoted {
-        updated.manager_status = None;
-    }
     manager.store().write(Batch::new().update(updated, version)).await?;
     Ok(())
 }
