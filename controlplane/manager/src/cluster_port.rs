@@ -205,6 +205,15 @@ async fn raft_join(
             call.raft_id
         )));
     }
+    // One raft member per node, and a member ID is its node's alone: a node holding
+    // several would hold several votes.
+    let clash = manager.members().into_iter().find(|(id, p)| (*id == call.raft_id) != (p.node_id == caller.node_id));
+    if let Some((id, p)) = clash {
+        return Err(SwarmError::Conflict(format!(
+            "raft member {id} is node {}: node {} cannot join as member {}",
+            p.node_id, caller.node_id, call.raft_id
+        )));
+    }
     let peer = RaftPeer { node_id: caller.node_id.clone(), addr: call.addr.clone() };
     manager.store().add_manager(call.raft_id, peer).await?;
     let status = ManagerStatus { addr: call.addr, ..Default::default() };

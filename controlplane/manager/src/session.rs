@@ -86,7 +86,7 @@ async fn beat(
 /// Acts on what the managers want: a role change, or a certificate about to expire.
 async fn follow(swarm: &Arc<Swarm>, reply: &HeartbeatReply) -> Result<(), SwarmError> {
     let (membership, tls) = swarm.session_context()?;
-    let in_raft = reply.managers.contains(&crate::manager::cluster_addr(&membership));
+    let in_raft = reply.voter;
     match (membership.role, reply.role) {
         // Demoted: a worker only once the leader has taken this node out of raft, so it
         // never drops a replica that still counts towards the quorum.

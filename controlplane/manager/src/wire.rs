@@ -57,6 +57,9 @@ pub struct HeartbeatReply {
     pub managers: Vec<String>,
     /// The role the swarm wants this node in (promote/demote).
     pub role: NodeRole,
+    /// Whether this node is a raft voter now (by node ID: addresses can change).
+    #[serde(default)]
+    pub voter: bool,
 }
 
 /// `POST /renew` — a fresh certificate for the caller, with the role the store holds.

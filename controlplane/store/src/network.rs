@@ -38,8 +38,17 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forward {
     Write(Command),
-    AddManager { id: RaftId, peer: RaftPeer },
-    RemoveManager { id: RaftId },
+    AddManager {
+        id: RaftId,
+        peer: RaftPeer,
+    },
+    RemoveManager {
+        id: RaftId,
+    },
+    /// A voter or a learner out (leader-only roles; never forwarded).
+    RemoveMember {
+        id: RaftId,
+    },
 }
 
 pub type ForwardReply = Result<Option<Applied>, WriteError>;
@@ -213,11 +222,25 @@ async fn managers_only(State(store): State<Arc<ClusterStore>>, req: Request, nex
     if peer.role != NodeRole::Manager {
         return (StatusCode::FORBIDDEN, "only managers may call raft endpoints").into_response();
     }
-    let refused = store.shared().read(|state| {
-        state.removed_nodes.contains(&peer.node_id) || state.cluster().is_some_and(|c| c.info.id != peer.cluster_id)
+    let (refused, demoted) = store.shared().read(|state| {
+        let refused = state.removed_nodes.contains(&peer.node_id)
+            || state.cluster().is_some_and(|c| c.info.id != peer.cluster_id);
+        // A manager certificate outlives a demotion: once the store says worker and raft
+        // no longer has the node as a voter, the certificate no longer opens raft.
+        let worker = state.nodes.get(&peer.node_id).is_some_and(|n| n.spec.role != NodeRole::Manager);
+        (refused, worker)
     });
     if refused {
         return (StatusCode::FORBIDDEN, "this node's certificate is no longer valid in the swarm").into_response();
+    }
+    if demoted {
+        let metrics = store.metrics();
+        let membership = metrics.membership_config.membership();
+        let voter =
+            membership.voter_ids().any(|id| membership.get_node(&id).is_some_and(|p| p.node_id == peer.node_id));
+        if !voter {
+            return (StatusCode::FORBIDDEN, "this node is no longer a manager").into_response();
+        }
     }
     next.run(req).await
 }
@@ -238,7 +261,12 @@ pub enum SenderError {
 /// very node; an unknown one (added after what this replica has seen) must at least be one
 /// of the cluster's managers; a replica that knows no members yet (a manager joining)
 /// hears its leader.
-pub fn check_sender(store: &ClusterStore, peer: &NodeIdentity, sender: RaftId) -> Result<(), SenderError> {
+pub fn check_sender(
+    store: &ClusterStore,
+    peer: &NodeIdentity,
+    sender: RaftId,
+    call: RaftCall,
+) -> Result<(), SenderError> {
     let (retired, is_manager) = store.shared().read(|s| {
         let is_manager = s.nodes.get(&peer.node_id).is_some_and(|n| n.spec.role == NodeRole::Manager);
         (s.retired_raft_ids.contains(&sender), is_manager)
@@ -251,17 +279,28 @@ pub fn check_sender(store: &ClusterStore, peer: &NodeIdentity, sender: RaftId) -
     match membership.get_node(&sender) {
         Some(member) if member.node_id == peer.node_id => Ok(()),
         Some(_) => Err(SenderError::Impersonation { node: peer.node_id.clone(), member: sender }),
-        None if membership.nodes().next().is_none() || is_manager => Ok(()),
+        // A leader this replica has not heard of yet (added while it was away) must be able
+        // to bring it up to date; only votes need a member this replica knows, or a
+        // manager of the cluster.
+        None if call != RaftCall::Vote || membership.nodes().next().is_none() || is_manager => Ok(()),
         None => Err(SenderError::Stranger { node: peer.node_id.clone(), member: sender }),
     }
 }
 
+/// Which raft message a sender sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RaftCall {
+    Append,
+    Vote,
+    Snapshot,
+}
+
 /// Runs `check_sender` for a handler: the refusal to send back (403 naming the reason), if any.
-fn refusal(store: &ClusterStore, peer: &Peer, sender: RaftId) -> Option<Response> {
+fn refusal(store: &ClusterStore, peer: &Peer, sender: RaftId, call: RaftCall) -> Option<Response> {
     let Some(identity) = &peer.0 else {
         return Some((StatusCode::UNAUTHORIZED, "a manager certificate is required").into_response());
     };
-    let refused = check_sender(store, identity, sender).err()?;
+    let refused = check_sender(store, identity, sender, call).err()?;
     tracing::warn!(node = %identity.node_id, member = sender, error = %refused, "raft message refused");
     Some((StatusCode::FORBIDDEN, refused.to_string()).into_response())
 }
@@ -271,7 +310,7 @@ async fn append(
     Extension(peer): Extension<Peer>,
     Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Response {
-    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id) {
+    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id, RaftCall::Append) {
         return refused;
     }
     Json(store.raft().append_entries(rpc).await).into_response()
@@ -282,7 +321,7 @@ async fn vote(
     Extension(peer): Extension<Peer>,
     Json(rpc): Json<VoteRequest<RaftId>>,
 ) -> Response {
-    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id) {
+    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id, RaftCall::Vote) {
         return refused;
     }
     Json(store.raft().vote(rpc).await).into_response()
@@ -298,7 +337,7 @@ async fn snapshot(
         Ok(rpc) => rpc,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("snapshot chunk: {e}")).into_response(),
     };
-    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id) {
+    if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id, RaftCall::Snapshot) {
         return refused;
     }
     let accepted = reception.lock().unwrap_or_else(|p| p.into_inner()).accept(&rpc);

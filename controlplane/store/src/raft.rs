@@ -35,14 +35,14 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// Raft timings. Swarmkit elects after 10 s (10 ticks of 1 s); shoal is much quicker while
 /// staying clear of spurious elections on a loaded two-core machine.
-/// A follower stands for election after 0.5-1 s without hearing from the leader; the
-/// others grant their vote only once that long has passed since they heard from it (the
-/// leader lease, openraft's `election_timeout_max`), so a crashed leader is replaced in about
-/// a second. The heartbeat is a fifth of the shortest timeout: on a loaded two-core machine
-/// a follower still hears several before it would stand.
+/// Raft timings. A follower of a known leader stands for election once it has not heard
+/// from it for the leader lease (openraft: `election_timeout_max`) plus a random election
+/// timeout, here 1.0-1.2 s of silence: ten or more missed heartbeats, which a loaded
+/// two-core machine does not miss by accident, and a crashed leader replaced in about a
+/// second (swarmkit: 10 s).
 const HEARTBEAT: Duration = Duration::from_millis(100);
-const ELECTION_MIN: Duration = Duration::from_millis(500);
-const ELECTION_MAX: Duration = Duration::from_millis(1000);
+const ELECTION_MIN: Duration = Duration::from_millis(400);
+const ELECTION_MAX: Duration = Duration::from_millis(600);
 /// One snapshot chunk (and, for the last, the follower's install of the whole state) may
 /// take this long: a 100k-task state is tens of MB to move, decode and persist on a loaded
 /// two-core machine. openraft's 200 ms default would never let a big snapshot land.
@@ -80,6 +80,10 @@ pub enum WriteError {
 
 pub struct ClusterStore {
     raft: Raft<TypeConfig>,
+    /// Set while a stopping leader hands over: it takes no new writes (they would grow its
+    /// log past what the chosen successor holds, and the successor would lose the vote).
+    handing_over: std::sync::atomic::AtomicBool,
+    db: Arc<Db>,
     shared: Arc<Shared>,
     network: Network,
     raft_id: RaftId,
@@ -110,10 +114,18 @@ impl ClusterStore {
         .validate()
         .map_err(|e| WriteError::Unavailable(format!("raft config: {e}")))?;
         let network = Network::new(config.client);
-        let raft = Raft::new(config.raft_id, Arc::new(raft_config), network.clone(), LogStore::new(db), state_machine)
-            .await
-            .map_err(|e| WriteError::Unavailable(format!("starting raft: {e}")))?;
-        Ok(Arc::new(ClusterStore { raft, shared, network, raft_id: config.raft_id }))
+        let raft =
+            Raft::new(config.raft_id, Arc::new(raft_config), network.clone(), LogStore::new(db.clone()), state_machine)
+                .await
+                .map_err(|e| WriteError::Unavailable(format!("starting raft: {e}")))?;
+        Ok(Arc::new(ClusterStore {
+            raft,
+            handing_over: Default::default(),
+            shared,
+            network,
+            raft_id: config.raft_id,
+            db,
+        }))
     }
 
     /// Makes this replica the single member of a new cluster.
@@ -121,6 +133,12 @@ impl ClusterStore {
         let members = BTreeMap::from([(self.raft_id, me)]);
         self.raft.initialize(members).await.map_err(|e| WriteError::Unavailable(format!("initializing raft: {e}")))?;
         self.wait_for_leader(WRITE_TIMEOUT).await
+    }
+
+    /// Size in bytes of the snapshot this replica holds (sealed, as stored and sent), if any.
+    pub async fn snapshot_len(&self) -> Option<usize> {
+        let stored = crate::db::blocking(&self.db, |db| db.snapshot::<serde_json::Value>()).await.ok()?;
+        stored.map(|(_, data)| data.len())
     }
 
     pub fn raft_id(&self) -> RaftId {
@@ -155,12 +173,21 @@ impl ClusterStore {
     /// whose decisions rest on what this manager saw while leading.
     pub async fn write_as_leader(&self, batch: Batch) -> Result<Applied, WriteError> {
         self.shared.read(|s| stale_update(s, &batch))?;
-        let forward = Forward::Write(Command::batch(now_rfc3339(), batch.0));
+        let applied = self.run_as_leader(Forward::Write(Command::batch(now_rfc3339(), batch.0))).await?;
+        applied.ok_or_else(|| WriteError::Unavailable("raft returned no result".into()))
+    }
+
+    /// Takes member `id` (voter or learner) out of raft, only if this replica leads.
+    pub async fn remove_member_as_leader(&self, id: RaftId) -> Result<(), WriteError> {
+        self.run_as_leader(Forward::RemoveMember { id }).await.map(|_| ())
+    }
+
+    async fn run_as_leader(&self, forward: Forward) -> Result<Option<Applied>, WriteError> {
         match tokio::time::timeout(WRITE_TIMEOUT, self.try_local(&forward)).await {
             Err(_) => Err(WriteError::Ambiguous(format!("no quorum answered within {WRITE_TIMEOUT:?}"))),
             Ok(Err(Local::NotLeader(_))) => Err(WriteError::NoLeader),
             Ok(Err(Local::Failed(e))) => Err(e),
-            Ok(Ok(applied)) => applied.ok_or_else(|| WriteError::Unavailable("raft returned no result".into())),
+            Ok(Ok(applied)) => Ok(applied),
         }
     }
 
@@ -308,6 +335,10 @@ impl ClusterStore {
     async fn try_local(&self, forward: &Forward) -> Result<Option<Applied>, Local> {
         let result = match forward {
             Forward::Write(command) => {
+                if self.handing_over.load(std::sync::atomic::Ordering::Acquire) {
+                    // Writers wait for the successor (`submit` waits out an election).
+                    return Err(Local::NotLeader(None));
+                }
                 command.admissible().map_err(|e| Local::Failed(e.into()))?;
                 self.raft.client_write(command.clone()).await.map(|r| Some(r.data))
             }
@@ -321,6 +352,15 @@ impl ClusterStore {
                         .map(|_| None),
                     Err(e) => Err(e),
                 }
+            }
+            Forward::RemoveMember { id } => {
+                let voter = self.metrics().membership_config.membership().voter_ids().any(|v| v == *id);
+                let change = if voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
+                };
+                self.raft.change_membership(change, false).await.map(|_| None)
             }
             Forward::RemoveManager { id } => self
                 .raft
@@ -350,6 +390,13 @@ impl ClusterStore {
         if !self.is_leader() {
             return false;
         }
+        self.handing_over.store(true, std::sync::atomic::Ordering::Release);
+        let handed = self.hand_over_to_a_voter(deadline).await;
+        self.handing_over.store(false, std::sync::atomic::Ordering::Release);
+        handed
+    }
+
+    async fn hand_over_to_a_voter(&self, deadline: tokio::time::Instant) -> bool {
         let target = loop {
             let metrics = self.metrics();
             let membership = metrics.membership_config.membership().clone();

@@ -111,12 +111,28 @@ pub async fn update(manager: &Manager, reference: &str, version: u64, spec: Node
     if demoted && manager.store().shared().read(|s| s.managers().count()) <= 1 {
         return Err(SwarmError::InvalidArgument("attempting to demote the last manager of the swarm".into()));
     }
+    if demoted && !quorum_without(manager, &node.id) {
+        return Err(SwarmError::InvalidArgument(format!(
+            "can't demote {}: the managers left that are up would not make a majority (this would result in a loss of quorum)",
+            node.description.hostname
+        )));
+    }
     // The role is an intent: the leader's role manager takes a demoted node out of raft
     // (and the node, seeing that, becomes a worker); a promoted node joins raft itself.
     let mut updated = Node::clone(&node);
     updated.spec = spec;
     manager.store().write(Batch::new().update(updated, version)).await?;
     Ok(())
+}
+
+/// Whether the voters other than node `id` that are up would make a majority of their own
+/// set (swarmkit's `CanRemoveMember`).
+fn quorum_without(manager: &Manager, id: &str) -> bool {
+    let rest: Vec<String> = manager.voter_nodes().into_iter().filter(|n| n != id).collect();
+    let up = manager.store().shared().read(|s| {
+        rest.iter().filter(|n| s.nodes.get(n.as_str()).is_some_and(|n| n.status.state == NodeState::Ready)).count()
+    });
+    !rest.is_empty() && up > rest.len() / 2
 }
 
 /// `DELETE /nodes/{id}?force=`.
