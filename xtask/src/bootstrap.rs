@@ -76,9 +76,30 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Installs those of `packages` (name, why) that are missing: for what only a benchmark
+/// needs, installed when it first runs.
+pub fn ensure_packages(packages: &[(&'static str, &str)]) -> Result<()> {
+    let missing = missing_of(packages)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (package, why) in packages.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("bootstrap: installing {package} ({why})");
+    }
+    sh(Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn missing_packages() -> Result<Vec<&'static str>> {
+    missing_of(PACKAGES)
+}
+
+fn missing_of(packages: &[(&'static str, &str)]) -> Result<Vec<&'static str>> {
     let mut missing = Vec::new();
-    for (package, _why) in PACKAGES {
+    for (package, _why) in packages {
         let out = Command::new("dpkg-query")
             .args(["-W", "-f=${Status}", package])
             .output()

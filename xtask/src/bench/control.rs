@@ -18,8 +18,8 @@ use anyhow::{bail, Context, Result};
 use shoal_api::node::Node;
 use shoal_lab::{ApiClient, Lab, LabConfig};
 
-use super::stats::{summarize, Summary};
-use crate::workspace;
+use super::{stats::summarize, swarmkit};
+use crate::{bootstrap, workspace};
 
 const LAB: &str = "benchctl";
 const WRITES: usize = 300;
@@ -27,8 +27,9 @@ const READS: usize = 300;
 const THROUGHPUT_WINDOW: Duration = Duration::from_secs(5);
 const WRITERS: usize = 6;
 
-pub fn run(failovers: usize) -> Result<()> {
+pub fn run(failovers: usize, stability: Duration) -> Result<()> {
     let bin_dir = workspace::build_release()?;
+    bootstrap::ensure_packages(&[("docker.io", "dockerd 20.10: real Docker Swarm beside shoal in benchmarks")])?;
     eprintln!("== the store at scale: 1,000 nodes and 100,000 tasks through raft (in process, release)");
     let scale = scale()?;
     let lab =
@@ -47,12 +48,48 @@ pub fn run(failovers: usize) -> Result<()> {
     let ls_follower = reads(&follower_api, READS)?;
     eprintln!("== write throughput: {WRITERS} writers, each on its own node, for {THROUGHPUT_WINDOW:?}");
     let throughput = throughput(&lab, &leader_api)?;
-    eprintln!("== leader crash (SIGKILL), {failovers} times: writes through a survivor, the longest pause");
-    let crash = failover_times(&lab, failovers, Stop::Crash)?;
-    eprintln!("== leader graceful stop (SIGTERM), {failovers} times: writes through a survivor, the longest pause");
-    let graceful = failover_times(&lab, failovers, Stop::Graceful)?;
+    eprintln!("== stability: {stability:?} idle, then {stability:?} under writers: elections counted");
+    let elections = spurious_elections(&lab, &leader_api, stability)?;
+    let mut shoal = ShoalManagers(&lab);
+    eprintln!("== shoal: leader crash (SIGKILL), {failovers} times: writes through a survivor, the longest pause");
+    let crash = failover_times(&mut shoal, failovers, Stop::Crash, Duration::from_secs(4))?;
+    eprintln!("== shoal: leader graceful stop (SIGTERM), {failovers} times");
+    let graceful = failover_times(&mut shoal, failovers, Stop::Graceful, Duration::from_secs(4))?;
+    eprintln!("== shoal: a manager killed, until the leader shows it Down");
+    let down = (0..3).map(|_| node_down_time(&mut shoal)).collect::<Result<Vec<_>>>()?;
 
-    let measured = Measured { via_leader, via_follower, ls_leader, ls_follower, throughput, crash, graceful, scale };
+    eprintln!("== Docker Swarm (Debian dockerd 20.10, swarmkit): three managers on the same switch");
+    let swarmkit = match swarmkit::DockerSwarm::up(&lab) {
+        Ok(mut docker) => {
+            let settle = Duration::from_secs(25);
+            eprintln!("== swarmkit: leader crash (SIGKILL), {failovers} times");
+            let crash = failover_times(&mut docker, failovers, Stop::Crash, settle)?;
+            eprintln!("== swarmkit: leader graceful stop (SIGTERM), {failovers} times");
+            let graceful = failover_times(&mut docker, failovers, Stop::Graceful, settle)?;
+            eprintln!("== swarmkit: a manager killed, until the leader shows it Down");
+            let down = (0..3).map(|_| node_down_time(&mut docker)).collect::<Result<Vec<_>>>()?;
+            Some(Peer { crash, graceful, down })
+        }
+        Err(e) => {
+            eprintln!("  swarmkit could not run here: {e:#}");
+            None
+        }
+    };
+
+    let measured = Measured {
+        via_leader,
+        via_follower,
+        ls_leader,
+        ls_follower,
+        throughput,
+        crash,
+        graceful,
+        down,
+        elections,
+        stability,
+        swarmkit,
+        scale,
+    };
     let report = report(&measured);
     let path = workspace::root().join("docs/benchmarks/control-plane.md");
     std::fs::create_dir_all(path.parent().context("docs dir")?)?;
@@ -73,13 +110,15 @@ fn leader(lab: &Lab) -> Result<String> {
     bail!("no leader")
 }
 
-/// One label update: read the node, write it back at the version read. `Ok(true)` when
+/// One label update: read the node, write it back at the version read (as `docker node
+/// update` does; plain JSON, so the same call works against dockerd). `Ok(true)` when
 /// acknowledged.
 fn write_label(api: &ApiClient, node: &str, key: &str) -> Result<bool> {
-    let node: Node = api.get(&format!("/nodes/{node}"))?.json()?;
-    let mut spec = node.spec.clone();
-    spec.annotations.labels.insert(key.to_owned(), "1".into());
-    let response = api.post_json(&format!("/nodes/{}/update?version={}", node.id, node.meta.version.index), &spec)?;
+    let node: serde_json::Value = api.get(&format!("/nodes/{node}"))?.json()?;
+    let (id, version) = (node["ID"].as_str().unwrap_or_default(), node["Version"]["Index"].as_u64().unwrap_or(0));
+    let mut spec = node["Spec"].clone();
+    spec["Labels"][key] = "1".into();
+    let response = api.post_json(&format!("/nodes/{id}/update?version={version}"), &spec)?;
     Ok(response.status == 200)
 }
 
@@ -106,6 +145,30 @@ fn reads(api: &ApiClient, count: usize) -> Result<Vec<Duration>> {
         samples.push(started.elapsed());
     }
     Ok(samples)
+}
+
+/// Leadership terms begun so far on the lab's managers (each term's leader logs its
+/// liveness role starting).
+fn elections_so_far(lab: &Lab) -> usize {
+    ["mgr1", "mgr2", "mgr3"]
+        .iter()
+        .filter_map(|m| std::fs::read_to_string(&lab.host(m).ok()?.log).ok())
+        .map(|log| log.lines().filter(|l| l.contains("leader role started") && l.contains("liveness")).count())
+        .sum()
+}
+
+/// Elections during `window` idle, then during `window` with writers going: a healthy
+/// cluster has none (`(idle, loaded)`).
+fn spurious_elections(lab: &Lab, api: &ApiClient, window: Duration) -> Result<(usize, usize)> {
+    let start = elections_so_far(lab);
+    std::thread::sleep(window);
+    let idle = elections_so_far(lab) - start;
+    let started = Instant::now();
+    while started.elapsed() < window {
+        throughput(lab, api)?;
+    }
+    let loaded = elections_so_far(lab) - start - idle;
+    Ok((idle, loaded))
 }
 
 /// Acknowledged writes per second with several writers at once.
@@ -137,31 +200,75 @@ fn throughput(lab: &Lab, api: &ApiClient) -> Result<f64> {
     Ok(acked.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// A cluster of three managers the failover measurements run against: shoal's lab, or
+/// real Docker Swarm (`swarmkit.rs`).
+pub trait Managers {
+    fn names(&self) -> Vec<String>;
+    fn api(&self, name: &str) -> ApiClient;
+    fn leader(&self) -> Result<String>;
+    fn kill(&mut self, name: &str) -> Result<()>;
+    fn stop(&mut self, name: &str) -> Result<()>;
+    fn start(&mut self, name: &str) -> Result<()>;
+}
+
+/// shoal's lab as `Managers`.
+struct ShoalManagers<'a>(&'a Lab);
+
+impl Managers for ShoalManagers<'_> {
+    fn names(&self) -> Vec<String> {
+        ["mgr1", "mgr2", "mgr3"].map(String::from).to_vec()
+    }
+
+    fn api(&self, name: &str) -> ApiClient {
+        self.0.host(name).expect("a lab manager").api()
+    }
+
+    fn leader(&self) -> Result<String> {
+        leader(self.0)
+    }
+
+    fn kill(&mut self, name: &str) -> Result<()> {
+        self.0.kill(name)
+    }
+
+    fn stop(&mut self, name: &str) -> Result<()> {
+        self.0.stop(name)
+    }
+
+    fn start(&mut self, name: &str) -> Result<()> {
+        self.0.start(name).map(|_| ())
+    }
+}
+
 /// How the leader goes.
 #[derive(Clone, Copy)]
 enum Stop {
     /// SIGKILL: nothing runs on the way out.
     Crash,
-    /// SIGTERM: shoald's orderly stop, which hands leadership over first.
+    /// SIGTERM: an orderly stop (shoald hands leadership over first).
     Graceful,
 }
 
 /// A writer loops on a survivor the whole time; the leader goes; the figure is the longest
 /// gap between two acknowledged writes (the pause writers saw). Then the old leader comes
 /// back and catches up before the next round.
-fn failover_times(lab: &Lab, rounds: usize, stop: Stop) -> Result<Vec<Duration>> {
+fn failover_times(cluster: &mut dyn Managers, rounds: usize, stop: Stop, settle: Duration) -> Result<Vec<Duration>> {
     let mut samples = Vec::new();
     for round in 0..rounds {
-        let old = leader(lab)?;
-        let survivor = ["mgr1", "mgr2", "mgr3"].into_iter().find(|m| *m != old).unwrap();
-        let api = lab.host(survivor)?.api();
+        let old = cluster.leader()?;
+        let survivor = cluster.names().into_iter().find(|m| *m != old).context("no survivor")?;
+        let api = cluster.api(&survivor);
+        // Writes go to one node object: the survivor's own (by ID, as dockerd's hostnames
+        // in namespaces are all the machine's).
+        let nodes: serde_json::Value = api.get("/nodes")?.json()?;
+        let target = nodes[0]["ID"].as_str().context("no node to write to")?.to_owned();
         let done = Arc::new(AtomicBool::new(false));
         let writer = {
             let (api, done) = (api.clone(), done.clone());
             std::thread::spawn(move || {
                 let mut acks = vec![Instant::now()];
                 while !done.load(Ordering::Relaxed) {
-                    if write_label(&api, "wrk1", "failover").unwrap_or(false) {
+                    if write_label(&api, &target, "failover").unwrap_or(false) {
                         acks.push(Instant::now());
                     } else {
                         std::thread::sleep(Duration::from_millis(5));
@@ -173,18 +280,14 @@ fn failover_times(lab: &Lab, rounds: usize, stop: Stop) -> Result<Vec<Duration>>
         std::thread::sleep(Duration::from_millis(500));
         let stopped = Instant::now();
         match stop {
-            Stop::Crash => lab.kill(&old)?,
-            Stop::Graceful => lab.stop(&old)?,
+            Stop::Crash => cluster.kill(&old)?,
+            Stop::Graceful => cluster.stop(&old)?,
         }
-        // Long enough for any election; then the writer stops.
-        let settled = Instant::now() + Duration::from_secs(4);
-        while Instant::now() < settled {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        std::thread::sleep(settle);
         done.store(true, Ordering::Relaxed);
         let acks = writer.join().map_err(|_| anyhow::anyhow!("the writer panicked"))?;
         if !acks.iter().any(|a| *a > stopped) {
-            bail!("no write acknowledged within 4 s of stopping {old}");
+            bail!("no write acknowledged within {settle:?} of stopping {old}");
         }
         let pause = acks.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
         eprintln!(
@@ -193,10 +296,52 @@ fn failover_times(lab: &Lab, rounds: usize, stop: Stop) -> Result<Vec<Duration>>
             pause.as_secs_f64() * 1000.0
         );
         samples.push(pause);
-        lab.start(&old)?;
+        cluster.start(&old)?;
         std::thread::sleep(Duration::from_secs(3));
     }
     Ok(samples)
+}
+
+/// A manager that is not the leader is killed; the time until the leader shows its node
+/// Down (heartbeats missed), then it comes back.
+fn node_down_time(cluster: &mut dyn Managers) -> Result<Duration> {
+    let leader = cluster.leader()?;
+    let victim = cluster.names().into_iter().find(|m| *m != leader).context("no other manager")?;
+    let api = cluster.api(&leader);
+    let nodes: Vec<serde_json::Value> = api.get("/nodes")?.json()?;
+    // The victim's node: the one whose manager address is the victim's socket peer... found
+    // by asking the victim itself who it is before it goes.
+    let me: serde_json::Value = cluster.api(&victim).get("/info")?.json()?;
+    let id = me["Swarm"]["NodeID"].as_str().context("no node ID in /info")?.to_owned();
+    if !nodes.iter().any(|n| n["ID"] == id.as_str()) {
+        bail!("the leader does not list {victim}");
+    }
+    // Only a node the leader sees Ready can be seen to go (after a restart it may not have
+    // reported in yet).
+    let ready = Instant::now();
+    while api.get(&format!("/nodes/{id}"))?.json::<serde_json::Value>()?["Status"]["State"] != "ready" {
+        if ready.elapsed() > Duration::from_secs(60) {
+            bail!("{victim} not shown ready within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.kill(&victim)?;
+    let killed = Instant::now();
+    loop {
+        let node: serde_json::Value = api.get(&format!("/nodes/{id}"))?.json()?;
+        if node["Status"]["State"] == "down" {
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(120) {
+            bail!("{victim} not shown down within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = killed.elapsed();
+    eprintln!("  {victim} killed, shown down after {:.1} s", took.as_secs_f64());
+    cluster.start(&victim)?;
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(took)
 }
 
 /// Runs the in-process scale benchmark (release) and returns its figures.
@@ -214,7 +359,18 @@ fn scale() -> Result<serde_json::Value> {
     serde_json::from_str(text.lines().last().unwrap_or_default()).context("the scale benchmark's figures")
 }
 
+/// Docker Swarm's figures from the same harness.
+struct Peer {
+    crash: Vec<Duration>,
+    graceful: Vec<Duration>,
+    down: Vec<Duration>,
+}
+
 struct Measured {
+    down: Vec<Duration>,
+    elections: (usize, usize),
+    stability: Duration,
+    swarmkit: Option<Peer>,
     via_leader: Vec<Duration>,
     via_follower: Vec<Duration>,
     ls_leader: Vec<Duration>,
@@ -227,7 +383,6 @@ struct Measured {
 
 fn report(m: &Measured) -> String {
     let row = |what: &str, s: &[Duration]| -> String { summarize(s).row(what) };
-    let (crash, graceful): (Summary, Summary) = (summarize(&m.crash), summarize(&m.graceful));
     let f = |key: &str| m.scale[key].as_f64().unwrap_or(f64::NAN);
     format!(
         "# Control plane benchmark\n\n\
@@ -258,14 +413,8 @@ fn report(m: &Measured) -> String {
          | a 4th manager joins and catches up (snapshot sent, installed, voter) | {:.2} s, {:.0} MB/s |\n\
          | event latency, commit on the leader -> a follower's watcher | p50 {:.1} ms, p99 {:.1} ms |\n\
          | peak RSS of the process (4 managers' replicas, each holding it all) | {:.0} MiB |\n\n\
-         ## Beside swarmkit\n\n\
-         | | shoal (measured) | swarmkit default |\n\
-         |---|---|---|\n\
-         | writes paused by a leader crash | median {:.2} s, max {:.2} s | election after 10 s (10 ticks of 1 s) plus a heartbeat |\n\
-         | writes paused by a graceful leader stop | median {:.2} s, max {:.2} s | the same: no hand-over |\n\
-         | node shown Down after it stops | 3 missed heartbeats of 5 s = 15 s | ~15 s (5 s heartbeat with grace) |\n\n\
-         swarmkit's figures are its documented defaults; a measured Debian dockerd 20.10 swarm beside\n\
-         these is not in this report yet.\n",
+         ## Beside Docker Swarm\n\n\
+         {}\n",
         row("write through the leader", &m.via_leader),
         row("write through a follower (forwarded)", &m.via_follower),
         row("node ls on the leader", &m.ls_leader),
@@ -286,9 +435,40 @@ fn report(m: &Measured) -> String {
         f("event_p50_ms"),
         f("event_p99_ms"),
         f("peak_rss_kib_four_managers") / 1024.0,
-        crash.median / 1000.0,
-        crash.max / 1000.0,
-        graceful.median / 1000.0,
-        graceful.max / 1000.0,
+        beside_swarmkit(m),
     )
+}
+
+/// The comparison with real Docker Swarm, measured by the same harness in the same run.
+fn beside_swarmkit(m: &Measured) -> String {
+    let s = |d: &[Duration]| {
+        let s = summarize(d);
+        format!("{:.2} / {:.2} / {:.2} s", s.min / 1000.0, s.median / 1000.0, s.max / 1000.0)
+    };
+    let (idle, loaded) = m.elections;
+    let mut out = format!(
+        "min / median / max over the rounds; Docker Swarm is Debian's dockerd 20.10 (swarmkit), three\n\
+         managers in namespaces on the same lab switch, its defaults (heartbeat 5 s, election tick 10 s).\n\n\
+         | | shoal | Docker Swarm |\n\
+         |---|---|---|\n\
+         | writes paused by a leader crash (SIGKILL) | {} | {} |\n\
+         | writes paused by a graceful leader stop (SIGTERM) | {} | {} |\n\
+         | a manager killed -> the leader shows it Down | {} | {} |\n\n\
+         Spurious elections on shoal's lab: {idle} in {:?} idle, {loaded} in {:?} under the writers\n\
+         above (heartbeat 100 ms; a follower stands after 1.0-1.2 s of silence).\n",
+        s(&m.crash),
+        m.swarmkit.as_ref().map_or("not measured".into(), |p| s(&p.crash)),
+        s(&m.graceful),
+        m.swarmkit.as_ref().map_or("not measured".into(), |p| s(&p.graceful)),
+        s(&m.down),
+        m.swarmkit.as_ref().map_or("not measured".into(), |p| s(&p.down)),
+        m.stability,
+        m.stability,
+    );
+    if m.swarmkit.is_none() {
+        out.push_str(
+            "\nDocker Swarm could not be brought up on this machine in this run (see the benchmark's output).\n",
+        );
+    }
+    out
 }

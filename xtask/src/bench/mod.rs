@@ -5,17 +5,22 @@
 mod control;
 mod net;
 mod stats;
+mod swarmkit;
 
 use anyhow::Result;
 use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Control plane: leader failover, write latency and throughput, `node ls` latency.
+    /// Control plane: leader failover and node-down detection beside real Docker Swarm, write
+    /// latency and throughput, `node ls` latency, spurious elections, the store at 100k tasks.
     Control {
-        /// Failovers to measure.
+        /// Failovers to measure (each kind, each cluster).
         #[arg(long, default_value_t = 5)]
         failovers: usize,
+        /// Seconds idle, then as many under load, watching for spurious elections.
+        #[arg(long, default_value_t = 300)]
+        stability_seconds: u64,
     },
     /// Data plane: HTTP through shoal's mesh and VIPs vs a direct path, nftables and iptables
     /// at several scales; programming time; per-program BPF cost; overlay vs underlay TCP.
@@ -37,7 +42,9 @@ pub enum BenchCommand {
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Control { failovers } => control::run(failovers),
+        BenchCommand::Control { failovers, stability_seconds } => {
+            control::run(failovers, std::time::Duration::from_secs(stability_seconds))
+        }
         BenchCommand::Net { runs, seconds, scales, iperf_seconds } => {
             net::run(net::Options { runs, seconds, scales, iperf_seconds })
         }
