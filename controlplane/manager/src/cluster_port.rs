@@ -144,6 +144,7 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
         root_pem: cluster.info.tls_info.trust_root,
         cert_pem,
         managers: manager.manager_addrs(),
+        generation: manager.store().generation().to_owned(),
     }))
 }
 

@@ -30,6 +30,10 @@ pub struct Membership {
     /// Raft member ID while a manager.
     #[serde(default)]
     pub raft_id: Option<u64>,
+    /// The incarnation of the swarm this node belongs to (`StoreConfig::generation`): new
+    /// at `swarm init` and `--force-new-cluster`, learnt at join and from heartbeats.
+    #[serde(default)]
+    pub generation: String,
 }
 
 /// The data key as stored: plain, or wrapped by the unlock key under autolock.
@@ -65,13 +69,29 @@ impl SwarmDir {
     pub fn tls(&self) -> Result<TlsMaterial, SwarmError> {
         let certs = self.dir.join("certs");
         // Resolved once: a renewal switching generations between two reads must not give a
-        // certificate from one and a key from the other.
-        let generation = std::fs::canonicalize(&certs).map_err(|e| SwarmError::io("reading certs".into(), e))?;
+        // certificate from one and a key from the other. Without the link (a crash while a
+        // node from before generations moved over), the newest whole generation.
+        let generation = match std::fs::canonicalize(&certs) {
+            Ok(generation) => generation,
+            Err(e) => self.newest_generation().ok_or_else(|| SwarmError::io("reading certs".into(), e))?,
+        };
         let read = |name: &str| {
             std::fs::read_to_string(generation.join(name))
                 .map_err(|e| SwarmError::io(format!("reading certs/{name}"), e))
         };
         Ok(TlsMaterial { root_pem: read("root.crt")?, cert_pem: read("node.crt")?, key_pem: read("node.key")? })
+    }
+
+    /// The highest-numbered `certs-<n>` holding all three files.
+    fn newest_generation(&self) -> Option<PathBuf> {
+        let complete = |dir: &Path| ["root.crt", "node.crt", "node.key"].iter().all(|f| dir.join(f).is_file());
+        std::fs::read_dir(&self.dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_str()?.strip_prefix("certs-")?.parse::<u64>().ok()?, e.path())))
+            .filter(|(_, path)| complete(path))
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, path)| path)
     }
 
     /// Replaces root, certificate and key together: all three go into a new directory
@@ -230,6 +250,21 @@ mod tests {
         let left: Vec<_> =
             std::fs::read_dir(root.path().join("swarm")).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(left.iter().filter(|n| n.to_string_lossy().starts_with("certs-")).count(), 1, "{left:?}");
+    }
+
+    #[test]
+    fn a_crash_while_moving_over_leaves_the_pair_readable() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SwarmDir::new(root.path());
+        // The old directory renamed to generation 0, the link not made yet.
+        let moved = root.path().join("swarm/certs-0");
+        std::fs::create_dir_all(&moved).unwrap();
+        for (name, text) in [("root.crt", "root old"), ("node.crt", "cert old"), ("node.key", "key old")] {
+            std::fs::write(moved.join(name), text).unwrap();
+        }
+        assert_eq!(dir.tls().unwrap().key_pem, "key old");
+        dir.save_tls(&material("new")).unwrap();
+        assert_eq!(dir.tls().unwrap().key_pem, "key new");
     }
 
     #[test]

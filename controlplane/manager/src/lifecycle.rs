@@ -86,6 +86,7 @@ impl Swarm {
             listen_addr,
             managers: Vec::new(),
             raft_id: Some(new_raft_id()),
+            generation: shoal_ca::new_id().map_err(internal)?,
         };
         let addr = cluster_addr(&membership);
         let membership = Membership { managers: vec![addr.clone()], ..membership };
@@ -169,11 +170,19 @@ impl Swarm {
             .map_err(|e| SwarmError::io("removing the old raft data".into(), e))?;
         membership.raft_id = Some(new_raft_id());
         membership.managers = vec![addr.clone()];
+        // A new incarnation: the old managers' raft traffic is refused from the first moment
+        // the new replica serves, before it even has a membership.
+        membership.generation = shoal_ca::new_id().map_err(|e| SwarmError::Internal(e.to_string()))?;
         self.dir.save_membership(&membership)?;
         self.activate(membership.clone(), Some(data_key)).await?;
         let manager = self.manager()?;
         manager.store().bootstrap(RaftPeer { node_id: membership.node_id.clone(), addr }).await?;
         manager.store().restore(state).await?;
+        // The restore entry holds the whole state: snapshot it at once, so managers that join
+        // get the snapshot instead of an entry that may be too big for one raft message.
+        if let Err(e) = manager.store().raft().trigger().snapshot().await {
+            warn!(error = %e, "snapshot after the restore not started");
+        }
         info!(node = %membership.node_id, "new cluster forced from this manager's state");
         Ok(membership.node_id)
     }
@@ -230,6 +239,7 @@ impl Swarm {
             listen_addr,
             managers: if reply.managers.is_empty() { vec![remote.to_owned()] } else { reply.managers },
             raft_id: (reply.role == NodeRole::Manager).then(new_raft_id),
+            generation: reply.generation,
         };
         self.dir.save_tls(&tls)?;
         let data_key = match reply.role {

@@ -43,9 +43,14 @@ impl Manager {
     ) -> Result<Arc<Self>, SwarmError> {
         let raft_id = membership.raft_id.ok_or_else(|| SwarmError::Internal("a manager without a raft ID".into()))?;
         let client = shoal_store::transport::client(tls).map_err(|e| SwarmError::Internal(e.to_string()))?;
-        let store =
-            ClusterStore::open(StoreConfig { dir: dir.raft_dir(), data_key: data_key.clone(), raft_id, client })
-                .await?;
+        let store = ClusterStore::open(StoreConfig {
+            dir: dir.raft_dir(),
+            data_key: data_key.clone(),
+            raft_id,
+            client,
+            generation: membership.generation.clone(),
+        })
+        .await?;
         let server_tls = shoal_ca::tls::server_config(tls).map_err(|e| SwarmError::Internal(e.to_string()))?;
         let listener = TcpListener::bind(&membership.listen_addr)
             .await

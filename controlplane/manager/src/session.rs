@@ -70,8 +70,16 @@ async fn beat(
     for _ in 0..2 {
         let reply = post::<_, HeartbeatReply>(http, &addr, "heartbeat", &call).await?;
         if reply.accepted {
-            if reply.managers != membership.managers && !reply.managers.is_empty() {
-                swarm.update_managers(reply.managers.clone())?;
+            // A worker follows the swarm's incarnation (a manager's changes only with its own
+            // raft: a join or --force-new-cluster).
+            let generation = (membership.role == NodeRole::Worker
+                && !reply.generation.is_empty()
+                && reply.generation != membership.generation)
+                .then(|| reply.generation.clone());
+            if (reply.managers != membership.managers && !reply.managers.is_empty()) || generation.is_some() {
+                let managers =
+                    if reply.managers.is_empty() { membership.managers.clone() } else { reply.managers.clone() };
+                swarm.update_from_leader(managers, generation)?;
             }
             return Ok(reply);
         }

@@ -220,12 +220,20 @@ impl Swarm {
         self.config.description.clone()
     }
 
-    /// Remembers the managers the leader told us about (for failing over between them).
-    pub(crate) fn update_managers(&self, managers: Vec<String>) -> Result<(), SwarmError> {
+    /// Remembers the managers the leader told us about (for failing over between them) and,
+    /// on a worker, the swarm's incarnation.
+    pub(crate) fn update_from_leader(
+        &self,
+        managers: Vec<String>,
+        generation: Option<String>,
+    ) -> Result<(), SwarmError> {
         let mut updated = None;
         self.set_view(|v| {
             if let Some(m) = &mut v.membership {
                 m.managers = managers;
+                if let Some(generation) = generation {
+                    m.generation = generation;
+                }
                 updated = Some(m.clone());
             }
         });

@@ -28,6 +28,9 @@ pub struct JoinReply {
     pub cert_pem: String,
     /// Cluster ports of the managers, to fail over between.
     pub managers: Vec<String>,
+    /// The swarm's incarnation (`Membership::generation`).
+    #[serde(default)]
+    pub generation: String,
 }
 
 /// `POST /raft/join` — a node holding a manager certificate asks to become a raft member.
@@ -60,6 +63,10 @@ pub struct HeartbeatReply {
     /// Whether this node is a raft voter now (by node ID: addresses can change).
     #[serde(default)]
     pub voter: bool,
+    /// The swarm's incarnation: a worker follows it across a `--force-new-cluster`, so a
+    /// later promotion speaks to the new one.
+    #[serde(default)]
+    pub generation: String,
 }
 
 /// `POST /renew` — a fresh certificate for the caller, with the role the store holds.

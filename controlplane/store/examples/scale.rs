@@ -46,6 +46,7 @@ async fn manager(root: &RootCa, n: u64) -> Manager {
         data_key: DataKey::generate().unwrap(),
         raft_id: n,
         client: transport::client(&material).unwrap(),
+        generation: "bench".into(),
     })
     .await
     .unwrap();

@@ -53,21 +53,28 @@ pub enum Forward {
 
 pub type ForwardReply = Result<Option<Applied>, WriteError>;
 
+/// The header every raft-port request carries: the sender's cluster generation.
+pub const GENERATION_HEADER: &str = "x-shoal-generation";
+
 /// Dials other managers; cheap to clone.
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
+    generation: String,
 }
 
 impl Network {
-    pub fn new(client: reqwest::Client) -> Self {
-        Network { client }
+    pub fn new(client: reqwest::Client, generation: String) -> Self {
+        Network { client, generation }
+    }
+
+    fn post(&self, url: String) -> reqwest::RequestBuilder {
+        self.client.post(url).header(GENERATION_HEADER, &self.generation)
     }
 
     /// Asks the manager at `addr` to stand for election now (the leader handing over).
     pub async fn elect(&self, addr: &str) -> Result<(), String> {
-        let response =
-            self.client.post(format!("https://{addr}/raft/elect")).send().await.map_err(|e| e.to_string())?;
+        let response = self.post(format!("https://{addr}/raft/elect")).send().await.map_err(|e| e.to_string())?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -78,7 +85,6 @@ impl Network {
     /// Hands `forward` to the manager at `addr` (the leader).
     pub async fn forward(&self, addr: &str, forward: &Forward) -> ForwardReply {
         let response = self
-            .client
             .post(format!("https://{addr}/raft/forward"))
             .json(forward)
             .send()
@@ -100,7 +106,7 @@ impl Network {
 }
 
 pub struct PeerClient {
-    client: reqwest::Client,
+    network: Network,
     target: RaftId,
     addr: String,
 }
@@ -109,7 +115,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: RaftId, node: &RaftPeer) -> PeerClient {
-        PeerClient { client: self.client.clone(), target, addr: node.addr.clone() }
+        PeerClient { network: self.clone(), target, addr: node.addr.clone() }
     }
 }
 
@@ -132,7 +138,7 @@ impl PeerClient {
         E: DeserializeOwned + std::error::Error,
     {
         let response = self
-            .client
+            .network
             .post(format!("https://{}/raft/{path}", self.addr))
             .timeout(option.hard_ttl())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -175,7 +181,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> RpcResult<InstallSnapshotResponse<RaftId>, InstallSnapshotError> {
         let body = SnapshotChunk::encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let response = self
-            .client
+            .network
             .post(format!("https://{}/raft/snapshot", self.addr))
             .timeout(option.hard_ttl())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -221,6 +227,13 @@ async fn managers_only(State(store): State<Arc<ClusterStore>>, req: Request, nex
     };
     if peer.role != NodeRole::Manager {
         return (StatusCode::FORBIDDEN, "only managers may call raft endpoints").into_response();
+    }
+    // Another incarnation of the cluster (before or after a --force-new-cluster): never
+    // heard, whatever this replica holds, an empty one included.
+    let generation = req.headers().get(GENERATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if generation != store.generation() {
+        let message = "this manager belongs to another incarnation of the swarm (re-created with --force-new-cluster): leave the swarm and join again";
+        return (StatusCode::FORBIDDEN, message).into_response();
     }
     let (refused, demoted) = store.shared().read(|state| {
         let refused = state.removed_nodes.contains(&peer.node_id)

@@ -60,6 +60,11 @@ pub struct StoreConfig {
     pub raft_id: RaftId,
     /// Dials other managers with this node's certificate.
     pub client: reqwest::Client,
+    /// Which incarnation of the cluster this replica belongs to: new at `swarm init` and at
+    /// every `--force-new-cluster`, handed to nodes as they join. Raft traffic between
+    /// replicas of different generations is refused, whatever their state holds (an empty
+    /// replica too), so the old incarnation's managers cannot reach the new one.
+    pub generation: String,
 }
 
 /// Why a write did not happen. Nothing was changed in any case.
@@ -80,6 +85,7 @@ pub enum WriteError {
 
 pub struct ClusterStore {
     raft: Raft<TypeConfig>,
+    generation: String,
     /// Set while a stopping leader hands over: it takes no new writes (they would grow its
     /// log past what the chosen successor holds, and the successor would lose the vote).
     handing_over: std::sync::atomic::AtomicBool,
@@ -113,7 +119,7 @@ impl ClusterStore {
         }
         .validate()
         .map_err(|e| WriteError::Unavailable(format!("raft config: {e}")))?;
-        let network = Network::new(config.client);
+        let network = Network::new(config.client, config.generation.clone());
         let raft =
             Raft::new(config.raft_id, Arc::new(raft_config), network.clone(), LogStore::new(db.clone()), state_machine)
                 .await
@@ -121,6 +127,7 @@ impl ClusterStore {
         Ok(Arc::new(ClusterStore {
             raft,
             handing_over: Default::default(),
+            generation: config.generation,
             shared,
             network,
             raft_id: config.raft_id,
@@ -139,6 +146,11 @@ impl ClusterStore {
     pub async fn snapshot_len(&self) -> Option<usize> {
         let stored = crate::db::blocking(&self.db, |db| db.snapshot::<serde_json::Value>()).await.ok()?;
         stored.map(|(_, data)| data.len())
+    }
+
+    /// The cluster incarnation this replica belongs to (see `StoreConfig::generation`).
+    pub fn generation(&self) -> &str {
+        &self.generation
     }
 
     pub fn raft_id(&self) -> RaftId {

@@ -34,6 +34,7 @@ async fn manager(root: &RootCa, n: u64) -> Manager {
         data_key: DataKey::generate().unwrap(),
         raft_id: n,
         client: client.clone(),
+        generation: "g1".into(),
     })
     .await
     .unwrap();
@@ -110,13 +111,18 @@ async fn three_managers_replicate_forward_and_survive_the_leader() {
     // member 1 (node1) is refused, and the leader stays.
     let term = managers[0].store.metrics().current_term;
     let forged = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 5, 1), None);
-    let reply = managers[2]
-        .client
-        .post(format!("https://{}/raft/vote", managers[1].peer.addr))
-        .json(&forged)
-        .send()
-        .await
-        .unwrap();
+    let vote = |generation: &str| {
+        managers[2]
+            .client
+            .post(format!("https://{}/raft/vote", managers[1].peer.addr))
+            .header(network::GENERATION_HEADER, generation)
+            .json(&forged)
+    };
+    // Another incarnation of the cluster is not heard at all.
+    let other = vote("g0").send().await.unwrap();
+    assert_eq!(other.status(), reqwest::StatusCode::FORBIDDEN);
+    assert!(other.text().await.unwrap().contains("another incarnation"));
+    let reply = vote("g1").send().await.unwrap();
     assert_eq!(reply.status(), reqwest::StatusCode::FORBIDDEN);
     assert!(reply.text().await.unwrap().contains("may not speak for raft member 1"));
     assert_eq!(managers[1].store.metrics().current_term, term, "a forged vote changed nothing");

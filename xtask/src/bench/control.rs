@@ -52,20 +52,23 @@ pub fn run(failovers: usize, stability: Duration) -> Result<()> {
     let elections = spurious_elections(&lab, &leader_api, stability)?;
     let mut shoal = ShoalManagers(&lab);
     eprintln!("== shoal: leader crash (SIGKILL), {failovers} times: writes through a survivor, the longest pause");
-    let crash = failover_times(&mut shoal, failovers, Stop::Crash, Duration::from_secs(4))?;
+    let (settle, rejoin) = (Duration::from_secs(4), Duration::from_secs(3));
+    let crash = failover_times(&mut shoal, failovers, Stop::Crash, settle, rejoin)?;
     eprintln!("== shoal: leader graceful stop (SIGTERM), {failovers} times");
-    let graceful = failover_times(&mut shoal, failovers, Stop::Graceful, Duration::from_secs(4))?;
+    let graceful = failover_times(&mut shoal, failovers, Stop::Graceful, settle, rejoin)?;
     eprintln!("== shoal: a manager killed, until the leader shows it Down");
     let down = (0..3).map(|_| node_down_time(&mut shoal)).collect::<Result<Vec<_>>>()?;
 
     eprintln!("== Docker Swarm (Debian dockerd 20.10, swarmkit): three managers on the same switch");
     let swarmkit = match swarmkit::DockerSwarm::up(&lab) {
         Ok(mut docker) => {
-            let settle = Duration::from_secs(25);
+            // swarmkit elects after 10 ticks of 1 s and a restarted manager takes a while to
+            // rejoin: longer windows, so no round is cut short.
+            let (settle, rejoin) = (Duration::from_secs(40), Duration::from_secs(15));
             eprintln!("== swarmkit: leader crash (SIGKILL), {failovers} times");
-            let crash = failover_times(&mut docker, failovers, Stop::Crash, settle)?;
+            let crash = failover_times(&mut docker, failovers, Stop::Crash, settle, rejoin)?;
             eprintln!("== swarmkit: leader graceful stop (SIGTERM), {failovers} times");
-            let graceful = failover_times(&mut docker, failovers, Stop::Graceful, settle)?;
+            let graceful = failover_times(&mut docker, failovers, Stop::Graceful, settle, rejoin)?;
             eprintln!("== swarmkit: a manager killed, until the leader shows it Down");
             let down = (0..3).map(|_| node_down_time(&mut docker)).collect::<Result<Vec<_>>>()?;
             Some(Peer { crash, graceful, down })
@@ -252,7 +255,13 @@ enum Stop {
 /// A writer loops on a survivor the whole time; the leader goes; the figure is the longest
 /// gap between two acknowledged writes (the pause writers saw). Then the old leader comes
 /// back and catches up before the next round.
-fn failover_times(cluster: &mut dyn Managers, rounds: usize, stop: Stop, settle: Duration) -> Result<Vec<Duration>> {
+fn failover_times(
+    cluster: &mut dyn Managers,
+    rounds: usize,
+    stop: Stop,
+    settle: Duration,
+    rejoin: Duration,
+) -> Result<Vec<Duration>> {
     let mut samples = Vec::new();
     for round in 0..rounds {
         let old = cluster.leader()?;
@@ -278,7 +287,6 @@ fn failover_times(cluster: &mut dyn Managers, rounds: usize, stop: Stop, settle:
             })
         };
         std::thread::sleep(Duration::from_millis(500));
-        let stopped = Instant::now();
         match stop {
             Stop::Crash => cluster.kill(&old)?,
             Stop::Graceful => cluster.stop(&old)?,
@@ -286,10 +294,9 @@ fn failover_times(cluster: &mut dyn Managers, rounds: usize, stop: Stop, settle:
         std::thread::sleep(settle);
         done.store(true, Ordering::Relaxed);
         let acks = writer.join().map_err(|_| anyhow::anyhow!("the writer panicked"))?;
-        if !acks.iter().any(|a| *a > stopped) {
-            bail!("no write acknowledged within {settle:?} of stopping {old}");
-        }
-        let pause = acks.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+        // No write at all after the stop: the pause lasted at least the whole window.
+        let last = *acks.last().expect("the writer's first instant");
+        let pause = acks.windows(2).map(|w| w[1] - w[0]).chain([Instant::now() - last]).max().unwrap_or_default();
         eprintln!(
             "  round {}: {old} gone, writes through {survivor} paused at most {:.0} ms",
             round + 1,
@@ -297,7 +304,7 @@ fn failover_times(cluster: &mut dyn Managers, rounds: usize, stop: Stop, settle:
         );
         samples.push(pause);
         cluster.start(&old)?;
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(rejoin);
     }
     Ok(samples)
 }

@@ -72,6 +72,7 @@ impl Dispatcher {
                 managers,
                 role: node.spec.role,
                 voter,
+                generation: store.generation().to_owned(),
             });
         }
         self.heartbeats.record(node_id, Instant::now());
@@ -96,6 +97,7 @@ impl Dispatcher {
             managers,
             role: node.spec.role,
             voter,
+            generation: store.generation().to_owned(),
         })
     }
 }
