@@ -129,10 +129,17 @@ impl PeerClient {
         E: DeserializeOwned + std::error::Error,
     {
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        self.send(path, body, option).await
+        self.send(path, "application/json", body, option).await
     }
 
-    async fn send<Resp, E>(&self, path: &str, body: Vec<u8>, option: &RPCOption) -> RpcResult<Resp, E>
+    /// POSTs `body` to `/raft/{path}` and decodes openraft's answer.
+    async fn send<Resp, E>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
     where
         Resp: DeserializeOwned,
         E: DeserializeOwned + std::error::Error,
@@ -141,7 +148,7 @@ impl PeerClient {
             .network
             .post(format!("https://{}/raft/{path}", self.addr))
             .timeout(option.hard_ttl())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
             .send()
             .await
@@ -171,7 +178,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if body.len() > MAX_MESSAGE && rpc.entries.len() > 1 {
             return Err(PayloadTooLarge::new_entries_hint(rpc.entries.len() as u64 / 2).into());
         }
-        self.send("append", body, &option).await
+        self.send("append", "application/json", body, &option).await
     }
 
     async fn install_snapshot(
@@ -180,24 +187,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<RaftId>, InstallSnapshotError> {
         let body = SnapshotChunk::encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let response = self
-            .network
-            .post(format!("https://{}/raft/snapshot", self.addr))
-            .timeout(option.hard_ttl())
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
-        let reply: Result<InstallSnapshotResponse<RaftId>, RaftError<RaftId, InstallSnapshotError>> =
-            response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        self.send("snapshot", "application/octet-stream", body, &option).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<RaftId>, option: RPCOption) -> RpcResult<VoteResponse<RaftId>> {

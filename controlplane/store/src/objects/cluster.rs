@@ -1,13 +1,11 @@
 //! The swarm's own record: what `GET /swarm` shows (`ClusterInfo`, the view) plus the secrets
 //! only managers hold. There is at most one.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
-use shoal_api::swarm::{ClusterInfo, Meta};
+use shoal_api::swarm::ClusterInfo;
 
-use super::{Object, Rules, StoredObject};
-use crate::{state::ClusterState, table::Table, CommandError, Kind};
+use super::Rules;
+use crate::{state::ClusterState, CommandError};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
@@ -20,30 +18,7 @@ pub struct Cluster {
     pub unlock_key: Option<String>,
 }
 
-impl StoredObject for Cluster {
-    const KIND: Kind = Kind::Cluster;
-    fn id(&self) -> &str {
-        &self.info.id
-    }
-    fn meta(&self) -> &Meta {
-        &self.info.meta
-    }
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.info.meta
-    }
-    fn name(&self) -> &str {
-        &self.info.spec.annotations.name
-    }
-    fn wrap(object: Arc<Self>) -> Object {
-        Object::Cluster(object)
-    }
-    fn table(state: &ClusterState) -> &Table<Self> {
-        &state.clusters
-    }
-    fn table_mut(state: &mut ClusterState) -> &mut Table<Self> {
-        &mut state.clusters
-    }
-}
+stored_object!(Cluster in clusters, id: info.id, meta: info.meta, name: info.spec.annotations.name);
 
 impl Rules for Cluster {
     fn check_create(state: &ClusterState, _new: &Self) -> Result<(), CommandError> {

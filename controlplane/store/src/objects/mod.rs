@@ -5,6 +5,40 @@
 //! clients may see (the cluster's secrets), its file defines the stored shape and the API
 //! type is a view of it.
 
+/// The parts of `StoredObject` every kind writes alike: its kind, its table, and where its
+/// ID, `Meta` and name are (and, for kinds with more indexes, the function giving their keys).
+macro_rules! stored_object {
+    ($ty:ident in $table:ident, id: $($id:ident).+, meta: $($meta:ident).+, name: $($name:ident).+ $(, keys: $keys:path)?) => {
+        impl $crate::objects::StoredObject for $ty {
+            const KIND: $crate::objects::Kind = $crate::objects::Kind::$ty;
+            fn id(&self) -> &str {
+                &self.$($id).+
+            }
+            fn meta(&self) -> &shoal_api::swarm::Meta {
+                &self.$($meta).+
+            }
+            fn meta_mut(&mut self) -> &mut shoal_api::swarm::Meta {
+                &mut self.$($meta).+
+            }
+            fn name(&self) -> &str {
+                &self.$($name).+
+            }
+            $(fn index_keys(&self, keys: &mut Vec<($crate::objects::Index, String)>) {
+                $keys(self, keys)
+            })?
+            fn wrap(object: std::sync::Arc<Self>) -> $crate::objects::Object {
+                $crate::objects::Object::$ty(object)
+            }
+            fn table(state: &$crate::state::ClusterState) -> &$crate::table::Table<Self> {
+                &state.$table
+            }
+            fn table_mut(state: &mut $crate::state::ClusterState) -> &mut $crate::table::Table<Self> {
+                &mut state.$table
+            }
+        }
+    };
+}
+
 mod cluster;
 mod network;
 mod node;

@@ -1,36 +1,11 @@
 //! Networks: unique names.
 
-use std::sync::Arc;
+use shoal_api::network::Network;
 
-use shoal_api::{network::Network, swarm::Meta};
+use super::{unique_name, Rules};
+use crate::{state::ClusterState, CommandError};
 
-use super::{unique_name, Object, Rules, StoredObject};
-use crate::{state::ClusterState, table::Table, CommandError, Kind};
-
-impl StoredObject for Network {
-    const KIND: Kind = Kind::Network;
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn meta(&self) -> &Meta {
-        &self.meta
-    }
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.meta
-    }
-    fn name(&self) -> &str {
-        &self.spec.annotations.name
-    }
-    fn wrap(object: Arc<Self>) -> Object {
-        Object::Network(object)
-    }
-    fn table(state: &ClusterState) -> &Table<Self> {
-        &state.networks
-    }
-    fn table_mut(state: &mut ClusterState) -> &mut Table<Self> {
-        &mut state.networks
-    }
-}
+stored_object!(Network in networks, id: id, meta: meta, name: spec.annotations.name);
 
 impl Rules for Network {
     fn check_create(state: &ClusterState, new: &Self) -> Result<(), CommandError> {

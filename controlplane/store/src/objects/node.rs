@@ -1,42 +1,16 @@
 //! Nodes: unique hostnames, and a swarm never left without a manager. A deleted node's ID
 //! joins `removed_nodes` (the state does that), so its certificate stops working.
 
-use std::sync::Arc;
+use shoal_api::node::{Node, NodeRole, NodeState};
 
-use shoal_api::{
-    node::{Node, NodeRole, NodeState},
-    swarm::Meta,
-};
+use super::{Index, Rules};
+use crate::{state::ClusterState, CommandError};
 
-use super::{Index, Object, Rules, StoredObject};
-use crate::{state::ClusterState, table::Table, CommandError, Kind};
+stored_object!(Node in nodes, id: id, meta: meta, name: description.hostname, keys: node_keys);
 
-impl StoredObject for Node {
-    const KIND: Kind = Kind::Node;
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn meta(&self) -> &Meta {
-        &self.meta
-    }
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.meta
-    }
-    fn name(&self) -> &str {
-        &self.description.hostname
-    }
-    fn index_keys(&self, keys: &mut Vec<(Index, String)>) {
-        keys.push((Index::Role, self.spec.role.to_string()));
-    }
-    fn wrap(object: Arc<Self>) -> Object {
-        Object::Node(object)
-    }
-    fn table(state: &ClusterState) -> &Table<Self> {
-        &state.nodes
-    }
-    fn table_mut(state: &mut ClusterState) -> &mut Table<Self> {
-        &mut state.nodes
-    }
+/// The keys of a node in its kind's own indexes.
+fn node_keys(node: &Node, keys: &mut Vec<(Index, String)>) {
+    keys.push((Index::Role, node.spec.role.to_string()));
 }
 
 impl Rules for Node {

@@ -2,46 +2,22 @@
 //! the scheduler and the dispatcher make on every event. Like swarmkit, the store checks no
 //! references between tasks and services: the orchestrators own that consistency.
 
-use std::sync::Arc;
+use shoal_api::task::Task;
 
-use shoal_api::{swarm::Meta, task::Task};
+use super::{Index, Rules};
 
-use super::{Index, Object, Rules, StoredObject};
-use crate::{state::ClusterState, table::Table, Kind};
+stored_object!(Task in tasks, id: id, meta: meta, name: annotations.name, keys: task_keys);
 
-impl StoredObject for Task {
-    const KIND: Kind = Kind::Task;
-    fn id(&self) -> &str {
-        &self.id
+/// The keys of a task in its kind's own indexes.
+fn task_keys(task: &Task, keys: &mut Vec<(Index, String)>) {
+    if !task.service_id.is_empty() {
+        keys.push((Index::Service, task.service_id.clone()));
+        keys.push((Index::Slot, slot_key(&task.service_id, task.slot, &task.node_id)));
     }
-    fn meta(&self) -> &Meta {
-        &self.meta
+    if !task.node_id.is_empty() {
+        keys.push((Index::Node, task.node_id.clone()));
     }
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.meta
-    }
-    fn name(&self) -> &str {
-        &self.annotations.name
-    }
-    fn index_keys(&self, keys: &mut Vec<(Index, String)>) {
-        if !self.service_id.is_empty() {
-            keys.push((Index::Service, self.service_id.clone()));
-            keys.push((Index::Slot, slot_key(&self.service_id, self.slot, &self.node_id)));
-        }
-        if !self.node_id.is_empty() {
-            keys.push((Index::Node, self.node_id.clone()));
-        }
-        keys.push((Index::DesiredState, self.desired_state.as_str().to_owned()));
-    }
-    fn wrap(object: Arc<Self>) -> Object {
-        Object::Task(object)
-    }
-    fn table(state: &ClusterState) -> &Table<Self> {
-        &state.tasks
-    }
-    fn table_mut(state: &mut ClusterState) -> &mut Table<Self> {
-        &mut state.tasks
-    }
+    keys.push((Index::DesiredState, task.desired_state.as_str().to_owned()));
 }
 
 impl Rules for Task {}
