@@ -114,13 +114,6 @@ impl Manager {
         membership.membership().nodes().map(|(id, peer)| (*id, peer.clone())).collect()
     }
 
-    /// Node IDs of the raft voters.
-    pub fn voter_nodes(&self) -> std::collections::BTreeSet<String> {
-        let metrics = self.store.metrics();
-        let membership = metrics.membership_config.membership();
-        membership.voter_ids().filter_map(|id| membership.get_node(&id)).map(|p| p.node_id.clone()).collect()
-    }
-
     /// Whether this replica is a voter of the cluster it belongs to.
     pub fn is_voter(&self) -> bool {
         let raft_id = self.store.raft_id();

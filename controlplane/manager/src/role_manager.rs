@@ -118,10 +118,9 @@ pub fn reconcile(state: &ClusterState, members: &[(RaftId, RaftPeer)], voters: &
         .collect();
     unwanted.sort_by_key(|(has_node, id, _)| (*has_node, *id));
     if let Some((_, raft_id, peer)) = unwanted.first() {
-        let rest: Vec<&RaftPeer> =
-            members.iter().filter(|(id, _)| voters.contains(id) && id != raft_id).map(|(_, p)| p).collect();
-        let up_after = rest.iter().filter(|p| up(p)).count();
-        if !rest.is_empty() && up_after > rest.len() / 2 {
+        let rest =
+            members.iter().filter(|(id, _)| voters.contains(id) && id != raft_id).map(|(_, p)| p.node_id.as_str());
+        if quorum_of(state, rest) {
             actions.push(RoleAction::RemoveMember { node_id: peer.node_id.clone(), raft_id: *raft_id });
         }
     }
@@ -135,6 +134,17 @@ pub fn reconcile(state: &ClusterState, members: &[(RaftId, RaftPeer)], voters: &
         }
     }
     actions
+}
+
+/// Whether the voters (by node ID) that are up make a majority of them: a configuration a
+/// removal leaves must be able to commit (swarmkit's `CanRemoveMember`).
+pub fn quorum_of<'a>(state: &ClusterState, voters: impl Iterator<Item = &'a str>) -> bool {
+    let (mut all, mut up) = (0, 0);
+    for node in voters {
+        all += 1;
+        up += usize::from(state.nodes.get(node).is_some_and(|n| n.status.state == NodeState::Ready));
+    }
+    all > 0 && up > all / 2
 }
 
 #[cfg(test)]

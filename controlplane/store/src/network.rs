@@ -236,14 +236,8 @@ async fn managers_only(State(store): State<Arc<ClusterStore>>, req: Request, nex
     if refused {
         return (StatusCode::FORBIDDEN, "this node's certificate is no longer valid in the swarm").into_response();
     }
-    if demoted {
-        let metrics = store.metrics();
-        let membership = metrics.membership_config.membership();
-        let voter =
-            membership.voter_ids().any(|id| membership.get_node(&id).is_some_and(|p| p.node_id == peer.node_id));
-        if !voter {
-            return (StatusCode::FORBIDDEN, "this node is no longer a manager").into_response();
-        }
+    if demoted && !store.voter_nodes().contains(&peer.node_id) {
+        return (StatusCode::FORBIDDEN, "this node is no longer a manager").into_response();
     }
     next.run(req).await
 }

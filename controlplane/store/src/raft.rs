@@ -169,6 +169,13 @@ impl ClusterStore {
         self.raft.metrics().borrow().clone()
     }
 
+    /// Node IDs of the raft voters.
+    pub fn voter_nodes(&self) -> BTreeSet<String> {
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership();
+        membership.voter_ids().filter_map(|id| membership.get_node(&id)).map(|p| p.node_id.clone()).collect()
+    }
+
     pub fn is_leader(&self) -> bool {
         self.metrics().current_leader == Some(self.raft_id)
     }

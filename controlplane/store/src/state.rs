@@ -11,12 +11,7 @@
 use std::{collections::BTreeSet, sync::Arc};
 
 use serde::{Deserialize, Serialize};
-use shoal_api::{
-    network::Network,
-    node::{Node, NodeRole},
-    service::Service,
-    task::Task,
-};
+use shoal_api::{network::Network, node::Node, service::Service, task::Task};
 
 use crate::{
     command::{Body, Command, Mutation},
@@ -104,10 +99,6 @@ impl ClusterState {
             Kind::Task => of(&self.tasks, id),
             Kind::Network => of(&self.networks, id),
         }
-    }
-
-    pub fn is_manager(node: &Node) -> bool {
-        node.spec.role == NodeRole::Manager
     }
 
     /// Applies `command` at raft index `index`.

@@ -128,11 +128,9 @@ pub async fn update(manager: &Manager, reference: &str, version: u64, spec: Node
 /// Whether the voters other than node `id` that are up would make a majority of their own
 /// set (swarmkit's `CanRemoveMember`).
 fn quorum_without(manager: &Manager, id: &str) -> bool {
-    let rest: Vec<String> = manager.voter_nodes().into_iter().filter(|n| n != id).collect();
-    let up = manager.store().shared().read(|s| {
-        rest.iter().filter(|n| s.nodes.get(n.as_str()).is_some_and(|n| n.status.state == NodeState::Ready)).count()
-    });
-    !rest.is_empty() && up > rest.len() / 2
+    let voters = manager.store().voter_nodes();
+    let rest = voters.iter().map(String::as_str).filter(|n| *n != id);
+    manager.store().shared().read(|s| crate::role_manager::quorum_of(s, rest))
 }
 
 /// `DELETE /nodes/{id}?force=`.

@@ -63,7 +63,7 @@ impl Dispatcher {
         let (period_ns, node) = store.shared().read(|s| (heartbeat_period_ns(s), s.nodes.get(node_id).cloned()));
         let node = node.ok_or_else(|| SwarmError::NotFound(format!("node {node_id} not found")))?;
         let managers = manager.manager_addrs();
-        let voter = manager.voter_nodes().contains(node_id);
+        let voter = store.voter_nodes().contains(node_id);
         if !store.is_leader() {
             return Ok(HeartbeatReply {
                 accepted: false,

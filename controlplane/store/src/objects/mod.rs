@@ -179,27 +179,6 @@ impl Object {
             _ => None,
         }
     }
-
-    pub fn as_task(&self) -> Option<&Arc<Task>> {
-        match self {
-            Object::Task(t) => Some(t),
-            _ => None,
-        }
-    }
-
-    pub fn as_service(&self) -> Option<&Arc<Service>> {
-        match self {
-            Object::Service(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_cluster(&self) -> Option<&Arc<Cluster>> {
-        match self {
-            Object::Cluster(c) => Some(c),
-            _ => None,
-        }
-    }
 }
 
 macro_rules! from_object {

@@ -2,7 +2,7 @@
 //! each kind's invariants hold whatever order a batch takes.
 
 use shoal_api::{
-    node::{NodeAvailability, NodeSpec, NodeState},
+    node::{NodeAvailability, NodeRole, NodeSpec, NodeState},
     service::Service,
     task::TaskState,
 };
