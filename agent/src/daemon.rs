@@ -44,7 +44,7 @@ pub struct Config {
     /// bpffs directory under which this node pins its maps (in `<bpf-root>/<node-name>`).
     #[arg(long, default_value = "/sys/fs/bpf/shoal")]
     pub bpf_root: PathBuf,
-    /// UDP port of the VXLAN data path.
+    /// UDP port of the VXLAN data path outside a swarm (in one, the swarm's `DataPathPort`).
     #[arg(long, default_value_t = VXLAN_PORT)]
     pub vxlan_port: u16,
     /// The workloads' cgroup (v2): socket-level balancing attaches there.
@@ -121,10 +121,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let upstream = config.dns_upstream.or_else(crate::dns::system_upstream);
     let dns_task = tokio::spawn(crate::dns::serve(dns_socket, names.clone(), upstream));
 
+    // The swarm first: a member's overlays use the swarm's VXLAN port, so the device is made
+    // on it from the start rather than moved after a restart.
+    let daemon = DaemonInfo::read(&node_name, &config.data_root);
+    let swarm = Swarm::start(SwarmConfig {
+        data_root: config.data_root.clone(),
+        description: daemon.description(),
+        default_advertise_addr: Some(config.advertise_addr.into()),
+    })
+    .await;
+    let mut data_path_port = swarm.data_path_port();
+    let vxlan_port = data_path_port.borrow_and_update().unwrap_or(config.vxlan_port);
     let net = NetConfig {
         node_addr: config.advertise_addr,
         pin_dir: config.bpf_root.join(&node_name),
-        vxlan_port: config.vxlan_port,
+        vxlan_port,
         dns: Some(dns_addr),
     };
     let mut dataplane = Dataplane::start(net, names).await?;
@@ -133,14 +144,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let dataplane_file = config.data_root.join("dataplane.json");
     restore_dataplane(&mut dataplane, &dataplane_file).await;
-    let daemon = DaemonInfo::read(&node_name, &config.data_root);
-    let swarm = Swarm::start(SwarmConfig {
-        data_root: config.data_root.clone(),
-        description: daemon.description(),
-        default_advertise_addr: Some(config.advertise_addr.into()),
-    })
-    .await;
     let node = Arc::new(Node { dataplane: Mutex::new(dataplane), dataplane_file, swarm: swarm.clone(), daemon });
+    let port_task = tokio::spawn(follow_data_path_port(data_path_port, config.vxlan_port, node.clone()));
 
     let tcp = match config.tls_listen {
         Some(addr) => Some((
@@ -163,6 +168,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let _ = std::fs::remove_file(&config.socket);
     dns_task.abort();
+    port_task.abort();
     swarm.shutdown().await;
     if config.detach_on_exit {
         node.dataplane.lock().await.detach_all();
@@ -195,6 +201,16 @@ async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) {
     }
     if let Err(e) = dataplane.replace(DataplaneSpec::default(), |_| Ok(())).await {
         error!(error = %e, "could not clear the dataplane maps");
+    }
+}
+
+/// Keeps the VXLAN device on the swarm's data path port (`--vxlan-port` outside a swarm).
+async fn follow_data_path_port(mut port: tokio::sync::watch::Receiver<Option<u16>>, default: u16, node: Arc<Node>) {
+    while port.changed().await.is_ok() {
+        let wanted = port.borrow_and_update().unwrap_or(default);
+        if let Err(e) = node.dataplane.lock().await.set_vxlan_port(wanted).await {
+            error!(error = %e, port = wanted, "could not move the overlay to the swarm's data path port");
+        }
     }
 }
 

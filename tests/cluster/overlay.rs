@@ -10,7 +10,9 @@
 
 use shoal_common::stats::{ARP_REPLY, DELIVER_FROM_OVERLAY, DROP_FIRST, FORWARD_REMOTE};
 use shoal_lab::{ping, tcp_exchange, Conversation, TextServer};
-use shoal_tests::{addr, overlay_spec, plain_lab, vxlan_packets, workload};
+use std::time::Duration;
+
+use shoal_tests::{addr, docker_ok, eventually, overlay_spec, plain_lab, vxlan_packets, workload};
 
 const PORT: u16 = 7000;
 
@@ -128,4 +130,47 @@ fn lab_down_leaves_nothing_behind() {
     for pid in pids {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "shoald {pid} still running");
     }
+}
+
+/// `swarm init --data-path-port` moves every member's overlay to that UDP port: the
+/// manager's at once, a worker's when it joins, and it stays there across a restart.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn overlays_use_the_swarms_data_path_port() {
+    let lab = plain_lab("e2edpport", 1, 1);
+    let a = workload(&lab, "mgr1", "a", "10.78.0.2");
+    let b = workload(&lab, "wrk1", "b", "10.78.0.3");
+    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b]).unwrap()).unwrap();
+    let port_of = |host: &str| vxlan_port(lab.host(host).unwrap());
+    // The agent follows the swarm's port shortly after the call returns.
+    let moves_to = |host: &str, port: u64| {
+        eventually(&format!("{host}'s VXLAN device on port {port}"), Duration::from_secs(10), || {
+            (port_of(host) == Some(port)).then_some(())
+        })
+    };
+    assert_eq!((port_of("mgr1"), port_of("wrk1")), (Some(4789), Some(4789)), "outside a swarm: --vxlan-port");
+
+    docker_ok(&lab, "mgr1", &["swarm", "init", "--advertise-addr", "10.77.1.1", "--data-path-port", "7789"]);
+    moves_to("mgr1", 7789);
+    let token = docker_ok(&lab, "mgr1", &["swarm", "join-token", "-q", "worker"]);
+    docker_ok(&lab, "wrk1", &["swarm", "join", "--token", token.trim(), "10.77.1.1:2377"]);
+    moves_to("wrk1", 7789);
+
+    let wrk1 = lab.host("wrk1").unwrap();
+    let (_, rx_before) = vxlan_packets(wrk1).unwrap();
+    assert_eq!(ping(&a.netns, b.addr, 3).unwrap(), 3, "overlay traffic on the swarm's port");
+    let (_, rx_after) = vxlan_packets(wrk1).unwrap();
+    assert!(rx_after - rx_before >= 3, "wrk1's VXLAN device received {}", rx_after - rx_before);
+
+    lab.stop("wrk1").unwrap();
+    lab.start("wrk1").unwrap();
+    assert_eq!(port_of("wrk1"), Some(7789), "a restarted member keeps the swarm's port");
+    assert_eq!(ping(&a.netns, b.addr, 3).unwrap(), 3, "overlay traffic after the restart");
+}
+
+/// The UDP port of `host`'s VXLAN device, from the kernel (`None` while it is being made).
+fn vxlan_port(host: &shoal_lab::Host) -> Option<u64> {
+    let out = shoal_lab::run_ok(&["ip", "-n", &host.netns, "-d", "-j", "link", "show", "shoal_vxlan"]).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json[0]["linkinfo"]["info_data"]["port"].as_u64()
 }

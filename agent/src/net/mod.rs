@@ -23,8 +23,8 @@ use crate::net::{bpf::Datapath, link::Links, overlay::Plan};
 
 /// Name of the node's `vxlan external` device.
 pub const VXLAN_DEVICE: &str = "shoal_vxlan";
-/// IANA's VXLAN port, as Docker's overlay driver uses.
-pub const VXLAN_PORT: u16 = 4789;
+/// IANA's VXLAN port, as Docker's overlay driver uses, unless the swarm chose another.
+pub const VXLAN_PORT: u16 = shoal_api::swarm::DEFAULT_DATA_PATH_PORT;
 
 /// Where the node's network state lives.
 #[derive(Debug, Clone)]
@@ -41,6 +41,8 @@ pub struct NetConfig {
 
 pub struct Dataplane {
     config: NetConfig,
+    /// What the programs know of this node (`NODE_CONFIG`).
+    node: NodeConfig,
     links: Links,
     datapath: Datapath,
     /// What the kernel holds now: the last state applied in full.
@@ -58,26 +60,47 @@ impl Dataplane {
         names: std::sync::Arc<std::sync::RwLock<crate::dns::Names>>,
     ) -> Result<Self, NetError> {
         let links = Links::connect()?;
-        let mut datapath = Datapath::load(&config.pin_dir)?;
-        let vxlan = links.ensure_vxlan(VXLAN_DEVICE, config.vxlan_port, DEFAULT_OVERLAY_MTU).await?;
+        let datapath = Datapath::load(&config.pin_dir)?;
         let underlay = links.holding(config.node_addr).await?;
-        datapath.configure(NodeConfig {
-            vxlan_ifindex: vxlan,
+        let node = NodeConfig {
+            vxlan_ifindex: 0,
             underlay_ifindex: underlay.as_ref().map_or(0, |(index, _)| *index),
             underlay_addr: u32::from_ne_bytes(config.node_addr.octets()),
-        })?;
-        datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
-        info!(device = VXLAN_DEVICE, ifindex = vxlan, port = config.vxlan_port, "overlay device ready");
+        };
+        let mut dataplane =
+            Dataplane { config, node, links, datapath, spec: DataplaneSpec::default(), plan: Plan::default(), names };
+        dataplane.bring_up_overlay(dataplane.config.vxlan_port).await?;
         match &underlay {
             Some((index, name)) => {
-                datapath.attach_underlay(name, *index)?;
-                info!(device = %name, ifindex = index, addr = %config.node_addr, "routing mesh ready");
+                dataplane.datapath.attach_underlay(name, *index)?;
+                info!(device = %name, ifindex = index, addr = %dataplane.config.node_addr, "routing mesh ready");
             }
             None => {
-                warn!(addr = %config.node_addr, "no interface holds the node address: published ports will not answer")
+                warn!(addr = %dataplane.config.node_addr, "no interface holds the node address: published ports will not answer")
             }
         }
-        Ok(Dataplane { config, links, datapath, spec: DataplaneSpec::default(), plan: Plan::default(), names })
+        Ok(dataplane)
+    }
+
+    /// Moves the overlay to UDP `port` (the swarm's `DataPathPort`): the VXLAN device is made
+    /// again on that port and the programs follow it. Every node of a swarm uses one port.
+    pub async fn set_vxlan_port(&mut self, port: u16) -> Result<(), NetError> {
+        if port == self.config.vxlan_port {
+            return Ok(());
+        }
+        self.bring_up_overlay(port).await?;
+        self.config.vxlan_port = port;
+        Ok(())
+    }
+
+    /// Creates (or adopts) the VXLAN device on `port` and points the programs at it.
+    async fn bring_up_overlay(&mut self, port: u16) -> Result<(), NetError> {
+        let vxlan = self.links.ensure_vxlan(VXLAN_DEVICE, port, DEFAULT_OVERLAY_MTU).await?;
+        self.node.vxlan_ifindex = vxlan;
+        self.datapath.configure(self.node)?;
+        self.datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
+        info!(device = VXLAN_DEVICE, ifindex = vxlan, port, "overlay device ready");
+        Ok(())
     }
 
     /// Makes the kernel match `spec`, then calls `persist` with it; answers Ok only when

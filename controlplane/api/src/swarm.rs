@@ -40,6 +40,8 @@ pub struct Annotations {
 /// Default heartbeat period of the dispatcher (swarmkit: 5 s).
 pub const DEFAULT_HEARTBEAT_PERIOD_NS: i64 = 5_000_000_000;
 /// Default node certificate lifetime (swarmkit: 90 days).
+/// The UDP port of the VXLAN data path when `swarm init` names none (IANA's, as Docker's).
+pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
 pub const DEFAULT_NODE_CERT_EXPIRY_NS: i64 = 90 * 24 * 3600 * 1_000_000_000;
 /// Default number of old tasks kept per slot.
 pub const DEFAULT_TASK_HISTORY_LIMIT: i64 = 5;

@@ -145,6 +145,7 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
         cert_pem,
         managers: manager.manager_addrs(),
         generation: manager.store().generation().to_owned(),
+        data_path_port: u16::try_from(cluster.info.data_path_port).unwrap_or(0),
     }))
 }
 

@@ -87,6 +87,7 @@ impl Swarm {
             managers: Vec::new(),
             raft_id: Some(new_raft_id()),
             generation: shoal_ca::new_id().map_err(internal)?,
+            data_path_port: u16::try_from(data_path_port).unwrap_or(0),
         };
         let addr = cluster_addr(&membership);
         let membership = Membership { managers: vec![addr.clone()], ..membership };
@@ -240,6 +241,7 @@ impl Swarm {
             managers: if reply.managers.is_empty() { vec![remote.to_owned()] } else { reply.managers },
             raft_id: (reply.role == NodeRole::Manager).then(new_raft_id),
             generation: reply.generation,
+            data_path_port: reply.data_path_port,
         };
         self.dir.save_tls(&tls)?;
         let data_key = match reply.role {

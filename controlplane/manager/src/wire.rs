@@ -31,6 +31,9 @@ pub struct JoinReply {
     /// The swarm's incarnation (`Membership::generation`).
     #[serde(default)]
     pub generation: String,
+    /// The swarm's VXLAN port (`ClusterInfo::data_path_port`).
+    #[serde(default)]
+    pub data_path_port: u16,
 }
 
 /// `POST /raft/join` — a node holding a manager certificate asks to become a raft member.

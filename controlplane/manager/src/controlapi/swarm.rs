@@ -105,7 +105,7 @@ pub fn address_pool(pool: &[String], subnet_size: u32) -> Result<(Vec<String>, u
 /// The VXLAN port overlays use (dockerd: 4789 when unset, else within 1024-49151).
 pub fn data_path_port(port: u32) -> Result<u32, SwarmError> {
     match port {
-        0 => Ok(4789),
+        0 => Ok(u32::from(shoal_api::swarm::DEFAULT_DATA_PATH_PORT)),
         1024..=49151 => Ok(port),
         _ => Err(SwarmError::InvalidArgument(format!("data path port {port} is out of the valid range 1024-49151"))),
     }
