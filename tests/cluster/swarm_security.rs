@@ -4,9 +4,9 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use shoal_api::info::Info;
+use shoal_api::{info::Info, swarm::Swarm};
 use shoal_lab::Lab;
-use shoal_tests::{docker, docker_err, docker_ok, docker_with_stdin, eventually, lab, node_ls};
+use shoal_tests::{docker, docker_err, docker_ok, docker_with_stdin, eventually, lab, node_ls, NodeRow};
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
@@ -211,4 +211,102 @@ fn a_retried_join_makes_one_node() {
     assert_eq!(ghosts.lines().count(), 1, "{ghosts}");
     let (status, other) = join("request-two");
     assert_eq!(status, "409", "a second live node took the hostname: {other}");
+}
+
+/// `docker swarm ca --rotate`, as Docker does it: a new root; every node's certificate
+/// reissued by it while old and new are both trusted (the CLI's progress waits for all);
+/// then the new root alone and new join tokens. Raft between the managers and the workers'
+/// heartbeats go on throughout, a manager restarted afterwards comes back with its new
+/// certificate, tokens pinning the old root are refused and the new ones join. Then again
+/// with the operator's own root (`--ca-cert/--ca-key`), which must be a CA with its key.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ca_rotate_reissues_every_certificate_and_keeps_the_cluster_working() {
+    let lab = lab("e2ecarot", 3, 2);
+    let manager = "10.77.1.1:2377";
+    let before: Swarm = lab.host("mgr1").unwrap().api().get("/swarm").unwrap().json().unwrap();
+    // A node that is gone holds a rotation up (it could not come back after), so wrk2 leaves
+    // and is removed; it joins again afterwards.
+    docker_ok(&lab, "wrk2", &["swarm", "leave"]);
+    eventually("wrk2 down", Duration::from_secs(20), || {
+        node_ls(&lab, "mgr1")?.into_iter().find(|r| r.hostname == "wrk2" && r.status == "Down")
+    });
+    docker_ok(&lab, "mgr1", &["node", "rm", "wrk2"]);
+
+    // From a follower: the update is forwarded to the leader.
+    let printed = rotate(&lab, "mgr2", &[]);
+    let after = converged(&lab);
+    assert_ne!(after.cluster.tls_info.trust_root, before.cluster.tls_info.trust_root);
+    assert!(printed.contains(after.cluster.tls_info.trust_root.trim()), "the CLI prints the new root: {printed}");
+    assert_ne!(after.join_tokens.worker, before.join_tokens.worker);
+    assert_ne!(after.join_tokens.manager, before.join_tokens.manager);
+
+    // The cluster still works: writes through each manager, the workers heartbeating.
+    for host in ["mgr1", "mgr2", "mgr3"] {
+        docker_ok(&lab, host, &["node", "update", "--label-add", &format!("after-rotation={host}"), "wrk1"]);
+    }
+    lab.stop("mgr1").unwrap();
+    lab.start("mgr1").unwrap();
+    eventually("every node ready and every manager reachable", Duration::from_secs(40), || {
+        let rows = node_ls(&lab, "mgr1")?;
+        let manager_ok =
+            |r: &NodeRow| r.hostname.starts_with("wrk") || ["Leader", "Reachable"].contains(&&*r.manager_status);
+        (rows.len() == 4 && rows.iter().all(|r| r.status == "Ready" && manager_ok(r))).then_some(())
+    });
+    let err = docker_err(&lab, "wrk2", &["swarm", "join", "--token", &before.join_tokens.worker, manager]);
+    assert!(err.contains("root CA does not match the join token"), "a token pinning the old root: {err}");
+    let joined = docker_ok(&lab, "wrk2", &["swarm", "join", "--token", &after.join_tokens.worker, manager]);
+    assert!(joined.contains("This node joined a swarm as a worker."), "{joined}");
+
+    // The operator's root: refused whole unless it is a CA with its own key.
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, other) = (shoal_ca::RootCa::generate().unwrap(), shoal_ca::RootCa::generate().unwrap());
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let (cert, key, wrong_key) =
+        (file("ca.pem", ours.cert_pem()), file("ca-key.pem", &ours.key_pem()), file("other.pem", &other.key_pem()));
+    let out = lab
+        .command("mgr1", &argv(&["docker", "swarm", "ca", "--rotate", "--ca-cert", &cert, "--ca-key", &wrong_key]))
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the key does not belong to the certificate"));
+    let unchanged: Swarm = lab.host("mgr1").unwrap().api().get("/swarm").unwrap().json().unwrap();
+    assert!(!unchanged.cluster.root_rotation_in_progress && unchanged.cluster.tls_info == after.cluster.tls_info);
+    rotate(&lab, "mgr1", &["--ca-cert", &cert, "--ca-key", &key]);
+    let operator = converged(&lab);
+    assert_eq!(operator.cluster.tls_info.trust_root, ours.cert_pem());
+}
+
+/// `docker swarm ca --rotate ARGS` on `host`, within two minutes; its stdout.
+fn rotate(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let line = [&["timeout", "120", "docker", "swarm", "ca", "--rotate"], args].concat();
+    let out = lab.command(host, &argv(&line)).unwrap().output().unwrap();
+    assert!(
+        out.status.success(),
+        "swarm ca --rotate: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The swarm once its root rotation is done, checked against every node's own report: each
+/// trusts the new root alone and holds a certificate it issued.
+fn converged(lab: &Lab) -> Swarm {
+    let swarm: Swarm = lab.host("mgr1").unwrap().api().get("/swarm").unwrap().json().unwrap();
+    assert!(!swarm.cluster.root_rotation_in_progress);
+    let nodes: Vec<shoal_api::node::Node> = lab.host("mgr1").unwrap().api().get("/nodes").unwrap().json().unwrap();
+    for node in nodes {
+        assert_eq!(node.description.tls_info, swarm.cluster.tls_info, "{}", node.description.hostname);
+    }
+    swarm
+}
+
+fn argv(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| (*w).to_owned()).collect()
 }

@@ -1,6 +1,8 @@
 //! The cluster's root of trust, as Swarm builds it (swarmkit `ca/`):
 //!
 //! - `root`: the cluster root CA made at `swarm init`, which signs every node certificate.
+//! - `issuer`: who issued a certificate (a root rotation is done when every node's issuer
+//!   is the new root).
 //! - `node`: a node's key, its certificate request, and the identity a certificate carries
 //!   (CN = node ID, OU = role, O = cluster ID).
 //! - `token`: join tokens `SWMTKN-1-<CA digest>-<secret>`; the digest pins the CA.
@@ -11,6 +13,7 @@
 
 mod base36;
 mod error;
+pub mod issuer;
 pub mod node;
 pub mod root;
 pub mod seal;
@@ -19,6 +22,7 @@ pub mod token;
 pub mod unlock;
 
 pub use error::CaError;
+pub use issuer::IssuerInfo;
 pub use node::{NodeIdentity, NodeKey};
 pub use root::RootCa;
 pub use seal::DataKey;

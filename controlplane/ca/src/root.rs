@@ -9,6 +9,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
 
 use crate::{node::NodeIdentity, CaError};
@@ -44,9 +45,18 @@ impl RootCa {
         Ok(RootCa { cert, cert_pem, key })
     }
 
-    /// The root as stored in the cluster state.
+    /// The root as stored in the cluster state, or as an operator hands it to
+    /// `swarm ca --rotate --ca-cert --ca-key`: a CA certificate and the key it was made for.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem)?;
+        let der = pem_to_der(cert_pem)?;
+        let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+        if !parsed.is_ca() {
+            return Err(CaError::InvalidCertificate("the certificate is not a CA certificate".into()));
+        }
+        if parsed.public_key().raw != key.public_key_der().as_slice() {
+            return Err(CaError::InvalidCertificate("the key does not belong to the certificate".into()));
+        }
         // rcgen signs with an issuer `Certificate`; re-deriving it from the stored one keeps
         // the subject and key, which is all a signature by this root depends on.
         let cert = CertificateParams::from_ca_cert_pem(cert_pem)?.self_signed(&key)?;
@@ -65,6 +75,15 @@ impl RootCa {
     /// SHA-256 of the root certificate (DER): what join tokens pin.
     pub fn digest(&self) -> Result<[u8; 32], CaError> {
         digest_of_pem(&self.cert_pem)
+    }
+
+    /// `next`'s certificate signed by this root: a node that trusts only this root can check a
+    /// certificate `next` issued through it, so a root rotation can reissue certificates
+    /// before every node has learnt the new root.
+    pub fn cross_sign(&self, next: &RootCa) -> Result<String, CaError> {
+        let mut params = CertificateParams::from_ca_cert_pem(&next.cert_pem)?;
+        params.serial_number = None;
+        Ok(params.signed_by(&next.key, &self.cert, &self.key)?.pem())
     }
 
     /// Signs the key in `csr_pem` into a certificate for `identity`, valid for `lifetime`.

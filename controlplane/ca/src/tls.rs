@@ -17,7 +17,7 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
 
-use crate::{root::digest_of_der, CaError, JoinToken};
+use crate::{issuer::all, root::digest_of_der, CaError, JoinToken};
 
 pub use crate::node::MANAGER_OU as MANAGER_SERVER_NAME;
 
@@ -36,25 +36,26 @@ pub struct TlsMaterial {
 }
 
 impl TlsMaterial {
+    /// Every root in `root_pem`: one, or during a root rotation the old and the new.
     fn root_store(&self) -> Result<RootCertStore, CaError> {
         let mut roots = RootCertStore::empty();
-        roots.add(parse_cert(&self.root_pem)?)?;
+        for root in all(&self.root_pem)? {
+            roots.add(root)?;
+        }
         Ok(roots)
     }
 
-    /// `[node cert, root]`: the root rides along so a joining node can match it to its token.
+    /// `[node cert, intermediates.., roots..]`: during a rotation the new root cross-signed
+    /// by the old one follows the node certificate, so nodes still trusting only the old root
+    /// accept it; the roots ride along so a joining node can match one to its token.
     fn chain(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        Ok(vec![parse_cert(&self.cert_pem)?, parse_cert(&self.root_pem)?])
+        Ok([all(&self.cert_pem)?, all(&self.root_pem)?].concat())
     }
 
     fn key(&self) -> Result<PrivateKeyDer<'static>, CaError> {
         PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
             .map_err(|e| CaError::InvalidCertificate(format!("private key: {e}")))
     }
-}
-
-fn parse_cert(pem: &str) -> Result<CertificateDer<'static>, CaError> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CaError::InvalidCertificate(e.to_string()))
 }
 
 /// What a manager serves with.
@@ -266,6 +267,67 @@ mod tests {
         let server = server_config(&material(&root, NodeRole::Worker)).unwrap();
         let err = handshake(client_config(&material(&root, NodeRole::Worker)).unwrap(), server).unwrap_err();
         assert!(err.to_string().contains("not valid for name"), "{err}");
+    }
+
+    /// A node certificate from `issuer` (with `cross`, its root cross-signed, in the chain),
+    /// held by a node trusting `trust`.
+    fn rotated(issuer: &RootCa, cross: Option<&str>, trust: &[&RootCa], role: NodeRole) -> TlsMaterial {
+        let mut tls = material(issuer, role);
+        tls.cert_pem.push_str(cross.unwrap_or_default());
+        tls.root_pem = trust.iter().map(|r| r.cert_pem()).collect();
+        tls
+    }
+
+    #[test]
+    fn a_root_rotation_keeps_every_pair_of_nodes_talking() {
+        let (old, new) = (RootCa::generate().unwrap(), RootCa::generate().unwrap());
+        let cross = old.cross_sign(&new).unwrap();
+        let cross = Some(cross.as_str());
+        // Mid-rotation: reissued and not yet reissued nodes, with and without the new root.
+        let nodes = [
+            rotated(&old, None, &[&old], NodeRole::Manager),
+            rotated(&old, None, &[&old, &new], NodeRole::Manager),
+            rotated(&new, cross, &[&old], NodeRole::Manager),
+            rotated(&new, cross, &[&old, &new], NodeRole::Manager),
+        ];
+        for server in &nodes {
+            for client in &nodes {
+                handshake(client_config(client).unwrap(), server_config(server).unwrap()).unwrap();
+            }
+        }
+        // Done: every node reissued and trusting the new root alone.
+        let done = rotated(&new, cross, &[&new], NodeRole::Manager);
+        let fresh = rotated(&new, None, &[&new], NodeRole::Manager);
+        for (a, b) in [(&done, &fresh), (&fresh, &done), (&nodes[3], &fresh), (&fresh, &nodes[3])] {
+            handshake(client_config(a).unwrap(), server_config(b).unwrap()).unwrap();
+        }
+        // ... and a certificate of the old root alone is no longer accepted.
+        assert!(handshake(client_config(&nodes[0]).unwrap(), server_config(&fresh).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_issuer_of_a_reissued_certificate_is_the_new_root() {
+        let (old, new) = (RootCa::generate().unwrap(), RootCa::generate().unwrap());
+        let cross = old.cross_sign(&new).unwrap();
+        let reissued = rotated(&new, Some(&cross), &[&old], NodeRole::Worker);
+        let issuer = crate::IssuerInfo::of_leaf(&reissued.cert_pem, &reissued.root_pem).unwrap();
+        assert_eq!(issuer, crate::IssuerInfo::of_ca(new.cert_pem()).unwrap());
+        let before = rotated(&old, None, &[&old, &new], NodeRole::Worker);
+        let issuer = crate::IssuerInfo::of_leaf(&before.cert_pem, &before.root_pem).unwrap();
+        assert_eq!(issuer, crate::IssuerInfo::of_ca(old.cert_pem()).unwrap());
+        assert_ne!(
+            crate::IssuerInfo::of_ca(old.cert_pem()).unwrap(),
+            crate::IssuerInfo::of_ca(new.cert_pem()).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_operator_root_must_be_a_ca_with_its_own_key() {
+        let (a, b) = (RootCa::generate().unwrap(), RootCa::generate().unwrap());
+        assert!(RootCa::from_pem(a.cert_pem(), &a.key_pem()).is_ok());
+        assert!(RootCa::from_pem(a.cert_pem(), &b.key_pem()).is_err(), "another root's key");
+        let leaf = material(&a, NodeRole::Worker);
+        assert!(RootCa::from_pem(&leaf.cert_pem, &leaf.key_pem).is_err(), "a node certificate");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! endpoint but `/join` wants a certificate of this cluster whose node has not been removed;
 //! `/raft/*` and `/raft/join` want a manager's.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::{
     extract::{Request, State},
@@ -13,12 +13,13 @@ use axum::{
     Extension, Json, Router,
 };
 use shoal_api::node::{ManagerStatus, Node, NodeRole, NodeSpec, NodeState, NodeStatus};
-use shoal_ca::{JoinToken, NodeIdentity, RootCa};
+use shoal_ca::{JoinToken, NodeIdentity};
 use shoal_store::{objects::node_replaceable, transport::Peer, Batch, CommandError, Index, Kind, RaftPeer, WriteError};
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::{
+    root_ca,
     wire::{ErrorReply, HeartbeatCall, HeartbeatReply, JoinCall, JoinReply, RaftJoinCall, RenewCall, RenewReply},
     Manager, SwarmError,
 };
@@ -94,11 +95,7 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
         shoal_ca::id_for(&cluster.info.id, &call.request_id)
     };
     let identity = NodeIdentity { node_id: node_id.clone(), role, cluster_id: cluster.info.id.clone() };
-    let root = RootCa::from_pem(&cluster.info.tls_info.trust_root, &cluster.root_key_pem)
-        .map_err(|e| SwarmError::Internal(e.to_string()))?;
-    let cert_pem = root
-        .issue(&call.csr_pem, &identity, cert_lifetime(&cluster))
-        .map_err(|e| SwarmError::InvalidArgument(format!("certificate request: {e}")))?;
+    let cert_pem = root_ca::issue(&cluster, &call.csr_pem, &identity)?;
     let node = Node {
         id: node_id.clone(),
         spec: NodeSpec { role, availability: call.availability, ..Default::default() },
@@ -139,9 +136,9 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
     }
     Ok(Json(JoinReply {
         node_id,
+        root_pem: cluster.trust_bundle(),
         cluster_id: cluster.info.id,
         role,
-        root_pem: cluster.info.tls_info.trust_root,
         cert_pem,
         managers: manager.manager_addrs(),
         generation: manager.store().generation().to_owned(),
@@ -153,14 +150,9 @@ fn invalid_token() -> SwarmError {
     SwarmError::InvalidArgument("A valid join token is necessary to join this cluster".into())
 }
 
-fn cert_lifetime(cluster: &shoal_store::Cluster) -> Duration {
-    let ns = cluster.info.spec.ca_config.node_cert_expiry;
-    let ns = if ns > 0 { ns } else { shoal_api::swarm::DEFAULT_NODE_CERT_EXPIRY_NS };
-    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
-}
-
-/// A fresh certificate for the caller, carrying the role the store holds now: this is how a
-/// promotion or demotion reaches the node's certificate.
+/// A fresh certificate for the caller, carrying the role the store holds now (this is how a
+/// promotion or demotion reaches the node's certificate), from the root that signs now (how a
+/// root rotation does), with the roots to trust now.
 async fn renew(
     State(manager): State<Arc<Manager>>,
     Extension(Caller(caller)): Extension<Caller>,
@@ -171,12 +163,8 @@ async fn renew(
     let cluster = cluster.ok_or(SwarmError::Unreachable("the swarm is starting".into()))?;
     let node = node.ok_or_else(|| SwarmError::NotFound(format!("node {} not found", caller.node_id)))?;
     let identity = NodeIdentity { node_id: node.id.clone(), role: node.spec.role, cluster_id: cluster.info.id.clone() };
-    let root = RootCa::from_pem(&cluster.info.tls_info.trust_root, &cluster.root_key_pem)
-        .map_err(|e| SwarmError::Internal(e.to_string()))?;
-    let cert_pem = root
-        .issue(&call.csr_pem, &identity, cert_lifetime(&cluster))
-        .map_err(|e| SwarmError::InvalidArgument(format!("certificate request: {e}")))?;
-    Ok(Json(RenewReply { cert_pem, role: identity.role }))
+    let cert_pem = root_ca::issue(&cluster, &call.csr_pem, &identity)?;
+    Ok(Json(RenewReply { cert_pem, role: identity.role, root_pem: cluster.trust_bundle() }))
 }
 
 async fn heartbeat(

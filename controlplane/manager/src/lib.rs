@@ -8,6 +8,8 @@
 //! - `leadership`: the leader-only roles' shape (`new(store)`, `run(cancel)`, pure
 //!   decisions) and their start and stop with leadership; `dispatcher::liveness` and
 //!   `role_manager` (promotions and demotions carried out in raft) are the first.
+//! - `root_ca`: node certificates from the root that signs now, and root rotation
+//!   (`swarm ca --rotate`; `root_ca::rotation` finishes one, a leader-only role).
 //! - `session`: every node's heartbeats to the leader, role changes, renewals.
 //! - `controlapi`: what Engine API calls do with the store; `engine_api`: the HTTP routes.
 //! - `disk`: what a node keeps under `<data-root>/swarm`; `wire`: cluster-port messages.
@@ -26,6 +28,7 @@ mod leadership;
 mod lifecycle;
 mod manager;
 mod role_manager;
+mod root_ca;
 mod session;
 mod swarm;
 mod wire;

@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 use rand::Rng;
 use shoal_api::{
     node::{ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState, NodeStatus},
-    swarm::{ClusterInfo, InitRequest, JoinRequest, LocalNodeState, TlsInfo},
+    swarm::{ClusterInfo, InitRequest, JoinRequest, LocalNodeState},
 };
 use shoal_ca::{tls::TlsMaterial, DataKey, JoinToken, NodeIdentity, NodeKey, RootCa, UnlockKey};
 use shoal_store::{Batch, Cluster, RaftPeer};
@@ -16,6 +16,7 @@ use crate::{
     controlapi::swarm::{address_pool, data_path_port, validated},
     disk::Membership,
     manager::cluster_addr,
+    root_ca,
     session::post,
     wire::{JoinCall, JoinReply, RaftJoinCall, RenewCall, RenewReply},
     Swarm, SwarmError,
@@ -102,7 +103,7 @@ impl Swarm {
             info: ClusterInfo {
                 id: cluster_id,
                 spec,
-                tls_info: TlsInfo { trust_root: root.cert_pem().to_owned(), ..Default::default() },
+                tls_info: root_ca::tls_info(root.cert_pem())?,
                 subnet_size,
                 data_path_port,
                 default_addr_pool,
@@ -112,6 +113,7 @@ impl Swarm {
             worker_token: JoinToken::generate(&digest).map_err(internal)?.to_string(),
             manager_token: JoinToken::generate(&digest).map_err(internal)?.to_string(),
             unlock_key: unlock.map(|k| k.to_string()),
+            root_rotation: None,
         };
         let first = Node {
             id: node_id.clone(),
@@ -413,6 +415,23 @@ impl Swarm {
         Ok(())
     }
 
+    /// Trusts `roots` from now on: the swarm's roots changed (a root rotation began or ended).
+    pub(crate) async fn set_trust_root(&self, roots: &str) -> Result<(), SwarmError> {
+        let _guard = self.ops.lock().await;
+        let mut tls = self.dir.tls()?;
+        if tls.root_pem == roots {
+            return Ok(());
+        }
+        tls.root_pem = roots.to_owned();
+        // Refused before it replaces anything if the roots do not make a configuration.
+        shoal_ca::tls::client_config(&tls).map_err(|e| SwarmError::Internal(format!("the swarm's roots: {e}")))?;
+        self.dir.save_tls(&tls)?;
+        if let Some(manager) = self.view().manager {
+            manager.set_tls(&tls)?;
+        }
+        Ok(())
+    }
+
     /// A new key and certificate from the managers, saved; the caller holds `ops`.
     async fn renew_locked(&self, membership: &Membership) -> Result<TlsMaterial, SwarmError> {
         let internal = |e: shoal_ca::CaError| SwarmError::Internal(e.to_string());
@@ -424,11 +443,8 @@ impl Swarm {
         for addr in &membership.managers {
             match post::<_, RenewReply>(&client, addr, "renew", &call).await {
                 Ok(reply) => {
-                    let tls = TlsMaterial {
-                        root_pem: current.root_pem,
-                        cert_pem: reply.cert_pem,
-                        key_pem: key.to_pem().to_string(),
-                    };
+                    let root_pem = if reply.root_pem.is_empty() { current.root_pem } else { reply.root_pem };
+                    let tls = TlsMaterial { root_pem, cert_pem: reply.cert_pem, key_pem: key.to_pem().to_string() };
                     self.dir.save_tls(&tls)?;
                     return Ok(tls);
                 }

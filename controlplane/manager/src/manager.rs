@@ -16,6 +16,7 @@ use crate::{
     keys,
     leadership::{self, RoleStarter},
     role_manager::RoleManager,
+    root_ca::RootRotator,
     SwarmDir, SwarmError,
 };
 
@@ -81,7 +82,9 @@ impl Manager {
         let liveness = leadership::starter(move || Liveness::new(store.clone(), heartbeats.clone()));
         let store = self.store.clone();
         let roles = leadership::starter(move || RoleManager::new(store.clone()));
-        vec![liveness, roles]
+        let store = self.store.clone();
+        let rotator = leadership::starter(move || RootRotator::new(store.clone()));
+        vec![liveness, roles, rotator]
     }
 
     pub fn store(&self) -> &Arc<ClusterStore> {
@@ -101,10 +104,14 @@ impl Manager {
         self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Serves new connections with renewed certificates.
+    /// Serves new connections, and dials other managers, with a renewed certificate or new
+    /// trusted roots.
     pub fn set_tls(&self, tls: &TlsMaterial) -> Result<(), SwarmError> {
-        let config = shoal_ca::tls::server_config(tls).map_err(|e| SwarmError::Internal(e.to_string()))?;
+        let internal = |e: shoal_ca::CaError| SwarmError::Internal(e.to_string());
+        let config = shoal_ca::tls::server_config(tls).map_err(internal)?;
+        let client = shoal_store::transport::client(tls).map_err(internal)?;
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = config;
+        self.store.set_client(client);
         Ok(())
     }
 

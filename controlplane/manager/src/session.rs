@@ -7,7 +7,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use shoal_api::{node::NodeRole, swarm::DEFAULT_HEARTBEAT_PERIOD_NS};
+use shoal_api::{
+    node::NodeRole,
+    swarm::{TlsInfo, DEFAULT_HEARTBEAT_PERIOD_NS},
+};
 use shoal_ca::tls::TlsMaterial;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -57,15 +60,19 @@ async fn beat(
     target: &mut usize,
 ) -> Result<HeartbeatReply, SwarmError> {
     let (membership, tls) = swarm.session_context()?;
-    if client.as_ref().is_none_or(|(cert, _)| *cert != tls.cert_pem) {
+    // A new client for a renewed certificate or new roots.
+    let material = format!("{}{}", tls.cert_pem, tls.root_pem);
+    if client.as_ref().is_none_or(|(made_from, _)| *made_from != material) {
         let fresh = shoal_store::transport::client(&tls).map_err(|e| SwarmError::Internal(e.to_string()))?;
-        *client = Some((tls.cert_pem.clone(), fresh));
+        *client = Some((material, fresh));
     }
     let http = &client.as_ref().expect("set above").1;
     if membership.managers.is_empty() {
         return Err(SwarmError::Unreachable("no manager known".into()));
     }
-    let call = HeartbeatCall { addr: membership.advertise_addr.clone(), description: Some(swarm.description()) };
+    let mut description = swarm.description();
+    description.tls_info = tls_info(&tls);
+    let call = HeartbeatCall { addr: membership.advertise_addr.clone(), description: Some(description) };
     let mut addr = membership.managers[*target % membership.managers.len()].clone();
     for _ in 0..2 {
         let reply = post::<_, HeartbeatReply>(http, &addr, "heartbeat", &call).await?;
@@ -114,11 +121,32 @@ async fn follow(swarm: &Arc<Swarm>, reply: &HeartbeatReply) -> Result<(), SwarmE
         }
         _ => {}
     }
-    if needs_renewal(&tls) {
+    // A root rotation: trust what the swarm trusts, then hold a certificate of its issuer.
+    if !reply.trust_root.is_empty() && reply.trust_root != tls.root_pem {
+        info!("the swarm's trusted roots changed");
+        swarm.set_trust_root(&reply.trust_root).await?;
+    }
+    let issued_by_another = !reply.cert_issuer_public_key.is_empty()
+        && tls_info(&tls).cert_issuer_public_key != reply.cert_issuer_public_key;
+    if issued_by_another {
+        info!("the swarm's root changed: renewing this node's certificate");
+        swarm.renew_certificate().await?;
+    } else if needs_renewal(&tls) {
         info!("renewing this node's certificate");
         swarm.renew_certificate().await?;
     }
     Ok(())
+}
+
+/// What this node reports of its certificate (Docker's node `TLSInfo`): the roots it
+/// trusts and who issued its certificate.
+fn tls_info(tls: &TlsMaterial) -> TlsInfo {
+    let issuer = shoal_ca::IssuerInfo::of_leaf(&tls.cert_pem, &tls.root_pem).unwrap_or_default();
+    TlsInfo {
+        trust_root: tls.root_pem.clone(),
+        cert_issuer_subject: issuer.subject,
+        cert_issuer_public_key: issuer.public_key,
+    }
 }
 
 fn needs_renewal(tls: &TlsMaterial) -> bool {

@@ -70,6 +70,14 @@ pub struct HeartbeatReply {
     /// later promotion speaks to the new one.
     #[serde(default)]
     pub generation: String,
+    /// The roots nodes trust now (two during a root rotation): a node holding others takes
+    /// these.
+    #[serde(default)]
+    pub trust_root: String,
+    /// The issuer node certificates should have (`TLSInfo.CertIssuerPublicKey`): a node
+    /// whose certificate has another renews it (a root rotation).
+    #[serde(default)]
+    pub cert_issuer_public_key: String,
 }
 
 /// `POST /renew` — a fresh certificate for the caller, with the role the store holds.
@@ -80,8 +88,12 @@ pub struct RenewCall {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RenewReply {
+    /// The certificate, and during a root rotation the chain that lets old nodes check it.
     pub cert_pem: String,
     pub role: NodeRole,
+    /// The roots to trust (two during a root rotation).
+    #[serde(default)]
+    pub root_pem: String,
 }
 
 /// Error body of every cluster-port endpoint.

@@ -32,7 +32,7 @@ mod types;
 pub mod watch;
 
 pub use command::{Batch, Command, Mutation};
-pub use objects::{Cluster, Index, Kind, Object, StoredObject};
+pub use objects::{Cluster, Index, Kind, Object, RootRotation, StoredObject};
 pub use raft::{now_rfc3339, ClusterStore, StoreConfig, WriteError};
 pub use state::{ClusterState, CommandError};
 pub use table::{ResolveError, Table};

@@ -56,20 +56,27 @@ pub type ForwardReply = Result<Option<Applied>, WriteError>;
 /// The header every raft-port request carries: the sender's cluster generation.
 pub const GENERATION_HEADER: &str = "x-shoal-generation";
 
-/// Dials other managers; cheap to clone.
+/// Dials other managers; cheap to clone (the clones share the client).
 #[derive(Clone)]
 pub struct Network {
-    client: reqwest::Client,
+    client: Arc<std::sync::RwLock<reqwest::Client>>,
     generation: String,
 }
 
 impl Network {
     pub fn new(client: reqwest::Client, generation: String) -> Self {
-        Network { client, generation }
+        Network { client: Arc::new(std::sync::RwLock::new(client)), generation }
+    }
+
+    /// Dials with `client` from now on: the node's certificate was renewed, or the cluster's
+    /// trust changed (a root rotation).
+    pub fn set_client(&self, client: reqwest::Client) {
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
     }
 
     fn post(&self, url: String) -> reqwest::RequestBuilder {
-        self.client.post(url).header(GENERATION_HEADER, &self.generation)
+        let client = self.client.read().unwrap_or_else(|p| p.into_inner()).clone();
+        client.post(url).header(GENERATION_HEADER, &self.generation)
     }
 
     /// Asks the manager at `addr` to stand for election now (the leader handing over).

@@ -148,6 +148,12 @@ impl ClusterStore {
         stored.map(|(_, data)| data.len())
     }
 
+    /// Dials the other managers with `client` from now on (a renewed certificate, a new
+    /// trust root).
+    pub fn set_client(&self, client: reqwest::Client) {
+        self.network.set_client(client);
+    }
+
     /// The cluster incarnation this replica belongs to (see `StoreConfig::generation`).
     pub fn generation(&self) -> &str {
         &self.generation

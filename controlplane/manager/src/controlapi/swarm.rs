@@ -7,7 +7,7 @@ use shoal_api::swarm::{
 use shoal_ca::{JoinToken, UnlockKey};
 use shoal_store::Batch;
 
-use crate::{Manager, SwarmError};
+use crate::{root_ca, Manager, SwarmError};
 
 /// Shortest node certificate lifetime accepted (Docker: 1 hour).
 const MIN_CERT_EXPIRY_NS: i64 = 3600 * 1_000_000_000;
@@ -63,7 +63,15 @@ pub struct Rotate {
 /// The spec with Swarm's defaults filled in, if it is one a swarm may have (checked alike at
 /// `swarm init` and `swarm update`).
 pub fn validated(spec: SwarmSpec) -> Result<SwarmSpec, SwarmError> {
-    let spec = with_defaults(spec);
+    let mut spec = with_defaults(spec);
+    if !spec.ca_config.external_cas.is_empty() {
+        return Err(SwarmError::InvalidArgument(
+            "external CAs are not supported: shoal's managers sign node certificates themselves".into(),
+        ));
+    }
+    // An operator's root for a rotation is taken by `update`, never kept in the spec.
+    spec.ca_config.signing_ca_cert.clear();
+    spec.ca_config.signing_ca_key.clear();
     if spec.ca_config.node_cert_expiry < MIN_CERT_EXPIRY_NS {
         return Err(SwarmError::InvalidArgument("minimum certificate expiry time is 1h0m0s".into()));
     }
@@ -112,8 +120,20 @@ pub fn data_path_port(port: u32) -> Result<u32, SwarmError> {
 }
 
 /// `POST /swarm/update?version=N`: replaces the spec (as read at `version`) and rotates what
-/// was asked. Turning autolock on makes an unlock key; off drops it.
+/// was asked. Turning autolock on makes an unlock key; off drops it. A new `ForceRotate`, or
+/// an operator's root in `SigningCACert`/`SigningCAKey`, starts a root rotation.
 pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Rotate) -> Result<(), SwarmError> {
+    let requested = spec.ca_config.clone();
+    let operator_root = match (requested.signing_ca_cert.as_str(), requested.signing_ca_key.as_str()) {
+        ("", "") => None,
+        (_, "") => {
+            return Err(SwarmError::InvalidArgument(
+                "a CA certificate needs its key (--ca-key): external CAs are not supported".into(),
+            ))
+        }
+        ("", _) => return Err(SwarmError::InvalidArgument("a CA key needs its certificate (--ca-cert)".into())),
+        (cert, key) => Some((cert, key)),
+    };
     let spec = validated(spec)?;
     let mut cluster = manager
         .store()
@@ -134,6 +154,9 @@ pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Ro
         (true, Some(key)) if !rotate.unlock_key => Some(key),
         (true, _) => Some(UnlockKey::generate().map_err(internal)?.to_string()),
     };
+    if operator_root.is_some() || spec.ca_config.force_rotate != cluster.info.spec.ca_config.force_rotate {
+        root_ca::start_rotation(&mut cluster, operator_root)?;
+    }
     cluster.info.spec = spec;
     manager.store().write(Batch::new().update(cluster, version)).await?;
     Ok(())

@@ -60,7 +60,11 @@ impl Dispatcher {
         call: HeartbeatCall,
     ) -> Result<HeartbeatReply, SwarmError> {
         let store = manager.store();
-        let (period_ns, node) = store.shared().read(|s| (heartbeat_period_ns(s), s.nodes.get(node_id).cloned()));
+        let (period_ns, node, trust) = store.shared().read(|s| {
+            let trust = s.cluster().map(|c| (c.trust_bundle(), c.info.tls_info.cert_issuer_public_key.clone()));
+            (heartbeat_period_ns(s), s.nodes.get(node_id).cloned(), trust.unwrap_or_default())
+        });
+        let (trust_root, cert_issuer_public_key) = trust;
         let node = node.ok_or_else(|| SwarmError::NotFound(format!("node {node_id} not found")))?;
         let managers = manager.manager_addrs();
         let voter = store.voter_nodes().contains(node_id);
@@ -73,6 +77,8 @@ impl Dispatcher {
                 role: node.spec.role,
                 voter,
                 generation: store.generation().to_owned(),
+                trust_root,
+                cert_issuer_public_key,
             });
         }
         self.heartbeats.record(node_id, Instant::now());
@@ -98,6 +104,8 @@ impl Dispatcher {
             role: node.spec.role,
             voter,
             generation: store.generation().to_owned(),
+            trust_root,
+            cert_issuer_public_key,
         })
     }
 }

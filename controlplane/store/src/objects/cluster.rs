@@ -16,6 +16,49 @@ pub struct Cluster {
     pub manager_token: String,
     /// `SWMKEY-1-...` while autolock is on.
     pub unlock_key: Option<String>,
+    /// The root CA being rotated to (`swarm ca --rotate`), until every node holds a
+    /// certificate it issued.
+    #[serde(default)]
+    pub root_rotation: Option<RootRotation>,
+}
+
+/// A root rotation under way: the new root, what lets nodes that trust only the old one
+/// accept its certificates, and the join tokens that will pin it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootRotation {
+    pub cert_pem: String,
+    /// PEM of the new root's key (sealed at rest like the rest of the store).
+    pub key_pem: String,
+    /// The new root's certificate signed by the current root; it follows every certificate
+    /// the new root issues in the chain nodes present.
+    pub cross_signed_pem: String,
+    /// Join tokens pinning the new root, in force once the rotation is done (tokens pinning
+    /// the old root are refused then, as Docker's are).
+    pub worker_token: String,
+    pub manager_token: String,
+}
+
+impl Cluster {
+    /// The roots a node should trust now: the cluster's, and during a rotation the new one.
+    pub fn trust_bundle(&self) -> String {
+        let mut bundle = self.info.tls_info.trust_root.clone();
+        if let Some(rotation) = &self.root_rotation {
+            if !bundle.ends_with('\n') {
+                bundle.push('\n');
+            }
+            bundle.push_str(&rotation.cert_pem);
+        }
+        bundle
+    }
+
+    /// The root that signs node certificates now — `(certificate, key)` as PEM — and the
+    /// certificates that follow them in a node's chain.
+    pub fn signer(&self) -> (&str, &str, &str) {
+        match &self.root_rotation {
+            Some(r) => (&r.cert_pem, &r.key_pem, &r.cross_signed_pem),
+            None => (&self.info.tls_info.trust_root, &self.root_key_pem, ""),
+        }
+    }
 }
 
 stored_object!(Cluster in clusters, id: info.id, meta: info.meta, name: info.spec.annotations.name);

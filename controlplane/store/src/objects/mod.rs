@@ -50,7 +50,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use shoal_api::{network::Network, node::Node, service::Service, swarm::Meta, task::Task};
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, RootRotation};
 pub use node::replaceable as node_replaceable;
 pub use task::slot_key;
 
