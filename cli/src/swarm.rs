@@ -33,6 +33,25 @@ pub enum SwarmCommand {
         /// A manager's address, HOST:PORT.
         remote: String,
     },
+    /// Display and rotate the root CA.
+    Ca {
+        /// Rotate the swarm CA: a new root (or the one given), every node's certificate
+        /// reissued.
+        #[arg(long)]
+        rotate: bool,
+        /// Path to the PEM-formatted root CA certificate to use for the new cluster.
+        #[arg(long, requires = "rotate")]
+        ca_cert: Option<std::path::PathBuf>,
+        /// Path to the PEM-formatted root CA key to use for the new cluster.
+        #[arg(long, requires = "rotate")]
+        ca_key: Option<std::path::PathBuf>,
+        /// Exit immediately instead of waiting for the root rotation to converge.
+        #[arg(short, long)]
+        detach: bool,
+        /// Suppress progress output.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Manage join tokens.
     JoinToken {
         /// Rotate join token.
@@ -182,6 +201,31 @@ pub async fn run(client: &Client, command: SwarmCommand) -> Result<()> {
             }
             print_join_command(client, role, quiet).await?;
         }
+        SwarmCommand::Ca { rotate, ca_cert, ca_key, detach, quiet } => {
+            if rotate {
+                let swarm: Swarm = client.get("/swarm").await?;
+                let mut spec = swarm.cluster.spec.clone();
+                let read = |path: Option<std::path::PathBuf>| -> Result<String> {
+                    path.map(|p| std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+                        .transpose()
+                        .map(Option::unwrap_or_default)
+                };
+                spec.ca_config.signing_ca_cert = read(ca_cert)?;
+                spec.ca_config.signing_ca_key = read(ca_key)?;
+                if spec.ca_config.signing_ca_cert.is_empty() && spec.ca_config.signing_ca_key.is_empty() {
+                    spec.ca_config.force_rotate += 1;
+                }
+                client
+                    .post_empty(&format!("/swarm/update?version={}", swarm.cluster.meta.version.index), &spec)
+                    .await?;
+                if detach {
+                    return Ok(());
+                }
+                wait_for_root_rotation(client, quiet).await?;
+            }
+            let swarm: Swarm = client.get("/swarm").await?;
+            println!("{}", swarm.cluster.tls_info.trust_root.trim());
+        }
         SwarmCommand::Leave { force } => {
             client.post_empty(&format!("/swarm/leave?force={force}"), &()).await?;
             println!("Node left the swarm.");
@@ -227,6 +271,41 @@ pub async fn run(client: &Client, command: SwarmCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shows, as `docker swarm ca --rotate` does, how many nodes hold a certificate of the new
+/// root and then trust it alone, until all do.
+async fn wait_for_root_rotation(client: &Client, quiet: bool) -> Result<()> {
+    let mut last = None;
+    loop {
+        let swarm: Swarm = client.get("/swarm").await?;
+        let nodes: Vec<Node> = client.get("/nodes").await?;
+        let wanted = &swarm.cluster.tls_info;
+        let certs = nodes
+            .iter()
+            .filter(|n| {
+                let has = &n.description.tls_info;
+                has.cert_issuer_public_key == wanted.cert_issuer_public_key
+                    && has.cert_issuer_subject == wanted.cert_issuer_subject
+            })
+            .count();
+        let certs_done = certs == nodes.len() && !swarm.cluster.root_rotation_in_progress;
+        let roots = if certs_done {
+            nodes.iter().filter(|n| n.description.tls_info.trust_root == wanted.trust_root).count()
+        } else {
+            0
+        };
+        let progress = (certs, roots, nodes.len());
+        if !quiet && last != Some(progress) {
+            println!("rotated TLS certificates:  {certs}/{} nodes", nodes.len());
+            println!("rotated CA certificates:   {roots}/{} nodes", nodes.len());
+            last = Some(progress);
+        }
+        if certs_done && roots == nodes.len() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 fn role_name(role: Role) -> &'static str {

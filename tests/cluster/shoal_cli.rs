@@ -42,4 +42,10 @@ fn shoal_cli_forms_and_manages_a_swarm() {
     let updated = shoal_ok(&lab, "mgr1", &["swarm", "update", "--autolock"]);
     assert!(updated.contains("Swarm updated.") && updated.contains("SWMKEY-1-"), "{updated}");
     assert!(shoal_ok(&lab, "mgr1", &["swarm", "unlock-key", "-q"]).trim().starts_with("SWMKEY-1-"));
+
+    let root = shoal_ok(&lab, "mgr2", &["swarm", "ca"]);
+    assert!(root.starts_with("-----BEGIN CERTIFICATE-----"), "{root}");
+    let rotated = shoal_ok(&lab, "mgr2", &["swarm", "ca", "--rotate"]);
+    assert!(rotated.contains("rotated CA certificates:   3/3 nodes"), "{rotated}");
+    assert!(!rotated.contains(root.trim()) && rotated.trim_end().ends_with("-----END CERTIFICATE-----"), "{rotated}");
 }

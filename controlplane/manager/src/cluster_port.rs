@@ -96,10 +96,14 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
     };
     let identity = NodeIdentity { node_id: node_id.clone(), role, cluster_id: cluster.info.id.clone() };
     let cert_pem = root_ca::issue(&cluster, &call.csr_pem, &identity)?;
+    let root_pem = cluster.trust_bundle();
+    let mut description = call.description;
+    // What its heartbeats will report, so the first one is no change to write.
+    description.tls_info = root_ca::node_tls_info(&cert_pem, &root_pem);
     let node = Node {
         id: node_id.clone(),
         spec: NodeSpec { role, availability: call.availability, ..Default::default() },
-        description: call.description,
+        description,
         status: NodeStatus { state: NodeState::Ready, message: String::new(), addr: call.advertise_addr },
         ..Default::default()
     };
@@ -136,7 +140,7 @@ async fn join(State(manager): State<Arc<Manager>>, Json(call): Json<JoinCall>) -
     }
     Ok(Json(JoinReply {
         node_id,
-        root_pem: cluster.trust_bundle(),
+        root_pem,
         cluster_id: cluster.info.id,
         role,
         cert_pem,

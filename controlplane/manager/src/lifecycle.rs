@@ -115,10 +115,12 @@ impl Swarm {
             unlock_key: unlock.map(|k| k.to_string()),
             root_rotation: None,
         };
+        let mut description = self.description();
+        description.tls_info = root_ca::node_tls_info(&tls.cert_pem, &tls.root_pem);
         let first = Node {
             id: node_id.clone(),
             spec: NodeSpec { role: NodeRole::Manager, availability, ..Default::default() },
-            description: self.description(),
+            description,
             status: NodeStatus { state: NodeState::Ready, message: String::new(), addr: advertise_addr },
             manager_status: Some(ManagerStatus { addr, ..Default::default() }),
             ..Default::default()

@@ -7,15 +7,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use shoal_api::{
-    node::NodeRole,
-    swarm::{TlsInfo, DEFAULT_HEARTBEAT_PERIOD_NS},
-};
+use shoal_api::{node::NodeRole, swarm::DEFAULT_HEARTBEAT_PERIOD_NS};
 use shoal_ca::tls::TlsMaterial;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
+    root_ca,
     wire::{ErrorReply, HeartbeatCall, HeartbeatReply},
     Swarm, SwarmError,
 };
@@ -71,7 +69,7 @@ async fn beat(
         return Err(SwarmError::Unreachable("no manager known".into()));
     }
     let mut description = swarm.description();
-    description.tls_info = tls_info(&tls);
+    description.tls_info = root_ca::node_tls_info(&tls.cert_pem, &tls.root_pem);
     let call = HeartbeatCall { addr: membership.advertise_addr.clone(), description: Some(description) };
     let mut addr = membership.managers[*target % membership.managers.len()].clone();
     for _ in 0..2 {
@@ -127,7 +125,7 @@ async fn follow(swarm: &Arc<Swarm>, reply: &HeartbeatReply) -> Result<(), SwarmE
         swarm.set_trust_root(&reply.trust_root).await?;
     }
     let issued_by_another = !reply.cert_issuer_public_key.is_empty()
-        && tls_info(&tls).cert_issuer_public_key != reply.cert_issuer_public_key;
+        && root_ca::node_tls_info(&tls.cert_pem, &tls.root_pem).cert_issuer_public_key != reply.cert_issuer_public_key;
     if issued_by_another {
         info!("the swarm's root changed: renewing this node's certificate");
         swarm.renew_certificate().await?;
@@ -136,17 +134,6 @@ async fn follow(swarm: &Arc<Swarm>, reply: &HeartbeatReply) -> Result<(), SwarmE
         swarm.renew_certificate().await?;
     }
     Ok(())
-}
-
-/// What this node reports of its certificate (Docker's node `TLSInfo`): the roots it
-/// trusts and who issued its certificate.
-fn tls_info(tls: &TlsMaterial) -> TlsInfo {
-    let issuer = shoal_ca::IssuerInfo::of_leaf(&tls.cert_pem, &tls.root_pem).unwrap_or_default();
-    TlsInfo {
-        trust_root: tls.root_pem.clone(),
-        cert_issuer_subject: issuer.subject,
-        cert_issuer_public_key: issuer.public_key,
-    }
 }
 
 fn needs_renewal(tls: &TlsMaterial) -> bool {

@@ -50,6 +50,17 @@ pub fn tls_info(root_pem: &str) -> Result<TlsInfo, SwarmError> {
     })
 }
 
+/// What a node reports of its certificate (Docker's node `TLSInfo`): the roots it trusts
+/// and who issued its certificate (`chain_pem`).
+pub fn node_tls_info(chain_pem: &str, roots_pem: &str) -> TlsInfo {
+    let issuer = IssuerInfo::of_leaf(chain_pem, roots_pem).unwrap_or_default();
+    TlsInfo {
+        trust_root: roots_pem.to_owned(),
+        cert_issuer_subject: issuer.subject,
+        cert_issuer_public_key: issuer.public_key,
+    }
+}
+
 /// Starts rotating `cluster`'s root to `next` (an operator's certificate and key), or to a
 /// new root. A rotation already under way is replaced: its certificates stay valid (they
 /// chain to the current root) and their holders renew again.
