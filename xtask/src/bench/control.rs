@@ -27,6 +27,24 @@ const READS: usize = 300;
 const THROUGHPUT_WINDOW: Duration = Duration::from_secs(5);
 const WRITERS: usize = 6;
 
+/// Shoal's leader failovers alone, printed (no report): crash, then graceful.
+pub fn failovers_only(failovers: usize) -> Result<()> {
+    let bin_dir = workspace::build_release()?;
+    let lab = Lab::up(&LabConfig { managers: 3, workers: 0, ..LabConfig::new(LAB, &bin_dir) })?.teardown_on_drop();
+    let mut shoal = ShoalManagers(&lab);
+    let (settle, rejoin) = (Duration::from_secs(4), Duration::from_secs(3));
+    eprintln!("== shoal: leader crash (SIGKILL), {failovers} times");
+    let crash = failover_times(&mut shoal, failovers, Stop::Crash, settle, rejoin)?;
+    eprintln!("== shoal: leader graceful stop (SIGTERM), {failovers} times");
+    let graceful = failover_times(&mut shoal, failovers, Stop::Graceful, settle, rejoin)?;
+    for (kind, samples) in [("crash", crash), ("graceful", graceful)] {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        println!("{kind}: min {:.0} ms, median {:.0} ms, max {:.0} ms", ms[0], ms[ms.len() / 2], ms[ms.len() - 1]);
+    }
+    Ok(())
+}
+
 pub fn run(failovers: usize, stability: Duration) -> Result<()> {
     let bin_dir = workspace::build_release()?;
     bootstrap::ensure_packages(&[("docker.io", "dockerd 20.10: real Docker Swarm beside shoal in benchmarks")])?;

@@ -21,6 +21,10 @@ pub enum BenchCommand {
         /// Seconds idle, then as many under load, watching for spurious elections.
         #[arg(long, default_value_t = 300)]
         stability_seconds: u64,
+        /// Only shoal's leader failovers (crash and graceful), printed, no report: for tuning
+        /// raft's timers.
+        #[arg(long)]
+        failover_only: bool,
     },
     /// Data plane: HTTP through shoal's mesh and VIPs vs a direct path, nftables and iptables
     /// at several scales; programming time; per-program BPF cost; overlay vs underlay TCP.
@@ -42,8 +46,12 @@ pub enum BenchCommand {
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Control { failovers, stability_seconds } => {
-            control::run(failovers, std::time::Duration::from_secs(stability_seconds))
+        BenchCommand::Control { failovers, stability_seconds, failover_only } => {
+            if failover_only {
+                control::failovers_only(failovers)
+            } else {
+                control::run(failovers, std::time::Duration::from_secs(stability_seconds))
+            }
         }
         BenchCommand::Net { runs, seconds, scales, iperf_seconds } => {
             net::run(net::Options { runs, seconds, scales, iperf_seconds })
