@@ -138,10 +138,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         vxlan_port,
         dns: Some(dns_addr),
     };
-    let mut dataplane = Dataplane::start(net, names).await?;
-    if let Some(cgroup) = &config.workload_cgroup {
-        dataplane.attach_cgroup(cgroup)?;
-    }
+    let mut dataplane = match start_dataplane(net, names, config.workload_cgroup.as_deref()).await {
+        Ok(dataplane) => dataplane,
+        Err(e) => {
+            swarm.shutdown().await;
+            return Err(e);
+        }
+    };
     let dataplane_file = config.data_root.join("dataplane.json");
     restore_dataplane(&mut dataplane, &dataplane_file).await;
     let node = Arc::new(Node { dataplane: Mutex::new(dataplane), dataplane_file, swarm: swarm.clone(), daemon });
@@ -202,6 +205,18 @@ async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) {
     if let Err(e) = dataplane.replace(DataplaneSpec::default(), |_| Ok(())).await {
         error!(error = %e, "could not clear the dataplane maps");
     }
+}
+
+async fn start_dataplane(
+    net: NetConfig,
+    names: Arc<std::sync::RwLock<crate::dns::Names>>,
+    workload_cgroup: Option<&Path>,
+) -> Result<Dataplane, DaemonError> {
+    let mut dataplane = Dataplane::start(net, names).await?;
+    if let Some(cgroup) = workload_cgroup {
+        dataplane.attach_cgroup(cgroup)?;
+    }
+    Ok(dataplane)
 }
 
 /// Keeps the VXLAN device on the swarm's data path port (`--vxlan-port` outside a swarm).

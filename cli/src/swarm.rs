@@ -281,14 +281,7 @@ async fn wait_for_root_rotation(client: &Client, quiet: bool) -> Result<()> {
         let swarm: Swarm = client.get("/swarm").await?;
         let nodes: Vec<Node> = client.get("/nodes").await?;
         let wanted = &swarm.cluster.tls_info;
-        let certs = nodes
-            .iter()
-            .filter(|n| {
-                let has = &n.description.tls_info;
-                has.cert_issuer_public_key == wanted.cert_issuer_public_key
-                    && has.cert_issuer_subject == wanted.cert_issuer_subject
-            })
-            .count();
+        let certs = nodes.iter().filter(|n| n.description.tls_info.same_issuer(wanted)).count();
         let certs_done = certs == nodes.len() && !swarm.cluster.root_rotation_in_progress;
         let roots = if certs_done {
             nodes.iter().filter(|n| n.description.tls_info.trust_root == wanted.trust_root).count()

@@ -88,7 +88,14 @@ impl Dataplane {
         if port == self.config.vxlan_port {
             return Ok(());
         }
-        self.bring_up_overlay(port).await?;
+        if let Err(e) = self.bring_up_overlay(port).await {
+            // The old device may be gone already: the overlay goes back to the port it had
+            // rather than staying without one.
+            if let Err(again) = self.bring_up_overlay(self.config.vxlan_port).await {
+                error!(error = %again, port = self.config.vxlan_port, "could not bring the overlay back either");
+            }
+            return Err(e);
+        }
         self.config.vxlan_port = port;
         Ok(())
     }

@@ -39,9 +39,9 @@ pub struct Annotations {
 
 /// Default heartbeat period of the dispatcher (swarmkit: 5 s).
 pub const DEFAULT_HEARTBEAT_PERIOD_NS: i64 = 5_000_000_000;
-/// Default node certificate lifetime (swarmkit: 90 days).
 /// The UDP port of the VXLAN data path when `swarm init` names none (IANA's, as Docker's).
 pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
+/// Default node certificate lifetime (swarmkit: 90 days).
 pub const DEFAULT_NODE_CERT_EXPIRY_NS: i64 = 90 * 24 * 3600 * 1_000_000_000;
 /// Default number of old tasks kept per slot.
 pub const DEFAULT_TASK_HISTORY_LIMIT: i64 = 5;
@@ -137,6 +137,14 @@ pub struct Driver {
 pub struct EncryptionConfig {
     #[serde(default)]
     pub auto_lock_managers: bool,
+}
+
+impl TlsInfo {
+    /// Whether the certificates these describe come from the same issuer.
+    pub fn same_issuer(&self, other: &TlsInfo) -> bool {
+        self.cert_issuer_public_key == other.cert_issuer_public_key
+            && self.cert_issuer_subject == other.cert_issuer_subject
+    }
 }
 
 /// The cluster's root of trust as clients see it.

@@ -11,7 +11,9 @@ use crate::CaError;
 /// An issuer: DER subject and DER SubjectPublicKeyInfo, base64 as Docker's JSON has them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IssuerInfo {
+    /// The issuer's subject (DER), base64.
     pub subject: String,
+    /// The issuer's SubjectPublicKeyInfo (DER), base64.
     pub public_key: String,
 }
 
@@ -30,10 +32,10 @@ impl IssuerInfo {
     /// the chain and `roots_pem` whose key verifies its signature (a rotation gives a root
     /// and its cross-signed twin the same subject, so only the key tells them apart).
     pub fn of_leaf(chain_pem: &str, roots_pem: &str) -> Result<Self, CaError> {
-        let chain = all(chain_pem)?;
+        let chain = certs_from_pem(chain_pem)?;
         let leaf_der = chain.first().ok_or_else(|| CaError::InvalidCertificate("no certificate".into()))?;
         let leaf = parse(leaf_der)?;
-        for candidate in chain[1..].iter().chain(all(roots_pem)?.iter()) {
+        for candidate in chain[1..].iter().chain(certs_from_pem(roots_pem)?.iter()) {
             let issuer = parse(candidate)?;
             if issuer.subject() == leaf.issuer() && leaf.verify_signature(Some(issuer.public_key())).is_ok() {
                 return Ok(IssuerInfo {
@@ -47,14 +49,14 @@ impl IssuerInfo {
 }
 
 /// Every certificate in `pem`, as DER.
-pub fn all(pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CaError::InvalidCertificate(e.to_string()))
 }
 
 fn first(pem: &str) -> Result<CertificateDer<'static>, CaError> {
-    all(pem)?.into_iter().next().ok_or_else(|| CaError::InvalidCertificate("no certificate".into()))
+    certs_from_pem(pem)?.into_iter().next().ok_or_else(|| CaError::InvalidCertificate("no certificate".into()))
 }
 
 fn parse<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, CaError> {

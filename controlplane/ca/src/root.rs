@@ -25,6 +25,8 @@ pub struct RootCa {
     cert: rcgen::Certificate,
     cert_pem: String,
     key: KeyPair,
+    /// Certificates it issues end no later than it does.
+    not_after: OffsetDateTime,
 }
 
 impl RootCa {
@@ -40,27 +42,52 @@ impl RootCa {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + ROOT_LIFETIME;
+        let not_after = params.not_after;
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
-        Ok(RootCa { cert, cert_pem, key })
+        Ok(RootCa { cert, cert_pem, key, not_after })
     }
 
     /// The root as stored in the cluster state, or as an operator hands it to
-    /// `swarm ca --rotate --ca-cert --ca-key`: a CA certificate and the key it was made for.
+    /// `swarm ca --rotate --ca-cert --ca-key`: one CA certificate, valid now, and the key it
+    /// was made for.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let invalid = |why: &str| CaError::InvalidCertificate(why.to_owned());
+        if crate::issuer::certs_from_pem(cert_pem)?.len() != 1 {
+            // Every certificate given would become trusted by every node.
+            return Err(invalid("give exactly one CA certificate"));
+        }
         let key = KeyPair::from_pem(key_pem)?;
         let der = pem_to_der(cert_pem)?;
         let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
         if !parsed.is_ca() {
-            return Err(CaError::InvalidCertificate("the certificate is not a CA certificate".into()));
+            return Err(invalid("the certificate is not a CA certificate"));
         }
         if parsed.public_key().raw != key.public_key_der().as_slice() {
-            return Err(CaError::InvalidCertificate("the key does not belong to the certificate".into()));
+            return Err(invalid("the key does not belong to the certificate"));
+        }
+        let now = OffsetDateTime::now_utc();
+        let validity = parsed.validity();
+        if validity.not_before.to_datetime() > now || validity.not_after.to_datetime() <= now {
+            return Err(invalid("the CA certificate is not valid now"));
         }
         // rcgen signs with an issuer `Certificate`; re-deriving it from the stored one keeps
-        // the subject and key, which is all a signature by this root depends on.
+        // the subject and key, which is all a signature by this root depends on — unless
+        // rcgen cannot say the subject the same way (several attributes of one type), and
+        // then certificates would name an issuer that does not exist.
         let cert = CertificateParams::from_ca_cert_pem(cert_pem)?.self_signed(&key)?;
-        Ok(RootCa { cert, cert_pem: cert_pem.to_owned(), key })
+        let (_, rebuilt) =
+            X509Certificate::from_der(cert.der()).map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
+        if rebuilt.subject().as_raw() != parsed.subject().as_raw() {
+            return Err(invalid("the CA certificate's subject is not one shoal can sign as"));
+        }
+        Ok(RootCa { cert, cert_pem: cert_pem.to_owned(), key, not_after: validity.not_after.to_datetime() })
+    }
+
+    /// Whether this root stays valid for `lifetime` more (an operator's root must outlive
+    /// the certificates it is about to issue).
+    pub fn valid_for(&self, lifetime: Duration) -> bool {
+        self.not_after >= OffsetDateTime::now_utc() + lifetime
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -104,7 +131,7 @@ impl RootCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + lifetime;
+        params.not_after = (now + lifetime).min(self.not_after);
         csr.params = params;
         Ok(csr.signed_by(&self.cert, &self.key)?.pem())
     }

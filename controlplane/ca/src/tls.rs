@@ -17,7 +17,7 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
 
-use crate::{issuer::all, root::digest_of_der, CaError, JoinToken};
+use crate::{issuer::certs_from_pem, root::digest_of_der, CaError, JoinToken};
 
 pub use crate::node::MANAGER_OU as MANAGER_SERVER_NAME;
 
@@ -39,7 +39,7 @@ impl TlsMaterial {
     /// Every root in `root_pem`: one, or during a root rotation the old and the new.
     fn root_store(&self) -> Result<RootCertStore, CaError> {
         let mut roots = RootCertStore::empty();
-        for root in all(&self.root_pem)? {
+        for root in certs_from_pem(&self.root_pem)? {
             roots.add(root)?;
         }
         Ok(roots)
@@ -49,7 +49,7 @@ impl TlsMaterial {
     /// by the old one follows the node certificate, so nodes still trusting only the old root
     /// accept it; the roots ride along so a joining node can match one to its token.
     fn chain(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        Ok([all(&self.cert_pem)?, all(&self.root_pem)?].concat())
+        Ok([certs_from_pem(&self.cert_pem)?, certs_from_pem(&self.root_pem)?].concat())
     }
 
     fn key(&self) -> Result<PrivateKeyDer<'static>, CaError> {
@@ -328,6 +328,12 @@ mod tests {
         assert!(RootCa::from_pem(a.cert_pem(), &b.key_pem()).is_err(), "another root's key");
         let leaf = material(&a, NodeRole::Worker);
         assert!(RootCa::from_pem(&leaf.cert_pem, &leaf.key_pem).is_err(), "a node certificate");
+        let two = format!("{}{}", a.cert_pem(), b.cert_pem());
+        assert!(RootCa::from_pem(&two, &a.key_pem()).is_err(), "a bundle would all be trusted");
+        assert!(
+            a.valid_for(Duration::from_secs(365 * 24 * 3600))
+                && !a.valid_for(Duration::from_secs(25 * 365 * 24 * 3600))
+        );
     }
 
     #[test]

@@ -25,15 +25,16 @@ use crate::{
 };
 
 pub async fn serve(manager: Arc<Manager>, listener: TcpListener, stop: impl std::future::Future<Output = ()> + Send) {
+    let leader_only = || middleware::from_fn_with_state(manager.clone(), leader_only);
     let node_routes = Router::new()
         .route("/heartbeat", post(heartbeat))
-        .route("/renew", post(renew))
+        .route("/renew", post(renew).layer(leader_only()))
         .route("/raft/join", post(raft_join))
         .route("/leave", post(leave))
         .layer(middleware::from_fn_with_state(manager.clone(), members_only))
         .with_state(manager.clone());
     let router = Router::new()
-        .route("/join", post(join))
+        .route("/join", post(join).layer(leader_only()))
         .with_state(manager.clone())
         .merge(node_routes)
         .merge(shoal_store::network::routes(manager.store().clone()));
@@ -68,6 +69,23 @@ async fn members_only(State(manager): State<Arc<Manager>>, mut req: Request, nex
     }
     req.extensions_mut().insert(Caller(peer));
     next.run(req).await
+}
+
+/// The CA signs on the leader only: a follower's copy of the cluster's root may be behind (a
+/// root rotation it has not applied yet), and a certificate from the old root could lock its
+/// holder out once the rotation ends. Others send the caller to the leader (a 307 keeps the
+/// method and the body).
+async fn leader_only(State(manager): State<Arc<Manager>>, req: Request, next: Next) -> Response {
+    if manager.store().is_leader() {
+        return next.run(req).await;
+    }
+    match manager.leader() {
+        Some(leader) => {
+            let location = format!("https://{}{}", leader.addr, req.uri().path());
+            (StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, location)]).into_response()
+        }
+        None => SwarmError::Write(WriteError::NoLeader).into_response(),
+    }
 }
 
 /// A node with a token becomes a member: a certificate for a new node ID in the role the

@@ -34,18 +34,16 @@ pub struct Membership {
     /// at `swarm init` and `--force-new-cluster`, learnt at join and from heartbeats.
     #[serde(default)]
     pub generation: String,
-    /// The swarm's VXLAN port (`DataPathPort`, chosen at `swarm init`; 0: the default).
+    /// The swarm's VXLAN port (`DataPathPort`, chosen at `swarm init`); 0 when not known (a
+    /// manager that did not say), and then the node keeps its own `--vxlan-port`.
     #[serde(default)]
     pub data_path_port: u16,
 }
 
 impl Membership {
-    /// The UDP port overlays of this swarm use.
-    pub fn data_path_port(&self) -> u16 {
-        match self.data_path_port {
-            0 => shoal_api::swarm::DEFAULT_DATA_PATH_PORT,
-            port => port,
-        }
+    /// The UDP port overlays of this swarm use, if known.
+    pub fn data_path_port(&self) -> Option<u16> {
+        (self.data_path_port != 0).then_some(self.data_path_port)
     }
 }
 

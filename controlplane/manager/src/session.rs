@@ -125,7 +125,8 @@ async fn follow(swarm: &Arc<Swarm>, reply: &HeartbeatReply) -> Result<(), SwarmE
         swarm.set_trust_root(&reply.trust_root).await?;
     }
     let issued_by_another = !reply.cert_issuer_public_key.is_empty()
-        && root_ca::node_tls_info(&tls.cert_pem, &tls.root_pem).cert_issuer_public_key != reply.cert_issuer_public_key;
+        && shoal_ca::IssuerInfo::of_leaf(&tls.cert_pem, &tls.root_pem)
+            .is_ok_and(|issuer| issuer.public_key != reply.cert_issuer_public_key);
     if issued_by_another {
         info!("the swarm's root changed: renewing this node's certificate");
         swarm.renew_certificate().await?;

@@ -34,7 +34,8 @@ pub struct Swarm {
     /// Serialises state changes.
     pub(crate) ops: tokio::sync::Mutex<()>,
     view: RwLock<View>,
-    /// The VXLAN port of the swarm this node is in (`None`: in none), for the data plane.
+    /// The VXLAN port of the swarm this node is in (`None`: in none, or not known), for the
+    /// data plane.
     data_path_port: watch::Sender<Option<u16>>,
     pub(crate) this: Weak<Swarm>,
 }
@@ -156,12 +157,12 @@ impl Swarm {
     pub(crate) fn set_view(&self, change: impl FnOnce(&mut View)) {
         let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
         change(&mut view);
-        let port = view.membership.as_ref().map(Membership::data_path_port);
+        let port = view.membership.as_ref().and_then(Membership::data_path_port);
         self.data_path_port.send_if_modified(|current| std::mem::replace(current, port) != port);
     }
 
     /// The UDP port the swarm's overlays use, as it changes: set by `init` (`--data-path-port`)
-    /// or learnt at `join`, `None` outside a swarm.
+    /// or learnt at `join`; `None` outside a swarm.
     pub fn data_path_port(&self) -> watch::Receiver<Option<u16>> {
         self.data_path_port.subscribe()
     }

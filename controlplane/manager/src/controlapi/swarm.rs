@@ -148,6 +148,16 @@ pub async fn update(manager: &Manager, version: u64, spec: SwarmSpec, rotate: Ro
     if rotate.manager_token {
         cluster.manager_token = JoinToken::generate(&digest).map_err(internal)?.to_string();
     }
+    // Mid-rotation, the tokens that take over at its end are rotated too.
+    if let Some(rotation) = &mut cluster.root_rotation {
+        let next = shoal_ca::root::digest_of_pem(&rotation.cert_pem).map_err(internal)?;
+        if rotate.worker_token {
+            rotation.worker_token = JoinToken::generate(&next).map_err(internal)?.to_string();
+        }
+        if rotate.manager_token {
+            rotation.manager_token = JoinToken::generate(&next).map_err(internal)?.to_string();
+        }
+    }
     let autolock = spec.encryption_config.auto_lock_managers;
     cluster.unlock_key = match (autolock, cluster.unlock_key.take()) {
         (false, _) => None,

@@ -25,12 +25,12 @@ fn internal(e: shoal_ca::CaError) -> SwarmError {
 /// A certificate for the key in `csr_pem` naming `identity`, from the root that signs now,
 /// followed by what a node needs to check it (the cross-signed new root, mid-rotation).
 pub fn issue(cluster: &Cluster, csr_pem: &str, identity: &NodeIdentity) -> Result<String, SwarmError> {
-    let (cert, key, chain) = cluster.signer();
-    let root = RootCa::from_pem(cert, key).map_err(internal)?;
+    let signer = cluster.signer();
+    let root = RootCa::from_pem(signer.cert_pem, signer.key_pem).map_err(internal)?;
     let mut pem = root
         .issue(csr_pem, identity, cert_lifetime(cluster))
         .map_err(|e| SwarmError::InvalidArgument(format!("certificate request: {e}")))?;
-    pem.push_str(chain);
+    pem.push_str(signer.chain_pem);
     Ok(pem)
 }
 
@@ -53,7 +53,11 @@ pub fn tls_info(root_pem: &str) -> Result<TlsInfo, SwarmError> {
 /// What a node reports of its certificate (Docker's node `TLSInfo`): the roots it trusts
 /// and who issued its certificate (`chain_pem`).
 pub fn node_tls_info(chain_pem: &str, roots_pem: &str) -> TlsInfo {
-    let issuer = IssuerInfo::of_leaf(chain_pem, roots_pem).unwrap_or_default();
+    let issuer = IssuerInfo::of_leaf(chain_pem, roots_pem).unwrap_or_else(|e| {
+        // Reported empty: the managers see a node that still needs a certificate.
+        tracing::warn!(error = %e, "no issuer found for this node's certificate");
+        IssuerInfo::default()
+    });
     TlsInfo {
         trust_root: roots_pem.to_owned(),
         cert_issuer_subject: issuer.subject,
@@ -67,8 +71,16 @@ pub fn node_tls_info(chain_pem: &str, roots_pem: &str) -> TlsInfo {
 pub fn start_rotation(cluster: &mut Cluster, next: Option<(&str, &str)>) -> Result<(), SwarmError> {
     let current = RootCa::from_pem(&cluster.info.tls_info.trust_root, &cluster.root_key_pem).map_err(internal)?;
     let next = match next {
-        Some((cert, key)) => RootCa::from_pem(cert, key)
-            .map_err(|e| SwarmError::InvalidArgument(format!("invalid CA certificate or key: {e}")))?,
+        Some((cert, key)) => {
+            let root = RootCa::from_pem(cert, key)
+                .map_err(|e| SwarmError::InvalidArgument(format!("invalid CA certificate or key: {e}")))?;
+            if !root.valid_for(cert_lifetime(cluster)) {
+                return Err(SwarmError::InvalidArgument(
+                    "the CA certificate expires before the node certificates it would issue".into(),
+                ));
+            }
+            root
+        }
         None => RootCa::generate().map_err(internal)?,
     };
     let digest = next.digest().map_err(internal)?;

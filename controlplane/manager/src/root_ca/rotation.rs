@@ -60,11 +60,7 @@ pub fn finished(state: &ClusterState) -> Option<(Cluster, u64)> {
     let cluster = state.cluster()?;
     let rotation = cluster.root_rotation.as_ref()?;
     let wanted = super::tls_info(&rotation.cert_pem).ok()?;
-    let converged = state.nodes.iter().all(|n| {
-        let has = &n.description.tls_info;
-        has.cert_issuer_public_key == wanted.cert_issuer_public_key
-            && has.cert_issuer_subject == wanted.cert_issuer_subject
-    });
+    let converged = state.nodes.iter().all(|n| n.description.tls_info.same_issuer(&wanted));
     if !converged {
         return None;
     }

@@ -7,7 +7,7 @@ use shoal_api::swarm::ClusterInfo;
 use super::Rules;
 use crate::{state::ClusterState, CommandError};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
     pub info: ClusterInfo,
     /// PEM of the root CA key (the whole store is sealed at rest; never in `info`).
@@ -24,7 +24,7 @@ pub struct Cluster {
 
 /// A root rotation under way: the new root, what lets nodes that trust only the old one
 /// accept its certificates, and the join tokens that will pin it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootRotation {
     pub cert_pem: String,
     /// PEM of the new root's key (sealed at rest like the rest of the store).
@@ -51,13 +51,37 @@ impl Cluster {
         bundle
     }
 
-    /// The root that signs node certificates now — `(certificate, key)` as PEM — and the
-    /// certificates that follow them in a node's chain.
-    pub fn signer(&self) -> (&str, &str, &str) {
+    /// The root that signs node certificates now.
+    pub fn signer(&self) -> Signer<'_> {
         match &self.root_rotation {
-            Some(r) => (&r.cert_pem, &r.key_pem, &r.cross_signed_pem),
-            None => (&self.info.tls_info.trust_root, &self.root_key_pem, ""),
+            Some(r) => Signer { cert_pem: &r.cert_pem, key_pem: &r.key_pem, chain_pem: &r.cross_signed_pem },
+            None => Signer { cert_pem: &self.info.tls_info.trust_root, key_pem: &self.root_key_pem, chain_pem: "" },
         }
+    }
+}
+
+/// A root that signs node certificates, as PEM.
+pub struct Signer<'a> {
+    pub cert_pem: &'a str,
+    pub key_pem: &'a str,
+    /// What follows the certificates it issues in a node's chain (mid-rotation: the new root
+    /// cross-signed by the old).
+    pub chain_pem: &'a str,
+}
+
+/// Keys stay out of logs.
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("info", &self.info)
+            .field("root_rotation", &self.root_rotation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RootRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RootRotation").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
     }
 }
 
