@@ -66,20 +66,20 @@ impl Dispatcher {
         });
         let (trust_root, cert_issuer_public_key) = trust;
         let node = node.ok_or_else(|| SwarmError::NotFound(format!("node {node_id} not found")))?;
-        let managers = manager.manager_addrs();
-        let voter = store.voter_nodes().contains(node_id);
-        if !store.is_leader() {
-            return Ok(HeartbeatReply {
-                accepted: false,
-                leader: manager.leader().map(|l| l.addr),
-                period_ns,
-                managers,
-                role: node.spec.role,
-                voter,
-                generation: store.generation().to_owned(),
-                trust_root,
-                cert_issuer_public_key,
-            });
+        let leading = store.is_leader();
+        let reply = HeartbeatReply {
+            accepted: leading,
+            leader: if leading { Some(manager.addr().to_owned()) } else { manager.leader().map(|l| l.addr) },
+            period_ns,
+            managers: manager.manager_addrs(),
+            role: node.spec.role,
+            voter: store.voter_nodes().contains(node_id),
+            generation: store.generation().to_owned(),
+            trust_root,
+            cert_issuer_public_key,
+        };
+        if !leading {
+            return Ok(reply);
         }
         self.heartbeats.record(node_id, Instant::now());
         let changed_description = call.description.as_ref().is_some_and(|d| *d != node.description);
@@ -96,17 +96,7 @@ impl Dispatcher {
                 })
                 .await?;
         }
-        Ok(HeartbeatReply {
-            accepted: true,
-            leader: Some(manager.addr().to_owned()),
-            period_ns,
-            managers,
-            role: node.spec.role,
-            voter,
-            generation: store.generation().to_owned(),
-            trust_root,
-            cert_issuer_public_key,
-        })
+        Ok(reply)
     }
 }
 
