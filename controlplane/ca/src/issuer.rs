@@ -32,10 +32,14 @@ impl IssuerInfo {
     /// the chain and `roots_pem` whose key verifies its signature (a rotation gives a root
     /// and its cross-signed twin the same subject, so only the key tells them apart).
     pub fn of_leaf(chain_pem: &str, roots_pem: &str) -> Result<Self, CaError> {
-        let chain = certs_from_pem(chain_pem)?;
+        Self::of_chain(&certs_from_pem(chain_pem)?, &certs_from_pem(roots_pem)?)
+    }
+
+    /// `of_leaf` for DER certificates (a chain as TLS received it).
+    pub fn of_chain(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> Result<Self, CaError> {
         let leaf_der = chain.first().ok_or_else(|| CaError::InvalidCertificate("no certificate".into()))?;
         let leaf = parse(leaf_der)?;
-        for candidate in chain[1..].iter().chain(certs_from_pem(roots_pem)?.iter()) {
+        for candidate in chain[1..].iter().chain(roots.iter()) {
             let issuer = parse(candidate)?;
             if issuer.subject() == leaf.issuer() && leaf.verify_signature(Some(issuer.public_key())).is_ok() {
                 return Ok(IssuerInfo {

@@ -14,7 +14,11 @@ use axum::{
 };
 use shoal_api::node::{ManagerStatus, Node, NodeRole, NodeSpec, NodeState, NodeStatus};
 use shoal_ca::{JoinToken, NodeIdentity};
-use shoal_store::{objects::node_replaceable, transport::Peer, Batch, CommandError, Index, Kind, RaftPeer, WriteError};
+use shoal_store::{
+    objects::node_replaceable,
+    transport::{Peer, PeerChain},
+    Batch, CommandError, Index, Kind, RaftPeer, WriteError,
+};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -192,9 +196,10 @@ async fn renew(
 async fn heartbeat(
     State(manager): State<Arc<Manager>>,
     Extension(Caller(caller)): Extension<Caller>,
+    Extension(PeerChain(chain)): Extension<PeerChain>,
     Json(call): Json<HeartbeatCall>,
 ) -> Result<Json<HeartbeatReply>, SwarmError> {
-    Ok(Json(manager.dispatcher.heartbeat(&manager, &caller.node_id, call).await?))
+    Ok(Json(manager.dispatcher.heartbeat(&manager, &caller.node_id, &chain, call).await?))
 }
 
 /// A node holding a manager certificate (just joined as a manager, or promoted) becomes a

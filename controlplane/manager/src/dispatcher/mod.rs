@@ -13,6 +13,7 @@ use std::{
 };
 
 pub use liveness::Liveness;
+use rustls::pki_types::CertificateDer;
 use shoal_api::{
     node::{Node, NodeState, NodeStatus},
     swarm::DEFAULT_HEARTBEAT_PERIOD_NS,
@@ -57,7 +58,8 @@ impl Dispatcher {
         &self,
         manager: &Manager,
         node_id: &str,
-        call: HeartbeatCall,
+        chain: &[CertificateDer<'static>],
+        mut call: HeartbeatCall,
     ) -> Result<HeartbeatReply, SwarmError> {
         let store = manager.store();
         let (period_ns, node, trust) = store.shared().read(|s| {
@@ -65,6 +67,14 @@ impl Dispatcher {
             (heartbeat_period_ns(s), s.nodes.get(node_id).cloned(), trust.unwrap_or_default())
         });
         let (trust_root, cert_issuer_public_key) = trust;
+        if let Some(description) = &mut call.description {
+            // Who issued the node's certificate is read from the chain it presented, not
+            // taken on its word: a root rotation ends on it.
+            let roots = shoal_ca::issuer::certs_from_pem(&trust_root).unwrap_or_default();
+            let issuer = shoal_ca::IssuerInfo::of_chain(chain, &roots).unwrap_or_default();
+            description.tls_info.cert_issuer_subject = issuer.subject;
+            description.tls_info.cert_issuer_public_key = issuer.public_key;
+        }
         let node = node.ok_or_else(|| SwarmError::NotFound(format!("node {node_id} not found")))?;
         let leading = store.is_leader();
         let reply = HeartbeatReply {

@@ -30,6 +30,10 @@ use self::limits::{Admission, Idle};
 #[derive(Debug, Clone)]
 pub struct Peer(pub Option<NodeIdentity>);
 
+/// The certificate chain the peer presented (verified by the handshake), leaf first.
+#[derive(Debug, Clone, Default)]
+pub struct PeerChain(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
+
 /// Serves `router` over mutual TLS on `listener` until `shutdown` completes, within the
 /// default `Limits`. The TLS configuration is read anew for each connection, so certificate
 /// renewal needs no restart.
@@ -93,15 +97,12 @@ async fn serve_connection(
     let tls = tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await??;
     // A verified certificate that names no swarm node (an operator's client certificate on
     // the TCP Engine API) is simply no node identity; node-only endpoints refuse it.
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|cert| NodeIdentity::from_cert_der(cert).ok());
+    let chain = PeerChain(Arc::new(tls.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default()));
+    let peer = chain.0.first().and_then(|cert| NodeIdentity::from_cert_der(cert).ok());
     debug!(%remote, node = ?peer.as_ref().map(|p| &p.node_id), "cluster connection");
     let service = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(Peer(peer.clone()));
+        req.extensions_mut().insert(chain.clone());
         req
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
