@@ -20,6 +20,7 @@
 mod codec;
 pub mod command;
 mod db;
+mod election;
 pub mod log;
 pub mod network;
 pub mod objects;

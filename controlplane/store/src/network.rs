@@ -317,6 +317,7 @@ async fn append(
     if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id, RaftCall::Append) {
         return refused;
     }
+    store.heard_from_leader();
     Json(store.raft().append_entries(rpc).await).into_response()
 }
 
@@ -328,7 +329,11 @@ async fn vote(
     if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id, RaftCall::Vote) {
         return refused;
     }
-    Json(store.raft().vote(rpc).await).into_response()
+    let answer = store.raft().vote(rpc.clone()).await;
+    if let Ok(response) = &answer {
+        store.after_vote(&rpc, response);
+    }
+    Json(answer).into_response()
 }
 
 async fn snapshot(

@@ -6,7 +6,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -33,16 +36,16 @@ use crate::{
 /// cut off from the majority must refuse changes with a clear error rather than hang.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(6);
 
-/// Raft timings. Swarmkit elects after 10 s (10 ticks of 1 s); shoal is much quicker while
-/// staying clear of spurious elections on a loaded two-core machine.
 /// Raft timings. A follower of a known leader stands for election once it has not heard
-/// from it for the leader lease (openraft: `election_timeout_max`) plus a random election
-/// timeout, here 1.0-1.2 s of silence: ten or more missed heartbeats, which a loaded
-/// two-core machine does not miss by accident, and a crashed leader replaced in about a
-/// second (swarmkit: 10 s).
-const HEARTBEAT: Duration = Duration::from_millis(100);
-const ELECTION_MIN: Duration = Duration::from_millis(400);
-const ELECTION_MAX: Duration = Duration::from_millis(600);
+/// from it for the leader lease (openraft: `election_timeout_max`) plus its election timeout
+/// (drawn once per process from the range), here 0.8-1.0 s of silence: sixteen or more
+/// missed heartbeats, which a loaded two-core machine does not miss by accident (the bench
+/// counts spurious elections), and a crashed leader replaced in about a second (swarmkit:
+/// 10 s). openraft looks at its election timer every 1.5 heartbeats, so short heartbeats
+/// also make the moment a follower stands less coarse. `election` adds the rest.
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(50);
+pub(crate) const ELECTION_MIN: Duration = Duration::from_millis(300);
+pub(crate) const ELECTION_MAX: Duration = Duration::from_millis(500);
 /// One snapshot chunk (and, for the last, the follower's install of the whole state) may
 /// take this long: a 100k-task state is tens of MB to move, decode and persist on a loaded
 /// two-core machine. openraft's 200 ms default would never let a big snapshot land.
@@ -88,10 +91,16 @@ pub struct ClusterStore {
     generation: String,
     /// Set while a stopping leader hands over: it takes no new writes (they would grow its
     /// log past what the chosen successor holds, and the successor would lose the vote).
-    handing_over: std::sync::atomic::AtomicBool,
+    pub(crate) handing_over: AtomicBool,
+    /// Proposals under way on this replica (`try_local`): a hand-over waits for them.
+    pub(crate) in_flight: AtomicUsize,
+    /// When a leader's append last reached this replica (see `election`).
+    pub(crate) last_append: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Set while this replica stands early (`election::stand_early`).
+    pub(crate) standing: AtomicBool,
     db: Arc<Db>,
     shared: Arc<Shared>,
-    network: Network,
+    pub(crate) network: Network,
     raft_id: RaftId,
 }
 
@@ -127,6 +136,9 @@ impl ClusterStore {
         Ok(Arc::new(ClusterStore {
             raft,
             handing_over: Default::default(),
+            in_flight: Default::default(),
+            last_append: Default::default(),
+            standing: Default::default(),
             generation: config.generation,
             shared,
             network,
@@ -358,12 +370,15 @@ impl ClusterStore {
     }
 
     async fn try_local(&self, forward: &Forward) -> Result<Option<Applied>, Local> {
+        // Counted before the hand-over flag is read (both SeqCst): a hand-over that sees no
+        // proposal under way knows none will start.
+        let _in_flight = InFlight::enter(&self.in_flight);
+        if self.handing_over.load(Ordering::SeqCst) {
+            // Writers wait for the successor (`submit` waits out an election).
+            return Err(Local::NotLeader(None));
+        }
         let result = match forward {
             Forward::Write(command) => {
-                if self.handing_over.load(std::sync::atomic::Ordering::Acquire) {
-                    // Writers wait for the successor (`submit` waits out an election).
-                    return Err(Local::NotLeader(None));
-                }
                 command.admissible().map_err(|e| Local::Failed(e.into()))?;
                 self.raft.client_write(command.clone()).await.map(|r| Some(r.data))
             }
@@ -403,59 +418,6 @@ impl ClusterStore {
             }
             Err(RaftError::Fatal(e)) => Err(Local::Failed(WriteError::Unavailable(format!("raft stopped: {e}")))),
         }
-    }
-
-    /// A leader that is about to stop hands over (a graceful `docker` daemon stop, SIGTERM):
-    /// it waits until a voter has its whole log, asks that voter to stand for election now,
-    /// and waits for it to win, so writes pause for an election round trip instead of the
-    /// followers' election timeout. `false` if there was nothing to hand over or it did not
-    /// happen within `limit` (then the others elect as after a crash).
-    pub async fn hand_over(&self, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        if !self.is_leader() {
-            return false;
-        }
-        self.handing_over.store(true, std::sync::atomic::Ordering::Release);
-        let handed = self.hand_over_to_a_voter(deadline).await;
-        self.handing_over.store(false, std::sync::atomic::Ordering::Release);
-        handed
-    }
-
-    async fn hand_over_to_a_voter(&self, deadline: tokio::time::Instant) -> bool {
-        let target = loop {
-            let metrics = self.metrics();
-            let membership = metrics.membership_config.membership().clone();
-            let caught_up = |id: &RaftId| {
-                metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index)
-                    >= metrics.last_log_index
-            };
-            let voters: Vec<RaftId> = membership.voter_ids().filter(|id| *id != self.raft_id).collect();
-            if voters.is_empty() {
-                return false;
-            }
-            if let Some(peer) = voters.iter().find(|id| caught_up(id)).and_then(|id| membership.get_node(id)) {
-                break peer.clone();
-            }
-            if tokio::time::Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        if let Err(e) = self.network.elect(&target.addr).await {
-            tracing::warn!(to = %target.node_id, error = %e, "handing over leadership failed");
-            return false;
-        }
-        let mut metrics = self.raft.metrics();
-        let handed = tokio::time::timeout_at(deadline, async {
-            while metrics.borrow().current_leader == Some(self.raft_id) {
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-        let handed = handed.await.is_ok();
-        info!(to = %target.node_id, handed, "leadership handed over");
-        handed
     }
 
     /// Waits until some manager leads (after bootstrap or a restart).
@@ -508,4 +470,20 @@ enum Local {
 /// Now in RFC 3339 with nanoseconds, as Docker timestamps objects.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_nanos(SystemTime::now()).to_string()
+}
+
+/// Counts one proposal under way for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
