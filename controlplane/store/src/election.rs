@@ -41,7 +41,12 @@ impl ClusterStore {
     /// shorter than its own while no leader is heard, it stands now (see the module doc).
     pub(crate) fn after_vote(self: &Arc<Self>, request: &VoteRequest<RaftId>, response: &VoteResponse<RaftId>) {
         let refused_shorter_log = !response.vote_granted && response.last_log_id > request.last_log_id;
+        // Already voted for another at this term or later (a new leader may just have won).
+        let vote = self.metrics().vote;
+        let moved_on =
+            vote.leader_id().term >= request.vote.leader_id().term && vote.leader_id().node_id != self.raft_id();
         if !refused_shorter_log
+            || moved_on
             || !self.leader_silent()
             || self.handing_over.load(Ordering::SeqCst)
             || self.metrics().state == ServerState::Leader
@@ -112,7 +117,7 @@ impl ClusterStore {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let (target_id, target) = loop {
+        let target = loop {
             let metrics = self.metrics();
             let membership = metrics.membership_config.membership().clone();
             let caught_up = |id: &RaftId| {
@@ -123,10 +128,8 @@ impl ClusterStore {
             if voters.is_empty() {
                 return false;
             }
-            if let Some((id, peer)) =
-                voters.iter().find(|id| caught_up(id)).and_then(|id| Some((*id, membership.get_node(id)?.clone())))
-            {
-                break (id, peer);
+            if let Some(peer) = voters.iter().find(|id| caught_up(id)).and_then(|id| membership.get_node(id)) {
+                break peer.clone();
             }
             if tokio::time::Instant::now() > deadline {
                 return false;
@@ -140,8 +143,12 @@ impl ClusterStore {
         // Until the successor leads, as this replica hears from it: stopping as soon as this
         // one stepped down could drop the vote it just granted before it reached the successor.
         let mut metrics = self.raft().metrics();
+        let term = metrics.borrow().current_term;
+        let someone_else_leads = |m: &openraft::RaftMetrics<RaftId, crate::RaftPeer>| {
+            m.current_term > term && m.current_leader.is_some_and(|l| l != self.raft_id())
+        };
         let handed = tokio::time::timeout_at(deadline, async {
-            while metrics.borrow().current_leader != Some(target_id) {
+            while !someone_else_leads(&metrics.borrow()) {
                 if metrics.changed().await.is_err() {
                     return;
                 }

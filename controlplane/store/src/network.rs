@@ -317,8 +317,15 @@ async fn append(
     if let Some(refused) = refusal(&store, &peer, rpc.vote.leader_id().node_id, RaftCall::Append) {
         return refused;
     }
-    store.heard_from_leader();
-    Json(store.raft().append_entries(rpc).await).into_response()
+    let answer = store.raft().append_entries(rpc).await;
+    // Only a leader this replica accepts counts as heard (see `election`).
+    if matches!(
+        answer,
+        Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict)
+    ) {
+        store.heard_from_leader();
+    }
+    Json(answer).into_response()
 }
 
 async fn vote(
@@ -353,7 +360,11 @@ async fn snapshot(
     if let Err(e) = accepted {
         return (StatusCode::BAD_REQUEST, format!("snapshot chunk: {e}")).into_response();
     }
-    Json(store.raft().install_snapshot(rpc).await).into_response()
+    let answer = store.raft().install_snapshot(rpc).await;
+    if answer.is_ok() {
+        store.heard_from_leader();
+    }
+    Json(answer).into_response()
 }
 
 /// Largest snapshot a manager accepts (a 100k-task state is tens of MB).
