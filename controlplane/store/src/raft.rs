@@ -43,7 +43,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(6);
 /// counts spurious elections), and a crashed leader replaced in about a second (swarmkit:
 /// 10 s). openraft looks at its election timer every 1.5 heartbeats, so short heartbeats
 /// also make the moment a follower stands less coarse. `election` adds the rest.
-pub(crate) const HEARTBEAT: Duration = Duration::from_millis(50);
+const HEARTBEAT: Duration = Duration::from_millis(50);
 pub(crate) const ELECTION_MIN: Duration = Duration::from_millis(300);
 pub(crate) const ELECTION_MAX: Duration = Duration::from_millis(500);
 /// One snapshot chunk (and, for the last, the follower's install of the whole state) may
