@@ -27,6 +27,17 @@ impl DataKey {
         open_with(&self.0, sealed)
     }
 
+    /// Like `seal`, binding `context` (not stored) to the result: `open_bound` opens it only
+    /// with the same context, so a sealed piece cannot be moved to another place.
+    pub fn seal_bound(&self, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>, CaError> {
+        seal_aad(&self.0, plaintext, context)
+    }
+
+    /// The plaintext of what `seal_bound` produced with this key and `context`.
+    pub fn open_bound(&self, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, CaError> {
+        open_aad(&self.0, sealed, context)
+    }
+
     /// This key sealed by `kek`, for storing under autolock.
     pub fn wrap(&self, kek: &UnlockKey) -> Result<Vec<u8>, CaError> {
         seal_with(kek.bytes(), &self.0)
@@ -61,6 +72,10 @@ fn aead_key(key: &[u8; 32]) -> LessSafeKey {
 }
 
 fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Result<Vec<u8>, CaError> {
+    seal_aad(key, plaintext, &[])
+}
+
+fn seal_aad(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CaError> {
     let mut nonce = [0u8; NONCE_LEN];
     random(&mut nonce)?;
     let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
@@ -70,7 +85,7 @@ fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Result<Vec<u8>, CaError> {
     let tag = aead_key(key)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(head.try_into().expect("nonce length")),
-            Aad::empty(),
+            Aad::from(aad),
             body,
         )
         .map_err(|_| CaError::Unseal)?;
@@ -79,13 +94,17 @@ fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Result<Vec<u8>, CaError> {
 }
 
 fn open_with(key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, CaError> {
+    open_aad(key, sealed, &[])
+}
+
+fn open_aad(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, CaError> {
     if sealed.len() < NONCE_LEN + 16 {
         return Err(CaError::Unseal);
     }
     let (nonce, body) = sealed.split_at(NONCE_LEN);
     let mut body = body.to_vec();
     let nonce = Nonce::assume_unique_for_key(nonce.try_into().expect("nonce length"));
-    let plain_len = aead_key(key).open_in_place(nonce, Aad::empty(), &mut body).map_err(|_| CaError::Unseal)?.len();
+    let plain_len = aead_key(key).open_in_place(nonce, Aad::from(aad), &mut body).map_err(|_| CaError::Unseal)?.len();
     body.truncate(plain_len);
     Ok(body)
 }
@@ -104,6 +123,15 @@ mod tests {
         *tampered.last_mut().unwrap() ^= 1;
         assert!(key.open(&tampered).is_err());
         assert!(DataKey::generate().unwrap().open(&sealed).is_err());
+    }
+
+    #[test]
+    fn a_bound_seal_opens_only_in_its_context() {
+        let key = DataKey::generate().unwrap();
+        let sealed = key.seal_bound(b"chunk", b"3").unwrap();
+        assert_eq!(key.open_bound(&sealed, b"3").unwrap(), b"chunk");
+        assert!(key.open_bound(&sealed, b"4").is_err());
+        assert!(key.open(&sealed).is_err());
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The snapshot encoding: a magic, the format version, then the state image in MessagePack
 //! with named fields (compact, and self-describing so the API types' optional fields and
 //! flattened parts read back as written). A snapshot of a format newer than this build's is
-//! refused with an error naming it.
+//! refused with an error naming it. Both ways run as a stream: a snapshot is never held
+//! encoded in memory on its way to or from disk.
+
+use std::io::{Read, Write};
 
 use crate::state::{ClusterState, Image};
 
@@ -19,25 +22,44 @@ pub enum CodecError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("decoding the snapshot: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
 }
 
+/// Encodes `image` into `out` as it goes (no copy of the encoding in memory).
+pub fn encode_into<W: Write + ?Sized>(out: &mut W, image: &Image) -> Result<(), CodecError> {
+    out.write_all(MAGIC)?;
+    out.write_all(&SNAPSHOT_FORMAT.to_le_bytes())?;
+    rmp_serde::encode::write_named(out, image)?;
+    Ok(())
+}
+
+#[cfg(test)]
 pub fn encode(image: &Image) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(64 << 10);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
-    rmp_serde::encode::write_named(&mut out, image)?;
+    let mut out = Vec::new();
+    encode_into(&mut out, image)?;
     Ok(out)
 }
 
-pub fn decode(bytes: &[u8]) -> Result<ClusterState, CodecError> {
-    let rest = bytes.strip_prefix(MAGIC.as_slice()).ok_or(CodecError::NotASnapshot)?;
-    let (format, body) = rest.split_first_chunk::<4>().ok_or(CodecError::NotASnapshot)?;
-    let format = u32::from_le_bytes(*format);
+/// Decodes a snapshot as it reads it.
+pub fn decode_from<R: Read>(mut input: R) -> Result<ClusterState, CodecError> {
+    let mut head = [0u8; MAGIC.len() + 4];
+    input.read_exact(&mut head).map_err(|_| CodecError::NotASnapshot)?;
+    let (magic, format) = head.split_at(MAGIC.len());
+    if magic != MAGIC {
+        return Err(CodecError::NotASnapshot);
+    }
+    let format = u32::from_le_bytes(format.try_into().expect("four bytes"));
     if format > SNAPSHOT_FORMAT {
         return Err(CodecError::NewerFormat(format));
     }
-    let image: Image = rmp_serde::from_slice(body)?;
+    let image: Image = rmp_serde::from_read(input)?;
     Ok(image.into())
+}
+
+/// Decodes a snapshot held in memory.
+pub fn decode(bytes: &[u8]) -> Result<ClusterState, CodecError> {
+    decode_from(bytes)
 }
 
 #[cfg(test)]

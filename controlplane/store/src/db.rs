@@ -1,15 +1,27 @@
 //! The embedded database under a manager's raft directory (redb): one table for the log,
-//! one for records (vote, committed, purge point, the snapshot). Every value is sealed with
-//! the node's data key (log entries and small records as JSON, the snapshot as its own
-//! binary encoding); every write transaction is committed durably (fsync) before it returns,
-//! so whatever raft acknowledges is on disk. Every call blocks: async callers run them on
+//! one for records (vote, committed, purge point, which snapshot file is current), and the
+//! snapshot files beside it (`snapshot_file`). Every value is sealed with the node's data
+//! key (log entries and records as JSON, the snapshot as its own binary encoding in sealed
+//! chunks); every write is durable (fsync) before it returns, so whatever raft
+//! acknowledges is on disk. Every call blocks: async callers run them on
 //! the blocking pool (`blocking`), never on a runtime worker.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    fs::File,
+    io::{BufReader, BufWriter, Read, Write},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 use shoal_ca::DataKey;
+
+use crate::snapshot_file::{ChunkReader, ChunkWriter};
 
 /// Log entries by index. Big-endian integer keys keep index order.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -19,9 +31,21 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 pub const VOTE: &str = "vote";
 pub const COMMITTED: &str = "committed";
 pub const LAST_PURGED: &str = "last_purged";
-/// The snapshot's raft metadata (JSON) and its data (`codec`), written together.
-const SNAPSHOT_META: &str = "snapshot_meta";
-const SNAPSHOT_DATA: &str = "snapshot_data";
+/// The snapshot's raft metadata and the name of the file holding its data.
+const SNAPSHOT: &str = "snapshot";
+
+#[derive(Serialize, serde::Deserialize)]
+struct SnapshotRecord<T> {
+    meta: T,
+    file: String,
+}
+
+/// A name no earlier snapshot file of this process or an earlier one has.
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -34,6 +58,8 @@ pub enum DbError {
     Seal(#[from] shoal_ca::CaError),
     #[error("snapshot: {0}")]
     Snapshot(#[from] crate::codec::CodecError),
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
     /// The blocking task running the work panicked or was cancelled.
     #[error("database worker: {0}")]
     Worker(String),
@@ -53,6 +79,8 @@ from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::
 pub struct Db {
     db: Database,
     key: DataKey,
+    /// Where snapshot files live: the database's directory.
+    dir: PathBuf,
 }
 
 impl Db {
@@ -63,7 +91,10 @@ impl Db {
         tx.open_table(LOG)?;
         tx.open_table(RECORDS)?;
         tx.commit()?;
-        Ok(Db { db, key })
+        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let db = Db { db, key, dir };
+        db.remove_stray_snapshots()?;
+        Ok(db)
     }
 
     fn seal<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, DbError> {
@@ -91,40 +122,108 @@ impl Db {
         Ok(Some(self.unseal(sealed.value())?))
     }
 
-    /// Stores a snapshot (its metadata and data) in one durable transaction, unless the one
-    /// stored is not `older` than it: a snapshot built from an older state can finish after
-    /// a newer one was installed (openraft builds in a task of its own), and must not
-    /// replace it — the log before the newer one is already purged.
+    /// Stores a snapshot: `encode` streams its data into a new file (sealed chunks, fsynced
+    /// and renamed into place), then one durable transaction points the snapshot record at
+    /// it and the file it replaces goes. Nothing is written, and `false` returned, unless
+    /// the stored snapshot is `older` than `meta`: a snapshot built from an older state can
+    /// finish after a newer one was installed (openraft builds in a task of its own), and
+    /// must not replace it — the log before the newer one is already purged.
+    ///
+    /// The database's single writer is held only for the record, never while encoding.
     pub fn put_snapshot<T: Serialize + DeserializeOwned>(
         &self,
         meta: &T,
-        data: &[u8],
         older: impl Fn(&T) -> bool,
+        encode: impl FnOnce(&mut dyn Write) -> Result<(), DbError>,
     ) -> Result<bool, DbError> {
-        let sealed_meta = self.seal(meta)?;
-        let data = self.key.seal(data)?;
+        if self.snapshot_record::<T>()?.is_some_and(|stored| !older(&stored.meta)) {
+            return Ok(false);
+        }
+        let name = format!("snapshot-{}.snap", unique_suffix());
+        let path = self.dir.join(&name);
+        let temp = self.dir.join(format!("{name}.tmp"));
+        let written = (|| {
+            let mut writer = ChunkWriter::new(BufWriter::new(File::create(&temp)?), &self.key);
+            encode(&mut writer)?;
+            let file = writer.finish()?.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            std::fs::rename(&temp, &path)?;
+            File::open(&self.dir)?.sync_all()?;
+            Ok::<_, DbError>(())
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        let record = self.seal(&SnapshotRecord { meta, file: name.clone() })?;
         let tx = self.db.begin_write()?;
-        {
+        let replaced = {
             let mut records = tx.open_table(RECORDS)?;
-            let stored = records.get(SNAPSHOT_META)?.map(|m| self.unseal::<T>(m.value())).transpose()?;
-            if stored.is_some_and(|stored| !older(&stored)) {
+            let stored = records.get(SNAPSHOT)?.map(|r| self.unseal::<SnapshotRecord<T>>(r.value())).transpose()?;
+            if stored.as_ref().is_some_and(|stored| !older(&stored.meta)) {
+                drop(records);
+                drop(tx);
+                let _ = std::fs::remove_file(&path);
                 return Ok(false);
             }
-            records.insert(SNAPSHOT_META, sealed_meta.as_slice())?;
-            records.insert(SNAPSHOT_DATA, data.as_slice())?;
-        }
+            records.insert(SNAPSHOT, record.as_slice())?;
+            stored.map(|s| s.file)
+        };
         tx.commit()?;
+        // A reader that opened the old file before this keeps reading it (unlinked, not gone).
+        if let Some(old) = replaced.filter(|old| *old != name) {
+            let _ = std::fs::remove_file(self.dir.join(old));
+        }
         Ok(true)
     }
 
-    /// The stored snapshot's metadata and data, if there is one.
-    pub fn snapshot<T: DeserializeOwned>(&self) -> Result<Option<(T, Vec<u8>)>, DbError> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(RECORDS)?;
-        let (Some(meta), Some(data)) = (table.get(SNAPSHOT_META)?, table.get(SNAPSHOT_DATA)?) else {
+    fn snapshot_record<T: DeserializeOwned>(&self) -> Result<Option<SnapshotRecord<T>>, DbError> {
+        self.record(SNAPSHOT)
+    }
+
+    /// The stored snapshot's metadata and what `decode` makes of its data as it reads it.
+    pub fn snapshot<T: DeserializeOwned, S>(
+        &self,
+        decode: impl FnOnce(&mut dyn Read) -> Result<S, DbError>,
+    ) -> Result<Option<(T, S)>, DbError> {
+        // A snapshot written meanwhile deletes the file its record named before: read the
+        // record again and open the new one.
+        let mut attempts = 0;
+        let (record, file) = loop {
+            let Some(record) = self.snapshot_record::<T>()? else {
+                return Ok(None);
+            };
+            match File::open(self.dir.join(&record.file)) {
+                Ok(file) => break (record, file),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut reader = ChunkReader::new(BufReader::new(file), &self.key);
+        Ok(Some((record.meta, decode(&mut reader)?)))
+    }
+
+    /// The size on disk of the stored snapshot (sealed), if there is one.
+    pub fn snapshot_size(&self) -> Result<Option<u64>, DbError> {
+        let Some(record) = self.snapshot_record::<serde::de::IgnoredAny>()? else {
             return Ok(None);
         };
-        Ok(Some((self.unseal(meta.value())?, self.key.open(data.value())?)))
+        Ok(Some(std::fs::metadata(self.dir.join(record.file))?.len()))
+    }
+
+    /// Deletes snapshot files no record names: left by a crash mid-write, or replaced
+    /// while a reader still had them open.
+    fn remove_stray_snapshots(&self) -> Result<(), DbError> {
+        let current = self.snapshot_record::<serde::de::IgnoredAny>()?.map(|r| r.file);
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with("snapshot-") && current.as_deref() != Some(name) {
+                tracing::info!(file = name, "removing a snapshot file no record names");
+                let _ = std::fs::remove_file(self.dir.join(name));
+            }
+        }
+        Ok(())
     }
 
     /// Writes entries `(index, value)` in one durable transaction.

@@ -5,8 +5,10 @@
 //! - `log`: the raft log and vote, durable in an embedded database (redb) and sealed with
 //!   the node's data key, so nothing on disk is readable without it.
 //! - `state_machine`: applies committed commands to `state::ClusterState`, keeps snapshots
-//!   (sealed, in the same database) and announces every change on a watch channel.
-//! - `network`: raft RPCs to other managers over mutual TLS.
+//!   (a file of sealed chunks beside the database, `snapshot_file`, written and read as a
+//!   stream) and announces every change on a watch channel.
+//! - `network`: raft RPCs to other managers over mutual TLS (`append_in_flight`: an append
+//!   carrying entries outlives openraft's 50 ms per-call timeout).
 //!
 //! Around them, shaped like swarmkit's `manager/state/store`:
 //! - `objects`: the kinds of object (one file each: identity, indexes, invariants) and
@@ -17,6 +19,7 @@
 //! - `codec`: the snapshot encoding. `raft` puts the pieces together.
 #![forbid(unsafe_code)]
 
+mod append_in_flight;
 mod codec;
 pub mod command;
 mod db;
@@ -25,6 +28,7 @@ pub mod log;
 pub mod network;
 pub mod objects;
 pub mod raft;
+mod snapshot_file;
 pub mod state;
 pub mod state_machine;
 pub mod table;

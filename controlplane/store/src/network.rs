@@ -25,6 +25,7 @@ use shoal_api::node::NodeRole;
 use shoal_ca::NodeIdentity;
 
 use crate::{
+    append_in_flight::InFlight,
     command::Command,
     raft::{ClusterStore, WriteError},
     transport::Peer,
@@ -112,23 +113,31 @@ impl Network {
     }
 }
 
-pub struct PeerClient {
+/// One raft member to call; cheap to clone into a task.
+#[derive(Clone)]
+struct Target {
     network: Network,
-    target: RaftId,
+    id: RaftId,
     addr: String,
+}
+
+/// openraft's client for one member: the calls, and the append under way to it.
+pub struct PeerClient {
+    target: Target,
+    append: Option<InFlight>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: RaftId, node: &RaftPeer) -> PeerClient {
-        PeerClient { network: self.clone(), target, addr: node.addr.clone() }
+        PeerClient { target: Target { network: self.clone(), id: target, addr: node.addr.clone() }, append: None }
     }
 }
 
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<RaftId, RaftPeer, RaftError<RaftId, E>>>;
 
-impl PeerClient {
+impl Target {
     async fn call<Req, Resp, E>(&self, path: &str, req: &Req, option: &RPCOption) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -136,30 +145,28 @@ impl PeerClient {
         E: DeserializeOwned + std::error::Error,
     {
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        self.send(path, "application/json", body, option).await
+        self.send(path, "application/json", body, Some(option.hard_ttl())).await
     }
 
-    /// POSTs `body` to `/raft/{path}` and decodes openraft's answer.
+    /// POSTs `body` to `/raft/{path}` and decodes openraft's answer; without a `timeout`,
+    /// the client's own (`transport::REQUEST_TIMEOUT`) bounds it.
     async fn send<Resp, E>(
         &self,
         path: &str,
         content_type: &str,
         body: Vec<u8>,
-        option: &RPCOption,
+        timeout: Option<std::time::Duration>,
     ) -> RpcResult<Resp, E>
     where
         Resp: DeserializeOwned,
         E: DeserializeOwned + std::error::Error,
     {
-        let response = self
-            .network
-            .post(format!("https://{}/raft/{path}", self.addr))
-            .timeout(option.hard_ttl())
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
+        let mut request = self.network.post(format!("https://{}/raft/{path}", self.addr));
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
+        let response =
+            request.header(reqwest::header::CONTENT_TYPE, content_type).body(body).send().await.map_err(|e| {
                 // A failed connect makes openraft back off; anything later is a network error.
                 if e.is_connect() {
                     RPCError::Unreachable(Unreachable::new(&e))
@@ -169,7 +176,7 @@ impl PeerClient {
             })?;
         let reply: Result<Resp, RaftError<RaftId, E>> =
             response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.id, e)))
     }
 }
 
@@ -179,13 +186,26 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<RaftId>> {
-        let body = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        // Too big for the receiver: openraft sends fewer entries at a time when told so
-        // (every single entry fits: `ClusterStore::write` bounds them).
-        if body.len() > MAX_MESSAGE && rpc.entries.len() > 1 {
-            return Err(PayloadTooLarge::new_entries_hint(rpc.entries.len() as u64 / 2).into());
+        // A heartbeat (no entries) is small and must be timely: sent as openraft says.
+        if rpc.entries.is_empty() {
+            return self.target.call("append", &rpc, &option).await;
         }
-        self.send("append", "application/json", body, &option).await
+        if !self.append.as_ref().is_some_and(|under_way| under_way.answers(&rpc)) {
+            let body = serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            // Too big for the receiver: openraft sends fewer entries at a time when told so
+            // (every single entry fits: `ClusterStore::write` bounds them).
+            if body.len() > MAX_MESSAGE && rpc.entries.len() > 1 {
+                return Err(PayloadTooLarge::new_entries_hint(rpc.entries.len() as u64 / 2).into());
+            }
+            let target = self.target.clone();
+            // Replacing one under way (another term or starting point) aborts it.
+            self.append =
+                Some(InFlight::start(&rpc, async move { target.send("append", "application/json", body, None).await }));
+        }
+        let under_way = self.append.as_mut().expect("an append is under way");
+        let answer = under_way.answer(rpc.entries.last().map(|e| e.log_id)).await;
+        self.append = None;
+        answer
     }
 
     async fn install_snapshot(
@@ -194,11 +214,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<RaftId>, InstallSnapshotError> {
         let body = SnapshotChunk::encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        self.send("snapshot", "application/octet-stream", body, &option).await
+        self.target.send("snapshot", "application/octet-stream", body, Some(option.hard_ttl())).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<RaftId>, option: RPCOption) -> RpcResult<VoteResponse<RaftId>> {
-        self.call("vote", &rpc, &option).await
+        self.target.call("vote", &rpc, &option).await
     }
 }
 

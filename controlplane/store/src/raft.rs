@@ -154,10 +154,9 @@ impl ClusterStore {
         self.wait_for_leader(WRITE_TIMEOUT).await
     }
 
-    /// Size in bytes of the snapshot this replica holds (sealed, as stored and sent), if any.
-    pub async fn snapshot_len(&self) -> Option<usize> {
-        let stored = crate::db::blocking(&self.db, |db| db.snapshot::<serde_json::Value>()).await.ok()?;
-        stored.map(|(_, data)| data.len())
+    /// Size in bytes of the snapshot this replica holds, as stored (sealed chunks), if any.
+    pub async fn snapshot_len(&self) -> Option<u64> {
+        crate::db::blocking(&self.db, |db| db.snapshot_size()).await.ok()?
     }
 
     /// Dials the other managers with `client` from now on (a renewed certificate, a new

@@ -3,8 +3,10 @@
 //! installs snapshots (binary, sealed, persisted).
 //!
 //! Snapshots are built from a copy of the state taken under the read lock (the objects are
-//! shared, so the copy is a list of pointers) and encoded and written with no lock held, on
-//! the blocking pool: applying goes on meanwhile.
+//! shared, so the copy is a list of pointers) and encoded straight into the snapshot file
+//! with no lock held, on the blocking pool: applying goes on meanwhile, and the encoding is
+//! never held whole in memory. The data is read whole only to send it to a follower
+//! (openraft sends it in chunks from a seekable buffer) or as it arrives from the leader.
 
 use std::{
     io::Cursor,
@@ -86,8 +88,10 @@ impl StateMachineStore {
     /// Starts from the last persisted snapshot, if any; raft re-applies the log after it.
     pub(crate) fn open(db: Arc<Db>) -> std::result::Result<Self, DbError> {
         let mut applied = AppliedState::default();
-        if let Some((meta, data)) = db.snapshot::<SnapshotMeta<RaftId, RaftPeer>>()? {
-            applied.state = codec::decode(&data)?;
+        if let Some((meta, state)) =
+            db.snapshot::<SnapshotMeta<RaftId, RaftPeer>, _>(|data| Ok(codec::decode_from(data)?))?
+        {
+            applied.state = state;
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership;
         }
@@ -115,14 +119,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             ),
         };
         let stored_meta = meta.clone();
-        let data = blocking(&self.db, move |db| {
-            let data = codec::encode(&image)?;
-            db.put_snapshot(&stored_meta, &data, |stored| stored.last_log_id < stored_meta.last_log_id)?;
-            Ok(data)
+        blocking(&self.db, move |db| {
+            let newer = |stored: &SnapshotMeta<RaftId, RaftPeer>| stored.last_log_id < stored_meta.last_log_id;
+            db.put_snapshot(&stored_meta, newer, |out| Ok(codec::encode_into(out, &image)?))
         })
         .await
         .map_err(io(|e| StorageIOError::write_snapshot(None, e)))?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        // openraft keeps only a built snapshot's meta; replication reads the data back with
+        // `get_current_snapshot` when a follower needs it, so none is held here.
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
     }
 }
 
@@ -199,7 +204,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let stored_meta = meta.clone();
         let state = blocking(&self.db, move |db| {
             let state = codec::decode(&data)?;
-            db.put_snapshot(&stored_meta, &data, |stored| stored.last_log_id <= stored_meta.last_log_id)?;
+            let not_newer = |stored: &SnapshotMeta<RaftId, RaftPeer>| stored.last_log_id <= stored_meta.last_log_id;
+            db.put_snapshot(&stored_meta, not_newer, |out| Ok(out.write_all(&data)?))?;
             Ok(state)
         })
         .await
@@ -217,9 +223,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
-        let stored = blocking(&self.db, |db| db.snapshot::<SnapshotMeta<RaftId, RaftPeer>>())
-            .await
-            .map_err(io(|e| StorageIOError::read_snapshot(None, e)))?;
+        let stored = blocking(&self.db, |db| {
+            db.snapshot::<SnapshotMeta<RaftId, RaftPeer>, _>(|data| {
+                let mut bytes = Vec::new();
+                data.read_to_end(&mut bytes)?;
+                Ok(bytes)
+            })
+        })
+        .await
+        .map_err(io(|e| StorageIOError::read_snapshot(None, e)))?;
         Ok(stored.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }

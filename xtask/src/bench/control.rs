@@ -2,9 +2,9 @@
 //! the leader crashes (SIGKILL) and when it stops gracefully (SIGTERM, handing over), how
 //! long a durable write takes (fsync on a majority before the answer) through the leader
 //! and through a follower, how many writes per second the cluster takes, and how long
-//! `node ls` takes. In process (`controlplane/store/examples/scale.rs`): the store holding
-//! 1,000 nodes and 100,000 tasks written through raft, its snapshot, a new manager catching
-//! up, and event latency.
+//! `node ls` takes. Outside the lab (`controlplane/store/examples/scale.rs`, each manager a
+//! process on loopback): the store holding 1,000 nodes and 100,000 tasks written through
+//! raft, its snapshot, a new manager catching up, event latency and each manager's peak RSS.
 
 use std::{
     sync::{
@@ -48,7 +48,7 @@ pub fn failovers_only(failovers: usize) -> Result<()> {
 pub fn run(failovers: usize, stability: Duration) -> Result<()> {
     let bin_dir = workspace::build_release()?;
     bootstrap::ensure_packages(&[("docker.io", "dockerd 20.10: real Docker Swarm beside shoal in benchmarks")])?;
-    eprintln!("== the store at scale: 1,000 nodes and 100,000 tasks through raft (in process, release)");
+    eprintln!("== the store at scale: 1,000 nodes and 100,000 tasks through raft (managers on loopback, release)");
     let scale = scale()?;
     let lab =
         Lab::up(&LabConfig { managers: 3, workers: WRITERS, ..LabConfig::new(LAB, &bin_dir) })?.teardown_on_drop();
@@ -420,24 +420,27 @@ fn report(m: &Measured) -> String {
          {}\n{}\n{}\n{}\n{}\n{}\n\n\
          Failover figures are the longest gap between two acknowledged writes of a writer looping\n\
          on a surviving manager while the leader goes (so they include finding the new leader).\n\
-         A crash (SIGKILL) is noticed by a follower after 1.0-1.2 s without a heartbeat (openraft's\n\
-         leader lease, 0.6 s, plus an election timeout of 0.4-0.6 s; heartbeat 100 ms). A graceful\n\
-         stop (SIGTERM) hands over first: the leader takes no new writes, waits for a voter holding\n\
-         its whole log and asks it to stand at once.\n\n\
+         A crash (SIGKILL) is noticed by a follower after 0.8-1.0 s without a heartbeat (openraft's\n\
+         leader lease, 0.5 s, plus an election timeout of 0.3-0.5 s; heartbeat 50 ms), and a survivor\n\
+         that refuses a shorter-logged candidate stands at once. A graceful stop (SIGTERM) hands over\n\
+         first: the leader takes no new writes, waits for the writes under way and for a voter\n\
+         holding its whole log, and asks it to stand at once.\n\n\
          Write throughput: **{:.0} acknowledged writes/s** ({WRITERS} concurrent writers through the\n\
          leader, {THROUGHPUT_WINDOW:?}, one node object each).\n\n\
          ## The store at scale\n\n\
-         Three managers in one process on loopback (real raft over mutual TLS, redb with fsync on\n\
-         disk), {} nodes then {} tasks written through the leader in transactions of {} objects\n\
-         (`controlplane/store/examples/scale.rs`):\n\n\
+         Three managers, each a process of its own, on loopback (real raft over mutual TLS, redb with\n\
+         fsync on disk, the snapshot a file of sealed chunks), {} nodes then {} tasks written through\n\
+         the leader in transactions of {} objects (`controlplane/store/examples/scale.rs`):\n\n\
          | figure | value |\n\
          |---|---|\n\
          | write throughput | {:.0} objects/s ({:.1} s for all) |\n\
          | snapshot size (MessagePack, sealed) | {:.1} MB |\n\
-         | snapshot build (copy, encode, seal, fsync) | {:.2} s, {:.0} MB/s |\n\
+         | snapshot build (copy, encode and seal as a stream, fsync) | {:.2} s, {:.0} MB/s |\n\
          | a 4th manager joins and catches up (snapshot sent, installed, voter) | {:.2} s, {:.0} MB/s |\n\
          | event latency, commit on the leader -> a follower's watcher | p50 {:.1} ms, p99 {:.1} ms |\n\
-         | peak RSS of the process (4 managers' replicas, each holding it all) | {:.0} MiB |\n\n\
+         | peak RSS of the leader (its process also makes the writes) | {:.0} MiB |\n\
+         | peak RSS of each follower | {} MiB |\n\
+         | peak RSS of the manager that joined from the snapshot | {:.0} MiB |\n\n\
          ## Beside Docker Swarm\n\n\
          {}\n",
         row("write through the leader", &m.via_leader),
@@ -459,7 +462,12 @@ fn report(m: &Measured) -> String {
         f("join_mb_per_sec"),
         f("event_p50_ms"),
         f("event_p99_ms"),
-        f("peak_rss_kib_four_managers") / 1024.0,
+        f("peak_rss_mib_leader"),
+        m.scale["peak_rss_mib_followers"]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default(),
+        f("peak_rss_mib_joined"),
         beside_swarmkit(m),
     )
 }
@@ -480,7 +488,7 @@ fn beside_swarmkit(m: &Measured) -> String {
          | writes paused by a graceful leader stop (SIGTERM) | {} | {} |\n\
          | a manager killed -> the leader shows it Down | {} | {} |\n\n\
          Spurious elections on shoal's lab: {idle} in {:?} idle, {loaded} in {:?} under the writers\n\
-         above (heartbeat 100 ms; a follower stands after 1.0-1.2 s of silence).\n",
+         above (heartbeat 50 ms; a follower stands after 0.8-1.0 s of silence).\n",
         s(&m.crash),
         m.swarmkit.as_ref().map_or("not measured".into(), |p| s(&p.crash)),
         s(&m.graceful),

@@ -59,11 +59,29 @@ async fn an_unknown_command_format_stops_the_state_machine_before_it() {
     assert_eq!(sm.shared().read(|s| s.tasks.len()), 1);
 }
 
+/// Builds a snapshot and returns it as a follower would receive it.
+async fn built(sm: &mut StateMachineStore) -> Snapshot<TypeConfig> {
+    let meta = sm.build_snapshot().await.unwrap().meta;
+    let current = sm.get_current_snapshot().await.unwrap().expect("stored");
+    assert_eq!(current.meta, meta);
+    current
+}
+
+fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("snapshot-"))
+        .collect();
+    names.sort();
+    names
+}
+
 #[tokio::test]
 async fn snapshots_round_trip_and_tell_watchers_to_resync() {
     let (_dir, mut sm) = store();
     sm.apply([create_tasks(1, &["a", "b", "c"])]).await.unwrap();
-    let snapshot = sm.build_snapshot().await.unwrap();
+    let snapshot = built(&mut sm).await;
     assert!(snapshot.snapshot.get_ref().starts_with(b"SHOALSNP"), "binary, not JSON");
 
     let (_dir2, mut other) = store();
@@ -76,12 +94,41 @@ async fn snapshots_round_trip_and_tell_watchers_to_resync() {
 }
 
 #[tokio::test]
+async fn the_snapshot_file_is_sealed_replaced_whole_and_read_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = shoal_ca::DataKey::generate().unwrap();
+    let open =
+        || StateMachineStore::open(Arc::new(Db::open(&dir.path().join("raft.db"), key.clone()).unwrap())).unwrap();
+    let mut sm = open();
+    sm.apply([create_tasks(1, &["visible-task-id"])]).await.unwrap();
+    sm.build_snapshot().await.unwrap();
+    sm.apply([create_tasks(2, &["b"])]).await.unwrap();
+    sm.build_snapshot().await.unwrap();
+    let files = snapshot_files(dir.path());
+    assert_eq!(files.len(), 1, "the replaced snapshot's file is gone: {files:?}");
+    let bytes = std::fs::read(dir.path().join(&files[0])).unwrap();
+    assert!(!bytes.windows(15).any(|w| w == b"visible-task-id"), "sealed on disk");
+
+    // A crash mid-write leaves a temporary file; the next start removes it.
+    std::fs::write(dir.path().join("snapshot-dead.snap.tmp"), b"half").unwrap();
+    drop(sm);
+    let reopened = open();
+    assert_eq!(snapshot_files(dir.path()), files);
+    assert_eq!(reopened.shared().read(|s| s.tasks.len()), 2);
+    assert_eq!(reopened.shared().last_applied(), 2);
+
+    // Another node's key cannot read it.
+    let other = Db::open(&dir.path().join("raft.db"), shoal_ca::DataKey::generate().unwrap());
+    assert!(other.is_err() || StateMachineStore::open(Arc::new(other.unwrap())).is_err());
+}
+
+#[tokio::test]
 async fn a_snapshot_built_from_an_older_state_never_replaces_a_newer_one() {
     let (_dir, mut sm) = store();
     sm.apply([create_tasks(1, &["a"])]).await.unwrap();
-    let old = sm.build_snapshot().await.unwrap();
+    let old = built(&mut sm).await;
     sm.apply([create_tasks(2, &["b"])]).await.unwrap();
-    let new = sm.build_snapshot().await.unwrap();
+    let new = built(&mut sm).await;
     // The older build lands last (openraft builds in a task of its own, racing installs).
     let (_dir2, mut other) = store();
     other.install_snapshot(&new.meta, new.snapshot).await.unwrap();
