@@ -8,6 +8,10 @@
 //! openraft's next call for the same leader and the same starting point joins it instead
 //! of starting over. Its answer is fitted to the call that receives it: a follower that
 //! took fewer entries than that call asked for answers a partial success, never more.
+//!
+//! openraft stamps an answer with the time of the call that received it, so a joined answer
+//! looks fresher than it is to openraft's quorum-ack clock; in 0.9 that clock feeds only
+//! metrics (nothing here reads leases from it).
 
 use openraft::{
     error::{NetworkError, RPCError},

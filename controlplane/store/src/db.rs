@@ -33,6 +33,9 @@ pub const COMMITTED: &str = "committed";
 pub const LAST_PURGED: &str = "last_purged";
 /// The snapshot's raft metadata and the name of the file holding its data.
 const SNAPSHOT: &str = "snapshot";
+/// Where the snapshot was kept before it had a file of its own (`migrate_legacy_snapshot`).
+const LEGACY_SNAPSHOT_META: &str = "snapshot_meta";
+const LEGACY_SNAPSHOT_DATA: &str = "snapshot_data";
 
 #[derive(Serialize, serde::Deserialize)]
 struct SnapshotRecord<T> {
@@ -93,6 +96,7 @@ impl Db {
         tx.commit()?;
         let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let db = Db { db, key, dir };
+        db.migrate_legacy_snapshot()?;
         db.remove_stray_snapshots()?;
         Ok(db)
     }
@@ -143,7 +147,8 @@ impl Db {
         let path = self.dir.join(&name);
         let temp = self.dir.join(format!("{name}.tmp"));
         let written = (|| {
-            let mut writer = ChunkWriter::new(BufWriter::new(File::create(&temp)?), &self.key);
+            // A name taken (a clock stepped back) fails rather than truncating a file.
+            let mut writer = ChunkWriter::new(BufWriter::new(File::create_new(&temp)?), &self.key, &name);
             encode(&mut writer)?;
             let file = writer.finish()?.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
@@ -189,7 +194,7 @@ impl Db {
         // A snapshot written meanwhile deletes the file its record named before: read the
         // record again and open the new one.
         let mut attempts = 0;
-        let (record, file) = loop {
+        let (SnapshotRecord { meta, file: name }, file) = loop {
             let Some(record) = self.snapshot_record::<T>()? else {
                 return Ok(None);
             };
@@ -199,8 +204,8 @@ impl Db {
                 Err(e) => return Err(e.into()),
             }
         };
-        let mut reader = ChunkReader::new(BufReader::new(file), &self.key);
-        Ok(Some((record.meta, decode(&mut reader)?)))
+        let mut reader = ChunkReader::new(BufReader::new(file), &self.key, &name);
+        Ok(Some((meta, decode(&mut reader)?)))
     }
 
     /// The size on disk of the stored snapshot (sealed), if there is one.
@@ -209,6 +214,38 @@ impl Db {
             return Ok(None);
         };
         Ok(Some(std::fs::metadata(self.dir.join(record.file))?.len()))
+    }
+
+    /// Moves a snapshot kept whole in the records table (before snapshot files) into a
+    /// file. Idempotent: a crash between the two steps leaves both, and the next open only
+    /// drops the old records.
+    fn migrate_legacy_snapshot(&self) -> Result<(), DbError> {
+        let legacy = {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(RECORDS)?;
+            let (meta, data) = (table.get(LEGACY_SNAPSHOT_META)?, table.get(LEGACY_SNAPSHOT_DATA)?);
+            match (meta, data) {
+                (None, None) => return Ok(()),
+                (Some(meta), Some(data)) => Some((meta.value().to_vec(), data.value().to_vec())),
+                _ => None,
+            }
+        };
+        if let Some((meta, data)) = legacy {
+            if self.snapshot_record::<serde::de::IgnoredAny>()?.is_none() {
+                let meta: serde_json::Value = self.unseal(&meta)?;
+                let data = self.key.open(&data)?;
+                tracing::info!(bytes = data.len(), "moving the snapshot out of the database into a file");
+                self.put_snapshot(&meta, |_| true, |out| Ok(out.write_all(&data)?))?;
+            }
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut records = tx.open_table(RECORDS)?;
+            records.remove(LEGACY_SNAPSHOT_META)?;
+            records.remove(LEGACY_SNAPSHOT_DATA)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Deletes snapshot files no record names: left by a crash mid-write, or replaced
@@ -289,4 +326,39 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, DbError> {
     let db = db.clone();
     tokio::task::spawn_blocking(move || work(&db)).await.unwrap_or_else(|e| Err(DbError::Worker(e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_kept_in_the_database_moves_into_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.db");
+        let key = DataKey::generate().unwrap();
+        {
+            let db = Db::open(&path, key.clone()).unwrap();
+            let meta = db.seal(&serde_json::json!({"snapshot_id": "7-1"})).unwrap();
+            let data = key.seal(b"SHOALSNP...state").unwrap();
+            let tx = db.db.begin_write().unwrap();
+            {
+                let mut records = tx.open_table(RECORDS).unwrap();
+                records.insert(LEGACY_SNAPSHOT_META, meta.as_slice()).unwrap();
+                records.insert(LEGACY_SNAPSHOT_DATA, data.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let db = Db::open(&path, key).unwrap();
+        let (meta, data) = db
+            .snapshot::<serde_json::Value, _>(|r| {
+                let mut data = Vec::new();
+                r.read_to_end(&mut data)?;
+                Ok(data)
+            })
+            .unwrap()
+            .expect("moved");
+        assert_eq!((meta["snapshot_id"].as_str(), data.as_slice()), (Some("7-1"), b"SHOALSNP...state".as_slice()));
+        assert!(db.record::<serde_json::Value>(LEGACY_SNAPSHOT_DATA).unwrap().is_none(), "the old record is gone");
+    }
 }

@@ -35,6 +35,11 @@ use crate::{
 /// Largest raft message accepted (snapshots travel in chunks well below this).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// How long an append carrying entries may take (`append_in_flight`): a 16 MiB entry sent,
+/// parsed and fsynced on a loaded machine, with room; a connection that hangs longer is
+/// given up and the next call starts afresh.
+const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// A write a follower hands to the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forward {
@@ -199,8 +204,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             let target = self.target.clone();
             // Replacing one under way (another term or starting point) aborts it.
-            self.append =
-                Some(InFlight::start(&rpc, async move { target.send("append", "application/json", body, None).await }));
+            self.append = Some(InFlight::start(&rpc, async move {
+                target.send("append", "application/json", body, Some(APPEND_TIMEOUT)).await
+            }));
         }
         let under_way = self.append.as_mut().expect("an append is under way");
         let answer = under_way.answer(rpc.entries.last().map(|e| e.log_id)).await;
@@ -213,6 +219,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<RaftId>, InstallSnapshotError> {
+        // The follower's log changes under a snapshot: an append's answer from before it
+        // (a conflict, say) must not stand for a call after it.
+        self.append = None;
         let body = SnapshotChunk::encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         self.target.send("snapshot", "application/octet-stream", body, Some(option.hard_ttl())).await
     }

@@ -2,9 +2,10 @@
 //!
 //! Building a snapshot encodes the state straight into this stream and reading one decodes
 //! straight out of it, so neither holds the encoded state (let alone a sealed copy of it)
-//! in memory. Each chunk is sealed bound to its position and to whether it is the last, so
-//! a chunk moved, dropped or repeated, or a file cut short, fails to open instead of
-//! decoding into a different state.
+//! in memory. Each chunk is sealed bound to the file's ID (kept in the sealed record that
+//! names the file), its position and whether it is the last, so a chunk moved, dropped,
+//! repeated or taken from another snapshot, a whole older file copied over this one, or a
+//! file cut short, fails to open instead of decoding into a different state.
 //!
 //! A frame is `[last: u8][sealed length: u32 LE][sealed chunk]`.
 
@@ -18,10 +19,11 @@ pub const CHUNK: usize = 1 << 20;
 const SEAL_OVERHEAD: usize = 12 + 16;
 
 /// What a chunk is sealed bound to.
-fn context(index: u64, last: bool) -> [u8; 9] {
-    let mut context = [0; 9];
-    context[..8].copy_from_slice(&index.to_le_bytes());
-    context[8] = last as u8;
+fn context(file_id: &str, index: u64, last: bool) -> Vec<u8> {
+    let mut context = Vec::with_capacity(file_id.len() + 9);
+    context.extend_from_slice(file_id.as_bytes());
+    context.extend_from_slice(&index.to_le_bytes());
+    context.push(last as u8);
     context
 }
 
@@ -33,17 +35,20 @@ fn invalid(message: String) -> io::Error {
 pub struct ChunkWriter<'k, W: Write> {
     out: W,
     key: &'k DataKey,
+    file_id: &'k str,
     buf: Vec<u8>,
     index: u64,
 }
 
 impl<'k, W: Write> ChunkWriter<'k, W> {
-    pub fn new(out: W, key: &'k DataKey) -> Self {
-        ChunkWriter { out, key, buf: Vec::with_capacity(CHUNK), index: 0 }
+    /// `file_id` must be unique to this file: its reader must be given the same.
+    pub fn new(out: W, key: &'k DataKey, file_id: &'k str) -> Self {
+        ChunkWriter { out, key, file_id, buf: Vec::with_capacity(CHUNK), index: 0 }
     }
 
     fn emit(&mut self, last: bool) -> io::Result<()> {
-        let sealed = self.key.seal_bound(&self.buf, &context(self.index, last)).map_err(io::Error::other)?;
+        let context = context(self.file_id, self.index, last);
+        let sealed = self.key.seal_bound(&self.buf, &context).map_err(io::Error::other)?;
         self.out.write_all(&[last as u8])?;
         self.out.write_all(&(sealed.len() as u32).to_le_bytes())?;
         self.out.write_all(&sealed)?;
@@ -81,6 +86,7 @@ impl<W: Write> Write for ChunkWriter<'_, W> {
 pub struct ChunkReader<'k, R: Read> {
     input: R,
     key: &'k DataKey,
+    file_id: &'k str,
     buf: Vec<u8>,
     pos: usize,
     index: u64,
@@ -88,8 +94,8 @@ pub struct ChunkReader<'k, R: Read> {
 }
 
 impl<'k, R: Read> ChunkReader<'k, R> {
-    pub fn new(input: R, key: &'k DataKey) -> Self {
-        ChunkReader { input, key, buf: Vec::new(), pos: 0, index: 0, done: false }
+    pub fn new(input: R, key: &'k DataKey, file_id: &'k str) -> Self {
+        ChunkReader { input, key, file_id, buf: Vec::new(), pos: 0, index: 0, done: false }
     }
 
     fn next_chunk(&mut self) -> io::Result<()> {
@@ -110,7 +116,7 @@ impl<'k, R: Read> ChunkReader<'k, R> {
         }
         let mut sealed = vec![0; len];
         self.input.read_exact(&mut sealed).map_err(cut_short)?;
-        self.buf = self.key.open_bound(&sealed, &context(self.index, last)).map_err(|_| {
+        self.buf = self.key.open_bound(&sealed, &context(self.file_id, self.index, last)).map_err(|_| {
             invalid(format!(
                 "snapshot chunk {} does not open with this node's data key: damaged or out of place",
                 self.index
@@ -143,14 +149,18 @@ mod tests {
     use super::*;
 
     fn sealed(data: &[u8], key: &DataKey) -> Vec<u8> {
-        let mut writer = ChunkWriter::new(Vec::new(), key);
+        let mut writer = ChunkWriter::new(Vec::new(), key, "f1");
         writer.write_all(data).unwrap();
         writer.finish().unwrap()
     }
 
     fn opened(file: &[u8], key: &DataKey) -> io::Result<Vec<u8>> {
+        opened_as(file, key, "f1")
+    }
+
+    fn opened_as(file: &[u8], key: &DataKey, file_id: &str) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        ChunkReader::new(file, key).read_to_end(&mut out)?;
+        ChunkReader::new(file, key, file_id).read_to_end(&mut out)?;
         Ok(out)
     }
 
@@ -199,6 +209,13 @@ mod tests {
         assert!(opened(&early, &key).is_err());
         // Another node's key.
         assert!(opened(&file, &DataKey::generate().unwrap()).is_err());
+        // Another file's: a whole file copied over this one, or a chunk spliced in from it.
+        assert!(opened_as(&file, &key, "f2").unwrap_err().to_string().contains("out of place"));
+        let mut other = ChunkWriter::new(Vec::new(), &key, "f2");
+        other.write_all(&data).unwrap();
+        let other = other.finish().unwrap();
+        let spliced = [&other[frames[0].clone()], &file[frames[1].clone()], &file[frames[2].clone()]].concat();
+        assert!(opened(&spliced, &key).is_err());
         // A length claiming more than a chunk can hold.
         let mut huge = file.clone();
         huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());

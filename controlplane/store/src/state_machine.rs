@@ -5,8 +5,10 @@
 //! Snapshots are built from a copy of the state taken under the read lock (the objects are
 //! shared, so the copy is a list of pointers) and encoded straight into the snapshot file
 //! with no lock held, on the blocking pool: applying goes on meanwhile, and the encoding is
-//! never held whole in memory. The data is read whole only to send it to a follower
-//! (openraft sends it in chunks from a seekable buffer) or as it arrives from the leader.
+//! never held whole in memory. The data is read whole (decrypted, in memory) only where
+//! openraft 0.9's snapshot API wants a seekable buffer: to send it to a follower, as it
+//! arrives from the leader, and once at start, when openraft asks for the current snapshot
+//! only to learn its meta.
 
 use std::{
     io::Cursor,

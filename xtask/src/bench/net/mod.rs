@@ -30,7 +30,7 @@ use shoal_api::dataplane::{
 };
 use shoal_lab::{overlay_spec, Lab, LabConfig, Workload};
 
-use crate::workspace;
+use crate::{bootstrap, workspace};
 use http::Mode;
 use kube::{Balancer, Router};
 use report::{CostRow, HttpRow, HttpScale, ProgramRow};
@@ -61,6 +61,7 @@ pub fn run(options: Options) -> Result<()> {
     }
     let started = Instant::now();
     let bin_dir = workspace::build_release()?;
+    bootstrap::ensure_packages(&[("iptables", "kube-proxy's iptables modes (legacy and nft), compared with shoal")])?;
     http::ensure_nginx()?;
     let lab = Lab::up(&LabConfig { managers: 1, workers: 1, swarm: false, ..LabConfig::new(LAB, &bin_dir) })?
         .teardown_on_drop();
