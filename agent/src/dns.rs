@@ -169,6 +169,7 @@ mod tests {
             networks: vec![net("blue", "10.78.0.0/24"), net("red", "10.79.0.0/24")],
             endpoints: vec![],
             services: vec![svc("web", "blue", false), svc("db", "blue", true)],
+            nodes: vec![],
         };
         let names = Names::from_spec(&spec);
         let client: Ipv4Addr = "10.78.0.2".parse().unwrap();

@@ -1,7 +1,10 @@
 //! Bad input to the agent's API gets Docker's status codes and JSON messages and changes
 //! nothing.
 
-use shoal_api::{dataplane::DataplaneSpec, ErrorResponse};
+use shoal_api::{
+    dataplane::{DataplaneSpec, Protocol, PublishMode, PublishedPort, ServiceVip},
+    ErrorResponse,
+};
 use shoal_tests::{overlay_spec, plain_lab, workload};
 
 #[test]
@@ -11,7 +14,8 @@ fn bad_requests_are_refused_and_change_nothing() {
     let host = lab.host("mgr1").unwrap();
     let api = host.api();
     let w = workload(&lab, "mgr1", "w", "10.78.0.2");
-    let good = overlay_spec("blue", 4097, "10.78.0.0/24", &[&w]).unwrap();
+    let mut good = overlay_spec("blue", 4097, "10.78.0.0/24", &[&w]).unwrap();
+    good.nodes = vec![host.addr];
     lab.apply_dataplane(&good).unwrap();
 
     let mut unknown_network = good.clone();
@@ -20,12 +24,33 @@ fn bad_requests_are_refused_and_change_nothing() {
     missing_interface.endpoints[0].interface = Some("shw-nope".into());
     let mut bad_vni = good.clone();
     bad_vni.networks[0].vni = 1 << 24;
+    let publishing = |port: u16, protocol: Protocol| {
+        let mut spec = good.clone();
+        spec.services.push(ServiceVip {
+            name: "web".into(),
+            network: "blue".into(),
+            vip: "10.78.0.100".parse().unwrap(),
+            ports: vec![],
+            backends: vec![w.addr],
+            dnsrr: false,
+            published: vec![PublishedPort {
+                protocol,
+                published_port: port,
+                target_port: 80,
+                publish_mode: PublishMode::Ingress,
+            }],
+        });
+        spec
+    };
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("malformed JSON", b"{\"Networks\": [".to_vec(), "invalid JSON"),
         ("wrong type", br#"{"Networks": 3}"#.to_vec(), "invalid JSON"),
         ("unknown network", serde_json::to_vec(&unknown_network).unwrap(), "not declared"),
         ("missing interface", serde_json::to_vec(&missing_interface).unwrap(), "no such interface"),
         ("VNI out of range", serde_json::to_vec(&bad_vni).unwrap(), "VNI"),
+        ("the data path port", serde_json::to_vec(&publishing(4789, Protocol::Udp)).unwrap(), "data path (VXLAN)"),
+        ("the cluster port", serde_json::to_vec(&publishing(2377, Protocol::Tcp)).unwrap(), "cluster port"),
+        ("the DNS port", serde_json::to_vec(&publishing(53, Protocol::Udp)).unwrap(), "DNS server"),
     ];
     for (what, body, expected) in cases {
         let response = api.request("PUT", "/shoal/v1/dataplane", Some(&body)).unwrap();
@@ -35,6 +60,18 @@ fn bad_requests_are_refused_and_change_nothing() {
         let now: DataplaneSpec = api.get("/shoal/v1/dataplane").unwrap().json().unwrap();
         assert_eq!(now, good, "{what} changed the state");
     }
+
+    // A published port is kept out of the node's ephemeral range while published, so the
+    // node's own connections never use it (their replies would go to a backend).
+    let reserved = || {
+        let argv = ["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"].map(String::from);
+        let out = shoal_lab::netns_command(&host.netns, &argv).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    lab.apply_dataplane(&publishing(8080, Protocol::Tcp)).unwrap();
+    assert_eq!(reserved(), "8080");
+    lab.apply_dataplane(&good).unwrap();
+    assert_eq!(reserved(), "");
 
     let not_found = api.get("/v1.51/no/such/thing").unwrap();
     assert_eq!(not_found.status, 404);

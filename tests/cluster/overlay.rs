@@ -174,3 +174,85 @@ fn vxlan_port(host: &shoal_lab::Host) -> Option<u64> {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     json[0]["linkinfo"]["info_data"]["port"].as_u64()
 }
+
+/// A VXLAN frame carrying an IPv4/UDP datagram `src -> dst:dport` on `vni`, to the MAC
+/// `dst_mac`: what a node's VXLAN device takes for another node's overlay traffic.
+fn forged_vxlan(vni: u32, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, dst_mac: [u8; 6], dport: u16) -> Vec<u8> {
+    let payload = b"forged";
+    let mut p = vec![0x08, 0, 0, 0];
+    p.extend_from_slice(&(vni << 8).to_be_bytes());
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&[0x02, 0x42, 0, 0, 0, 0x99, 0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let mut sum: u32 = ip.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&12345u16.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Sends one UDP datagram `payload` from `netns` to `to`.
+fn send_udp(netns: &str, to: std::net::SocketAddrV4, payload: &[u8]) {
+    let payload = payload.to_vec();
+    shoal_lab::in_netns(netns, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.send_to(&payload, to).map(|_| ())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn vxlan_from_a_workload_or_a_stranger_never_reaches_a_workload() {
+    use shoal_common::stats::{DROP_NOT_A_NODE, DROP_TO_DATA_PATH_PORT};
+    use std::net::SocketAddrV4;
+
+    const VNI: u32 = 4097;
+    const LISTEN: u16 = 9999;
+    let lab = plain_lab("e2evxlan", 1, 1);
+    let a = workload(&lab, "mgr1", "a", "10.78.0.2");
+    let b = workload(&lab, "wrk1", "b", "10.78.0.3");
+    lab.apply_dataplane(&overlay_spec("blue", VNI, "10.78.0.0/24", &[&a, &b]).unwrap()).unwrap();
+    let (mgr1, wrk1) = (lab.host("mgr1").unwrap(), lab.host("wrk1").unwrap());
+    let stranger = lab.add_client("stranger", addr("10.77.3.9")).unwrap();
+    let inbox = shoal_lab::in_netns(&b.netns, || std::net::UdpSocket::bind(("0.0.0.0", LISTEN))).unwrap().unwrap();
+    inbox.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    // A frame for b, as if a had sent it from mgr1.
+    let b_mac = shoal_api::MacAddr::from_ipv4(b.addr).0;
+    let forged = forged_vxlan(VNI, a.addr, b.addr, b_mac, LISTEN);
+
+    // A machine that is no node of the cluster sends it to wrk1's VXLAN port.
+    send_udp(&stranger, SocketAddrV4::new(wrk1.addr, 4789), &forged);
+    eventually("wrk1 counts VXLAN from a stranger as such", Duration::from_secs(5), || {
+        (wrk1.packets(DROP_NOT_A_NODE).unwrap() >= 1).then_some(())
+    });
+
+    // A workload sends it to a node's VXLAN port: to wrk1's address (it would leave mgr1
+    // masqueraded as mgr1, a node) and to its gateway (mgr1 itself).
+    send_udp(&a.netns, SocketAddrV4::new(wrk1.addr, 4789), &forged);
+    send_udp(&a.netns, SocketAddrV4::new(addr("10.78.0.1"), 4789), &forged);
+    eventually("mgr1 drops a workload's datagrams to the data path port", Duration::from_secs(5), || {
+        (mgr1.packets(DROP_TO_DATA_PATH_PORT).unwrap() >= 2).then_some(())
+    });
+    let mut buf = [0u8; 64];
+    assert!(inbox.recv_from(&mut buf).is_err(), "a forged frame reached b");
+
+    // The overlay itself still carries a's datagrams to b.
+    send_udp(&a.netns, SocketAddrV4::new(b.addr, LISTEN), b"real");
+    let (len, from) = inbox.recv_from(&mut buf).expect("a's datagram over the overlay");
+    assert_eq!((&buf[..len], from.ip()), (&b"real"[..], std::net::IpAddr::V4(a.addr)));
+    assert_eq!(wrk1.packets(shoal_common::stats::DROP_SPOOFED_SOURCE).unwrap(), 0);
+}

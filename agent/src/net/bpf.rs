@@ -25,7 +25,7 @@ use shoal_api::dataplane::Counter;
 use shoal_common::{
     lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey},
     maps,
-    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
+    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
     stats,
 };
 use tracing::{debug, info};
@@ -75,6 +75,7 @@ impl Datapath {
             maps::ENDPOINTS,
             maps::INTERFACES,
             maps::NODE_CONFIG,
+            maps::NODES,
             maps::STATS,
             maps::SERVICES,
             maps::BACKENDS,
@@ -128,6 +129,8 @@ impl Datapath {
     /// Writes `plan` into the maps and attaches to exactly the planned interfaces. Entries go
     /// in before attachments so a newly attached interface never sees a half-filled map.
     pub fn apply(&mut self, plan: &Plan) -> Result<(), NetError> {
+        let mut nodes: HashMap<&mut MapData, u32, NodeEntry> = self.map_mut(maps::NODES)?;
+        sync_hash_map(&mut nodes, maps::NODES, &plan.nodes)?;
         let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> = self.map_mut(maps::ENDPOINTS)?;
         sync_hash_map(&mut endpoints, maps::ENDPOINTS, &plan.endpoints)?;
         let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.map_mut(maps::INTERFACES)?;

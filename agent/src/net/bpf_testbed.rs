@@ -20,7 +20,7 @@ use serde::Serialize;
 use shoal_common::{
     lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_SLOTS, PROTO_TCP},
     maps,
-    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
+    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry, GATEWAY_NODE, IFACE_OUTBOUND},
 };
 
 use super::{Datapath, BPFFS, FROM_OVERLAY, FROM_UNDERLAY, FROM_WORKLOAD};
@@ -42,12 +42,22 @@ pub const LOCAL_MAC: [u8; 6] = [0x02, 0x42, 10, 78, 0, 4];
 pub const LOCAL_VETH: u32 = 4242;
 pub const LOCAL_VETH_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x04];
 pub const VIP: [u8; 4] = [10, 78, 0, 100];
+/// The network's gateway (after `set_outbound`).
+pub const GATEWAY: [u8; 4] = [10, 78, 0, 1];
 /// This node's underlay address.
 pub const NODE: [u8; 4] = [10, 77, 0, 11];
 /// A client outside the cluster (TEST-NET-1).
 pub const OUTSIDE: [u8; 4] = [192, 0, 2, 10];
 /// The published port of `with_published_port`.
 pub const PUBLISHED: u16 = 8080;
+/// The data path (VXLAN) port.
+pub const DATA_PATH_PORT: u16 = 4789;
+/// The node REMOTE runs on, one of the cluster's nodes.
+pub const REMOTE_NODE: [u8; 4] = [10, 77, 2, 1];
+/// Another of the cluster's nodes (running no endpoint here).
+pub const OTHER_NODE: [u8; 4] = [10, 77, 2, 2];
+/// `from_overlay` with the tunnel key taken from the test's context (see the program).
+pub const FROM_OVERLAY_TEST: &str = "from_overlay_test";
 
 /// A datapath with its own pin directory, removed (with bpffs if we mounted it) on drop.
 /// One at a time per process: one may have to mount bpffs and unmount it afterwards.
@@ -73,7 +83,12 @@ impl Testbed {
             endpoints: [
                 (
                     key(REMOTE),
-                    EndpointEntry { ifindex: 0, node_addr: 0x0a4d_0201, mac: REMOTE_MAC, router_mac: [0; 6] },
+                    EndpointEntry {
+                        ifindex: 0,
+                        node_addr: u32::from_be_bytes(REMOTE_NODE),
+                        mac: REMOTE_MAC,
+                        router_mac: [0; 6],
+                    },
                 ),
                 (
                     key(LOCAL),
@@ -98,10 +113,21 @@ impl Testbed {
             )]
             .into_iter()
             .collect(),
+            nodes: [REMOTE_NODE, OTHER_NODE]
+                .map(|n| (u32::from_be_bytes(n), NodeEntry::default()))
+                .into_iter()
+                .collect(),
             ..Default::default()
         };
         datapath.apply(&plan)?;
-        datapath.configure(NodeConfig { vxlan_ifindex: LO, ..Default::default() })?;
+        datapath.configure(NodeConfig {
+            vxlan_ifindex: LO,
+            data_path_port: DATA_PATH_PORT.to_be(),
+            ..Default::default()
+        })?;
+        super::classifier(&mut datapath.ebpf, FROM_OVERLAY_TEST)?
+            .load()
+            .map_err(|source| NetError::Program { program: FROM_OVERLAY_TEST, source })?;
         testbed.datapath = Some(datapath);
         Ok(testbed)
     }
@@ -112,8 +138,21 @@ impl Testbed {
 
     /// Runs `program` once on `packet`; returns the verdict and the packet as it left.
     pub fn run(&self, program: &'static str, packet: &[u8]) -> Result<(u32, Vec<u8>), NetError> {
+        self.run_with(program, packet, None)
+    }
+
+    /// Runs `from_overlay` once on `packet` as if node `sender` sent it over VXLAN on `vni`.
+    pub fn run_from_overlay(&self, vni: u32, sender: [u8; 4], packet: &[u8]) -> Result<(u32, Vec<u8>), NetError> {
+        // `__sk_buff` up to its `cb` (offset 48, five u32): the rest the kernel zeroes.
+        let mut skb = [0u8; 68];
+        skb[48..52].copy_from_slice(&vni.to_ne_bytes());
+        skb[52..56].copy_from_slice(&u32::from_be_bytes(sender).to_ne_bytes());
+        self.run_with(FROM_OVERLAY_TEST, packet, Some(&skb))
+    }
+
+    fn run_with(&self, program: &'static str, packet: &[u8], ctx: Option<&[u8]>) -> Result<(u32, Vec<u8>), NetError> {
         let mut out = vec![0u8; packet.len() + 64];
-        let (verdict, size, _) = self.test_run(program, packet, Some(&mut out), 1)?;
+        let (verdict, size, _) = self.test_run(program, packet, Some(&mut out), 1, ctx)?;
         out.truncate(size);
         Ok((verdict, out))
     }
@@ -121,7 +160,7 @@ impl Testbed {
     /// Runs `program` on `packet` `repeat` times in the kernel; returns the verdict and the
     /// kernel's average time per run.
     pub fn time(&self, program: &'static str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), NetError> {
-        let (verdict, _, duration) = self.test_run(program, packet, None, repeat)?;
+        let (verdict, _, duration) = self.test_run(program, packet, None, repeat, None)?;
         Ok((verdict, duration))
     }
 
@@ -131,6 +170,7 @@ impl Testbed {
         packet: &[u8],
         out: Option<&mut [u8]>,
         repeat: u32,
+        ctx: Option<&[u8]>,
     ) -> Result<(u32, usize, Duration), NetError> {
         let datapath = self.datapath.as_ref().expect("present until drop");
         let prog: &SchedClassifier = datapath
@@ -140,7 +180,13 @@ impl Testbed {
             .try_into()
             .map_err(|source| NetError::Program { program, source })?;
         let result = prog
-            .test_run(TestRunOptions { data_in: Some(packet), data_out: out, repeat, ..TestRunOptions::new() })
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: out,
+                ctx_in: ctx,
+                repeat,
+                ..TestRunOptions::new()
+            })
             .map_err(|source| NetError::Program { program, source })?;
         Ok((result.return_value, result.data_size_out as usize, result.duration))
     }
@@ -168,6 +214,8 @@ impl Testbed {
             vxlan_ifindex: LO,
             underlay_ifindex: LO,
             underlay_addr: u32::from_ne_bytes(NODE),
+            data_path_port: DATA_PATH_PORT.to_be(),
+            _pad: 0,
         })?;
         let key = IngressKey { port: PUBLISHED.to_be(), proto: PROTO_TCP, _pad: 0 };
         let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = datapath.map_mut(maps::INGRESS)?;
@@ -175,6 +223,20 @@ impl Testbed {
             .insert(key, IngressEntry { id: 11, backends: 1, vni: VNI }, 0)
             .map_err(|e| map_error(maps::INGRESS, e))?;
         add_table(datapath, 11, 12, REMOTE, 80)
+    }
+
+    /// Gives the network of `lo`'s workload a way out (the node masquerades), and 10.78.0.1
+    /// as its gateway.
+    pub fn set_outbound(&mut self) -> Result<(), NetError> {
+        let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.datapath().map_mut(maps::INTERFACES)?;
+        let current = interfaces.get(&LO, 0).map_err(|e| map_error(maps::INTERFACES, e))?;
+        let entry = InterfaceEntry { flags: current.flags | IFACE_OUTBOUND, ..current };
+        interfaces.insert(LO, entry, 0).map_err(|e| map_error(maps::INTERFACES, e))?;
+        let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> =
+            self.datapath().map_mut(maps::ENDPOINTS)?;
+        let key = EndpointKey { vni: VNI, addr: u32::from_ne_bytes(GATEWAY) };
+        let entry = EndpointEntry { ifindex: 0, node_addr: GATEWAY_NODE, mac: ROUTER_MAC, router_mac: [0; 6] };
+        endpoints.insert(key, entry, 0).map_err(|e| map_error(maps::ENDPOINTS, e))
     }
 
     /// Makes the workload behind `lo` the one at `addr` (so `lo` can play a backend's veth).
@@ -234,14 +296,32 @@ pub fn arp_request(target: [u8; 4]) -> Vec<u8> {
 
 /// A small UDP datagram from CLIENT to `dst` (port 8000).
 pub fn ipv4_to(dst: [u8; 4]) -> Vec<u8> {
+    udp(CLIENT, 12345, dst, 8000)
+}
+
+/// A small UDP datagram `src:sport -> dst:dport` (no UDP checksum).
+pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&ROUTER_MAC);
     p.extend_from_slice(&CLIENT_MAC);
     p.extend_from_slice(&[0x08, 0x00]);
     p.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
-    p.extend_from_slice(&CLIENT);
+    p.extend_from_slice(&src);
     p.extend_from_slice(&dst);
-    p.extend_from_slice(&[0x30, 0x39, 0x1f, 0x40, 0, 8, 0, 0]);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 8, 0, 0]);
+    let ip = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip.to_be_bytes());
+    p
+}
+
+/// Sets the IPv4 TTL of `p` (fixing the header checksum).
+pub fn with_ttl(mut p: Vec<u8>, ttl: u8) -> Vec<u8> {
+    p[22] = ttl;
+    p[24..26].copy_from_slice(&[0, 0]);
+    let ip = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip.to_be_bytes());
     p
 }
 
@@ -291,6 +371,11 @@ fn checksum(bytes: &[u8], start: u32) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Whether the IPv4 header checksum of `p` verifies.
+pub fn ip_checksum_ok(p: &[u8]) -> bool {
+    checksum(&p[14..34], 0) == 0
 }
 
 /// Whether the IPv4 and TCP checksums of `p` verify.

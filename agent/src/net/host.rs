@@ -69,10 +69,78 @@ fn nft(script: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Keeps the ports published on this node out of its ephemeral range
+/// (`ip_local_reserved_ports`, per network namespace): a connection the node itself opens
+/// from a published port would have its replies taken by the mesh to a backend. Ports
+/// reserved by someone else are left as they are.
+#[derive(Debug, Default)]
+pub struct ReservedLocalPorts {
+    /// The ports this agent added (reserved by nobody before it).
+    added: std::collections::BTreeSet<u16>,
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+impl ReservedLocalPorts {
+    /// Makes the kernel reserve `published` as well as whatever others reserved.
+    pub fn sync(&mut self, published: &std::collections::BTreeSet<u16>) -> Result<(), NetError> {
+        let current = parse_port_list(&std::fs::read_to_string(RESERVED_PORTS)?)?;
+        let others: std::collections::BTreeSet<u16> = current.difference(&self.added).copied().collect();
+        let want: std::collections::BTreeSet<u16> = others.union(published).copied().collect();
+        if want != current {
+            std::fs::write(RESERVED_PORTS, format_port_list(&want))?;
+        }
+        self.added = published.difference(&others).copied().collect();
+        Ok(())
+    }
+}
+
+/// `8080,9000-9002` -> {8080, 9000, 9001, 9002}.
+fn parse_port_list(text: &str) -> Result<std::collections::BTreeSet<u16>, NetError> {
+    let bad = || NetError::Host(format!("{RESERVED_PORTS}: cannot read {:?}", text.trim()));
+    let mut ports = std::collections::BTreeSet::new();
+    for item in text.trim().split(',').filter(|s| !s.is_empty()) {
+        let (first, last) = item.split_once('-').unwrap_or((item, item));
+        let (first, last): (u16, u16) = (first.parse().map_err(|_| bad())?, last.parse().map_err(|_| bad())?);
+        ports.extend(first..=last);
+    }
+    Ok(ports)
+}
+
+/// The kernel's list syntax, ranges folded.
+fn format_port_list(ports: &std::collections::BTreeSet<u16>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = ports.iter().copied().peekable();
+    while let Some(first) = iter.next() {
+        let mut last = first;
+        while iter.peek() == Some(&(last.wrapping_add(1))) && last != u16::MAX {
+            last = iter.next().expect("peeked");
+        }
+        out.push(if first == last { first.to_string() } else { format!("{first}-{last}") });
+    }
+    // An empty write clears the list; the kernel wants at least a newline.
+    format!("{}\n", out.join(","))
+}
+
 /// A local workload as the host's stack must know it to send replies back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HostRoute {
     pub addr: Ipv4Addr,
     pub ifindex: u32,
     pub mac: [u8; 6],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_lists_read_and_write_as_the_kernel_does() {
+        let ports = parse_port_list("8080,9000-9002\n").unwrap();
+        assert_eq!(ports.iter().copied().collect::<Vec<_>>(), [8080, 9000, 9001, 9002]);
+        assert_eq!(format_port_list(&ports), "8080,9000-9002\n");
+        assert_eq!(format_port_list(&Default::default()), "\n");
+        assert!(parse_port_list("\n").unwrap().is_empty());
+        assert!(parse_port_list("80-x").is_err());
+    }
 }

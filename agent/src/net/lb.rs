@@ -71,6 +71,11 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr) -> Result<LbPlan, NetErro
 }
 
 impl LbPlan {
+    /// The ports published on this node, whatever their protocol.
+    pub fn published_ports(&self) -> std::collections::BTreeSet<u16> {
+        self.ingress.keys().map(|key| u16::from_be(key.port)).collect()
+    }
+
     /// Adds the backends `addrs` at `target_port` and their Maglev table under `id`.
     fn table(
         &mut self,
@@ -295,6 +300,7 @@ mod tests {
                     publish_mode: mode,
                 }],
             }],
+            nodes: vec![],
         }
     }
 

@@ -13,7 +13,7 @@ pub mod overlay;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use shoal_api::dataplane::{Counter, DataplaneSpec, DEFAULT_OVERLAY_MTU};
+use shoal_api::dataplane::{Counter, DataplaneSpec, Protocol, ReservedPort, DEFAULT_OVERLAY_MTU};
 use shoal_common::overlay::NodeConfig;
 use tracing::{error, info, instrument, warn};
 
@@ -25,6 +25,8 @@ use crate::net::{bpf::Datapath, link::Links, overlay::Plan};
 pub const VXLAN_DEVICE: &str = "shoal_vxlan";
 /// IANA's VXLAN port, as Docker's overlay driver uses, unless the swarm chose another.
 pub const VXLAN_PORT: u16 = shoal_api::swarm::DEFAULT_DATA_PATH_PORT;
+/// The swarm's cluster port (managers listen there; no node may publish it).
+const CLUSTER_PORT: u16 = 2377;
 
 /// Where the node's network state lives.
 #[derive(Debug, Clone)]
@@ -50,6 +52,7 @@ pub struct Dataplane {
     plan: Plan,
     /// What the DNS server answers, from the applied spec.
     names: std::sync::Arc<std::sync::RwLock<crate::dns::Names>>,
+    reserved_local_ports: host::ReservedLocalPorts,
 }
 
 impl Dataplane {
@@ -66,9 +69,19 @@ impl Dataplane {
             vxlan_ifindex: 0,
             underlay_ifindex: underlay.as_ref().map_or(0, |(index, _)| *index),
             underlay_addr: u32::from_ne_bytes(config.node_addr.octets()),
+            data_path_port: config.vxlan_port.to_be(),
+            _pad: 0,
         };
-        let mut dataplane =
-            Dataplane { config, node, links, datapath, spec: DataplaneSpec::default(), plan: Plan::default(), names };
+        let mut dataplane = Dataplane {
+            config,
+            node,
+            links,
+            datapath,
+            spec: DataplaneSpec::default(),
+            plan: Plan::default(),
+            names,
+            reserved_local_ports: host::ReservedLocalPorts::default(),
+        };
         dataplane.bring_up_overlay(dataplane.config.vxlan_port).await?;
         match &underlay {
             Some((index, name)) => {
@@ -88,6 +101,9 @@ impl Dataplane {
         if port == self.config.vxlan_port {
             return Ok(());
         }
+        if let Some(p) = self.spec.published_ports().find(|p| *p == port) {
+            return Err(NetError::PortInUse(p));
+        }
         if let Err(e) = self.bring_up_overlay(port).await {
             // The old device may be gone already: the overlay goes back to the port it had
             // rather than staying without one.
@@ -104,6 +120,7 @@ impl Dataplane {
     async fn bring_up_overlay(&mut self, port: u16) -> Result<(), NetError> {
         let vxlan = self.links.ensure_vxlan(VXLAN_DEVICE, port, DEFAULT_OVERLAY_MTU).await?;
         self.node.vxlan_ifindex = vxlan;
+        self.node.data_path_port = port.to_be();
         self.datapath.configure(self.node)?;
         self.datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
         info!(device = VXLAN_DEVICE, ifindex = vxlan, port, "overlay device ready");
@@ -121,6 +138,7 @@ impl Dataplane {
         persist: impl FnOnce(&DataplaneSpec) -> std::io::Result<()>,
     ) -> Result<(), NetError> {
         spec.validate()?;
+        spec.check_reserved(&self.reserved_ports())?;
         let plan = self.plan(&spec).await?;
         if let Err(e) = self.datapath.apply(&plan) {
             self.restore();
@@ -139,6 +157,20 @@ impl Dataplane {
         self.spec = spec;
         self.plan = plan;
         Ok(())
+    }
+
+    /// The ports this node uses on its own address: never published.
+    fn reserved_ports(&self) -> Vec<ReservedPort> {
+        let mut reserved = vec![
+            ReservedPort { port: self.config.vxlan_port, protocol: Protocol::Udp, what: "the data path (VXLAN) port" },
+            ReservedPort { port: CLUSTER_PORT, protocol: Protocol::Tcp, what: "the swarm's cluster port" },
+        ];
+        if let Some(dns) = self.config.dns {
+            for protocol in [Protocol::Udp, Protocol::Tcp] {
+                reserved.push(ReservedPort { port: dns.port(), protocol, what: "the embedded DNS server's port" });
+            }
+        }
+        reserved
     }
 
     pub fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<(), NetError> {
@@ -176,12 +208,13 @@ impl Dataplane {
     }
 
     /// The host's side of the way out: forwarding, masquerade, routes back to workloads.
-    async fn apply_host(&self, plan: &Plan) -> Result<(), NetError> {
+    async fn apply_host(&mut self, plan: &Plan) -> Result<(), NetError> {
         // Ingress replies need it too: the FIB lookup that sends them out refuses otherwise.
         if !plan.masquerade.is_empty() || !plan.lb.ingress.is_empty() {
             host::enable_forwarding()?;
         }
         host::sync_nat(&plan.masquerade, &plan.gateways, self.config.dns)?;
+        self.reserved_local_ports.sync(&plan.lb.published_ports())?;
         self.links.sync_host_routes(&plan.host_routes).await
     }
 

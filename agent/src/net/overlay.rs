@@ -8,7 +8,7 @@ use std::{
 
 use shoal_api::dataplane::DataplaneSpec;
 use shoal_api::dataplane::OverlayNetwork;
-use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND};
+use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeEntry, GATEWAY_NODE, IFACE_OUTBOUND};
 
 use crate::net::{
     host::HostRoute,
@@ -40,6 +40,8 @@ pub struct Plan {
     pub masquerade: Vec<ipnet::Ipv4Net>,
     /// Gateway addresses: DNS queries to them go to this node's DNS server.
     pub gateways: Vec<std::net::Ipv4Addr>,
+    /// The cluster's nodes (host byte order), whose VXLAN `from_overlay` takes.
+    pub nodes: HashMap<u32, NodeEntry>,
 }
 
 /// Names of the interfaces of endpoints that run on this node.
@@ -87,6 +89,12 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
         let mac = shoal_api::MacAddr::from_ipv4(svc.vip).0;
         plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: 0, mac, router_mac: [0; 6] });
     }
+    plan.nodes = spec
+        .nodes
+        .iter()
+        .chain(spec.endpoints.iter().map(|ep| &ep.node_addr))
+        .map(|addr| (u32::from(*addr), NodeEntry::default()))
+        .collect();
     plan.lb = lb::plan(spec, node_addr)?;
     plan.masquerade = spec.networks.iter().filter(|n| !n.internal).map(|n| n.subnet).collect();
     plan.gateways = spec.networks.iter().filter_map(|n| n.gateway()).collect();
@@ -137,6 +145,7 @@ mod tests {
             networks: vec![OverlayNetwork::new("blue", 4097, "10.78.0.0/24".parse().unwrap())],
             endpoints,
             services: vec![],
+            nodes: vec![],
         }
     }
 

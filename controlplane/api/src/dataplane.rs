@@ -27,6 +27,11 @@ pub struct DataplaneSpec {
     /// Services with a virtual IP on a network, balanced over backends on it.
     #[serde(default)]
     pub services: Vec<ServiceVip>,
+    /// Underlay addresses of the cluster's nodes: overlay (VXLAN) traffic is taken from
+    /// these only. The nodes of `endpoints` count too; a node that runs no endpoint but
+    /// sends the routing mesh's traffic (a published port's clients) must be listed.
+    #[serde(default)]
+    pub nodes: Vec<Ipv4Addr>,
 }
 
 /// A service's virtual IP on one network (Docker's endpoint mode `vip`): connections to
@@ -166,6 +171,10 @@ pub enum SpecError {
     DuplicatePublishedPort { service: String, port: u16, protocol: Protocol },
     #[error("service {service:?}: port published with ingress mode can't be used with dnsrr mode")]
     IngressWithDnsrr { service: String },
+    #[error("service {service:?}: port {port}/{protocol:?} is {what} on every node: it cannot be published")]
+    ReservedPort { service: String, port: u16, protocol: Protocol, what: &'static str },
+    #[error("node address {0} is not a node's unicast address")]
+    BadNodeAddr(Ipv4Addr),
 }
 
 impl DataplaneSpec {
@@ -209,6 +218,11 @@ impl DataplaneSpec {
                 if !is_valid_ifname(name) {
                     return Err(SpecError::InvalidInterfaceName { addr: ep.addr, name: name.clone() });
                 }
+            }
+        }
+        for addr in self.nodes.iter().chain(self.endpoints.iter().map(|ep| &ep.node_addr)) {
+            if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+                return Err(SpecError::BadNodeAddr(*addr));
             }
         }
         self.validate_services(&addrs)?;
@@ -279,6 +293,38 @@ impl DataplaneSpec {
     pub fn network(&self, name: &str) -> Option<&OverlayNetwork> {
         self.networks.iter().find(|n| n.name == name)
     }
+
+    /// Refuses a published port the node itself uses on its address (`reserved`): the
+    /// mesh would take the node's own traffic (its overlay, its cluster port, its DNS).
+    pub fn check_reserved(&self, reserved: &[ReservedPort]) -> Result<(), SpecError> {
+        for svc in &self.services {
+            for p in &svc.published {
+                if let Some(r) = reserved.iter().find(|r| r.port == p.published_port && r.protocol == p.protocol) {
+                    return Err(SpecError::ReservedPort {
+                        service: svc.name.clone(),
+                        port: r.port,
+                        protocol: r.protocol,
+                        what: r.what,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every port published on the nodes' addresses, whatever its protocol.
+    pub fn published_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.services.iter().flat_map(|s| s.published.iter().map(|p| p.published_port))
+    }
+}
+
+/// A port a node uses on its own address, which no service may publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservedPort {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// What uses it, for the error: "the data path (VXLAN) port".
+    pub what: &'static str,
 }
 
 impl OverlayNetwork {
@@ -352,7 +398,36 @@ mod tests {
                     publish_mode: PublishMode::Ingress,
                 }],
             }],
+            nodes: vec!["10.77.0.11".parse().unwrap(), "10.77.0.12".parse().unwrap()],
         }
+    }
+
+    #[test]
+    fn published_ports_the_node_uses_itself_are_refused_by_name() {
+        let reserved = [
+            ReservedPort { port: 4789, protocol: Protocol::Udp, what: "the data path (VXLAN) port" },
+            ReservedPort { port: 8080, protocol: Protocol::Tcp, what: "the cluster port" },
+        ];
+        let error = spec().check_reserved(&reserved).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "service \"web\": port 8080/Tcp is the cluster port on every node: it cannot be published"
+        );
+        let mut s = spec();
+        s.services[0].published[0].protocol = Protocol::Udp;
+        assert_eq!(s.check_reserved(&reserved), Ok(()), "the same number on the other protocol is free");
+    }
+
+    #[test]
+    fn node_addresses_must_be_unicast() {
+        for bad in ["0.0.0.0", "255.255.255.255", "239.1.1.1"] {
+            let mut s = spec();
+            s.nodes.push(bad.parse().unwrap());
+            assert_eq!(s.validate(), Err(SpecError::BadNodeAddr(bad.parse().unwrap())));
+        }
+        let mut s = spec();
+        s.endpoints[0].node_addr = Ipv4Addr::UNSPECIFIED;
+        assert!(matches!(s.validate(), Err(SpecError::BadNodeAddr(_))));
     }
 
     #[test]

@@ -19,9 +19,12 @@ pub mod maps {
     /// host-side ifindex -> `InterfaceEntry`: which network a workload interface belongs to.
     pub const INTERFACES: &str = "SHOAL_INTERFACES";
     /// index 0 -> `NodeConfig`: per-node settings the programs need.
-    pub const NODE_CONFIG: &str = "SHOAL_NODE_CONFIG_V2";
+    pub const NODE_CONFIG: &str = "SHOAL_NODE_CONFIG_V3";
+    /// Underlay address of each node of the cluster (host byte order, as a tunnel key
+    /// gives it) -> `NodeEntry`: VXLAN from anywhere else is dropped.
+    pub const NODES: &str = "SHOAL_NODES";
     /// `stats::*` code -> `Counter`, per CPU.
-    pub const STATS: &str = "SHOAL_STATS";
+    pub const STATS: &str = "SHOAL_STATS_V2";
     /// `ServiceKey` -> `ServiceEntry`.
     pub const SERVICES: &str = "SHOAL_SERVICES";
     /// backend ID -> `Backend`.

@@ -65,16 +65,29 @@ pub struct NodeConfig {
     /// The node's underlay address, network byte order: published ports answer on it only
     /// (a node that routes for others must not take their traffic).
     pub underlay_addr: u32,
+    /// The swarm's data path (VXLAN) UDP port, network byte order: a workload's datagrams
+    /// to it never reach the node's stack, where the VXLAN device would take them for
+    /// another node's.
+    pub data_path_port: u16,
+    pub _pad: u16,
+}
+
+/// Value of the `NODES` map: nothing yet (the key is what counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeEntry {
+    pub flags: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 20);
 const _: () = assert!(core::mem::size_of::<InterfaceEntry>() == 28);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 12);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NodeEntry>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four types are repr(C), made only of integers and byte arrays with explicit
+    // SAFETY: all five types are repr(C), made only of integers and byte arrays with explicit
     // padding, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::EndpointKey {}
     // SAFETY: as above.
@@ -83,4 +96,6 @@ mod pod {
     unsafe impl aya::Pod for super::InterfaceEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeEntry {}
 }

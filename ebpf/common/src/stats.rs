@@ -78,11 +78,27 @@ pub const DROP_NO_BACKEND: u32 = 25;
 pub const DROP_IP_OPTIONS: u32 = 26;
 /// Rewriting addresses or checksums failed.
 pub const DROP_NAT: u32 = 27;
-/// No route (or no neighbour) out the underlay for a reply to an ingress client.
+/// No underlay interface, or the route lookup for a reply to an ingress client failed.
 pub const DROP_FIB: u32 = 28;
+/// A workload's datagram to the data path (VXLAN) port, on its way to a node's stack: the
+/// node's VXLAN device would take what it carries for another node's overlay traffic.
+pub const DROP_TO_DATA_PATH_PORT: u32 = 29;
+/// VXLAN from an address that is not one of the cluster's nodes.
+pub const DROP_NOT_A_NODE: u32 = 30;
+/// A packet about to cross the mesh again with no hops left (its TTL ran out): state on
+/// two nodes sending it back and forth cannot make it loop for ever.
+pub const DROP_TTL_EXCEEDED: u32 = 31;
+/// The route lookup for a reply to an ingress client says there is no way there
+/// (unreachable, blackhole or prohibit).
+pub const DROP_FIB_UNREACHABLE: u32 = 32;
+/// The route lookup for a reply to an ingress client says the node would not forward it
+/// (forwarding off, not a forwarding route, an encapsulating route).
+pub const DROP_FIB_NOT_FORWARDED: u32 = 33;
+/// A reply to an ingress client larger than the way out allows, with don't-fragment set.
+pub const DROP_FRAG_NEEDED: u32 = 34;
 
 /// Size of the `STATS` array.
-pub const MAX: u32 = 32;
+pub const MAX: u32 = 64;
 
 /// Human name of a code, for `shoal` output and test messages; `None` for codes not in use.
 pub fn name(code: u32) -> Option<&'static str> {
@@ -115,6 +131,12 @@ pub fn name(code: u32) -> Option<&'static str> {
         DROP_IP_OPTIONS => "drop_ip_options",
         DROP_NAT => "drop_nat",
         DROP_FIB => "drop_fib",
+        DROP_TO_DATA_PATH_PORT => "drop_to_data_path_port",
+        DROP_NOT_A_NODE => "drop_not_a_node",
+        DROP_TTL_EXCEEDED => "drop_ttl_exceeded",
+        DROP_FIB_UNREACHABLE => "drop_fib_unreachable",
+        DROP_FIB_NOT_FORWARDED => "drop_fib_not_forwarded",
+        DROP_FRAG_NEEDED => "drop_frag_needed",
         _ => return None,
     })
 }

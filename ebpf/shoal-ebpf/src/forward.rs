@@ -4,7 +4,12 @@
 //! cluster (a FIB lookup for the next hop, as Cilium's `fib_redirect`).
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, bpf_tunnel_key, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_REDIRECT},
+    bindings::{
+        bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
+        BPF_FIB_LKUP_RET_UNSUPP_LWT, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_REDIRECT,
+    },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key,
     },
@@ -13,7 +18,10 @@ use aya_ebpf::{
 };
 use shoal_common::{
     overlay::{EndpointEntry, NodeConfig},
-    stats::{DROP_FIB, DROP_MALFORMED, DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TUNNEL_KEY},
+    stats::{
+        DROP_FIB, DROP_FIB_NOT_FORWARDED, DROP_FIB_UNREACHABLE, DROP_FRAG_NEEDED, DROP_MALFORMED,
+        DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TTL_EXCEEDED, DROP_TUNNEL_KEY,
+    },
 };
 
 use crate::{
@@ -24,6 +32,8 @@ use crate::{
 
 /// TTL of the outer IPv4 header of encapsulated packets.
 const TUNNEL_TTL: u8 = 64;
+/// Offset of the IPv4 header checksum in the frame.
+const IP_CSUM: usize = ETH_HLEN + 10;
 const AF_INET: u8 = 2;
 
 /// Hands the frame to a workload on this node, after giving a service backend's reply its
@@ -75,7 +85,9 @@ pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) 
 }
 
 /// Sends the IPv4 packet out of the node's underlay interface towards its destination, as
-/// the node's own routing table says, with the next hop's MAC.
+/// the node's own routing table says, with the next hop's MAC. A route lookup that does not
+/// give a way out is a drop with its reason; only a next hop whose MAC is not known yet is
+/// left to the kernel (`bpf_redirect_neigh` resolves it, as Cilium does).
 #[inline(always)]
 pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
     let ifindex = match node_config() {
@@ -98,15 +110,32 @@ pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
     let rc = unsafe {
         fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, BPF_FIB_LOOKUP_OUTPUT)
     };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        // No neighbour entry yet (the kernel resolves it and queues the packet meanwhile), or
-        // forwarding off on the interface (the lookup refuses; the slow path does not care).
-        if rc < 0 {
-            return Err(DROP_FIB);
+    let rc = u32::try_from(rc).map_err(|_| DROP_FIB)?;
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // The lookup filled in the interface and the next hop; the kernel resolves its
+            // MAC and queues the packet meanwhile.
+            // SAFETY: plain old data; the IPv4 member of the union is the one written.
+            let mut next_hop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            next_hop.nh_family = u32::from(AF_INET);
+            // SAFETY: the lookup wrote the IPv4 member of its destination union.
+            next_hop.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+            count(ctx, counter);
+            // SAFETY: `next_hop` lives on our stack for the call and the size passed is its own.
+            let rc = unsafe {
+                bpf_redirect_neigh(fib.ifindex, &mut next_hop, core::mem::size_of::<bpf_redir_neigh>() as i32, 0)
+            };
+            return redirect_verdict(rc);
         }
-        count(ctx, counter);
-        // SAFETY: plain helper call; no parameters: the kernel finds the next hop itself.
-        return redirect_verdict(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) });
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+            return Err(DROP_FIB_UNREACHABLE)
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DROP_FRAG_NEEDED),
+        BPF_FIB_LKUP_RET_NOT_FWDED | BPF_FIB_LKUP_RET_FWD_DISABLED | BPF_FIB_LKUP_RET_UNSUPP_LWT => {
+            return Err(DROP_FIB_NOT_FORWARDED)
+        }
+        _ => return Err(DROP_FIB),
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
@@ -117,6 +146,27 @@ pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
     count(ctx, counter);
     // SAFETY: plain helper call; egress redirect to the interface the route names.
     redirect_verdict(unsafe { bpf_redirect(fib.ifindex, 0) })
+}
+
+/// Takes one hop off the packet's TTL before it crosses the mesh again; one with none left
+/// is dropped, so state on two nodes that sends a packet back and forth cannot loop it for
+/// ever.
+#[inline(always)]
+pub fn take_hop(ctx: &TcContext) -> Result<(), u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let (ttl, protocol) = unsafe { ((*ip).ttl, (*ip).protocol) };
+    if ttl <= 1 {
+        return Err(DROP_TTL_EXCEEDED);
+    }
+    // The checksum covers TTL and protocol as one 16-bit word.
+    let old = u16::from_ne_bytes([ttl, protocol]);
+    let new = u16::from_ne_bytes([ttl - 1, protocol]);
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2).map_err(|_| DROP_MALFORMED)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above (after the helper may have moved the data).
+    unsafe { (*ip).ttl = ttl - 1 };
+    Ok(())
 }
 
 /// The node's settings, copied out of `NODE_CONFIG`.

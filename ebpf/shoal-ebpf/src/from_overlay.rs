@@ -1,25 +1,59 @@
 //! TC ingress on the node's `vxlan external` device: frames other nodes sent over the overlay,
-//! already decapsulated by the kernel, with the VNI in the tunnel metadata.
+//! already decapsulated by the kernel, with the VNI and the sender in the tunnel metadata.
+//!
+//! Trust: VXLAN counts only from the cluster's nodes (`NODES`); an inner source that is an
+//! endpoint of the network must be one on the sending node; any other inner source is a
+//! client of the sending node's published port, allowed to reach local endpoints only.
 
 use aya_ebpf::{
-    bindings::bpf_tunnel_key, helpers::generated::bpf_skb_get_tunnel_key, macros::classifier, programs::TcContext,
+    bindings::bpf_tunnel_key,
+    helpers::generated::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    macros::classifier,
+    programs::TcContext,
 };
 use shoal_common::{
     overlay::EndpointKey,
-    stats::{DELIVER_FROM_OVERLAY, DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_ENDPOINT, DROP_TUNNEL_KEY},
+    stats::{
+        DELIVER_FROM_OVERLAY, DROP_MALFORMED, DROP_NOT_A_NODE, DROP_NOT_IPV4, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE,
+        DROP_TUNNEL_KEY,
+    },
 };
 
 use crate::{
     forward::deliver_local,
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
-    ingress,
-    lb::{flow_of, starts_flow},
-    maps::{lookup, ENDPOINTS},
+    ingress::{self, Hop},
+    lb::flow_of,
+    maps::{lookup, ENDPOINTS, NODES},
     stats::drop_packet,
 };
 
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
+    match try_from_overlay(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => drop_packet(&ctx, reason),
+    }
+}
+
+/// `from_overlay` as BPF_PROG_TEST_RUN can run it: a test frame has no tunnel metadata, so
+/// this sets it first, from the test's `cb[0]` (VNI) and `cb[1]` (the sending node, host
+/// byte order). Loaded by the program tests only, never attached.
+#[classifier]
+pub fn from_overlay_test(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (vni, sender) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
+    // SAFETY: bpf_tunnel_key is plain old data; all-zero is its "no options" value.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = vni;
+    // What the kernel reads back as the remote end of a received frame is the local end of
+    // the key set here (a key set is for sending).
+    key.__bindgen_anon_3.local_ipv4 = sender;
+    // SAFETY: `key` lives on our stack for the call and the size passed is its own.
+    let rc = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0) };
+    if rc != 0 {
+        return drop_packet(&ctx, DROP_TUNNEL_KEY);
+    }
     match try_from_overlay(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => drop_packet(&ctx, reason),
@@ -35,6 +69,11 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     if rc != 0 {
         return Err(DROP_TUNNEL_KEY);
     }
+    // SAFETY: the helper filled the key of an IPv4 tunnel: the IPv4 member.
+    let sender = unsafe { key.__bindgen_anon_1.remote_ipv4 };
+    if lookup(&NODES, &sender).is_none() {
+        return Err(DROP_NOT_A_NODE);
+    }
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     if unsafe { (*eth).proto } != ETH_P_IP_BE {
@@ -42,26 +81,34 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
-    let daddr = unsafe { (*ip).daddr };
+    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
     let vni = key.tunnel_id;
+    let from_client = match lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(saddr) }) {
+        // An endpoint of the network sends from its own node, and from nowhere else.
+        Some(from) if from.ifindex == 0 && from.node_addr == sender => false,
+        Some(_) => return Err(DROP_SPOOFED_SOURCE),
+        // No endpoint: a client outside the cluster, through the sending node's published
+        // port (the mesh keeps the client's address).
+        None => true,
+    };
     match lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(daddr) }) {
         Some(to) if to.ifindex != 0 => {
-            // A flow from an address that is no endpoint of the network comes from a client
-            // outside the cluster, through the sending node's published port: its replies go
-            // back there. Checked as a flow starts, so the overlay's own packets pay nothing.
-            if let Some(flow) = flow_of(ctx)? {
-                if starts_flow(ctx, &flow) && lookup(&ENDPOINTS, &EndpointKey { vni, addr: flow.saddr }).is_none() {
-                    // SAFETY: the helper filled the key of an IPv4 tunnel: the IPv4 member.
-                    let sender = unsafe { key.__bindgen_anon_1.remote_ipv4 };
+            if from_client {
+                if let Some(flow) = flow_of(ctx)? {
+                    // Its replies go back to the sending node. Kept up on every packet (a
+                    // lookup when nothing changed), so a flow whose entry the LRU evicted
+                    // here gets it back with its next packet.
                     ingress::remember_return(&flow, sender)?;
                 }
             }
             deliver_local(ctx, &to, DELIVER_FROM_OVERLAY)
         }
-        _ => {
-            // A backend's reply to a client that connected to this node's published port.
+        // A backend's reply to a client that connected to this node's published port,
+        // crossing the mesh once more.
+        _ if !from_client => {
             let Some(flow) = flow_of(ctx)? else { return Err(DROP_NO_ENDPOINT) };
-            ingress::reply(ctx, &flow, vni)?.ok_or(DROP_NO_ENDPOINT)
+            ingress::reply(ctx, &flow, vni, Hop::Again)?.ok_or(DROP_NO_ENDPOINT)
         }
+        _ => Err(DROP_NO_ENDPOINT),
     }
 }

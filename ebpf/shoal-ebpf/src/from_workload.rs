@@ -1,15 +1,18 @@
 //! TC ingress on the host side of a workload's veth: everything a workload sends.
 //!
 //! ARP requests for peers are answered here; IPv4 to a peer on the same overlay network is
-//! delivered locally or encapsulated to the peer's node. Anything else is dropped: overlays
-//! carry IPv4 only, and a workload must not reach the host's stack through its veth.
+//! delivered locally or encapsulated to the peer's node; IPv4 to the gateway or off the
+//! network goes to the node's stack, except datagrams to the data path port. Anything else
+//! is dropped: overlays carry IPv4 only, and a workload must not reach the host's stack
+//! through its veth.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use shoal_common::{
+    lb::PROTO_UDP,
     overlay::{EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND},
     stats::{
-        DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_UNKNOWN_INTERFACE,
-        FORWARD_HOST, FORWARD_LOCAL, FORWARD_REMOTE,
+        DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_TO_DATA_PATH_PORT,
+        DROP_UNKNOWN_INTERFACE, FORWARD_HOST, FORWARD_LOCAL, FORWARD_REMOTE,
     },
 };
 
@@ -17,7 +20,8 @@ use crate::{
     arp,
     forward::{deliver_local, encapsulate, node_config},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
-    ingress, lb,
+    ingress::{self, Hop},
+    lb,
     maps::{lookup, ENDPOINTS, INTERFACES},
     stats::{count, drop_packet},
 };
@@ -57,7 +61,7 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     let Some(to) = lookup(&ENDPOINTS, &key) else {
         if let Some(flow) = lb::flow_of(ctx)? {
             // A backend's reply to a client of a published port, on its way back.
-            if let Some(verdict) = ingress::reply(ctx, &flow, iface.vni)? {
+            if let Some(verdict) = ingress::reply(ctx, &flow, iface.vni, Hop::First)? {
                 return Ok(verdict);
             }
             // A published port on this node's own address: the mesh, as for a client outside
@@ -71,14 +75,12 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
         // Off the overlay: out through this node's stack (it masquerades), if the network
         // has a way out; an unknown address inside the subnet is nobody.
         if dst & iface.mask != iface.subnet && iface.flags & IFACE_OUTBOUND != 0 {
-            count(ctx, FORWARD_HOST);
-            return Ok(TC_ACT_OK);
+            return to_host(ctx);
         }
         return Err(DROP_NO_ENDPOINT);
     };
     if to.ifindex == 0 && to.node_addr == GATEWAY_NODE {
-        count(ctx, FORWARD_HOST);
-        return Ok(TC_ACT_OK);
+        return to_host(ctx);
     }
     if to.ifindex == 0 && to.node_addr == 0 {
         // A VIP, but not on a port of its service (or not TCP/UDP): nothing answers there.
@@ -90,6 +92,41 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
         encapsulate(ctx, &to, iface.vni, FORWARD_REMOTE)
     }
 }
+
+/// Hands the packet to this node's stack (the gateway, or the way out), unless it is a
+/// datagram to the data path port: the node's VXLAN device (or, masqueraded, another
+/// node's) would take what it carries for overlay traffic from a node.
+#[inline(always)]
+fn to_host(ctx: &TcContext) -> Result<i32, u32> {
+    let port = node_config().map_or(0, |config| config.data_path_port);
+    if udp_dport(ctx)? == Some(port) {
+        return Err(DROP_TO_DATA_PATH_PORT);
+    }
+    count(ctx, FORWARD_HOST);
+    Ok(TC_ACT_OK)
+}
+
+/// The destination port of a UDP datagram (with or without IP options); `None` for other
+/// packets and for fragments after the first (which carry no UDP header).
+#[inline(always)]
+fn udp_dport(ctx: &TcContext) -> Result<Option<u16>, u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let (version_ihl, protocol, frag_off) = unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).frag_off) };
+    if protocol != PROTO_UDP || u16::from_be(frag_off) & IP_OFFSET_MASK != 0 {
+        return Ok(None);
+    }
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if header_len < 20 {
+        return Err(DROP_MALFORMED);
+    }
+    let dport: *const u16 = ptr_at(ctx, ETH_HLEN + header_len + 2).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    Ok(Some(unsafe { dport.read_unaligned() }))
+}
+
+/// Fragment offset bits of the IPv4 `frag_off` field (host order).
+const IP_OFFSET_MASK: u16 = 0x1fff;
 
 /// The destination address as it is now (after a rewrite moved the packet's bytes).
 #[inline(always)]

@@ -20,7 +20,7 @@ use shoal_common::{
 };
 
 use crate::{
-    forward::{encapsulate, hand_to_workload, out_underlay},
+    forward::{encapsulate, hand_to_workload, out_underlay, take_hop},
     lb::{pick, reply_of, rewrite_destination, rewrite_source, track, tracked},
     maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS},
     stats::count,
@@ -80,12 +80,23 @@ pub fn remember_return(flow: &FlowKey, ingress_node: u32) -> Result<(), u32> {
     Ok(())
 }
 
+/// Whether a packet crosses the mesh for the first time (from its workload) or again (it
+/// came over the overlay): a packet crossing again takes a hop off its TTL.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    First,
+    Again,
+}
+
 /// If the packet is a backend's reply to an ingress client, sends it on its way (out the
 /// underlay with the published address as its source, or back to the ingress node over
 /// network `vni`) and returns the verdict; `None` for any other packet.
 #[inline(always)]
-pub fn reply(ctx: &TcContext, flow: &FlowKey, vni: u32) -> Result<Option<i32>, u32> {
+pub fn reply(ctx: &TcContext, flow: &FlowKey, vni: u32, hop: Hop) -> Result<Option<i32>, u32> {
     let Some(entry) = lookup_lru(&CONNTRACK, flow) else { return Ok(None) };
+    if hop == Hop::Again && (entry.flags == NAT_REPLY_TO_UNDERLAY || entry.flags == NAT_RETURN_VIA_NODE) {
+        take_hop(ctx)?;
+    }
     match entry.flags {
         NAT_REPLY_TO_UNDERLAY => {
             rewrite_source(ctx, flow, &entry)?;

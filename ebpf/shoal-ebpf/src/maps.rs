@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use shoal_common::{
     lb::{Backend, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey, SockPeerKey},
-    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig},
+    overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
     stats::{Counter, MAX},
 };
 
@@ -21,11 +21,15 @@ pub static ENDPOINTS: HashMap<EndpointKey, EndpointEntry> = HashMap::pinned(6553
 pub static INTERFACES: HashMap<u32, InterfaceEntry> = HashMap::pinned(4096, 0);
 
 /// Node-wide settings at index 0.
-#[map(name = "SHOAL_NODE_CONFIG_V2")]
+#[map(name = "SHOAL_NODE_CONFIG_V3")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
+/// The cluster's nodes by underlay address (host byte order): VXLAN from others is dropped.
+#[map(name = "SHOAL_NODES")]
+pub static NODES: HashMap<u32, NodeEntry> = HashMap::pinned(16384, 0);
+
 /// Outcome counters, indexed by `shoal_common::stats` codes.
-#[map(name = "SHOAL_STATS")]
+#[map(name = "SHOAL_STATS_V2")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX, 0);
 
 /// Looks `key` up and copies the value out. A preallocated hash map may recycle an element

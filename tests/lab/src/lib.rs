@@ -113,6 +113,7 @@ pub fn overlay_spec(network: &str, vni: u32, subnet: &str, workloads: &[&Workloa
         networks: vec![OverlayNetwork::new(network, vni, subnet.parse()?)],
         endpoints: workloads.iter().map(|w| w.endpoint(network)).collect(),
         services: vec![],
+        nodes: vec![],
     })
 }
 
@@ -296,10 +297,17 @@ impl Lab {
         netns::heal(&self.name)
     }
 
-    /// Sends `spec` to every host's shoald; fails unless each one accepts it.
+    /// Sends `spec` to every host's shoald, with every host of the lab as the cluster's
+    /// nodes (the lab stands in for the control plane); fails unless each one accepts it.
     pub fn apply_dataplane(&self, spec: &DataplaneSpec) -> Result<()> {
+        let mut spec = spec.clone();
         for host in &self.hosts {
-            let response = host.api().put_json("/shoal/v1/dataplane", spec)?;
+            if !spec.nodes.contains(&host.addr) {
+                spec.nodes.push(host.addr);
+            }
+        }
+        for host in &self.hosts {
+            let response = host.api().put_json("/shoal/v1/dataplane", &spec)?;
             if response.status != 200 {
                 bail!("{}: dataplane refused ({}): {}", host.name, response.status, response.text());
             }
