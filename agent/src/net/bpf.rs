@@ -416,3 +416,7 @@ pub mod testbed;
 #[cfg(test)]
 #[path = "bpf_privileged.rs"]
 mod privileged;
+
+#[cfg(test)]
+#[path = "bpf_fuzz.rs"]
+mod fuzz;
