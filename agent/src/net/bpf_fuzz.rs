@@ -126,7 +126,7 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
     fx.with_service().unwrap();
     fx.with_published_port().unwrap();
     fx.set_outbound().unwrap();
-    let mut rng = Rng(0x5eed_0f_5a0a_u64);
+    let mut rng = Rng(0x005e_ed0f_5a0a_u64);
 
     // What a workload sends: nothing leaves unless it carries the workload's own address,
     // and nothing reaches the node's stack addressed to the data path port.
