@@ -131,7 +131,7 @@ pub fn run(keep: bool) -> Result<()> {
         }
     }
 
-    eprintln!("== what the BPF programs counted (from each host's pinned SHOAL_STATS map)");
+    eprintln!("== what the BPF programs counted (from each host's pinned stats map)");
     println!(
         "{:<6} {:>10} {:>15} {:>21} {:>14} {:>8} {:>14} {:>8}",
         "HOST",

@@ -48,6 +48,9 @@ const SOCK_RECVMSG: &str = "sock_recvmsg";
 const SOCK_GETPEERNAME: &str = "sock_getpeername";
 const SOCK_HOOKS: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
 
+/// Pinned maps of earlier versions whose layout changed (now under `..._V<n>` names).
+const RETIRED_MAPS: [&str; 3] = ["SHOAL_NODE_CONFIG", "SHOAL_NODE_CONFIG_V2", "SHOAL_STATS"];
+
 /// Where bpffs is mounted on every Linux host.
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -94,6 +97,12 @@ impl Datapath {
         }
         for name in SOCK_HOOKS {
             sock_addr(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
+        }
+        // Maps an older shoald pinned under names since retired (their layout changed).
+        for retired in RETIRED_MAPS {
+            if std::fs::remove_file(pin_dir.join(retired)).is_ok() {
+                info!(map = retired, "removed a retired map's pin");
+            }
         }
         info!(pin_dir = %pin_dir.display(), %kernel, "BPF programs loaded");
         let attachments = Attachments { dir: pin_dir.join("links"), links: BTreeMap::new() };

@@ -157,6 +157,9 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
             if ethertype == [0x08, 0x06] {
                 assert_eq!(&input[28..32], &CLIENT, "an ARP for a spoofed sender answered: {input:02x?}");
             }
+            if verdict == TC_ACT_OK {
+                assert!([1, 6, 17].contains(&input[23]), "a protocol the node's stack may not take: {input:02x?}");
+            }
         },
     );
 

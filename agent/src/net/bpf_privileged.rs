@@ -273,3 +273,43 @@ fn a_reply_crossing_the_mesh_again_takes_a_hop_and_cannot_loop() {
     assert_eq!(verdict, TC_ACT_SHOT, "no hop left");
     assert_eq!(fx.count(stats::DROP_TTL_EXCEEDED).unwrap(), 1);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn only_tcp_udp_and_icmp_echo_reach_the_node_from_a_workload() {
+    let mut fx = testbed();
+    fx.set_outbound().unwrap();
+    let with_protocol = |protocol: u8, first_payload_byte: u8| {
+        let mut p = udp(CLIENT, 40000, GATEWAY, 9);
+        p[23] = protocol;
+        p[34] = first_payload_byte;
+        p
+    };
+    for (what, packet, verdict) in [
+        ("UDP", udp(CLIENT, 40000, GATEWAY, 9), TC_ACT_OK),
+        ("TCP", syn(CLIENT, 40000, GATEWAY, 22), TC_ACT_OK),
+        ("ICMP echo request", with_protocol(1, 8), TC_ACT_OK),
+        ("ICMP echo reply", with_protocol(1, 0), TC_ACT_OK),
+        ("ICMP fragmentation needed", with_protocol(1, 3), TC_ACT_SHOT),
+        ("IP-in-IP", with_protocol(4, 0x45), TC_ACT_SHOT),
+        ("GRE", with_protocol(47, 0), TC_ACT_SHOT),
+    ] {
+        let (got, _) = fx.run(FROM_WORKLOAD, &packet).unwrap();
+        assert_eq!(got, verdict, "{what}");
+    }
+    assert_eq!(fx.count(stats::DROP_TO_HOST_PROTOCOL).unwrap(), 3);
+    assert_eq!(fx.count(stats::FORWARD_HOST).unwrap(), 4);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_client_outside_may_not_carry_an_overlay_address() {
+    let mut fx = testbed();
+    fx.with_published_port().unwrap();
+    for source in [REMOTE, LOCAL, CLIENT] {
+        let (verdict, _) = fx.run(FROM_UNDERLAY, &syn(source, 50000, NODE, PUBLISHED)).unwrap();
+        assert_eq!(verdict, TC_ACT_SHOT, "a client claiming {source:?}");
+    }
+    assert_eq!(fx.count(stats::DROP_SPOOFED_SOURCE).unwrap(), 3);
+    assert_eq!(fx.count(stats::LB_NEW_FLOW).unwrap(), 0, "no state made for them");
+}

@@ -138,7 +138,6 @@ impl Dataplane {
         persist: impl FnOnce(&DataplaneSpec) -> std::io::Result<()>,
     ) -> Result<(), NetError> {
         spec.validate()?;
-        spec.check_reserved(&self.reserved_ports())?;
         let plan = self.plan(&spec).await?;
         if let Err(e) = self.datapath.apply(&plan) {
             self.restore();
@@ -157,6 +156,12 @@ impl Dataplane {
         self.spec = spec;
         self.plan = plan;
         Ok(())
+    }
+
+    /// Refuses a spec that publishes a port this node uses itself. Checked for new input
+    /// only: a saved state an older version accepted is restored as it is.
+    pub fn check_reserved(&self, spec: &DataplaneSpec) -> Result<(), NetError> {
+        Ok(spec.check_reserved(&self.reserved_ports())?)
     }
 
     /// The ports this node uses on its own address: never published.
@@ -214,7 +219,10 @@ impl Dataplane {
             host::enable_forwarding()?;
         }
         host::sync_nat(&plan.masquerade, &plan.gateways, self.config.dns)?;
-        self.reserved_local_ports.sync(&plan.lb.published_ports())?;
+        // Best effort: a node whose /proc/sys is read-only still serves its ports.
+        if let Err(e) = self.reserved_local_ports.sync(&plan.lb.published_ports()) {
+            warn!(error = %e, "could not keep the published ports out of the ephemeral range");
+        }
         self.links.sync_host_routes(&plan.host_routes).await
     }
 

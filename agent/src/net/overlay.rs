@@ -89,10 +89,12 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
         let mac = shoal_api::MacAddr::from_ipv4(svc.vip).0;
         plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: 0, mac, router_mac: [0; 6] });
     }
+    // Never this node itself: VXLAN from its own address is a local process's, not a node's.
     plan.nodes = spec
         .nodes
         .iter()
         .chain(spec.endpoints.iter().map(|ep| &ep.node_addr))
+        .filter(|addr| **addr != node_addr)
         .map(|addr| (u32::from(*addr), NodeEntry::default()))
         .collect();
     plan.lb = lb::plan(spec, node_addr)?;
@@ -174,6 +176,20 @@ mod tests {
         assert_eq!(plan.interfaces[&7].addr, u32::from_ne_bytes([10, 78, 0, 2]), "packet byte order");
         assert_eq!(plan.attach, [(7, "shw-a".to_owned())].into_iter().collect());
         assert_eq!(local_interfaces(&spec, HERE).collect::<Vec<_>>(), ["shw-a"]);
+    }
+
+    #[test]
+    fn vxlan_is_taken_from_the_other_nodes_listed_or_running_endpoints() {
+        let ingress_only = Ipv4Addr::new(10, 77, 0, 13);
+        let mut spec = spec(vec![
+            endpoint([10, 78, 0, 2], HERE, Some("shw-a")),
+            endpoint([10, 78, 0, 3], THERE, Some("ignored-elsewhere")),
+        ]);
+        spec.nodes = vec![HERE, ingress_only];
+        let plan = plan(&spec, HERE, &links()).unwrap();
+        let mut nodes: Vec<u32> = plan.nodes.keys().copied().collect();
+        nodes.sort();
+        assert_eq!(nodes, [u32::from(THERE), u32::from(ingress_only)], "never this node itself");
     }
 
     #[test]

@@ -94,8 +94,12 @@ pub const DROP_FIB_UNREACHABLE: u32 = 32;
 /// The route lookup for a reply to an ingress client says the node would not forward it
 /// (forwarding off, not a forwarding route, an encapsulating route).
 pub const DROP_FIB_NOT_FORWARDED: u32 = 33;
-/// A reply to an ingress client larger than the way out allows, with don't-fragment set.
+/// A reply to an ingress client larger than the way out allows.
 pub const DROP_FRAG_NEEDED: u32 = 34;
+/// A workload's packet to the node's stack in a protocol other than TCP, UDP and ICMP echo:
+/// a tunnel (IP-in-IP, GRE, ...) the node might unwrap, or an ICMP error that could steer
+/// the node's own paths.
+pub const DROP_TO_HOST_PROTOCOL: u32 = 35;
 
 /// Size of the `STATS` array.
 pub const MAX: u32 = 64;
@@ -137,6 +141,7 @@ pub fn name(code: u32) -> Option<&'static str> {
         DROP_FIB_UNREACHABLE => "drop_fib_unreachable",
         DROP_FIB_NOT_FORWARDED => "drop_fib_not_forwarded",
         DROP_FRAG_NEEDED => "drop_frag_needed",
+        DROP_TO_HOST_PROTOCOL => "drop_to_host_protocol",
         _ => return None,
     })
 }

@@ -61,8 +61,8 @@ pub fn hand_to_workload(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Re
 /// Sends the frame to the node running `to`, inside VXLAN with `vni`.
 #[inline(always)]
 pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) -> Result<i32, u32> {
-    let vxlan_ifindex = match node_config() {
-        Some(config) if config.vxlan_ifindex != 0 => config.vxlan_ifindex,
+    let (vxlan_ifindex, underlay_addr) = match node_config() {
+        Some(config) if config.vxlan_ifindex != 0 => (config.vxlan_ifindex, config.underlay_addr),
         _ => return Err(DROP_NO_OVERLAY_DEVICE),
     };
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
@@ -73,6 +73,9 @@ pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) 
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = vni;
     key.__bindgen_anon_1.remote_ipv4 = to.node_addr;
+    // From the node's own address, whatever the route would pick on a node with several:
+    // the receiver takes VXLAN from the cluster's node addresses only.
+    key.__bindgen_anon_3.local_ipv4 = u32::from_be(underlay_addr);
     key.tunnel_ttl = TUNNEL_TTL;
     // SAFETY: `key` lives on our stack for the call and the size passed is its own.
     let rc = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0) };
@@ -99,10 +102,12 @@ pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.ifindex = ifindex;
+    // No `tot_len`: with one the kernel checks it against the route's MTU, and a GSO/GRO
+    // packet's length is far past it (the stack segments those); without, it checks the
+    // packet as the stack would forward it.
     // SAFETY: bounds-checked by ptr_at above; the union fields written are the IPv4 ones.
     unsafe {
         fib.l4_protocol = (*ip).protocol;
-        fib.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len);
         fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).saddr);
         fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).daddr);
     }
@@ -113,6 +118,8 @@ pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
     let rc = u32::try_from(rc).map_err(|_| DROP_FIB)?;
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
+        // An IPv4 route through an IPv6 next hop: not a way out shoal takes.
+        BPF_FIB_LKUP_RET_NO_NEIGH if fib.family != AF_INET => return Err(DROP_FIB_NOT_FORWARDED),
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             // The lookup filled in the interface and the next hop; the kernel resolves its
             // MAC and queues the packet meanwhile.

@@ -10,7 +10,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use crate::{
     forward::node_config,
     headers::{ptr_at, EthHdr, ETH_P_IP_BE},
-    ingress,
+    ingress::{self, Client},
     lb::flow_of,
     stats::drop_packet,
 };
@@ -35,5 +35,5 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
     if flow.daddr != config.underlay_addr {
         return Ok(TC_ACT_OK);
     }
-    Ok(ingress::enter(ctx, &flow)?.unwrap_or(TC_ACT_OK))
+    Ok(ingress::enter(ctx, &flow, Client::Outside)?.unwrap_or(TC_ACT_OK))
 }

@@ -8,11 +8,11 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use shoal_common::{
-    lb::PROTO_UDP,
+    lb::{PROTO_TCP, PROTO_UDP},
     overlay::{EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND},
     stats::{
         DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_TO_DATA_PATH_PORT,
-        DROP_UNKNOWN_INTERFACE, FORWARD_HOST, FORWARD_LOCAL, FORWARD_REMOTE,
+        DROP_TO_HOST_PROTOCOL, DROP_UNKNOWN_INTERFACE, FORWARD_HOST, FORWARD_LOCAL, FORWARD_REMOTE,
     },
 };
 
@@ -20,7 +20,7 @@ use crate::{
     arp,
     forward::{deliver_local, encapsulate, node_config},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
-    ingress::{self, Hop},
+    ingress::{self, Client, Hop},
     lb,
     maps::{lookup, ENDPOINTS, INTERFACES},
     stats::{count, drop_packet},
@@ -67,7 +67,7 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
             // A published port on this node's own address: the mesh, as for a client outside
             // (the node's stack would only find nothing listening there).
             if node_config().is_some_and(|config| config.underlay_addr == dst) {
-                if let Some(verdict) = ingress::enter(ctx, &flow)? {
+                if let Some(verdict) = ingress::enter(ctx, &flow, Client::Workload)? {
                     return Ok(verdict);
                 }
             }
@@ -93,17 +93,46 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     }
 }
 
-/// Hands the packet to this node's stack (the gateway, or the way out), unless it is a
-/// datagram to the data path port: the node's VXLAN device (or, masqueraded, another
-/// node's) would take what it carries for overlay traffic from a node.
+/// Hands the packet to this node's stack (the gateway, or the way out) if it is TCP, UDP or
+/// ICMP echo, and not a datagram to the data path port: the node's VXLAN device (or,
+/// masqueraded, another node's) would take what it carries for a node's overlay traffic,
+/// and a tunnel the node might unwrap could carry the same.
 #[inline(always)]
 fn to_host(ctx: &TcContext) -> Result<i32, u32> {
+    if !host_may_take(ctx)? {
+        return Err(DROP_TO_HOST_PROTOCOL);
+    }
     let port = node_config().map_or(0, |config| config.data_path_port);
     if udp_dport(ctx)? == Some(port) {
         return Err(DROP_TO_DATA_PATH_PORT);
     }
     count(ctx, FORWARD_HOST);
     Ok(TC_ACT_OK)
+}
+
+/// Whether the packet is TCP, UDP or an ICMP echo request or reply (a non-first fragment
+/// of one carries no header to tell: the kernel reassembles it with its first or drops it).
+#[inline(always)]
+fn host_may_take(ctx: &TcContext) -> Result<bool, u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let (version_ihl, protocol, frag_off) = unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).frag_off) };
+    match protocol {
+        PROTO_TCP | PROTO_UDP => Ok(true),
+        PROTO_ICMP => {
+            if u16::from_be(frag_off) & IP_OFFSET_MASK != 0 {
+                return Ok(true);
+            }
+            let header_len = usize::from(version_ihl & 0x0f) * 4;
+            if header_len < 20 {
+                return Err(DROP_MALFORMED);
+            }
+            let icmp_type: *const u8 = ptr_at(ctx, ETH_HLEN + header_len).ok_or(DROP_MALFORMED)?;
+            // SAFETY: bounds-checked by ptr_at just above.
+            Ok(matches!(unsafe { *icmp_type }, ICMP_ECHO_REPLY | ICMP_ECHO_REQUEST))
+        }
+        _ => Ok(false),
+    }
 }
 
 /// The destination port of a UDP datagram (with or without IP options); `None` for other
@@ -127,6 +156,9 @@ fn udp_dport(ctx: &TcContext) -> Result<Option<u16>, u32> {
 
 /// Fragment offset bits of the IPv4 `frag_off` field (host order).
 const IP_OFFSET_MASK: u16 = 0x1fff;
+const PROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// The destination address as it is now (after a rewrite moved the packet's bytes).
 #[inline(always)]

@@ -14,8 +14,8 @@ use shoal_common::{
     lb::{FlowKey, IngressEntry, IngressKey, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
     overlay::{EndpointEntry, EndpointKey, GATEWAY_NODE},
     stats::{
-        DROP_NAT, DROP_NO_ENDPOINT, INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN, LB_NEW_FLOW,
-        LB_TRACKED,
+        DROP_NAT, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN,
+        LB_NEW_FLOW, LB_TRACKED,
     },
 };
 
@@ -26,13 +26,26 @@ use crate::{
     stats::count,
 };
 
+/// Where a client of a published port is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// Outside the cluster: it may not carry an address of the overlay network, which the
+    /// backend's node would take for one of its endpoints'.
+    Outside,
+    /// A workload of this node, calling its own node's address.
+    Workload,
+}
+
 /// If `flow` goes to a port published on this node, sends it to the flow's backend (on this
 /// node or over the overlay) and returns the verdict; `None` when no such port is published.
 /// The caller has checked that the destination is this node's address.
 #[inline(always)]
-pub fn enter(ctx: &TcContext, flow: &FlowKey) -> Result<Option<i32>, u32> {
+pub fn enter(ctx: &TcContext, flow: &FlowKey, client: Client) -> Result<Option<i32>, u32> {
     let key = IngressKey { port: flow.dport, proto: flow.proto, _pad: 0 };
     let Some(port) = lookup(&INGRESS, &key) else { return Ok(None) };
+    if client == Client::Outside && lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: flow.saddr }).is_some() {
+        return Err(DROP_SPOOFED_SOURCE);
+    }
     let backend = balance(ctx, flow, &port)?;
     let to = lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
     if to.ifindex != 0 {
