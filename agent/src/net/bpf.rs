@@ -191,6 +191,21 @@ impl Datapath {
         prune(&mut backends, maps::BACKENDS, &lb.backends)
     }
 
+    /// The table and backend IDs the maps hold (at start: an earlier run's).
+    pub fn lb_ids(&self) -> Result<(BTreeSet<u32>, BTreeSet<u32>), NetError> {
+        let map = |name: &'static str| {
+            self.ebpf.map(name).ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))
+        };
+        let tables: HashMap<&MapData, u32, MaglevTable> =
+            HashMap::try_from(map(maps::MAGLEV)?).map_err(|e| map_error(maps::MAGLEV, e))?;
+        let backends: HashMap<&MapData, u32, Backend> =
+            HashMap::try_from(map(maps::BACKENDS)?).map_err(|e| map_error(maps::BACKENDS, e))?;
+        Ok((
+            tables.keys().collect::<Result<_, _>>().map_err(|e| map_error(maps::MAGLEV, e))?,
+            backends.keys().collect::<Result<_, _>>().map_err(|e| map_error(maps::BACKENDS, e))?,
+        ))
+    }
+
     /// Every counter in use, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<Counter>, NetError> {
         let map = self

@@ -22,9 +22,13 @@ pub enum NetError {
     /// device, ...): attaching the workload program there would cut the node off.
     #[error("interface {0} is not a veth")]
     NotVeth(String),
-    /// Two services hash to the same ID (astronomically rare; rename one).
-    #[error("service ID collision: {0}")]
-    IdCollision(String),
+    /// A VIP used on two networks: the socket hooks, which see no network, could not tell
+    /// its services apart.
+    #[error("{0}")]
+    VipOnTwoNetworks(String),
+    /// Every table or backend ID is in use (4 billion of them).
+    #[error("no table or backend ID left")]
+    IdsExhausted,
     #[error("host stack: {0}")]
     Host(String),
     /// The data path cannot move to a port a service publishes.
@@ -71,7 +75,7 @@ impl NetError {
                 | NetError::MissingInterface(_)
                 | NetError::InterfaceShared(_)
                 | NetError::NotVeth(_)
-                | NetError::IdCollision(_)
+                | NetError::VipOnTwoNetworks(_)
         )
     }
 }

@@ -1,12 +1,13 @@
 //! Services -> the contents of the load-balancing maps. Pure, like `overlay`.
 //!
-//! IDs are stable hashes of what they name, so every node computes the same ones and a
-//! service keeps its ID across updates; Maglev tables are built from the backends' addresses
-//! alone, so every node computes the same table and a backend leaving moves only its own
-//! share of flows.
+//! Table and backend IDs are allocated (`Ids`), so two can never share one, and kept from
+//! plan to plan, so a service keeps its IDs across updates. Maglev tables are built from the
+//! backends' addresses alone, so every node makes the same choices (whatever IDs its
+//! backends have there) and a backend leaving moves only its own share of flows.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeSet, HashMap},
+    hash::Hash,
     net::Ipv4Addr,
 };
 
@@ -26,13 +27,78 @@ pub struct LbPlan {
     pub ingress: HashMap<IngressKey, IngressEntry>,
     pub backends: HashMap<u32, Backend>,
     pub maglev: HashMap<u32, MaglevTable>,
+    /// The IDs this plan gave out.
+    pub ids: Ids,
+}
+
+/// Which ID each Maglev table (a VIP port or a published port) and each backend has on
+/// this node. Allocated, not hashed: a hash collision would send one service's traffic to
+/// another's task. A plan keeps the IDs of the one before for what it still has, and gives
+/// new things IDs neither plan uses, so no ID changes meaning while the kernel may still
+/// hold its old entry (make-before-break).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Ids {
+    tables: HashMap<String, u32>,
+    backends: HashMap<(u32, Ipv4Addr, u16), u32>,
+    /// IDs the maps held when the agent started, before any plan: given out only once a
+    /// plan has replaced them.
+    held_tables: BTreeSet<u32>,
+    held_backends: BTreeSet<u32>,
+}
+
+impl Ids {
+    /// What the maps hold at start (an earlier run's entries, whatever they meant).
+    pub fn held(tables: BTreeSet<u32>, backends: BTreeSet<u32>) -> Ids {
+        Ids { held_tables: tables, held_backends: backends, ..Ids::default() }
+    }
+}
+
+/// Gives out IDs for one kind for one plan (see `Ids`).
+struct Allocator<'a, K> {
+    previous: &'a HashMap<K, u32>,
+    next: HashMap<K, u32>,
+    /// Every ID the previous plan or the kernel holds, and every one given out so far.
+    taken: BTreeSet<u32>,
+    cursor: u32,
+}
+
+impl<'a, K: Hash + Eq + Clone> Allocator<'a, K> {
+    fn new(previous: &'a HashMap<K, u32>, held: &BTreeSet<u32>) -> Self {
+        let taken = previous.values().chain(held).copied().collect();
+        Allocator { previous, next: HashMap::new(), taken, cursor: 0 }
+    }
+
+    /// `key`'s ID: the one it had, or the smallest free one (never 0).
+    fn id(&mut self, key: &K) -> Result<u32, NetError> {
+        if let Some(id) = self.next.get(key).or_else(|| self.previous.get(key)) {
+            let id = *id;
+            self.next.insert(key.clone(), id);
+            return Ok(id);
+        }
+        loop {
+            self.cursor = self.cursor.checked_add(1).ok_or(NetError::IdsExhausted)?;
+            if self.taken.insert(self.cursor) {
+                self.next.insert(key.clone(), self.cursor);
+                return Ok(self.cursor);
+            }
+        }
+    }
+}
+
+/// The allocators of one plan.
+struct Allocators<'a> {
+    tables: Allocator<'a, String>,
+    backends: Allocator<'a, (u32, Ipv4Addr, u16)>,
 }
 
 /// Plans the services of `spec` for the node at `node_addr` (which decides where host-mode
 /// ports are published).
-pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr) -> Result<LbPlan, NetError> {
+pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, previous: &Ids) -> Result<LbPlan, NetError> {
     let mut plan = LbPlan::default();
-    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    let mut ids = Allocators {
+        tables: Allocator::new(&previous.tables, &previous.held_tables),
+        backends: Allocator::new(&previous.backends, &previous.held_backends),
+    };
     for svc in &spec.services {
         let Some(net) = spec.network(&svc.network) else { continue };
         if !svc.dnsrr {
@@ -40,14 +106,14 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr) -> Result<LbPlan, NetErro
             for port in &svc.ports {
                 let proto = proto_number(port.protocol);
                 let key = ServiceKey { vni: net.vni, vip, port: port.port.to_be(), proto, _pad: 0 };
-                let id = fnv32(&[&net.vni.to_be_bytes(), &svc.vip.octets(), &port.port.to_be_bytes(), &[proto]]);
                 let label = format!("{}:{}/{proto} of {}", svc.vip, port.port, svc.name);
-                let entry = plan.table(&mut names, id, label.clone(), &svc.backends, port.target_port)?;
+                let id = ids.tables.id(&format!("vip {} {}:{}/{proto}", net.vni, svc.vip, port.port))?;
+                let entry = plan.table(&mut ids, id, &svc.backends, port.target_port)?;
                 plan.services.insert(key, entry);
                 // The socket hooks' copy, keyed without the network (a socket has none yet).
                 let socket_key = ServiceKey { vni: SOCKET_VNI, ..key };
                 if plan.services.insert(socket_key, entry).is_some() {
-                    return Err(NetError::IdCollision(format!("{label}: the VIP is used on another network too")));
+                    return Err(NetError::VipOnTwoNetworks(format!("{label}: the VIP is used on another network too")));
                 }
             }
         }
@@ -60,13 +126,13 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr) -> Result<LbPlan, NetErro
             if backends.is_empty() && port.publish_mode == PublishMode::Host {
                 continue;
             }
-            let id = fnv32(&[mode.as_bytes(), &port.published_port.to_be_bytes(), &[proto]]);
-            let label = format!("published {}/{proto} ({mode}) of {}", port.published_port, svc.name);
-            let entry = plan.table(&mut names, id, label, &backends, port.target_port)?;
+            let id = ids.tables.id(&format!("published {mode} {}/{proto}", port.published_port))?;
+            let entry = plan.table(&mut ids, id, &backends, port.target_port)?;
             let key = IngressKey { port: port.published_port.to_be(), proto, _pad: 0 };
             plan.ingress.insert(key, IngressEntry { id: entry.id, backends: entry.backends, vni: net.vni });
         }
     }
+    plan.ids = Ids { tables: ids.tables.next, backends: ids.backends.next, ..Ids::default() };
     Ok(plan)
 }
 
@@ -79,19 +145,15 @@ impl LbPlan {
     /// Adds the backends `addrs` at `target_port` and their Maglev table under `id`.
     fn table(
         &mut self,
-        names: &mut BTreeMap<u32, String>,
+        allocators: &mut Allocators,
         id: u32,
-        label: String,
         addrs: &[Ipv4Addr],
         target_port: u16,
     ) -> Result<ServiceEntry, NetError> {
-        if let Some(other) = names.insert(id, label.clone()) {
-            return Err(NetError::IdCollision(format!("{label} and {other}")));
-        }
         let mut ids = Vec::new();
         for addr in addrs {
             let backend = Backend { addr: u32::from_ne_bytes(addr.octets()), port: target_port.to_be(), _pad: 0 };
-            let backend_id = fnv32(&[&id.to_be_bytes(), &addr.octets(), &target_port.to_be_bytes()]);
+            let backend_id = allocators.backends.id(&(id, *addr, target_port))?;
             self.backends.insert(backend_id, backend);
             ids.push((format!("{addr}:{target_port}"), backend_id));
         }
@@ -207,12 +269,6 @@ fn fnv64(bytes: &[u8], basis: u64) -> u64 {
     bytes.iter().fold(basis, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-fn fnv32(parts: &[&[u8]]) -> u32 {
-    let h =
-        parts.iter().flat_map(|p| p.iter()).fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
-    h.max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,7 +363,8 @@ mod tests {
     #[test]
     fn an_ingress_port_is_the_same_on_every_node() {
         let spec = published_spec(PublishMode::Ingress);
-        let nodes = ["10.77.0.11", "10.77.0.12", "10.77.0.13"].map(|n| plan(&spec, n.parse().unwrap()).unwrap());
+        let nodes = ["10.77.0.11", "10.77.0.12", "10.77.0.13"]
+            .map(|n| plan(&spec, n.parse().unwrap(), &Ids::default()).unwrap());
         for node in &nodes[1..] {
             assert_eq!(node, &nodes[0], "same ports, backends and tables everywhere");
         }
@@ -319,13 +376,43 @@ mod tests {
     #[test]
     fn a_host_mode_port_is_only_on_nodes_with_a_backend_and_only_to_theirs() {
         let spec = published_spec(PublishMode::Host);
-        let with = plan(&spec, "10.77.0.11".parse().unwrap()).unwrap();
+        let with = plan(&spec, "10.77.0.11".parse().unwrap(), &Ids::default()).unwrap();
         let entry = with.ingress.values().next().unwrap();
         assert_eq!(entry.backends, 1);
         let backend = with.backends.values().next().unwrap();
         assert_eq!(backend.addr, u32::from_ne_bytes([10, 78, 0, 11]), "its own backend only");
-        let without = plan(&spec, "10.77.0.13".parse().unwrap()).unwrap();
+        let without = plan(&spec, "10.77.0.13".parse().unwrap(), &Ids::default()).unwrap();
         assert!(without.ingress.is_empty(), "not published where no backend runs");
+    }
+
+    #[test]
+    fn ids_are_kept_for_what_stays_and_never_reused_while_the_kernel_may_hold_them() {
+        let node: Ipv4Addr = "10.77.0.11".parse().unwrap();
+        let mut spec = published_spec(PublishMode::Ingress);
+        // Held at start: an earlier run's entries, whatever they meant.
+        let first = plan(&spec, node, &Ids::held([1].into(), [1, 2].into())).unwrap();
+        let table = first.ingress.values().next().unwrap().id;
+        assert_eq!(table, 2, "the table skips the held ID 1");
+        let mut backend_ids: Vec<u32> = first.backends.keys().copied().collect();
+        backend_ids.sort();
+        assert_eq!(backend_ids, [3, 4], "backends skip the held IDs 1 and 2");
+
+        // The same spec again: the same IDs, held ones free once replaced.
+        let again = plan(&spec, node, &first.ids).unwrap();
+        assert_eq!(again, first);
+
+        // One backend goes, another comes: the survivor keeps its ID, the newcomer gets one
+        // neither plan uses (the gone one's may still be in the kernel, its table too).
+        let gone = first.backends.iter().find(|(_, b)| b.addr == u32::from_ne_bytes([10, 78, 0, 12])).unwrap();
+        spec.services[0].backends = vec!["10.78.0.11".parse().unwrap(), "10.78.0.13".parse().unwrap()];
+        let next = plan(&spec, node, &first.ids).unwrap();
+        assert_eq!(next.ingress.values().next().unwrap().id, table);
+        let survivor = first.backends.iter().find(|(_, b)| b.addr == u32::from_ne_bytes([10, 78, 0, 11])).unwrap();
+        assert_eq!(next.backends.get(survivor.0), Some(survivor.1));
+        assert!(!next.backends.contains_key(gone.0), "a gone backend's ID is not reused at once");
+        assert_eq!(next.backends.len(), 2);
+        let newcomer = next.backends.keys().find(|id| *id != survivor.0).unwrap();
+        assert_eq!(*newcomer, 1, "the smallest ID neither plan uses");
     }
 
     #[test]

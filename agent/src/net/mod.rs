@@ -72,13 +72,17 @@ impl Dataplane {
             data_path_port: config.vxlan_port.to_be(),
             _pad: 0,
         };
+        // Until the first plan replaces them, the maps' entries keep their IDs to themselves.
+        let (tables, backends) = datapath.lb_ids()?;
+        let mut plan = Plan::default();
+        plan.lb.ids = lb::Ids::held(tables, backends);
         let mut dataplane = Dataplane {
             config,
             node,
             links,
             datapath,
             spec: DataplaneSpec::default(),
-            plan: Plan::default(),
+            plan,
             names,
             reserved_local_ports: host::ReservedLocalPorts::default(),
         };
@@ -209,7 +213,7 @@ impl Dataplane {
             let link = self.links.veth(name).await?.ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
             local.insert(name.to_owned(), link);
         }
-        overlay::plan(spec, self.config.node_addr, &local)
+        overlay::plan(spec, self.config.node_addr, &local, &self.plan.lb.ids)
     }
 
     /// The host's side of the way out: forwarding, masquerade, routes back to workloads.

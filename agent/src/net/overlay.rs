@@ -12,7 +12,7 @@ use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeEntr
 
 use crate::net::{
     host::HostRoute,
-    lb::{self, LbPlan},
+    lb::{self, Ids, LbPlan},
     NetError,
 };
 
@@ -49,8 +49,9 @@ pub fn local_interfaces(spec: &DataplaneSpec, node_addr: Ipv4Addr) -> impl Itera
     spec.endpoints.iter().filter(move |ep| ep.node_addr == node_addr).filter_map(|ep| ep.interface.as_deref())
 }
 
-/// Plans the maps for a validated `spec` on the node at `node_addr`.
-pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Result<Plan, NetError> {
+/// Plans the maps for a validated `spec` on the node at `node_addr`, keeping the table and
+/// backend IDs of `previous` (the plan the kernel holds now).
+pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks, previous: &Ids) -> Result<Plan, NetError> {
     let mut plan = Plan::default();
     for ep in &spec.endpoints {
         // Validation guarantees the network exists; a missing one would be a caller bug.
@@ -97,7 +98,7 @@ pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks) -> Re
         .filter(|addr| **addr != node_addr)
         .map(|addr| (u32::from(*addr), NodeEntry::default()))
         .collect();
-    plan.lb = lb::plan(spec, node_addr)?;
+    plan.lb = lb::plan(spec, node_addr, previous)?;
     plan.masquerade = spec.networks.iter().filter(|n| !n.internal).map(|n| n.subnet).collect();
     plan.gateways = spec.networks.iter().filter_map(|n| n.gateway()).collect();
     plan.host_routes.sort();
@@ -161,7 +162,7 @@ mod tests {
             endpoint([10, 78, 0, 2], HERE, Some("shw-a")),
             endpoint([10, 78, 0, 3], THERE, Some("ignored-elsewhere")),
         ]);
-        let plan = plan(&spec, HERE, &links()).unwrap();
+        let plan = plan(&spec, HERE, &links(), &Ids::default()).unwrap();
 
         let local = plan.endpoints[&EndpointKey { vni: 4097, addr: u32::from_ne_bytes([10, 78, 0, 2]) }];
         assert_eq!(local.ifindex, 7);
@@ -186,7 +187,7 @@ mod tests {
             endpoint([10, 78, 0, 3], THERE, Some("ignored-elsewhere")),
         ]);
         spec.nodes = vec![HERE, ingress_only];
-        let plan = plan(&spec, HERE, &links()).unwrap();
+        let plan = plan(&spec, HERE, &links(), &Ids::default()).unwrap();
         let mut nodes: Vec<u32> = plan.nodes.keys().copied().collect();
         nodes.sort();
         assert_eq!(nodes, [u32::from(THERE), u32::from(ingress_only)], "never this node itself");
@@ -195,13 +196,13 @@ mod tests {
     #[test]
     fn local_endpoint_needs_an_existing_unshared_interface() {
         let missing = spec(vec![endpoint([10, 78, 0, 2], HERE, None)]);
-        assert!(matches!(plan(&missing, HERE, &links()), Err(NetError::MissingInterface(_))));
+        assert!(matches!(plan(&missing, HERE, &links(), &Ids::default()), Err(NetError::MissingInterface(_))));
 
         let unknown = spec(vec![endpoint([10, 78, 0, 2], HERE, Some("shw-b"))]);
-        assert!(matches!(plan(&unknown, HERE, &links()), Err(NetError::InterfaceNotFound(_))));
+        assert!(matches!(plan(&unknown, HERE, &links(), &Ids::default()), Err(NetError::InterfaceNotFound(_))));
 
         let shared =
             spec(vec![endpoint([10, 78, 0, 2], HERE, Some("shw-a")), endpoint([10, 78, 0, 4], HERE, Some("shw-a"))]);
-        assert!(matches!(plan(&shared, HERE, &links()), Err(NetError::InterfaceShared(_))));
+        assert!(matches!(plan(&shared, HERE, &links(), &Ids::default()), Err(NetError::InterfaceShared(_))));
     }
 }
