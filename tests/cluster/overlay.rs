@@ -76,19 +76,46 @@ fn overlay_crosses_hosts_survives_restarts_and_stops_when_detached() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
-fn networks_are_isolated_by_vni() {
+fn networks_are_isolated_at_the_ip_level_and_overlapping_ones_refused() {
+    use shoal_common::stats::DROP_NO_ENDPOINT;
+
     let lab = plain_lab("e2eisolation", 1, 1);
     let a = workload(&lab, "mgr1", "a", "10.78.0.2");
-    let b = workload(&lab, "wrk1", "b", "10.78.0.3");
-    // Same subnet, different networks: a must not reach b.
-    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&a]).unwrap();
-    let red = overlay_spec("red", 4098, "10.78.0.0/24", &[&b]).unwrap();
+    let a2 = workload(&lab, "wrk1", "a2", "10.78.0.4");
+    let b = workload(&lab, "wrk1", "b", "10.79.0.3");
+
+    // The same subnet on two networks is refused, as Docker does, and changes nothing.
+    let mut overlapping = overlay_spec("blue", 4097, "10.78.0.0/24", &[&a]).unwrap();
+    overlapping.networks.push(overlay_spec("red", 4098, "10.78.0.0/24", &[]).unwrap().networks.remove(0));
+    let mgr1 = lab.host("mgr1").unwrap();
+    let refused = mgr1.api().put_json("/shoal/v1/dataplane", &overlapping).unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(refused.text().contains("overlapping subnets"), "{}", refused.text());
+
+    // Blue (internal: no way out) and red, side by side.
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &a2]).unwrap();
+    spec.networks[0].internal = true;
+    let red = overlay_spec("red", 4098, "10.79.0.0/24", &[&b]).unwrap();
     spec.networks.extend(red.networks);
     spec.endpoints.extend(red.endpoints);
     lab.apply_dataplane(&spec).unwrap();
+    assert_eq!(ping(&a.netns, a2.addr, 2).unwrap(), 2, "blue works across hosts");
 
-    assert_eq!(ping(&a.netns, b.addr, 2).unwrap(), 0, "blue reached red");
-    assert_eq!(lab.host("mgr1").unwrap().packets(FORWARD_REMOTE).unwrap(), 0);
+    // a sends IPv4 straight at b, past ARP (a static neighbour on its own interface):
+    // the packet reaches shoal's program, which has no such endpoint on blue.
+    let mac = shoal_api::MacAddr::from_ipv4(b.addr).to_string();
+    for argv in [
+        vec!["ip", "route", "add", "10.79.0.3/32", "dev", "eth0"],
+        vec!["ip", "neigh", "replace", "10.79.0.3", "lladdr", &mac, "dev", "eth0", "nud", "permanent"],
+    ] {
+        let argv: Vec<String> = argv.into_iter().map(String::from).collect();
+        let out = shoal_lab::netns_command(&a.netns, &argv).output().unwrap();
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let before = mgr1.packets(DROP_NO_ENDPOINT).unwrap();
+    assert_eq!(ping(&a.netns, b.addr, 3).unwrap(), 0, "blue reached red");
+    assert!(mgr1.packets(DROP_NO_ENDPOINT).unwrap() >= before + 3, "the program dropped them as nobody's on blue");
+    assert_eq!(mgr1.packets(FORWARD_REMOTE).unwrap(), 2, "only the blue pings crossed");
 }
 
 #[test]

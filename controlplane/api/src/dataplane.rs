@@ -173,6 +173,8 @@ pub enum SpecError {
     IngressWithDnsrr { service: String },
     #[error("service {service:?}: port {port}/{protocol:?} is {what} on every node: it cannot be published")]
     ReservedPort { service: String, port: u16, protocol: Protocol, what: &'static str },
+    #[error("networks {first:?} and {second:?} have overlapping subnets ({first_subnet} and {second_subnet}): a node could not tell their traffic apart")]
+    OverlappingSubnets { first: String, first_subnet: Ipv4Net, second: String, second_subnet: Ipv4Net },
     #[error("node address {0} is not a node's unicast address")]
     BadNodeAddr(Ipv4Addr),
 }
@@ -197,6 +199,21 @@ impl DataplaneSpec {
             }
             if let Some(mtu) = net.mtu.filter(|m| !(576..=9000).contains(m)) {
                 return Err(SpecError::MtuOutOfRange { name: net.name.clone(), mtu });
+            }
+        }
+        // Docker refuses them too ("Pool overlaps with other one on this address space"):
+        // connection tracking, the way out and DNS all tell networks apart by address.
+        for (i, a) in self.networks.iter().enumerate() {
+            if let Some(b) = self.networks[i + 1..]
+                .iter()
+                .find(|b| a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()))
+            {
+                return Err(SpecError::OverlappingSubnets {
+                    first: a.name.clone(),
+                    first_subnet: a.subnet,
+                    second: b.name.clone(),
+                    second_subnet: b.subnet,
+                });
             }
         }
         let mut addrs = HashSet::new();
@@ -416,6 +433,20 @@ mod tests {
         let mut s = spec();
         s.services[0].published[0].protocol = Protocol::Udp;
         assert_eq!(s.check_reserved(&reserved), Ok(()), "the same number on the other protocol is free");
+    }
+
+    #[test]
+    fn overlapping_subnets_are_refused_by_name() {
+        let mut s = spec();
+        let mut red = OverlayNetwork::new("red", 4098, "10.78.0.128/25".parse().unwrap());
+        s.networks.push(red.clone());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "networks \"blue\" and \"red\" have overlapping subnets (10.78.0.0/24 and 10.78.0.128/25): a node could not tell their traffic apart"
+        );
+        red.subnet = "10.79.0.0/24".parse().unwrap();
+        s.networks[1] = red;
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]
