@@ -195,6 +195,7 @@ async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) {
         }
     };
     if let Some(spec) = saved {
+        let spec = dataplane.restorable(spec);
         match dataplane.replace(spec, |_| Ok(())).await {
             Ok(()) => return,
             Err(e) => {

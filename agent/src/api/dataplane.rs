@@ -25,7 +25,7 @@ pub async fn replace(State(node): State<Arc<Node>>, body: Bytes) -> Result<Json<
     let spec: DataplaneSpec =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let mut dataplane = node.dataplane.lock().await;
-    dataplane.check_reserved(&spec)?;
+    dataplane.check_new(&spec)?;
     dataplane.replace(spec.clone(), |s| daemon::save_json(&node.dataplane_file, s)).await?;
     Ok(Json(spec))
 }

@@ -51,6 +51,13 @@ impl Ids {
     pub fn held(tables: BTreeSet<u32>, backends: BTreeSet<u32>) -> Ids {
         Ids { held_tables: tables, held_backends: backends, ..Ids::default() }
     }
+
+    /// Keeps `tables` and `backends` out too, until a plan has replaced them (what the maps
+    /// hold after a failed update).
+    pub fn hold(&mut self, tables: BTreeSet<u32>, backends: BTreeSet<u32>) {
+        self.held_tables.extend(tables);
+        self.held_backends.extend(backends);
+    }
 }
 
 /// Gives out IDs for one kind for one plan (see `Ids`).

@@ -162,10 +162,19 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Refuses a spec that publishes a port this node uses itself. Checked for new input
-    /// only: a saved state an older version accepted is restored as it is.
-    pub fn check_reserved(&self, spec: &DataplaneSpec) -> Result<(), NetError> {
-        Ok(spec.check_reserved(&self.reserved_ports())?)
+    /// Checks what new input must satisfy beyond `validate` (`DataplaneSpec::check_new`).
+    pub fn check_new(&self, spec: &DataplaneSpec) -> Result<(), NetError> {
+        Ok(spec.check_new(&self.reserved_ports())?)
+    }
+
+    /// A saved state as it may be restored: without published ports this node uses itself
+    /// (an older version accepted them, or a port setting changed since), each said.
+    pub fn restorable(&self, spec: DataplaneSpec) -> DataplaneSpec {
+        let (spec, removed) = spec.without_reserved(&self.reserved_ports());
+        for port in removed {
+            warn!(port, "not restoring a published port this node uses itself");
+        }
+        spec
     }
 
     /// The ports this node uses on its own address: never published.
@@ -234,6 +243,12 @@ impl Dataplane {
     fn restore(&mut self) {
         if let Err(e) = self.datapath.apply(&self.plan) {
             error!(error = %e, "could not restore the previous dataplane state");
+            // The maps may hold IDs of the failed plan: none is given out until a plan has
+            // replaced them.
+            match self.datapath.lb_ids() {
+                Ok((tables, backends)) => self.plan.lb.ids.hold(tables, backends),
+                Err(e) => error!(error = %e, "could not read the IDs the maps hold"),
+            }
         }
     }
 }

@@ -201,21 +201,6 @@ impl DataplaneSpec {
                 return Err(SpecError::MtuOutOfRange { name: net.name.clone(), mtu });
             }
         }
-        // Docker refuses them too ("Pool overlaps with other one on this address space"):
-        // connection tracking, the way out and DNS all tell networks apart by address.
-        for (i, a) in self.networks.iter().enumerate() {
-            if let Some(b) = self.networks[i + 1..]
-                .iter()
-                .find(|b| a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network()))
-            {
-                return Err(SpecError::OverlappingSubnets {
-                    first: a.name.clone(),
-                    first_subnet: a.subnet,
-                    second: b.name.clone(),
-                    second_subnet: b.subnet,
-                });
-            }
-        }
         let mut addrs = HashSet::new();
         for ep in &self.endpoints {
             let net = self
@@ -311,9 +296,25 @@ impl DataplaneSpec {
         self.networks.iter().find(|n| n.name == name)
     }
 
-    /// Refuses a published port the node itself uses on its address (`reserved`): the
-    /// mesh would take the node's own traffic (its overlay, its cluster port, its DNS).
-    pub fn check_reserved(&self, reserved: &[ReservedPort]) -> Result<(), SpecError> {
+    /// What new input must also satisfy, beyond `validate` (a state saved by an older
+    /// version is restored without it, minus its reserved ports; see `without_reserved`):
+    /// no overlapping subnets, as Docker refuses them ("Pool overlaps with other one on
+    /// this address space") — connection tracking, the way out and DNS tell networks apart
+    /// by address — and no published port the node itself uses on its address
+    /// (`reserved`): the mesh would take the node's own traffic.
+    pub fn check_new(&self, reserved: &[ReservedPort]) -> Result<(), SpecError> {
+        for (i, a) in self.networks.iter().enumerate() {
+            let overlaps =
+                |b: &&OverlayNetwork| a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network());
+            if let Some(b) = self.networks[i + 1..].iter().find(overlaps) {
+                return Err(SpecError::OverlappingSubnets {
+                    first: a.name.clone(),
+                    first_subnet: a.subnet,
+                    second: b.name.clone(),
+                    second_subnet: b.subnet,
+                });
+            }
+        }
         for svc in &self.services {
             for p in &svc.published {
                 if let Some(r) = reserved.iter().find(|r| r.port == p.published_port && r.protocol == p.protocol) {
@@ -327,6 +328,21 @@ impl DataplaneSpec {
             }
         }
         Ok(())
+    }
+
+    /// This spec without the published ports in `reserved`, and what was taken out.
+    pub fn without_reserved(mut self, reserved: &[ReservedPort]) -> (DataplaneSpec, Vec<String>) {
+        let mut removed = Vec::new();
+        for svc in &mut self.services {
+            svc.published.retain(|p| {
+                let hit = reserved.iter().find(|r| r.port == p.published_port && r.protocol == p.protocol);
+                if let Some(r) = hit {
+                    removed.push(format!("{}/{:?} of {} ({})", r.port, r.protocol, svc.name, r.what));
+                }
+                hit.is_none()
+            });
+        }
+        (self, removed)
     }
 
     /// Every port published on the nodes' addresses, whatever its protocol.
@@ -425,14 +441,17 @@ mod tests {
             ReservedPort { port: 4789, protocol: Protocol::Udp, what: "the data path (VXLAN) port" },
             ReservedPort { port: 8080, protocol: Protocol::Tcp, what: "the cluster port" },
         ];
-        let error = spec().check_reserved(&reserved).unwrap_err();
+        let error = spec().check_new(&reserved).unwrap_err();
         assert_eq!(
             error.to_string(),
             "service \"web\": port 8080/Tcp is the cluster port on every node: it cannot be published"
         );
         let mut s = spec();
         s.services[0].published[0].protocol = Protocol::Udp;
-        assert_eq!(s.check_reserved(&reserved), Ok(()), "the same number on the other protocol is free");
+        assert_eq!(s.check_new(&reserved), Ok(()), "the same number on the other protocol is free");
+        let (kept, removed) = spec().without_reserved(&reserved);
+        assert!(kept.services[0].published.is_empty());
+        assert_eq!(removed, ["8080/Tcp of web (the cluster port)"]);
     }
 
     #[test]
@@ -441,12 +460,12 @@ mod tests {
         let mut red = OverlayNetwork::new("red", 4098, "10.78.0.128/25".parse().unwrap());
         s.networks.push(red.clone());
         assert_eq!(
-            s.validate().unwrap_err().to_string(),
+            s.check_new(&[]).unwrap_err().to_string(),
             "networks \"blue\" and \"red\" have overlapping subnets (10.78.0.0/24 and 10.78.0.128/25): a node could not tell their traffic apart"
         );
         red.subnet = "10.79.0.0/24".parse().unwrap();
         s.networks[1] = red;
-        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.check_new(&[]), Ok(()));
     }
 
     #[test]

@@ -61,8 +61,12 @@ pub fn hand_to_workload(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Re
 /// Sends the frame to the node running `to`, inside VXLAN with `vni`.
 #[inline(always)]
 pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) -> Result<i32, u32> {
-    let (vxlan_ifindex, underlay_addr) = match node_config() {
-        Some(config) if config.vxlan_ifindex != 0 => (config.vxlan_ifindex, config.underlay_addr),
+    let (vxlan_ifindex, source) = match node_config() {
+        // The node's address as the source only where an interface holds it: the kernel
+        // refuses to send from an address that is not local.
+        Some(config) if config.vxlan_ifindex != 0 => {
+            (config.vxlan_ifindex, if config.underlay_ifindex != 0 { u32::from_be(config.underlay_addr) } else { 0 })
+        }
         _ => return Err(DROP_NO_OVERLAY_DEVICE),
     };
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
@@ -75,7 +79,7 @@ pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) 
     key.__bindgen_anon_1.remote_ipv4 = to.node_addr;
     // From the node's own address, whatever the route would pick on a node with several:
     // the receiver takes VXLAN from the cluster's node addresses only.
-    key.__bindgen_anon_3.local_ipv4 = u32::from_be(underlay_addr);
+    key.__bindgen_anon_3.local_ipv4 = source;
     key.tunnel_ttl = TUNNEL_TTL;
     // SAFETY: `key` lives on our stack for the call and the size passed is its own.
     let rc = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0) };

@@ -6,6 +6,7 @@
 //! the stack untouched; a packet the mesh cannot parse is not its business, so it passes too.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use shoal_common::lb::PROTO_UDP;
 
 use crate::{
     forward::node_config,
@@ -32,7 +33,8 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
     }
     let Ok(Some(flow)) = flow_of(ctx) else { return Ok(TC_ACT_OK) };
     let Some(config) = node_config() else { return Ok(TC_ACT_OK) };
-    if flow.daddr != config.underlay_addr {
+    // The data path port is the overlay's, whatever a published port says.
+    if flow.daddr != config.underlay_addr || (flow.proto == PROTO_UDP && flow.dport == config.data_path_port) {
         return Ok(TC_ACT_OK);
     }
     Ok(ingress::enter(ctx, &flow, Client::Outside)?.unwrap_or(TC_ACT_OK))
