@@ -313,3 +313,58 @@ fn a_client_outside_may_not_carry_an_overlay_address() {
     assert_eq!(fx.count(stats::DROP_SPOOFED_SOURCE).unwrap(), 3);
     assert_eq!(fx.count(stats::LB_NEW_FLOW).unwrap(), 0, "no state made for them");
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn each_refusal_is_counted_under_its_own_reason() {
+    let mut fx = testbed();
+    fx.with_service().unwrap();
+    let drops = |fx: &Testbed| -> Vec<(u32, u64)> {
+        (stats::DROP_FIRST..stats::MAX).map(|c| (c, fx.count(c).unwrap())).filter(|(_, n)| *n > 0).collect()
+    };
+    let expect = |fx: &mut Testbed, packet: Vec<u8>, reason: u32| {
+        let before = drops(fx);
+        let (verdict, _) = fx.run(FROM_WORKLOAD, &packet).unwrap();
+        assert_eq!(verdict, TC_ACT_SHOT, "{:?}", stats::name(reason));
+        let after = drops(fx);
+        let grew: Vec<u32> = after
+            .iter()
+            .filter(|(c, n)| before.iter().find(|(b, _)| b == c).map_or(0, |(_, m)| *m) < *n)
+            .map(|(c, _)| *c)
+            .collect();
+        assert_eq!(grew, [reason], "counted under {:?} alone", stats::name(reason));
+    };
+
+    // A VIP on a port its service does not have; with IP options on its own port.
+    expect(&mut fx, syn(CLIENT, 40000, VIP, 81), stats::DROP_NO_BACKEND);
+    let mut with_options = syn(CLIENT, 40000, VIP, 80);
+    with_options.splice(34..34, [1, 1, 1, 1]);
+    with_options[14] = 0x46;
+    with_options[17] += 4;
+    expect(&mut fx, with_options, stats::DROP_IP_OPTIONS);
+    // No VXLAN device yet.
+    fx.configure(shoal_common::overlay::NodeConfig::default()).unwrap();
+    expect(&mut fx, ipv4_to(REMOTE), stats::DROP_NO_OVERLAY_DEVICE);
+    // A veth the agent never registered.
+    fx.forget_interface().unwrap();
+    expect(&mut fx, ipv4_to(REMOTE), stats::DROP_UNKNOWN_INTERFACE);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn only_a_syn_makes_a_published_ports_flow() {
+    let mut fx = testbed();
+    fx.with_published_port().unwrap();
+    // A TCP segment with no flow behind it may be the node's own connection's: left to it.
+    let stray = tcp(OUTSIDE, 50000, NODE, PUBLISHED);
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &stray).unwrap();
+    assert_eq!((verdict, out), (TC_ACT_OK, stray.clone()));
+    assert_eq!(fx.count(stats::LB_NEW_FLOW).unwrap(), 0);
+    // A SYN makes the flow; its later segments follow it.
+    let (verdict, _) = fx.run(FROM_UNDERLAY, &syn(OUTSIDE, 50000, NODE, PUBLISHED)).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &stray).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &REMOTE);
+    assert_eq!((fx.count(stats::LB_NEW_FLOW).unwrap(), fx.count(stats::LB_TRACKED).unwrap()), (1, 1));
+}

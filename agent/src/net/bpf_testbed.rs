@@ -225,6 +225,17 @@ impl Testbed {
         add_table(datapath, 11, 12, REMOTE, 80)
     }
 
+    /// Replaces the node's settings (`NODE_CONFIG`).
+    pub fn configure(&mut self, config: NodeConfig) -> Result<(), NetError> {
+        self.datapath().configure(config)
+    }
+
+    /// Forgets `lo` as a workload interface.
+    pub fn forget_interface(&mut self) -> Result<(), NetError> {
+        let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.datapath().map_mut(maps::INTERFACES)?;
+        interfaces.remove(&LO).map_err(|e| map_error(maps::INTERFACES, e))
+    }
+
     /// Gives the network of `lo`'s workload a way out (the node masquerades), and 10.78.0.1
     /// as its gateway.
     pub fn set_outbound(&mut self) -> Result<(), NetError> {

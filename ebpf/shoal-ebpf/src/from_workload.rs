@@ -11,8 +11,9 @@ use shoal_common::{
     lb::{PROTO_TCP, PROTO_UDP},
     overlay::{EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND},
     stats::{
-        DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, DROP_TO_DATA_PATH_PORT,
-        DROP_TO_HOST_PROTOCOL, DROP_UNKNOWN_INTERFACE, FORWARD_HOST, FORWARD_LOCAL, FORWARD_REMOTE,
+        DROP_IP_OPTIONS, DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE,
+        DROP_TO_DATA_PATH_PORT, DROP_TO_HOST_PROTOCOL, DROP_UNKNOWN_INTERFACE, FORWARD_HOST, FORWARD_LOCAL,
+        FORWARD_REMOTE,
     },
 };
 
@@ -83,8 +84,9 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
         return to_host(ctx);
     }
     if to.ifindex == 0 && to.node_addr == 0 {
-        // A VIP, but not on a port of its service (or not TCP/UDP): nothing answers there.
-        return Err(DROP_NO_BACKEND);
+        // A VIP not balanced: with IP options (never balanced, as IPVS does not), or not on
+        // a port of its service (or not TCP/UDP): nothing answers there.
+        return Err(if has_ip_options(ctx)? { DROP_IP_OPTIONS } else { DROP_NO_BACKEND });
     }
     if to.ifindex != 0 {
         deliver_local(ctx, &to, FORWARD_LOCAL)
@@ -159,6 +161,14 @@ const IP_OFFSET_MASK: u16 = 0x1fff;
 const PROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// Whether the IPv4 header carries options.
+#[inline(always)]
+fn has_ip_options(ctx: &TcContext) -> Result<bool, u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    Ok(unsafe { (*ip).version_ihl } & 0x0f != 5)
+}
 
 /// The destination address as it is now (after a rewrite moved the packet's bytes).
 #[inline(always)]

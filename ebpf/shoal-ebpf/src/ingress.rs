@@ -21,7 +21,7 @@ use shoal_common::{
 
 use crate::{
     forward::{encapsulate, hand_to_workload, out_underlay, take_hop},
-    lb::{pick, reply_of, rewrite_destination, rewrite_source, track, tracked},
+    lb::{may_start, pick, reply_of, rewrite_destination, rewrite_source, track, tracked},
     maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS},
     stats::count,
 };
@@ -46,7 +46,7 @@ pub fn enter(ctx: &TcContext, flow: &FlowKey, client: Client) -> Result<Option<i
     if client == Client::Outside && lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: flow.saddr }).is_some() {
         return Err(DROP_SPOOFED_SOURCE);
     }
-    let backend = balance(ctx, flow, &port)?;
+    let Some(backend) = balance(ctx, flow, &port)? else { return Ok(None) };
     let to = lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
     if to.ifindex != 0 {
         hand_to_workload(ctx, &to, INGRESS_LOCAL).map(Some)
@@ -60,14 +60,17 @@ pub fn enter(ctx: &TcContext, flow: &FlowKey, client: Client) -> Result<Option<i
 
 /// Points a client's packet to a published port at the flow's backend: the one it was
 /// pinned to, or for a new flow the one Maglev gives it. The hash leaves out the node's
-/// address, so every node picks the same backend for the same client flow.
+/// address, so every node picks the same backend for the same client flow. Only a TCP SYN
+/// (or a UDP datagram) makes a flow: other TCP without state is `None`, left to the node's
+/// stack — it may be the node's own connection, which must keep its replies.
 #[inline(always)]
-pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<NatEntry, u32> {
+pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<Option<NatEntry>, u32> {
     let backend = match tracked(ctx, flow) {
         Some(tracked) => {
             count(ctx, LB_TRACKED);
             tracked
         }
+        None if !may_start(ctx, flow) => return Ok(None),
         None => {
             let chosen = pick(port.id, port.backends, &FlowKey { daddr: 0, ..*flow })?;
             let published = NatEntry { addr: flow.daddr, port: flow.dport, flags: NAT_REPLY_TO_UNDERLAY };
@@ -77,7 +80,7 @@ pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<N
         }
     };
     rewrite_destination(ctx, flow, &backend)?;
-    Ok(backend)
+    Ok(Some(backend))
 }
 
 /// On a backend's node: remembers that replies of `flow` (a client's packet that another

@@ -106,6 +106,13 @@ pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Option<NatEntry> {
     lookup_lru(&CONNTRACK, flow)
 }
 
+/// Whether the packet may start a flow: a TCP SYN without ACK, or any UDP datagram (UDP has
+/// no first packet to tell apart).
+#[inline(always)]
+pub fn may_start(ctx: &TcContext, flow: &FlowKey) -> bool {
+    flow.proto == PROTO_UDP || opens_connection(ctx, flow)
+}
+
 /// Whether the packet is a TCP SYN without ACK.
 #[inline(always)]
 fn opens_connection(ctx: &TcContext, flow: &FlowKey) -> bool {
