@@ -1,10 +1,10 @@
 //! TC ingress on the host side of a workload's veth: everything a workload sends.
 //!
 //! ARP requests for peers are answered here; IPv4 to a peer on the same overlay network is
-//! delivered locally or encapsulated to the peer's node; IPv4 to the gateway or off the
-//! network goes to the node's stack, except datagrams to the data path port. Anything else
-//! is dropped: overlays carry IPv4 only, and a workload must not reach the host's stack
-//! through its veth.
+//! delivered locally or encapsulated to the peer's node; TCP, UDP and ICMP echo to the
+//! gateway or off the network go to the node's stack, except datagrams to the data path
+//! port. Anything else is dropped: overlays carry IPv4 only, and a workload must not reach
+//! the host's stack through its veth with anything the node might take for its own.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use shoal_common::{
@@ -116,20 +116,10 @@ fn to_host(ctx: &TcContext) -> Result<i32, u32> {
 /// of one carries no header to tell: the kernel reassembles it with its first or drops it).
 #[inline(always)]
 fn host_may_take(ctx: &TcContext) -> Result<bool, u32> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
-    // SAFETY: bounds-checked by ptr_at just above.
-    let (version_ihl, protocol, frag_off) = unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).frag_off) };
-    match protocol {
-        PROTO_TCP | PROTO_UDP => Ok(true),
-        PROTO_ICMP => {
-            if u16::from_be(frag_off) & IP_OFFSET_MASK != 0 {
-                return Ok(true);
-            }
-            let header_len = usize::from(version_ihl & 0x0f) * 4;
-            if header_len < 20 {
-                return Err(DROP_MALFORMED);
-            }
-            let icmp_type: *const u8 = ptr_at(ctx, ETH_HLEN + header_len).ok_or(DROP_MALFORMED)?;
+    match l4_of(ctx)? {
+        (PROTO_TCP | PROTO_UDP, _) | (PROTO_ICMP, None) => Ok(true),
+        (PROTO_ICMP, Some(offset)) => {
+            let icmp_type: *const u8 = ptr_at(ctx, offset).ok_or(DROP_MALFORMED)?;
             // SAFETY: bounds-checked by ptr_at just above.
             Ok(matches!(unsafe { *icmp_type }, ICMP_ECHO_REPLY | ICMP_ECHO_REQUEST))
         }
@@ -138,22 +128,30 @@ fn host_may_take(ctx: &TcContext) -> Result<bool, u32> {
 }
 
 /// The destination port of a UDP datagram (with or without IP options); `None` for other
-/// packets and for fragments after the first (which carry no UDP header).
+/// packets and for fragments after the first.
 #[inline(always)]
 fn udp_dport(ctx: &TcContext) -> Result<Option<u16>, u32> {
+    let (PROTO_UDP, Some(offset)) = l4_of(ctx)? else { return Ok(None) };
+    let dport: *const u16 = ptr_at(ctx, offset + 2).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    Ok(Some(unsafe { dport.read_unaligned() }))
+}
+
+/// The IPv4 packet's protocol and where its L4 header starts in the frame (past any IP
+/// options); no offset for a fragment after the first, which carries no L4 header.
+#[inline(always)]
+fn l4_of(ctx: &TcContext) -> Result<(u8, Option<usize>), u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     let (version_ihl, protocol, frag_off) = unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).frag_off) };
-    if protocol != PROTO_UDP || u16::from_be(frag_off) & IP_OFFSET_MASK != 0 {
-        return Ok(None);
+    if u16::from_be(frag_off) & IP_OFFSET_MASK != 0 {
+        return Ok((protocol, None));
     }
     let header_len = usize::from(version_ihl & 0x0f) * 4;
     if header_len < 20 {
         return Err(DROP_MALFORMED);
     }
-    let dport: *const u16 = ptr_at(ctx, ETH_HLEN + header_len + 2).ok_or(DROP_MALFORMED)?;
-    // SAFETY: bounds-checked by ptr_at just above.
-    Ok(Some(unsafe { dport.read_unaligned() }))
+    Ok((protocol, Some(ETH_HLEN + header_len)))
 }
 
 /// Fragment offset bits of the IPv4 `frag_off` field (host order).
