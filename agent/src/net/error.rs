@@ -31,9 +31,6 @@ pub enum NetError {
     IdsExhausted,
     #[error("host stack: {0}")]
     Host(String),
-    /// The data path cannot move to a port a service publishes.
-    #[error("port {0} is published by a service: the data path cannot use it")]
-    PortInUse(u16),
     #[error("kernel: {0}")]
     Kernel(String),
     #[error("mounting bpffs on /sys/fs/bpf: {0}")]

@@ -105,9 +105,8 @@ impl Dataplane {
         if port == self.config.vxlan_port {
             return Ok(());
         }
-        if let Some(p) = self.spec.published_ports().find(|p| *p == port) {
-            return Err(NetError::PortInUse(p));
-        }
+        let data_path = ReservedPort { port, protocol: Protocol::Udp, what: "the data path (VXLAN) port asked for" };
+        self.spec.check_reserved(&[data_path])?;
         if let Err(e) = self.bring_up_overlay(port).await {
             // The old device may be gone already: the overlay goes back to the port it had
             // rather than staying without one.

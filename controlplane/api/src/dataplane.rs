@@ -315,16 +315,19 @@ impl DataplaneSpec {
                 });
             }
         }
+        self.check_reserved(reserved)
+    }
+
+    /// Refuses a published port in `reserved`.
+    pub fn check_reserved(&self, reserved: &[ReservedPort]) -> Result<(), SpecError> {
         for svc in &self.services {
-            for p in &svc.published {
-                if let Some(r) = reserved.iter().find(|r| r.port == p.published_port && r.protocol == p.protocol) {
-                    return Err(SpecError::ReservedPort {
-                        service: svc.name.clone(),
-                        port: r.port,
-                        protocol: r.protocol,
-                        what: r.what,
-                    });
-                }
+            if let Some(r) = svc.published.iter().find_map(|p| p.reserved_by(reserved)) {
+                return Err(SpecError::ReservedPort {
+                    service: svc.name.clone(),
+                    port: r.port,
+                    protocol: r.protocol,
+                    what: r.what,
+                });
             }
         }
         Ok(())
@@ -335,7 +338,7 @@ impl DataplaneSpec {
         let mut removed = Vec::new();
         for svc in &mut self.services {
             svc.published.retain(|p| {
-                let hit = reserved.iter().find(|r| r.port == p.published_port && r.protocol == p.protocol);
+                let hit = p.reserved_by(reserved);
                 if let Some(r) = hit {
                     removed.push(format!("{}/{:?} of {} ({})", r.port, r.protocol, svc.name, r.what));
                 }
@@ -344,10 +347,12 @@ impl DataplaneSpec {
         }
         (self, removed)
     }
+}
 
-    /// Every port published on the nodes' addresses, whatever its protocol.
-    pub fn published_ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.services.iter().flat_map(|s| s.published.iter().map(|p| p.published_port))
+impl PublishedPort {
+    /// The entry of `reserved` this port would take, if any.
+    fn reserved_by<'a>(&self, reserved: &'a [ReservedPort]) -> Option<&'a ReservedPort> {
+        reserved.iter().find(|r| r.port == self.published_port && r.protocol == self.protocol)
     }
 }
 
