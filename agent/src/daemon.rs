@@ -9,8 +9,7 @@ use std::{
 };
 
 use clap::Parser;
-use serde::{de::DeserializeOwned, Serialize};
-use shoal_api::dataplane::DataplaneSpec;
+use serde::Serialize;
 use tokio::{
     net::UnixListener,
     signal::unix::{signal, SignalKind},
@@ -22,7 +21,7 @@ use shoal_manager::{Swarm, SwarmConfig};
 
 use crate::{
     api::{self, system::DaemonInfo, Node},
-    net::{Dataplane, NetConfig, NetError, VXLAN_PORT},
+    net::{journal::Journal, Dataplane, NetConfig, NetError, VXLAN_PORT},
 };
 
 /// The shoal node daemon.
@@ -145,9 +144,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
-    let dataplane_file = config.data_root.join("dataplane.json");
-    restore_dataplane(&mut dataplane, &dataplane_file).await;
-    let node = Arc::new(Node { dataplane: Mutex::new(dataplane), dataplane_file, swarm: swarm.clone(), daemon });
+    if let Err(e) = restore_dataplane(&mut dataplane, &config.data_root.join("dataplane.json")).await {
+        swarm.shutdown().await;
+        return Err(e);
+    }
+    let node = Arc::new(Node { dataplane: Mutex::new(dataplane), swarm: swarm.clone(), daemon });
     let port_task = tokio::spawn(follow_data_path_port(data_path_port, config.vxlan_port, node.clone()));
 
     let tcp = match config.tls_listen {
@@ -182,29 +183,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     served.map_err(DaemonError::Serve)
 }
 
-/// Brings the kernel to the last acknowledged state. The pinned maps may hold anything an
-/// earlier run left, so when there is no saved state, or it no longer applies (a workload's
-/// veth vanished while we were down), the maps are emptied rather than left stale; the
-/// saved file stays for whoever pushes the state again.
-async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) {
-    let saved = match load_json::<DataplaneSpec>(file) {
-        Ok(saved) => saved,
+/// Brings the kernel to the last acknowledged state (`Dataplane::restore`). An unreadable
+/// saved state is said and the maps emptied; the files stay for a look.
+async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) -> Result<(), DaemonError> {
+    let (journal, saved) = match Journal::open(file) {
+        Ok(opened) => opened,
         Err(e) => {
-            warn!(error = %e, file = %file.display(), "ignoring unreadable saved state");
-            None
+            warn!(error = %e, file = %file.display(), "ignoring an unreadable saved state");
+            move_aside(file)?;
+            move_aside(&file.with_extension("journal"))?;
+            Journal::open(file).map_err(io("opening", file))?
         }
     };
-    if let Some(spec) = saved {
-        let spec = dataplane.restorable(spec);
-        match dataplane.replace(spec, |_| Ok(())).await {
-            Ok(()) => return,
-            Err(e) => {
-                warn!(error = %e, "the saved dataplane state no longer applies; starting empty")
-            }
-        }
-    }
-    if let Err(e) = dataplane.replace(DataplaneSpec::default(), |_| Ok(())).await {
-        error!(error = %e, "could not clear the dataplane maps");
+    dataplane.restore(journal, saved).await;
+    Ok(())
+}
+
+/// Renames `path` to `<path>.unreadable`, if it is there.
+fn move_aside(path: &Path) -> Result<(), DaemonError> {
+    let aside = PathBuf::from(format!("{}.unreadable", path.display()));
+    match std::fs::rename(path, &aside) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("moving aside", path)(e)),
+        _ => Ok(()),
     }
 }
 
@@ -269,12 +269,4 @@ pub fn save_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
-}
-
-fn load_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
 }

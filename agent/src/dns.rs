@@ -15,7 +15,7 @@ use hickory_proto::{
     rr::{rdata::A, RData, Record, RecordType},
 };
 use ipnet::Ipv4Net;
-use shoal_api::dataplane::DataplaneSpec;
+use shoal_api::dataplane::{DataplaneSpec, OverlayNetwork, ServiceVip};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
@@ -24,33 +24,55 @@ use tracing::{debug, info, warn};
 const TTL: u32 = 5;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Names per network, rebuilt from each applied `DataplaneSpec`.
+/// Names per network, kept with each applied change.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Names {
-    networks: Vec<(Ipv4Net, HashMap<String, Vec<Ipv4Addr>>)>,
+    networks: HashMap<String, (Ipv4Net, HashMap<String, Vec<Ipv4Addr>>)>,
 }
 
 impl Names {
     pub fn from_spec(spec: &DataplaneSpec) -> Names {
-        let mut networks = Vec::new();
+        let mut names = Names::default();
         for net in &spec.networks {
-            let mut names: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
-            for svc in spec.services.iter().filter(|s| s.network == net.name) {
-                let name = svc.name.to_ascii_lowercase();
-                let tasks = svc.backends.clone();
-                names.insert(format!("tasks.{name}"), tasks.clone());
-                names.insert(name, if svc.dnsrr { tasks } else { vec![svc.vip] });
-            }
-            networks.push((net.subnet, names));
+            names.set_network(net);
         }
-        Names { networks }
+        for svc in &spec.services {
+            names.set_service(svc);
+        }
+        names
+    }
+
+    /// Declares `net` (its names stay if it was declared).
+    pub fn set_network(&mut self, net: &OverlayNetwork) {
+        self.networks.entry(net.name.clone()).or_default().0 = net.subnet;
+    }
+
+    pub fn remove_network(&mut self, name: &str) {
+        self.networks.remove(name);
+    }
+
+    /// Gives `svc`'s names on its network: the VIP (or the tasks, for dnsrr) and
+    /// `tasks.<name>`.
+    pub fn set_service(&mut self, svc: &ServiceVip) {
+        let Some((_, names)) = self.networks.get_mut(&svc.network) else { return };
+        let name = svc.name.to_ascii_lowercase();
+        let tasks = svc.backends.clone();
+        names.insert(format!("tasks.{name}"), tasks.clone());
+        names.insert(name, if svc.dnsrr { tasks } else { vec![svc.vip] });
+    }
+
+    pub fn remove_service(&mut self, network: &str, name: &str) {
+        let Some((_, names)) = self.networks.get_mut(network) else { return };
+        let name = name.to_ascii_lowercase();
+        names.remove(&format!("tasks.{name}"));
+        names.remove(&name);
     }
 
     /// The addresses of `name` for a client at `client`, if the client's network has it.
     pub fn resolve(&self, client: Ipv4Addr, name: &str) -> Option<&[Ipv4Addr]> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         self.networks
-            .iter()
+            .values()
             .filter(|(subnet, _)| subnet.contains(&client))
             .find_map(|(_, names)| names.get(&name).map(Vec::as_slice))
     }
@@ -147,7 +169,7 @@ pub fn system_upstream() -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use shoal_api::dataplane::{OverlayNetwork, Protocol, ServicePort, ServiceVip};
+    use shoal_api::dataplane::{Protocol, ServicePort};
 
     use super::*;
 
@@ -177,5 +199,9 @@ mod tests {
         assert_eq!(names.resolve(client, "tasks.web").unwrap().len(), 2);
         assert_eq!(names.resolve(client, "DB").unwrap().len(), 2, "dnsrr gives the tasks");
         assert_eq!(names.resolve("10.79.0.2".parse().unwrap(), "web"), None, "another network's service");
+        let mut names = names;
+        names.remove_service("blue", "web");
+        assert_eq!(names.resolve(client, "web"), None);
+        assert_eq!(names.resolve(client, "tasks.web"), None);
     }
 }

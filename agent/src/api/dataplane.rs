@@ -1,35 +1,60 @@
-//! `/shoal/v1/dataplane`: the node's desired overlay state (read, replace) and the BPF
-//! programs' counters.
+//! `/shoal/v1/dataplane`: the node's desired overlay state (read, replace whole, change one
+//! object at a time) and the BPF programs' counters.
 
 use std::sync::Arc;
 
-use axum::{body::Bytes, extract::State, Json};
-use shoal_api::dataplane::{Counter, DataplaneSpec};
-
-use crate::{
-    api::{ApiError, Node},
-    daemon,
+use axum::{
+    body::Bytes,
+    extract::{Query, State},
+    Json,
 };
+use serde::Deserialize;
+use shoal_api::dataplane::{ChangeBatch, ChangeReport, Counter, DataplaneSpec, Sequence};
+
+use crate::api::{ApiError, Node};
 
 /// Largest desired state accepted: a node's whole view of the cluster (10,000 services with
 /// a VIP and a published port each is ~3 MiB of JSON).
 pub const BODY_LIMIT: usize = 64 << 20;
 
 pub async fn show(State(node): State<Arc<Node>>) -> Json<DataplaneSpec> {
-    Json(node.dataplane.lock().await.spec().clone())
+    Json(node.dataplane.lock().await.spec())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReplaceQuery {
+    /// The source's sequence number this state is at (kept across restarts).
+    sequence: Option<u64>,
 }
 
 /// Replaces the whole desired state. Answers only once the kernel matches it and it is on
 /// disk, so an acknowledged state survives a restart.
-pub async fn replace(State(node): State<Arc<Node>>, body: Bytes) -> Result<Json<DataplaneSpec>, ApiError> {
-    let spec: DataplaneSpec =
-        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
-    let mut dataplane = node.dataplane.lock().await;
-    dataplane.check_new(&spec)?;
-    dataplane.replace(spec.clone(), |s| daemon::save_json(&node.dataplane_file, s)).await?;
+pub async fn replace(
+    State(node): State<Arc<Node>>,
+    Query(query): Query<ReplaceQuery>,
+    body: Bytes,
+) -> Result<Json<DataplaneSpec>, ApiError> {
+    let spec: DataplaneSpec = parse(&body)?;
+    node.dataplane.lock().await.replace(spec.clone(), query.sequence).await?;
     Ok(Json(spec))
+}
+
+/// Applies a batch of changes; each one's outcome is in the report (a refused change is
+/// reported there, not by the status, since the others applied).
+pub async fn change(State(node): State<Arc<Node>>, body: Bytes) -> Result<Json<ChangeReport>, ApiError> {
+    let batch: ChangeBatch = parse(&body)?;
+    Ok(Json(node.dataplane.lock().await.apply_batch(batch).await?))
+}
+
+/// The last batch applied: a source resumes after it.
+pub async fn sequence(State(node): State<Arc<Node>>) -> Json<Sequence> {
+    Json(Sequence { sequence: node.dataplane.lock().await.sequence() })
 }
 
 pub async fn stats(State(node): State<Arc<Node>>) -> Result<Json<Vec<Counter>>, ApiError> {
     Ok(Json(node.dataplane.lock().await.counters()?))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))
 }

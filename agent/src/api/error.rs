@@ -16,6 +16,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// The request conflicts with the state (409); nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
     /// The daemon failed to carry out a valid request (500).
     #[error("{0}")]
     Internal(String),
@@ -23,7 +26,9 @@ pub enum ApiError {
 
 impl From<NetError> for ApiError {
     fn from(e: NetError) -> Self {
-        if e.is_bad_input() {
+        if matches!(e, NetError::StaleSequence { .. }) {
+            ApiError::Conflict(e.to_string())
+        } else if e.is_bad_input() {
             ApiError::BadRequest(e.to_string())
         } else {
             ApiError::Internal(e.to_string())
@@ -36,6 +41,7 @@ impl IntoResponse for ApiError {
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(ErrorResponse { message: self.to_string() })).into_response()

@@ -5,7 +5,7 @@ mod dataplane;
 mod error;
 pub mod system;
 
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     extract::{DefaultBodyLimit, Request},
@@ -30,8 +30,6 @@ use crate::net::Dataplane;
 /// What the handlers share.
 pub struct Node {
     pub dataplane: Mutex<Dataplane>,
-    /// Where the last acknowledged `DataplaneSpec` is kept across restarts.
-    pub dataplane_file: PathBuf,
     /// This node's swarm membership (and, on managers, the control plane).
     pub swarm: Arc<Swarm>,
     /// What `/info` reports about the daemon.
@@ -54,6 +52,11 @@ pub async fn serve(
             "/shoal/v1/dataplane",
             get(dataplane::show).put(dataplane::replace).layer(DefaultBodyLimit::max(dataplane::BODY_LIMIT)),
         )
+        .route(
+            "/shoal/v1/dataplane/changes",
+            axum::routing::post(dataplane::change).layer(DefaultBodyLimit::max(dataplane::BODY_LIMIT)),
+        )
+        .route("/shoal/v1/dataplane/sequence", get(dataplane::sequence))
         .route("/shoal/v1/dataplane/stats", get(dataplane::stats))
         .with_state(node.clone())
         .merge(shoal_manager::engine_api::routes(node.swarm.clone()))

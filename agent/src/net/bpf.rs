@@ -30,7 +30,10 @@ use shoal_common::{
 };
 use tracing::{debug, info};
 
-use crate::net::{lb::LbPlan, overlay::Plan, NetError};
+use crate::net::{
+    mirror::{Counted, Delta, Plan},
+    NetError,
+};
 
 /// The object `build.rs` compiled from `ebpf/shoal-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shoal-ebpf.o"));
@@ -135,16 +138,18 @@ impl Datapath {
         self.attachments.attach(&mut self.ebpf, program, device, ifindex)
     }
 
-    /// Writes `plan` into the maps and attaches to exactly the planned interfaces. Entries go
-    /// in before attachments so a newly attached interface never sees a half-filled map.
-    pub fn apply(&mut self, plan: &Plan) -> Result<(), NetError> {
+    /// Makes the maps hold exactly `plan` and attaches to exactly its interfaces, reading the
+    /// maps to find what else they hold: at start, to adopt what an earlier run left without
+    /// emptying anything first. Entries go in before attachments so a newly attached
+    /// interface never sees a half-filled map.
+    pub fn sync(&mut self, plan: &Plan) -> Result<(), NetError> {
         let mut nodes: HashMap<&mut MapData, u32, NodeEntry> = self.map_mut(maps::NODES)?;
-        sync_hash_map(&mut nodes, maps::NODES, &plan.nodes)?;
+        sync_hash_map(&mut nodes, maps::NODES, &wanted(&plan.nodes))?;
         let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> = self.map_mut(maps::ENDPOINTS)?;
-        sync_hash_map(&mut endpoints, maps::ENDPOINTS, &plan.endpoints)?;
+        sync_hash_map(&mut endpoints, maps::ENDPOINTS, &wanted(&plan.endpoints))?;
         let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.map_mut(maps::INTERFACES)?;
-        sync_hash_map(&mut interfaces, maps::INTERFACES, &plan.interfaces)?;
-        self.apply_lb(&plan.lb)?;
+        sync_hash_map(&mut interfaces, maps::INTERFACES, &wanted(&plan.interfaces))?;
+        self.sync_lb(plan)?;
 
         let stale: Vec<u32> =
             self.attachments.attached(FROM_WORKLOAD).filter(|i| !plan.attach.contains_key(i)).collect();
@@ -152,9 +157,70 @@ impl Datapath {
             self.attachments.detach(FROM_WORKLOAD, ifindex);
         }
         self.attachments.remove_stale_pins(FROM_WORKLOAD, &plan.attach.keys().copied().collect());
-        for (&ifindex, name) in &plan.attach {
+        for (&ifindex, name) in plan.attach.iter() {
             if !self.attachments.is_attached(FROM_WORKLOAD, ifindex) {
                 self.attachments.attach(&mut self.ebpf, FROM_WORKLOAD, name, ifindex)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one change, without reading a map: every put, dependencies first (backends and
+    /// tables before the services and ports that point at them, endpoints before the
+    /// interfaces that use them), then the attachments, then every delete in the reverse
+    /// order. So no packet meets an entry that points at something missing.
+    pub fn write(&mut self, delta: &Delta) -> Result<(), NetError> {
+        self.put(maps::BACKENDS, &delta.backends.put)?;
+        let tables: Vec<(u32, &MaglevTable)> = delta.maglev.put.iter().map(|(id, t)| (*id, &**t)).collect();
+        self.put::<u32, MaglevTable, _>(maps::MAGLEV, &tables)?;
+        self.put(maps::ENDPOINTS, &delta.endpoints.put)?;
+        self.put(maps::NODES, &delta.nodes.put)?;
+        self.put(maps::INTERFACES, &delta.interfaces.put)?;
+        self.put(maps::SERVICES, &delta.services.put)?;
+        self.put(maps::INGRESS, &delta.ingress.put)?;
+        for (ifindex, name) in &delta.attach.put {
+            if !self.attachments.is_attached(FROM_WORKLOAD, *ifindex) {
+                self.attachments.attach(&mut self.ebpf, FROM_WORKLOAD, name, *ifindex)?;
+            }
+        }
+        for ifindex in &delta.attach.delete {
+            self.attachments.detach(FROM_WORKLOAD, *ifindex);
+        }
+        self.delete::<IngressKey, IngressEntry>(maps::INGRESS, &delta.ingress.delete)?;
+        self.delete::<ServiceKey, ServiceEntry>(maps::SERVICES, &delta.services.delete)?;
+        self.delete::<u32, InterfaceEntry>(maps::INTERFACES, &delta.interfaces.delete)?;
+        self.delete::<u32, NodeEntry>(maps::NODES, &delta.nodes.delete)?;
+        self.delete::<EndpointKey, EndpointEntry>(maps::ENDPOINTS, &delta.endpoints.delete)?;
+        self.delete::<u32, MaglevTable>(maps::MAGLEV, &delta.maglev.delete)?;
+        self.delete::<u32, Backend>(maps::BACKENDS, &delta.backends.delete)
+    }
+
+    fn put<K: aya::Pod, V: aya::Pod, B: std::borrow::Borrow<V>>(
+        &mut self,
+        name: &'static str,
+        entries: &[(K, B)],
+    ) -> Result<(), NetError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut map: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
+        for (key, value) in entries {
+            map.insert(key, value.borrow(), 0).map_err(|e| map_error(name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `keys`; one already gone is fine (an undo may delete what never went in).
+    fn delete<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str, keys: &[K]) -> Result<(), NetError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut map: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
+        for key in keys {
+            match map.remove(key) {
+                Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+                other => other.map_err(|e| map_error(name, e))?,
             }
         }
         Ok(())
@@ -176,19 +242,20 @@ impl Datapath {
 
     /// Services, make before break: backends and tables a service will point to go in before
     /// the service, and go away only after no service points to them.
-    fn apply_lb(&mut self, lb: &LbPlan) -> Result<(), NetError> {
+    fn sync_lb(&mut self, plan: &Plan) -> Result<(), NetError> {
+        let tables: StdHashMap<u32, &MaglevTable> = plan.maglev.iter().map(|(id, t)| (*id, &**t)).collect();
         let mut backends: HashMap<&mut MapData, u32, Backend> = self.map_mut(maps::BACKENDS)?;
-        upsert(&mut backends, maps::BACKENDS, &lb.backends)?;
+        upsert(&mut backends, maps::BACKENDS, &wanted(&plan.backends))?;
         let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = self.map_mut(maps::MAGLEV)?;
-        upsert(&mut maglev, maps::MAGLEV, &lb.maglev)?;
+        upsert(&mut maglev, maps::MAGLEV, &tables)?;
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = self.map_mut(maps::SERVICES)?;
-        sync_hash_map(&mut services, maps::SERVICES, &lb.services)?;
+        sync_hash_map(&mut services, maps::SERVICES, &wanted(&plan.services))?;
         let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = self.map_mut(maps::INGRESS)?;
-        sync_hash_map(&mut ingress, maps::INGRESS, &lb.ingress)?;
+        sync_hash_map(&mut ingress, maps::INGRESS, &wanted(&plan.ingress))?;
         let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = self.map_mut(maps::MAGLEV)?;
-        prune(&mut maglev, maps::MAGLEV, &lb.maglev)?;
+        prune(&mut maglev, maps::MAGLEV, &tables)?;
         let mut backends: HashMap<&mut MapData, u32, Backend> = self.map_mut(maps::BACKENDS)?;
-        prune(&mut backends, maps::BACKENDS, &lb.backends)
+        prune(&mut backends, maps::BACKENDS, &wanted(&plan.backends))
     }
 
     /// The table and backend IDs the maps hold (at start: an earlier run's).
@@ -272,13 +339,18 @@ where
     program.try_into().map_err(|source| NetError::Program { program: name, source })
 }
 
+/// A plan's map as the key -> value view the sync functions take.
+fn wanted<K: std::hash::Hash + Eq + Copy, V: Clone + PartialEq>(counted: &Counted<K, V>) -> StdHashMap<K, &V> {
+    counted.iter().map(|(k, v)| (*k, v)).collect()
+}
+
 /// Makes the map hold exactly `want`. Stale keys go first, so the map never needs room for
 /// old and new together; unchanged entries are not rewritten, so programs reading them see
 /// no churn.
 fn sync_hash_map<K, V>(
     map: &mut HashMap<&mut MapData, K, V>,
     name: &'static str,
-    want: &StdHashMap<K, V>,
+    want: &StdHashMap<K, &V>,
 ) -> Result<(), NetError>
 where
     K: aya::Pod + Eq + std::hash::Hash,
@@ -292,7 +364,7 @@ where
 fn prune<K, V>(
     map: &mut HashMap<&mut MapData, K, V>,
     name: &'static str,
-    want: &StdHashMap<K, V>,
+    want: &StdHashMap<K, &V>,
 ) -> Result<(), NetError>
 where
     K: aya::Pod + Eq + std::hash::Hash,
@@ -309,17 +381,17 @@ where
 fn upsert<K, V>(
     map: &mut HashMap<&mut MapData, K, V>,
     name: &'static str,
-    want: &StdHashMap<K, V>,
+    want: &StdHashMap<K, &V>,
 ) -> Result<(), NetError>
 where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
     for (key, value) in want {
-        if map.get(key, 0).is_ok_and(|current| current == *value) {
+        if map.get(key, 0).is_ok_and(|current| current == **value) {
             continue;
         }
-        map.insert(key, value, 0).map_err(|e| map_error(name, e))?;
+        map.insert(key, *value, 0).map_err(|e| map_error(name, e))?;
     }
     Ok(())
 }

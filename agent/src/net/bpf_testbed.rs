@@ -24,7 +24,7 @@ use shoal_common::{
 };
 
 use super::{Datapath, BPFFS, FROM_OVERLAY, FROM_UNDERLAY, FROM_WORKLOAD};
-use crate::net::{overlay::Plan, NetError};
+use crate::net::{mirror::Plan, NetError};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -119,7 +119,7 @@ impl Testbed {
                 .collect(),
             ..Default::default()
         };
-        datapath.apply(&plan)?;
+        datapath.sync(&plan)?;
         datapath.configure(NodeConfig {
             vxlan_ifindex: LO,
             data_path_port: DATA_PATH_PORT.to_be(),

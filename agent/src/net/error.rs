@@ -22,10 +22,9 @@ pub enum NetError {
     /// device, ...): attaching the workload program there would cut the node off.
     #[error("interface {0} is not a veth")]
     NotVeth(String),
-    /// A VIP used on two networks: the socket hooks, which see no network, could not tell
-    /// its services apart.
-    #[error("{0}")]
-    VipOnTwoNetworks(String),
+    /// A batch numbered at or below the last one applied (already applied, or out of order).
+    #[error("batch {given} is not after the last one applied ({applied})")]
+    StaleSequence { given: u64, applied: u64 },
     /// Every table or backend ID is in use (4 billion of them).
     #[error("no table or backend ID left")]
     IdsExhausted,
@@ -72,7 +71,17 @@ impl NetError {
                 | NetError::MissingInterface(_)
                 | NetError::InterfaceShared(_)
                 | NetError::NotVeth(_)
-                | NetError::VipOnTwoNetworks(_)
         )
+    }
+
+    /// The status Docker would answer with: 404 for what is not declared, 409 for what
+    /// conflicts with the state, 400 for other bad input, 500 when the node failed.
+    pub fn status(&self) -> u16 {
+        match self {
+            NetError::Spec(e) => e.status(),
+            NetError::StaleSequence { .. } | NetError::InterfaceShared(_) => 409,
+            e if e.is_bad_input() => 400,
+            _ => 500,
+        }
     }
 }

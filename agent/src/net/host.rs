@@ -123,7 +123,7 @@ fn format_port_list(ports: &std::collections::BTreeSet<u16>) -> String {
 }
 
 /// A local workload as the host's stack must know it to send replies back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostRoute {
     pub addr: Ipv4Addr,
     pub ifindex: u32,

@@ -1,173 +1,112 @@
-//! Services -> the contents of the load-balancing maps. Pure, like `overlay`.
+//! A service -> its load-balancing entries. Pure, like `overlay`.
 //!
-//! Table and backend IDs are allocated (`Ids`), so two can never share one, and kept from
-//! plan to plan, so a service keeps its IDs across updates. Maglev tables are built from the
-//! backends' addresses alone, so every node makes the same choices (whatever IDs its
-//! backends have there) and a backend leaving moves only its own share of flows.
+//! Table and backend IDs are allocated (`mirror::Ids`), so two can never share one, and kept
+//! by a service across its changes. Maglev tables are built from the backends' addresses
+//! alone, so every node makes the same choices (whatever IDs its backends have there) and a
+//! backend leaving moves only its own share of flows.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    hash::Hash,
-    net::Ipv4Addr,
+use std::{net::Ipv4Addr, sync::Arc};
+
+use shoal_api::dataplane::{OverlayNetwork, Protocol, PublishMode, ServiceVip};
+use shoal_common::{
+    lb::{
+        Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_PRIME,
+        MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP, SOCKET_VNI,
+    },
+    overlay::{EndpointEntry, EndpointKey},
 };
 
-use shoal_api::dataplane::{DataplaneSpec, Protocol, PublishMode, ServiceVip};
-use shoal_common::lb::{
-    Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_PRIME,
-    MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP, SOCKET_VNI,
+use crate::net::{
+    mirror::{Entries, Ids, TableName},
+    NetError,
 };
 
-use crate::net::NetError;
-
-/// The load-balancing part of a plan.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct LbPlan {
-    pub services: HashMap<ServiceKey, ServiceEntry>,
-    /// Ports published on this node.
-    pub ingress: HashMap<IngressKey, IngressEntry>,
-    pub backends: HashMap<u32, Backend>,
-    pub maglev: HashMap<u32, MaglevTable>,
-    /// The IDs this plan gave out.
-    pub ids: Ids,
-}
-
-/// Which ID each Maglev table (a VIP port or a published port) and each backend has on
-/// this node. Allocated, not hashed: a hash collision would send one service's traffic to
-/// another's task. A plan keeps the IDs of the one before for what it still has, and gives
-/// new things IDs neither plan uses, so no ID changes meaning while the kernel may still
-/// hold its old entry (make-before-break).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Ids {
-    tables: HashMap<String, u32>,
-    backends: HashMap<(u32, Ipv4Addr, u16), u32>,
-    /// IDs the maps held when the agent started, before any plan: given out only once a
-    /// plan has replaced them.
-    held_tables: BTreeSet<u32>,
-    held_backends: BTreeSet<u32>,
-}
-
-impl Ids {
-    /// What the maps hold at start (an earlier run's entries, whatever they meant).
-    pub fn held(tables: BTreeSet<u32>, backends: BTreeSet<u32>) -> Ids {
-        Ids { held_tables: tables, held_backends: backends, ..Ids::default() }
-    }
-
-    /// Keeps `tables` and `backends` out too, until a plan has replaced them (what the maps
-    /// hold after a failed update).
-    pub fn hold(&mut self, tables: BTreeSet<u32>, backends: BTreeSet<u32>) {
-        self.held_tables.extend(tables);
-        self.held_backends.extend(backends);
-    }
-}
-
-/// Gives out IDs for one kind for one plan (see `Ids`).
-struct Allocator<'a, K> {
-    previous: &'a HashMap<K, u32>,
-    next: HashMap<K, u32>,
-    /// Every ID the previous plan or the kernel holds, and every one given out so far.
-    taken: BTreeSet<u32>,
-    cursor: u32,
-}
-
-impl<'a, K: Hash + Eq + Clone> Allocator<'a, K> {
-    fn new(previous: &'a HashMap<K, u32>, held: &BTreeSet<u32>) -> Self {
-        let taken = previous.values().chain(held).copied().collect();
-        Allocator { previous, next: HashMap::new(), taken, cursor: 0 }
-    }
-
-    /// `key`'s ID: the one it had, or the smallest free one (never 0).
-    fn id(&mut self, key: &K) -> Result<u32, NetError> {
-        if let Some(id) = self.next.get(key).or_else(|| self.previous.get(key)) {
-            let id = *id;
-            self.next.insert(key.clone(), id);
-            return Ok(id);
-        }
-        loop {
-            self.cursor = self.cursor.checked_add(1).ok_or(NetError::IdsExhausted)?;
-            if self.taken.insert(self.cursor) {
-                self.next.insert(key.clone(), self.cursor);
-                return Ok(self.cursor);
-            }
-        }
-    }
-}
-
-/// The allocators of one plan.
-struct Allocators<'a> {
-    tables: Allocator<'a, String>,
-    backends: Allocator<'a, (u32, Ipv4Addr, u16)>,
-}
-
-/// Plans the services of `spec` for the node at `node_addr` (which decides where host-mode
-/// ports are published).
-pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, previous: &Ids) -> Result<LbPlan, NetError> {
-    let mut plan = LbPlan::default();
-    let mut ids = Allocators {
-        tables: Allocator::new(&previous.tables, &previous.held_tables),
-        backends: Allocator::new(&previous.backends, &previous.held_backends),
-    };
-    for svc in &spec.services {
-        let Some(net) = spec.network(&svc.network) else { continue };
-        if !svc.dnsrr {
-            let vip = u32::from_ne_bytes(svc.vip.octets());
-            for port in &svc.ports {
-                let proto = proto_number(port.protocol);
-                let key = ServiceKey { vni: net.vni, vip, port: port.port.to_be(), proto, _pad: 0 };
-                let label = format!("{}:{}/{proto} of {}", svc.vip, port.port, svc.name);
-                let id = ids.tables.id(&format!("vip {} {}:{}/{proto}", net.vni, svc.vip, port.port))?;
-                let entry = plan.table(&mut ids, id, &svc.backends, port.target_port)?;
-                plan.services.insert(key, entry);
-                // The socket hooks' copy, keyed without the network (a socket has none yet).
-                let socket_key = ServiceKey { vni: SOCKET_VNI, ..key };
-                if plan.services.insert(socket_key, entry).is_some() {
-                    return Err(NetError::VipOnTwoNetworks(format!("{label}: the VIP is used on another network too")));
-                }
-            }
-        }
-        for port in &svc.published {
+/// The entries of `svc` on `net`: its VIP (answered like an endpoint), a Maglev table per
+/// VIP port and per published port, with their backends. `local_backends` are the backends
+/// running on this node (a host-mode port is published only where one runs, and only to
+/// those); `previous` are the service's entries now, whose IDs are kept.
+pub fn service_entries(
+    svc: &ServiceVip,
+    net: &OverlayNetwork,
+    local_backends: &[Ipv4Addr],
+    previous: Option<&Entries>,
+    ids: &mut Ids,
+) -> Result<Entries, NetError> {
+    let mut entries = Entries::default();
+    let mut tables = Tables { previous, ids };
+    if !svc.dnsrr {
+        // With no interface and no node, a VIP is only ever a destination the programs rewrite.
+        let vip = u32::from_ne_bytes(svc.vip.octets());
+        let mac = shoal_api::MacAddr::from_ipv4(svc.vip).0;
+        entries.endpoints.push((
+            EndpointKey { vni: net.vni, addr: vip },
+            EndpointEntry { ifindex: 0, node_addr: 0, mac, router_mac: [0; 6] },
+        ));
+        for port in &svc.ports {
             let proto = proto_number(port.protocol);
-            let (mode, backends) = match port.publish_mode {
-                PublishMode::Ingress => ("ingress", svc.backends.clone()),
-                PublishMode::Host => ("host", local_backends(spec, svc, node_addr)),
-            };
-            if backends.is_empty() && port.publish_mode == PublishMode::Host {
-                continue;
-            }
-            let id = ids.tables.id(&format!("published {mode} {}/{proto}", port.published_port))?;
-            let entry = plan.table(&mut ids, id, &backends, port.target_port)?;
-            let key = IngressKey { port: port.published_port.to_be(), proto, _pad: 0 };
-            plan.ingress.insert(key, IngressEntry { id: entry.id, backends: entry.backends, vni: net.vni });
+            let key = ServiceKey { vni: net.vni, vip, port: port.port.to_be(), proto, _pad: 0 };
+            let name = TableName(format!("vip {} {}:{}/{proto}", net.vni, svc.vip, port.port));
+            let entry = tables.add(&mut entries, name, &svc.backends, port.target_port)?;
+            entries.services.push((key, entry));
+            // The socket hooks' copy, keyed without the network (a socket has none yet).
+            entries.services.push((ServiceKey { vni: SOCKET_VNI, ..key }, entry));
         }
     }
-    plan.ids = Ids { tables: ids.tables.next, backends: ids.backends.next, ..Ids::default() };
-    Ok(plan)
+    for port in &svc.published {
+        let proto = proto_number(port.protocol);
+        let (mode, backends) = match port.publish_mode {
+            PublishMode::Ingress => ("ingress", &svc.backends[..]),
+            PublishMode::Host => ("host", local_backends),
+        };
+        if backends.is_empty() && port.publish_mode == PublishMode::Host {
+            continue;
+        }
+        let name = TableName(format!("published {mode} {}/{proto}", port.published_port));
+        let entry = tables.add(&mut entries, name, backends, port.target_port)?;
+        let key = IngressKey { port: port.published_port.to_be(), proto, _pad: 0 };
+        entries.ingress.push((key, IngressEntry { id: entry.id, backends: entry.backends, vni: net.vni }));
+    }
+    Ok(entries)
 }
 
-impl LbPlan {
-    /// The ports published on this node, whatever their protocol.
-    pub fn published_ports(&self) -> std::collections::BTreeSet<u16> {
-        self.ingress.keys().map(|key| u16::from_be(key.port)).collect()
-    }
+/// Gives one service's tables and backends their IDs: the ones they had, or new ones.
+struct Tables<'a> {
+    previous: Option<&'a Entries>,
+    ids: &'a mut Ids,
+}
 
-    /// Adds the backends `addrs` at `target_port` and their Maglev table under `id`.
-    fn table(
+impl Tables<'_> {
+    /// Adds the table `name` over `addrs` at `target_port` to `entries`.
+    fn add(
         &mut self,
-        allocators: &mut Allocators,
-        id: u32,
+        entries: &mut Entries,
+        name: TableName,
         addrs: &[Ipv4Addr],
         target_port: u16,
     ) -> Result<ServiceEntry, NetError> {
-        let mut ids = Vec::new();
+        let had = self.previous.and_then(|p| p.tables.iter().find(|(n, _, _)| *n == name)).map(|(_, id, _)| *id);
+        let id = match had {
+            Some(id) => id,
+            None => self.ids.table()?,
+        };
+        let mut members = Vec::new();
         for addr in addrs {
+            let key = (id, *addr, target_port);
+            let had = self.previous.and_then(|p| p.backends.iter().find(|(k, _, _)| *k == key)).map(|(_, id, _)| *id);
+            let backend_id = match had.or_else(|| entries.backends.iter().find(|(k, _, _)| *k == key).map(|b| b.1)) {
+                Some(backend_id) => backend_id,
+                None => self.ids.backend()?,
+            };
             let backend = Backend { addr: u32::from_ne_bytes(addr.octets()), port: target_port.to_be(), _pad: 0 };
-            let backend_id = allocators.backends.id(&(id, *addr, target_port))?;
-            self.backends.insert(backend_id, backend);
-            ids.push((format!("{addr}:{target_port}"), backend_id));
+            if !entries.backends.iter().any(|(k, _, _)| *k == key) {
+                entries.backends.push((key, backend_id, backend));
+                members.push((format!("{addr}:{target_port}"), backend_id));
+            }
         }
-        if !ids.is_empty() {
-            self.maglev.insert(id, maglev(&ids));
+        if !members.is_empty() {
+            entries.tables.push((name, id, Arc::new(maglev(&members))));
         }
-        Ok(ServiceEntry { id, backends: ids.len() as u32 })
+        Ok(ServiceEntry { id, backends: members.len() as u32 })
     }
 }
 
@@ -176,14 +115,6 @@ fn proto_number(protocol: Protocol) -> u8 {
         Protocol::Tcp => PROTO_TCP,
         Protocol::Udp => PROTO_UDP,
     }
-}
-
-/// The backends of `svc` whose endpoints run on the node at `node_addr`.
-fn local_backends(spec: &DataplaneSpec, svc: &ServiceVip, node_addr: Ipv4Addr) -> Vec<Ipv4Addr> {
-    let local = |addr: &Ipv4Addr| {
-        spec.endpoints.iter().any(|ep| ep.network == svc.network && ep.addr == *addr && ep.node_addr == node_addr)
-    };
-    svc.backends.iter().copied().filter(local).collect()
 }
 
 /// Maglev's table (Eisenbud et al., NSDI 2016, section 3.4): each backend walks its own
@@ -278,7 +209,13 @@ fn fnv64(bytes: &[u8], basis: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use shoal_api::dataplane::{DataplaneSpec, Desired, Rules};
+
     use super::*;
+    use crate::net::{
+        mirror::{Delta, Mirror, Owner},
+        overlay::{self, LinkInfo},
+    };
 
     fn backends(n: u32) -> Vec<(String, u32)> {
         (1..=n).map(|i| (format!("10.78.0.{i}:80"), i)).collect()
@@ -367,29 +304,41 @@ mod tests {
         }
     }
 
+    fn mirror(spec: &DataplaneSpec, node: &str, ids: Ids) -> Mirror {
+        let desired = Desired::from_spec(spec, Rules::default()).unwrap();
+        let links = [("veth".to_owned(), LinkInfo { index: 9, mac: [2, 0, 0, 0, 0, 9] })].into();
+        overlay::build(&desired, node.parse().unwrap(), &links, ids).unwrap()
+    }
+
     #[test]
     fn an_ingress_port_is_the_same_on_every_node() {
         let spec = published_spec(PublishMode::Ingress);
-        let nodes = ["10.77.0.11", "10.77.0.12", "10.77.0.13"]
-            .map(|n| plan(&spec, n.parse().unwrap(), &Ids::default()).unwrap());
+        let nodes = ["10.77.0.11", "10.77.0.12", "10.77.0.13"].map(|n| mirror(&spec, n, Ids::default()));
+        let lb = |m: &Mirror| {
+            let p = m.plan();
+            (p.services.clone(), p.ingress.clone(), p.backends.clone(), p.maglev.clone())
+        };
         for node in &nodes[1..] {
-            assert_eq!(node, &nodes[0], "same ports, backends and tables everywhere");
+            assert_eq!(lb(node), lb(&nodes[0]), "same ports, backends and tables everywhere");
         }
-        let (key, entry) = nodes[0].ingress.iter().next().unwrap();
+        let (key, entry) = nodes[0].plan().ingress.iter().next().unwrap();
         assert_eq!((u16::from_be(key.port), key.proto, entry.backends, entry.vni), (8080, PROTO_TCP, 2, 4097));
-        assert!(nodes[0].backends.values().all(|b| u16::from_be(b.port) == 80), "backends at the target port");
+        assert!(
+            nodes[0].plan().backends.iter().all(|(_, b)| u16::from_be(b.port) == 80),
+            "backends at the target port"
+        );
     }
 
     #[test]
     fn a_host_mode_port_is_only_on_nodes_with_a_backend_and_only_to_theirs() {
         let spec = published_spec(PublishMode::Host);
-        let with = plan(&spec, "10.77.0.11".parse().unwrap(), &Ids::default()).unwrap();
-        let entry = with.ingress.values().next().unwrap();
+        let with = mirror(&spec, "10.77.0.11", Ids::default());
+        let entry = with.plan().ingress.iter().next().unwrap().1;
         assert_eq!(entry.backends, 1);
-        let backend = with.backends.values().next().unwrap();
+        let backend = with.plan().backends.iter().next().unwrap().1;
         assert_eq!(backend.addr, u32::from_ne_bytes([10, 78, 0, 11]), "its own backend only");
-        let without = plan(&spec, "10.77.0.13".parse().unwrap(), &Ids::default()).unwrap();
-        assert!(without.ingress.is_empty(), "not published where no backend runs");
+        let without = mirror(&spec, "10.77.0.13", Ids::default());
+        assert!(without.plan().ingress.is_empty(), "not published where no backend runs");
     }
 
     #[test]
@@ -397,29 +346,34 @@ mod tests {
         let node: Ipv4Addr = "10.77.0.11".parse().unwrap();
         let mut spec = published_spec(PublishMode::Ingress);
         // Held at start: an earlier run's entries, whatever they meant.
-        let first = plan(&spec, node, &Ids::held([1].into(), [1, 2].into())).unwrap();
-        let table = first.ingress.values().next().unwrap().id;
+        let mut held = Ids::default();
+        held.hold([1], [1, 2]);
+        let mut mirror = mirror(&spec, "10.77.0.11", held);
+        let table = mirror.plan().ingress.iter().next().unwrap().1.id;
         assert_eq!(table, 2, "the table skips the held ID 1");
-        let mut backend_ids: Vec<u32> = first.backends.keys().copied().collect();
+        let mut backend_ids: Vec<u32> = mirror.plan().backends.keys().copied().collect();
         backend_ids.sort();
         assert_eq!(backend_ids, [3, 4], "backends skip the held IDs 1 and 2");
+        let id_of = |m: &Mirror, last: u8| {
+            m.plan().backends.iter().find(|(_, b)| b.addr == u32::from_ne_bytes([10, 78, 0, last])).map(|(id, _)| *id)
+        };
+        let (survivor, gone) = (id_of(&mirror, 11).unwrap(), id_of(&mirror, 12).unwrap());
 
-        // The same spec again: the same IDs, held ones free once replaced.
-        let again = plan(&spec, node, &first.ids).unwrap();
-        assert_eq!(again, first);
-
-        // One backend goes, another comes: the survivor keeps its ID, the newcomer gets one
-        // neither plan uses (the gone one's may still be in the kernel, its table too).
-        let gone = first.backends.iter().find(|(_, b)| b.addr == u32::from_ne_bytes([10, 78, 0, 12])).unwrap();
+        // One backend goes, another comes: the survivor keeps its ID, the newcomer gets a new
+        // one (the gone one's may still be in conntrack).
         spec.services[0].backends = vec!["10.78.0.11".parse().unwrap(), "10.78.0.13".parse().unwrap()];
-        let next = plan(&spec, node, &first.ids).unwrap();
-        assert_eq!(next.ingress.values().next().unwrap().id, table);
-        let survivor = first.backends.iter().find(|(_, b)| b.addr == u32::from_ne_bytes([10, 78, 0, 11])).unwrap();
-        assert_eq!(next.backends.get(survivor.0), Some(survivor.1));
-        assert!(!next.backends.contains_key(gone.0), "a gone backend's ID is not reused at once");
-        assert_eq!(next.backends.len(), 2);
-        let newcomer = next.backends.keys().find(|id| *id != survivor.0).unwrap();
-        assert_eq!(*newcomer, 1, "the smallest ID neither plan uses");
+        let desired = Desired::from_spec(&spec, Rules::default()).unwrap();
+        let owner = Owner::Service(("blue".into(), "web".into()));
+        let new = overlay::entries(&desired, &owner, node, &Default::default(), &mut mirror).unwrap();
+        let mut delta = Delta::default();
+        mirror.replace(owner, new, &mut delta);
+        mirror.finish(&mut delta);
+        assert_eq!(mirror.plan().ingress.iter().next().unwrap().1.id, table);
+        assert_eq!(id_of(&mirror, 11), Some(survivor));
+        let newcomer = id_of(&mirror, 13).unwrap();
+        assert!(newcomer != gone && newcomer > 4, "a fresh ID: {newcomer}");
+        assert_eq!(delta.backends.delete, [gone]);
+        assert_eq!(mirror.plan().backends.len(), 2);
     }
 
     #[test]

@@ -103,24 +103,38 @@ impl Links {
         for route in stale {
             self.handle.route().del(route).execute().await?;
         }
-        for r in routes {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(r.addr, 32)
-                .output_interface(r.ifindex)
-                .scope(RouteScope::Link)
-                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-                .build();
-            self.handle.route().add(route).replace().execute().await?;
-            self.handle
-                .neighbours()
-                .add(r.ifindex, IpAddr::V4(r.addr))
-                .link_layer_address(&r.mac)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await?;
+        for route in routes {
+            self.add_host_route(route).await?;
         }
         Ok(())
+    }
+
+    /// Routes replies to one local workload: a /32 over its veth and a permanent neighbour
+    /// entry with its MAC.
+    pub async fn add_host_route(&self, r: &HostRoute) -> Result<(), NetError> {
+        self.handle.route().add(host_route(r)).replace().execute().await?;
+        self.handle
+            .neighbours()
+            .add(r.ifindex, IpAddr::V4(r.addr))
+            .link_layer_address(&r.mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// Removes one workload's route (its neighbour entry goes with it, or with the veth).
+    /// Already gone is fine: a veth takes its routes with it.
+    pub async fn remove_host_route(&self, r: &HostRoute) -> Result<(), NetError> {
+        match self.handle.route().del(host_route(r)).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code().abs() == nix::libc::ESRCH || e.raw_code().abs() == nix::libc::ENODEV =>
+            {
+                Ok(())
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The interface that holds `addr` (the node's underlay address): its index and name.
@@ -199,4 +213,14 @@ fn is_external_vxlan(msg: &LinkMessage, port: u16) -> bool {
     });
     link_kind(msg) == Some(&InfoKind::Vxlan)
         && data.is_some_and(|d| d.contains(&InfoVxlan::CollectMetadata(true)) && d.contains(&InfoVxlan::Port(port)))
+}
+
+/// The route message of a workload's host route.
+fn host_route(r: &HostRoute) -> rtnetlink::packet_route::route::RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.addr, 32)
+        .output_interface(r.ifindex)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .build()
 }

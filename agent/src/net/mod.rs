@@ -1,25 +1,39 @@
 //! The node's network: keeps the kernel's overlay forwarding state equal to the desired state.
 //!
-//! `Dataplane` owns the loaded BPF programs and the node's VXLAN device, and applies a
-//! `DataplaneSpec` in three steps: validate it, plan the map contents (`overlay::plan`, pure),
-//! then write the difference into the maps and attach or detach the workload programs.
+//! `Dataplane` owns the loaded BPF programs and the node's VXLAN device, and takes the
+//! desired state as changes (`apply_batch`), one object at a time: the change is checked
+//! against the state (`Desired`), the entries of the objects it touches are planned
+//! (`overlay`, `lb`, pure), and only the difference they make is written (`mirror`, `bpf`),
+//! make-before-break, with no map read. A whole state (`replace`) is applied as the changes
+//! from the current one. What is applied is journaled (`journal`) before it is acknowledged.
 
 pub mod bpf;
 mod error;
 pub mod host;
+pub mod journal;
 pub mod lb;
 pub mod link;
+pub mod mirror;
 pub mod overlay;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use shoal_api::dataplane::{Counter, DataplaneSpec, Protocol, ReservedPort, DEFAULT_OVERLAY_MTU};
+use shoal_api::dataplane::{
+    Change, ChangeBatch, ChangeReport, ChangeResult, Counter, DataplaneSpec, Desired, Protocol, ReservedPort, Rules,
+    DEFAULT_OVERLAY_MTU,
+};
 use shoal_common::overlay::NodeConfig;
 use tracing::{error, info, instrument, warn};
 
 pub use error::NetError;
 
-use crate::net::{bpf::Datapath, link::Links, overlay::Plan};
+use crate::net::{
+    bpf::Datapath,
+    journal::{Journal, Saved, Snapshot},
+    link::Links,
+    mirror::{Delta, Entries, Mirror, Owner},
+    overlay::LocalLinks,
+};
 
 /// Name of the node's `vxlan external` device.
 pub const VXLAN_DEVICE: &str = "shoal_vxlan";
@@ -47,10 +61,15 @@ pub struct Dataplane {
     node: NodeConfig,
     links: Links,
     datapath: Datapath,
-    /// What the kernel holds now: the last state applied in full.
-    spec: DataplaneSpec,
-    plan: Plan,
-    /// What the DNS server answers, from the applied spec.
+    /// What the kernel holds now, as objects.
+    desired: Desired,
+    /// What the kernel holds now, as map entries by object.
+    mirror: Mirror,
+    /// The last batch applied (the source's numbering).
+    sequence: u64,
+    /// Where what is applied is saved; none until `restore`.
+    journal: Option<Journal>,
+    /// What the DNS server answers, from the applied state.
     names: std::sync::Arc<std::sync::RwLock<crate::dns::Names>>,
     reserved_local_ports: host::ReservedLocalPorts,
 }
@@ -72,17 +91,20 @@ impl Dataplane {
             data_path_port: config.vxlan_port.to_be(),
             _pad: 0,
         };
-        // Until the first plan replaces them, the maps' entries keep their IDs to themselves.
+        // Until a sync replaces them, the maps' entries keep their IDs to themselves.
         let (tables, backends) = datapath.lb_ids()?;
-        let mut plan = Plan::default();
-        plan.lb.ids = lb::Ids::held(tables, backends);
+        let mut mirror = Mirror::default();
+        mirror.ids.hold(tables, backends);
+        let rules = Rules::strict(reserved_ports(&config));
         let mut dataplane = Dataplane {
             config,
             node,
             links,
             datapath,
-            spec: DataplaneSpec::default(),
-            plan,
+            desired: Desired::new(rules),
+            mirror,
+            sequence: 0,
+            journal: None,
             names,
             reserved_local_ports: host::ReservedLocalPorts::default(),
         };
@@ -106,7 +128,7 @@ impl Dataplane {
             return Ok(());
         }
         let data_path = ReservedPort { port, protocol: Protocol::Udp, what: "the data path (VXLAN) port asked for" };
-        self.spec.check_reserved(&[data_path])?;
+        self.desired.to_spec().check_reserved(&[data_path])?;
         if let Err(e) = self.bring_up_overlay(port).await {
             // The old device may be gone already: the overlay goes back to the port it had
             // rather than staying without one.
@@ -116,6 +138,7 @@ impl Dataplane {
             return Err(e);
         }
         self.config.vxlan_port = port;
+        self.desired.set_rules(Rules::strict(reserved_ports(&self.config)));
         Ok(())
     }
 
@@ -130,72 +153,384 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes the kernel match `spec`, then calls `persist` with it; answers Ok only when
-    /// both succeeded. Input errors are found before anything changes. If the kernel
-    /// update or `persist` fails, the previous state is put back, so the kernel, `spec()`
-    /// and what `persist` saved never disagree.
-    #[instrument(skip_all, fields(networks = spec.networks.len(), endpoints = spec.endpoints.len()))]
-    pub async fn replace(
-        &mut self,
-        spec: DataplaneSpec,
-        persist: impl FnOnce(&DataplaneSpec) -> std::io::Result<()>,
-    ) -> Result<(), NetError> {
-        spec.validate()?;
-        let plan = self.plan(&spec).await?;
-        if let Err(e) = self.datapath.apply(&plan) {
-            self.restore();
+    /// Brings the kernel to the saved state (an earlier run's), adopting what the pinned maps
+    /// hold: they are read once and brought to the state, not emptied first, so traffic goes
+    /// on. An object that no longer applies (a workload's veth vanished while the agent was
+    /// down) is left out, said, and the rest restored. From here on, what is applied is saved
+    /// in `journal`.
+    pub async fn restore(&mut self, journal: Journal, saved: Option<Saved>) {
+        let empty = Desired::new(self.desired.rules().clone());
+        let (sequence, desired) = match saved {
+            Some(saved) => self.saved_state(saved),
+            None => (0, empty.clone()),
+        };
+        self.journal = Some(journal);
+        match self.resync(desired).await {
+            Ok(()) => {
+                self.sequence = sequence;
+                let snapshot = Snapshot { sequence, spec: self.desired.to_spec() };
+                if let Err(e) = self.save(&snapshot) {
+                    warn!(error = %e, "could not save the restored state");
+                }
+            }
+            Err(e) => {
+                // The saved files stay for whoever pushes the state again; sequence 0 asks
+                // the source for everything.
+                error!(error = %e, "could not bring the maps to the saved state; emptying them");
+                if let Err(e) = self.resync(empty).await {
+                    error!(error = %e, "could not clear the dataplane maps");
+                }
+            }
+        }
+        info!(sequence = self.sequence, objects = self.mirror.owners().count(), "dataplane restored");
+    }
+
+    /// The state saved: the snapshot, the batches after it, without published ports this
+    /// node now uses itself.
+    fn saved_state(&self, saved: Saved) -> (u64, Desired) {
+        // Checked when it came in; an older version accepted overlapping subnets.
+        let lenient = Rules::default();
+        let mut desired = match Desired::from_spec(&saved.snapshot.spec, lenient.clone()) {
+            Ok(desired) => desired,
+            Err(e) => {
+                warn!(error = %e, "ignoring a saved state that is no longer valid");
+                return (0, Desired::new(self.desired.rules().clone()));
+            }
+        };
+        let mut sequence = saved.snapshot.sequence;
+        for batch in saved.batches {
+            for change in &batch.changes {
+                if let Err(e) = desired.apply(change) {
+                    warn!(error = %e, ?change, "a journaled change no longer applies");
+                }
+            }
+            sequence = batch.sequence.unwrap_or(sequence);
+        }
+        let spec = self.restorable(desired.to_spec());
+        let mut desired = Desired::from_spec(&spec, lenient).unwrap_or_default();
+        desired.set_rules(self.desired.rules().clone());
+        (sequence, desired)
+    }
+
+    /// Applies a batch of changes in order, each on its own: a refused one changes nothing
+    /// and is reported, the others apply. Answers once the applied changes are in the
+    /// kernel and journaled on disk (or not at all: a failed save takes them back out).
+    #[instrument(skip_all, fields(changes = batch.changes.len()))]
+    pub async fn apply_batch(&mut self, batch: ChangeBatch) -> Result<ChangeReport, NetError> {
+        let sequence = batch.sequence.unwrap_or(self.sequence + 1);
+        if sequence <= self.sequence {
+            return Err(NetError::StaleSequence { given: sequence, applied: self.sequence });
+        }
+        if self.journal.as_ref().is_some_and(Journal::wants_snapshot) {
+            let snapshot = Snapshot { sequence: self.sequence, spec: self.desired.to_spec() };
+            self.save(&snapshot).map_err(NetError::Persist)?;
+        }
+        let mut results = Vec::with_capacity(batch.changes.len());
+        let mut applied = Vec::new();
+        let mut undo = Vec::new();
+        for change in batch.changes {
+            match self.apply_one(&change).await {
+                Ok(inverse) => {
+                    results.push(ChangeResult::APPLIED);
+                    if let Some(inverse) = inverse {
+                        undo.push(inverse);
+                        applied.push(change);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, ?change, "change refused");
+                    results.push(ChangeResult { status: e.status(), message: Some(e.to_string()) });
+                }
+            }
+        }
+        let record = ChangeBatch { sequence: Some(sequence), changes: applied };
+        if let Some(journal) = &mut self.journal {
+            if let Err(e) = journal.append(&record) {
+                self.undo(undo).await;
+                return Err(NetError::Persist(e));
+            }
+        }
+        self.sequence = sequence;
+        Ok(ChangeReport { sequence, results })
+    }
+
+    /// Makes the kernel match `spec`, applied as the changes from the current state, then
+    /// saves it with `sequence` (the current one when absent); answers Ok only when both
+    /// succeeded. Input errors are found before anything changes; if the kernel or the save
+    /// fails, the changes are taken back, so the kernel, `spec()` and the disk never disagree.
+    #[instrument(skip_all, fields(networks = spec.networks.len(), endpoints = spec.endpoints.len(), services = spec.services.len()))]
+    pub async fn replace(&mut self, spec: DataplaneSpec, sequence: Option<u64>) -> Result<(), NetError> {
+        let sequence = sequence.unwrap_or(self.sequence);
+        if sequence < self.sequence {
+            return Err(NetError::StaleSequence { given: sequence, applied: self.sequence });
+        }
+        let target = Desired::from_spec(&spec, self.desired.rules().clone())?;
+        let (going, coming) = self.desired.changes_to(&target);
+        let mut undo = Vec::new();
+        let mut result = self.apply_all(going, coming, &mut undo).await;
+        if result.is_ok() {
+            result = self.save(&Snapshot { sequence, spec }).map_err(NetError::Persist);
+        }
+        if let Err(e) = result {
+            self.undo(undo).await;
             return Err(e);
         }
-        if let Err(e) = self.apply_host(&plan).await {
-            self.restore();
-            return Err(e);
-        }
-        if let Err(e) = persist(&spec) {
-            self.restore();
-            return Err(NetError::Persist(e));
-        }
-        info!(interfaces = plan.interfaces.len(), "dataplane converged");
-        *self.names.write().unwrap_or_else(|p| p.into_inner()) = crate::dns::Names::from_spec(&spec);
-        self.spec = spec;
-        self.plan = plan;
+        // The same objects, in the order given.
+        self.desired = target;
+        self.sequence = sequence;
+        info!(objects = self.mirror.owners().count(), "dataplane converged");
         Ok(())
     }
 
-    /// Checks what new input must satisfy beyond `validate` (`DataplaneSpec::check_new`).
-    pub fn check_new(&self, spec: &DataplaneSpec) -> Result<(), NetError> {
-        Ok(spec.check_new(&self.reserved_ports())?)
+    /// Applies what goes, then what comes. What comes may only fit once other changes are in
+    /// (two services trading a published port): those wait for a later round; services still
+    /// in each other's way at the end are removed and set again.
+    async fn apply_all(
+        &mut self,
+        going: Vec<Change>,
+        coming: Vec<Change>,
+        undo: &mut Vec<Change>,
+    ) -> Result<(), NetError> {
+        for change in going {
+            undo.extend(self.apply_one(&change).await?);
+        }
+        let mut pending = coming;
+        let mut cleared = false;
+        while !pending.is_empty() {
+            let mut waiting = Vec::new();
+            let mut first_error = None;
+            let count = pending.len();
+            for change in pending {
+                match self.apply_one(&change).await {
+                    Ok(inverse) => undo.extend(inverse),
+                    Err(NetError::Spec(e)) => {
+                        first_error.get_or_insert(e);
+                        waiting.push(change);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if waiting.len() == count {
+                let error = first_error.map(NetError::Spec).unwrap_or(NetError::IdsExhausted);
+                if cleared {
+                    return Err(error);
+                }
+                for change in &waiting {
+                    if let Change::SetService(svc) = change {
+                        if self.desired.service(&svc.network, &svc.name).is_some() {
+                            let remove = Change::RemoveService { network: svc.network.clone(), name: svc.name.clone() };
+                            undo.extend(self.apply_one(&remove).await?);
+                        }
+                    }
+                }
+                cleared = true;
+            }
+            pending = waiting;
+        }
+        Ok(())
+    }
+
+    /// Takes applied changes back, last first, with their inverses.
+    async fn undo(&mut self, inverses: Vec<Change>) {
+        for inverse in inverses.into_iter().rev() {
+            if let Err(e) = self.apply_one(&inverse).await {
+                error!(error = %e, change = ?inverse, "could not take a change back");
+            }
+        }
+    }
+
+    /// Applies one change to the state and the kernel, all or nothing; returns its inverse
+    /// (`None`: nothing to do).
+    async fn apply_one(&mut self, change: &Change) -> Result<Option<Change>, NetError> {
+        let Some(inverse) = self.desired.apply(change)? else {
+            return Ok(None);
+        };
+        let owners = self.owners_of(change, &inverse);
+        if let Err(e) = self.program(&owners).await {
+            if let Err(again) = self.desired.apply(&inverse) {
+                error!(error = %again, "could not take a change back out of the state");
+            }
+            return Err(e);
+        }
+        Ok(Some(inverse))
+    }
+
+    /// The objects whose entries `change` (undone by `inverse`) may change: its own, and for
+    /// an endpoint on this node, the services it backs with host-mode ports.
+    fn owners_of(&self, change: &Change, inverse: &Change) -> Vec<Owner> {
+        let endpoint = match (change, inverse) {
+            (Change::AddEndpoint(ep), _) | (_, Change::AddEndpoint(ep)) => Some(ep),
+            _ => None,
+        };
+        if let Some(ep) = endpoint {
+            let mut owners = vec![Owner::Endpoint((ep.network.clone(), ep.addr))];
+            if ep.node_addr == self.config.node_addr {
+                let host_mode = |svc: &&shoal_api::dataplane::ServiceVip| {
+                    svc.network == ep.network
+                        && svc.published.iter().any(|p| p.publish_mode == shoal_api::dataplane::PublishMode::Host)
+                        && svc.backends.contains(&ep.addr)
+                };
+                owners.extend(
+                    self.desired
+                        .services()
+                        .filter(host_mode)
+                        .map(|s| Owner::Service((s.network.clone(), s.name.clone()))),
+                );
+            }
+            return owners;
+        }
+        vec![match change {
+            Change::AddNetwork(net) => Owner::Network(net.name.clone()),
+            Change::RemoveNetwork { name } => Owner::Network(name.clone()),
+            Change::SetService(svc) => Owner::Service((svc.network.clone(), svc.name.clone())),
+            Change::RemoveService { network, name }
+            | Change::SetBackends { network, service: name, .. }
+            | Change::Publish { network, service: name, .. }
+            | Change::Unpublish { network, service: name, .. } => Owner::Service((network.clone(), name.clone())),
+            Change::AddNode { addr } | Change::RemoveNode { addr } => Owner::Node(*addr),
+            Change::AddEndpoint(ep) => Owner::Endpoint((ep.network.clone(), ep.addr)),
+            Change::RemoveEndpoint { network, addr } => Owner::Endpoint((network.clone(), *addr)),
+        }]
+    }
+
+    /// Plans the entries of `owners` from the state and writes the difference: maps, then the
+    /// host. On failure what was written is put back, and the mirror with it.
+    async fn program(&mut self, owners: &[Owner]) -> Result<(), NetError> {
+        let links = self.local_links(&self.desired, owners).await?;
+        let mut delta = Delta::default();
+        let mut previous: Vec<(Owner, Option<Entries>)> = Vec::new();
+        let mut result = Ok(());
+        for owner in owners {
+            match overlay::entries(&self.desired, owner, self.config.node_addr, &links, &mut self.mirror) {
+                Ok(entries) => previous.push((owner.clone(), self.mirror.replace(owner.clone(), entries, &mut delta))),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let mut written = false;
+        if result.is_ok() {
+            self.mirror.finish(&mut delta);
+            written = true;
+            result = match self.datapath.write(&delta) {
+                Ok(()) => self.apply_host(&delta).await,
+                Err(e) => Err(e),
+            };
+        }
+        if let Err(e) = result {
+            let mut back = Delta::default();
+            for (owner, old) in previous.into_iter().rev() {
+                self.mirror.replace(owner, old, &mut back);
+            }
+            self.mirror.finish(&mut back);
+            if written {
+                if let Err(again) = self.datapath.write(&back) {
+                    error!(error = %again, "could not put the maps back after a failed change");
+                }
+                if let Err(again) = self.apply_host(&back).await {
+                    error!(error = %again, "could not put the host back after a failed change");
+                }
+            }
+            return Err(e);
+        }
+        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        for owner in owners {
+            match owner {
+                Owner::Network(name) => match self.desired.network(name) {
+                    Some(net) => names.set_network(net),
+                    None => names.remove_network(name),
+                },
+                Owner::Service((network, name)) => match self.desired.service(network, name) {
+                    Some(svc) => names.set_service(svc),
+                    None => names.remove_service(network, name),
+                },
+                Owner::Endpoint(_) | Owner::Node(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces of `owners`' endpoints on this node in `desired`, as the kernel has
+    /// them now.
+    async fn local_links(&self, desired: &Desired, owners: &[Owner]) -> Result<LocalLinks, NetError> {
+        let mut links = LocalLinks::new();
+        for owner in owners {
+            let Owner::Endpoint((network, addr)) = owner else { continue };
+            let Some(ep) = desired.endpoint(network, *addr) else { continue };
+            let Some(name) = ep.interface.as_deref().filter(|_| ep.node_addr == self.config.node_addr) else {
+                continue;
+            };
+            if let Some(link) = self.links.veth(name).await? {
+                links.insert(name.to_owned(), link);
+            }
+        }
+        Ok(links)
+    }
+
+    /// Rebuilds the mirror of `desired` whole and makes the maps and the host match it,
+    /// reading the maps once (at start). Objects whose entries cannot be made are left out.
+    async fn resync(&mut self, mut desired: Desired) -> Result<(), NetError> {
+        let owners = overlay::owners(&desired);
+        let links = self.local_links(&desired, &owners).await?;
+        let mut mirror = Mirror::with_ids(self.mirror.ids.clone());
+        let mut delta = Delta::default();
+        for owner in owners {
+            match overlay::entries(&desired, &owner, self.config.node_addr, &links, &mut mirror) {
+                Ok(entries) => {
+                    mirror.replace(owner, entries, &mut delta);
+                }
+                Err(e) => {
+                    warn!(object = ?owner, error = %e, "left out: it no longer applies on this node");
+                    if let Some(removal) = removal_of(&owner) {
+                        let _ = desired.apply(&removal);
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.datapath.sync(mirror.plan()) {
+            // The maps may hold IDs of either state now: none is given out again.
+            if let Ok((tables, backends)) = self.datapath.lb_ids() {
+                self.mirror.ids.hold(tables, backends);
+            }
+            return Err(e);
+        }
+        mirror.forget_held();
+        self.apply_host_whole(mirror.plan()).await?;
+        *self.names.write().unwrap_or_else(|p| p.into_inner()) = crate::dns::Names::from_spec(&desired.to_spec());
+        self.desired = desired;
+        self.mirror = mirror;
+        Ok(())
+    }
+
+    fn save(&mut self, snapshot: &Snapshot) -> std::io::Result<()> {
+        match &mut self.journal {
+            Some(journal) => journal.snapshot(snapshot),
+            None => Ok(()),
+        }
     }
 
     /// A saved state as it may be restored: without published ports this node uses itself
     /// (an older version accepted them, or a port setting changed since), each said.
     pub fn restorable(&self, spec: DataplaneSpec) -> DataplaneSpec {
-        let (spec, removed) = spec.without_reserved(&self.reserved_ports());
+        let (spec, removed) = spec.without_reserved(&reserved_ports(&self.config));
         for port in removed {
             warn!(port, "not restoring a published port this node uses itself");
         }
         spec
     }
 
-    /// The ports this node uses on its own address: never published.
-    fn reserved_ports(&self) -> Vec<ReservedPort> {
-        let mut reserved = vec![
-            ReservedPort { port: self.config.vxlan_port, protocol: Protocol::Udp, what: "the data path (VXLAN) port" },
-            ReservedPort { port: CLUSTER_PORT, protocol: Protocol::Tcp, what: "the swarm's cluster port" },
-        ];
-        if let Some(dns) = self.config.dns {
-            for protocol in [Protocol::Udp, Protocol::Tcp] {
-                reserved.push(ReservedPort { port: dns.port(), protocol, what: "the embedded DNS server's port" });
-            }
-        }
-        reserved
-    }
-
     pub fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<(), NetError> {
         self.datapath.attach_cgroup(cgroup)
     }
 
-    pub fn spec(&self) -> &DataplaneSpec {
-        &self.spec
+    pub fn spec(&self) -> DataplaneSpec {
+        self.desired.to_spec()
+    }
+
+    /// The last batch applied.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
     }
 
     pub fn counters(&self) -> Result<Vec<Counter>, NetError> {
@@ -215,39 +550,68 @@ impl Dataplane {
         self.datapath.release();
     }
 
-    async fn plan(&self, spec: &DataplaneSpec) -> Result<Plan, NetError> {
-        let mut local = overlay::LocalLinks::default();
-        for name in overlay::local_interfaces(spec, self.config.node_addr) {
-            let link = self.links.veth(name).await?.ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
-            local.insert(name.to_owned(), link);
-        }
-        overlay::plan(spec, self.config.node_addr, &local, &self.plan.lb.ids)
-    }
-
-    /// The host's side of the way out: forwarding, masquerade, routes back to workloads.
-    async fn apply_host(&mut self, plan: &Plan) -> Result<(), NetError> {
-        // Ingress replies need it too: the FIB lookup that sends them out refuses otherwise.
-        if !plan.masquerade.is_empty() || !plan.lb.ingress.is_empty() {
+    /// The host's side of one change: forwarding, the way out's NAT, the published ports'
+    /// reservation, routes to local workloads.
+    async fn apply_host(&mut self, delta: &Delta) -> Result<(), NetError> {
+        let plan = self.mirror.plan();
+        // Ingress replies need forwarding too: the FIB lookup that sends them out refuses
+        // otherwise.
+        if (delta.touches_nat() || !delta.ingress.is_empty())
+            && (!plan.masquerade.is_empty() || !plan.ingress.is_empty())
+        {
             host::enable_forwarding()?;
         }
-        host::sync_nat(&plan.masquerade, &plan.gateways, self.config.dns)?;
-        // Best effort: a node whose /proc/sys is read-only still serves its ports.
-        if let Err(e) = self.reserved_local_ports.sync(&plan.lb.published_ports()) {
-            warn!(error = %e, "could not keep the published ports out of the ephemeral range");
+        if delta.touches_nat() {
+            host::sync_nat(&plan.masquerade(), &plan.gateways(), self.config.dns)?;
         }
-        self.links.sync_host_routes(&plan.host_routes).await
-    }
-
-    /// Puts the last fully applied plan back after a failed update.
-    fn restore(&mut self) {
-        if let Err(e) = self.datapath.apply(&self.plan) {
-            error!(error = %e, "could not restore the previous dataplane state");
-            // The maps may hold IDs of the failed plan: none is given out until a plan has
-            // replaced them.
-            match self.datapath.lb_ids() {
-                Ok((tables, backends)) => self.plan.lb.ids.hold(tables, backends),
-                Err(e) => error!(error = %e, "could not read the IDs the maps hold"),
+        if !delta.ingress.is_empty() {
+            // Best effort: a node whose /proc/sys is read-only still serves its ports.
+            if let Err(e) = self.reserved_local_ports.sync(&plan.published_ports()) {
+                warn!(error = %e, "could not keep the published ports out of the ephemeral range");
             }
         }
+        for (route, ()) in &delta.host_routes.put {
+            self.links.add_host_route(route).await?;
+        }
+        for route in &delta.host_routes.delete {
+            self.links.remove_host_route(route).await?;
+        }
+        Ok(())
     }
+
+    /// The host's side of a whole plan (at start: whatever an earlier run left goes).
+    async fn apply_host_whole(&mut self, plan: &mirror::Plan) -> Result<(), NetError> {
+        if !plan.masquerade.is_empty() || !plan.ingress.is_empty() {
+            host::enable_forwarding()?;
+        }
+        host::sync_nat(&plan.masquerade(), &plan.gateways(), self.config.dns)?;
+        if let Err(e) = self.reserved_local_ports.sync(&plan.published_ports()) {
+            warn!(error = %e, "could not keep the published ports out of the ephemeral range");
+        }
+        self.links.sync_host_routes(&plan.host_routes()).await
+    }
+}
+
+/// The ports this node uses on its own address: never published.
+fn reserved_ports(config: &NetConfig) -> Vec<ReservedPort> {
+    let mut reserved = vec![
+        ReservedPort { port: config.vxlan_port, protocol: Protocol::Udp, what: "the data path (VXLAN) port" },
+        ReservedPort { port: CLUSTER_PORT, protocol: Protocol::Tcp, what: "the swarm's cluster port" },
+    ];
+    if let Some(dns) = config.dns {
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            reserved.push(ReservedPort { port: dns.port(), protocol, what: "the embedded DNS server's port" });
+        }
+    }
+    reserved
+}
+
+/// The change that removes `owner` from a state.
+fn removal_of(owner: &Owner) -> Option<Change> {
+    Some(match owner {
+        Owner::Network(name) => Change::RemoveNetwork { name: name.clone() },
+        Owner::Endpoint((network, addr)) => Change::RemoveEndpoint { network: network.clone(), addr: *addr },
+        Owner::Service((network, name)) => Change::RemoveService { network: network.clone(), name: name.clone() },
+        Owner::Node(addr) => Change::RemoveNode { addr: *addr },
+    })
 }

@@ -1,18 +1,15 @@
-//! Desired overlay state -> the exact contents of the forwarding maps. Pure: no kernel, so the
-//! whole translation is unit-tested.
+//! The desired state -> the exact map entries each of its objects puts in the kernel. Pure:
+//! no kernel, so the whole translation is unit-tested.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use shoal_api::dataplane::DataplaneSpec;
-use shoal_api::dataplane::OverlayNetwork;
-use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeEntry, GATEWAY_NODE, IFACE_OUTBOUND};
+use shoal_api::dataplane::{Desired, Endpoint, OverlayNetwork};
+use shoal_common::overlay::{EndpointEntry, EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND};
 
 use crate::net::{
     host::HostRoute,
-    lb::{self, Ids, LbPlan},
+    lb,
+    mirror::{Delta, Entries, Ids, Mirror, Owner},
     NetError,
 };
 
@@ -26,83 +23,115 @@ pub struct LinkInfo {
 /// Local interfaces by name, as resolved by `net::link`.
 pub type LocalLinks = BTreeMap<String, LinkInfo>;
 
-/// The full desired contents of the maps and the set of workload interfaces to attach to.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    pub endpoints: HashMap<EndpointKey, EndpointEntry>,
-    pub interfaces: HashMap<u32, InterfaceEntry>,
-    /// ifindex -> name of every interface that needs `from_workload`.
-    pub attach: BTreeMap<u32, String>,
-    pub lb: LbPlan,
-    /// Local workloads the host's stack routes replies to.
-    pub host_routes: Vec<HostRoute>,
-    /// Subnets of networks with a way out, masqueraded to the node's address.
-    pub masquerade: Vec<ipnet::Ipv4Net>,
-    /// Gateway addresses: DNS queries to them go to this node's DNS server.
-    pub gateways: Vec<std::net::Ipv4Addr>,
-    /// The cluster's nodes (host byte order), whose VXLAN `from_overlay` takes.
-    pub nodes: HashMap<u32, NodeEntry>,
+/// The entries `owner` puts in the kernel on the node at `node_addr` (none: it is not
+/// declared). `links` must hold the interface of a local endpoint; `mirror` gives the
+/// owner's current entries, whose IDs are kept, and new IDs.
+pub fn entries(
+    desired: &Desired,
+    owner: &Owner,
+    node_addr: Ipv4Addr,
+    links: &LocalLinks,
+    mirror: &mut Mirror,
+) -> Result<Option<Entries>, NetError> {
+    Ok(match owner {
+        Owner::Network(name) => desired.network(name).map(network_entries),
+        Owner::Endpoint((network, addr)) => {
+            let (Some(ep), Some(net)) = (desired.endpoint(network, *addr), desired.network(network)) else {
+                return Ok(None);
+            };
+            let new = endpoint_entries(ep, net, node_addr, links)?;
+            let ours = mirror.entries(owner).map_or(&[][..], |e| &e.attach[..]);
+            if let Some((_, name)) =
+                new.attach.iter().find(|a| mirror.plan().attach.contains_key(&a.0) && !ours.contains(a))
+            {
+                return Err(NetError::InterfaceShared(name.clone()));
+            }
+            Some(new)
+        }
+        Owner::Service((network, name)) => {
+            let (Some(svc), Some(net)) = (desired.service(network, name), desired.network(network)) else {
+                return Ok(None);
+            };
+            let local =
+                |addr: &&Ipv4Addr| desired.endpoint(network, **addr).is_some_and(|ep| ep.node_addr == node_addr);
+            let local: Vec<Ipv4Addr> = svc.backends.iter().filter(local).copied().collect();
+            let previous = mirror.entries(owner).cloned();
+            Some(lb::service_entries(svc, net, &local, previous.as_ref(), &mut mirror.ids)?)
+        }
+        // Never this node itself: VXLAN from its own address is a local process's, not a node's.
+        Owner::Node(addr) => desired.nodes().any(|n| n == addr).then(|| Entries {
+            nodes: [*addr].into_iter().filter(|a| *a != node_addr).map(u32::from).collect(),
+            ..Entries::default()
+        }),
+    })
+}
+
+/// Every owner of `desired`, in the order their entries go in.
+pub fn owners(desired: &Desired) -> Vec<Owner> {
+    desired
+        .networks()
+        .map(|n| Owner::Network(n.name.clone()))
+        .chain(desired.endpoints().map(|e| Owner::Endpoint((e.network.clone(), e.addr))))
+        .chain(desired.services().map(|s| Owner::Service((s.network.clone(), s.name.clone()))))
+        .chain(desired.nodes().map(|n| Owner::Node(*n)))
+        .collect()
 }
 
 /// Names of the interfaces of endpoints that run on this node.
-pub fn local_interfaces(spec: &DataplaneSpec, node_addr: Ipv4Addr) -> impl Iterator<Item = &str> {
-    spec.endpoints.iter().filter(move |ep| ep.node_addr == node_addr).filter_map(|ep| ep.interface.as_deref())
+pub fn local_interfaces(desired: &Desired, node_addr: Ipv4Addr) -> impl Iterator<Item = &str> {
+    desired.endpoints().filter(move |ep| ep.node_addr == node_addr).filter_map(|ep| ep.interface.as_deref())
 }
 
-/// Plans the maps for a validated `spec` on the node at `node_addr`, keeping the table and
-/// backend IDs of `previous` (the plan the kernel holds now).
-pub fn plan(spec: &DataplaneSpec, node_addr: Ipv4Addr, links: &LocalLinks, previous: &Ids) -> Result<Plan, NetError> {
-    let mut plan = Plan::default();
-    for ep in &spec.endpoints {
-        // Validation guarantees the network exists; a missing one would be a caller bug.
-        let Some(net) = spec.network(&ep.network) else {
-            continue;
-        };
-        let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(ep.addr.octets()) };
-        let entry = if ep.node_addr == node_addr {
-            let name = ep.interface.as_deref().ok_or(NetError::MissingInterface(ep.addr))?;
-            let link = links.get(name).ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
-            if plan.attach.insert(link.index, name.to_owned()).is_some() {
-                return Err(NetError::InterfaceShared(name.to_owned()));
-            }
-            plan.interfaces.insert(link.index, interface_entry(net, key.addr, link.mac));
-            if !net.internal {
-                plan.host_routes.push(HostRoute { addr: ep.addr, ifindex: link.index, mac: ep.mac.0 });
-            }
-            EndpointEntry { ifindex: link.index, node_addr: u32::from(node_addr), mac: ep.mac.0, router_mac: link.mac }
-        } else {
-            EndpointEntry { ifindex: 0, node_addr: u32::from(ep.node_addr), mac: ep.mac.0, router_mac: [0; 6] }
-        };
-        plan.endpoints.insert(key, entry);
-    }
-    // A gateway answers ARP like an endpoint; packets to it go to this node's stack.
-    for net in &spec.networks {
-        let Some(gateway) = net.gateway() else { continue };
+/// A network's gateway answers ARP like an endpoint; packets to it go to this node's stack.
+fn network_entries(net: &OverlayNetwork) -> Entries {
+    let mut entries = Entries::default();
+    if let Some(gateway) = net.gateway() {
         let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(gateway.octets()) };
         let mac = shoal_api::MacAddr::from_ipv4(gateway).0;
-        plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: GATEWAY_NODE, mac, router_mac: [0; 6] });
+        entries.endpoints.push((key, EndpointEntry { ifindex: 0, node_addr: GATEWAY_NODE, mac, router_mac: [0; 6] }));
+        entries.gateways.push(gateway);
+        entries.masquerade.push(net.subnet);
     }
-    // A VIP answers ARP like an endpoint; with no interface and no node it is only ever a
-    // destination the programs rewrite.
-    for svc in spec.services.iter().filter(|s| !s.dnsrr) {
-        let Some(net) = spec.network(&svc.network) else { continue };
-        let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(svc.vip.octets()) };
-        let mac = shoal_api::MacAddr::from_ipv4(svc.vip).0;
-        plan.endpoints.insert(key, EndpointEntry { ifindex: 0, node_addr: 0, mac, router_mac: [0; 6] });
+    entries
+}
+
+/// An endpoint on this node is reached through its veth (and the host routes replies to it);
+/// one elsewhere through its node, whose VXLAN is then taken.
+fn endpoint_entries(
+    ep: &Endpoint,
+    net: &OverlayNetwork,
+    node_addr: Ipv4Addr,
+    links: &LocalLinks,
+) -> Result<Entries, NetError> {
+    let mut entries = Entries::default();
+    let key = EndpointKey { vni: net.vni, addr: u32::from_ne_bytes(ep.addr.octets()) };
+    let entry = if ep.node_addr == node_addr {
+        let name = ep.interface.as_deref().ok_or(NetError::MissingInterface(ep.addr))?;
+        let link = links.get(name).ok_or_else(|| NetError::InterfaceNotFound(name.to_owned()))?;
+        entries.attach.push((link.index, name.to_owned()));
+        entries.interfaces.push((link.index, interface_entry(net, key.addr, link.mac)));
+        if !net.internal {
+            entries.host_routes.push(HostRoute { addr: ep.addr, ifindex: link.index, mac: ep.mac.0 });
+        }
+        EndpointEntry { ifindex: link.index, node_addr: u32::from(node_addr), mac: ep.mac.0, router_mac: link.mac }
+    } else {
+        entries.nodes.push(u32::from(ep.node_addr));
+        EndpointEntry { ifindex: 0, node_addr: u32::from(ep.node_addr), mac: ep.mac.0, router_mac: [0; 6] }
+    };
+    entries.endpoints.push((key, entry));
+    Ok(entries)
+}
+
+/// The mirror of every object of `desired` at once (tests, and checks of the incremental
+/// path against it).
+pub fn build(desired: &Desired, node_addr: Ipv4Addr, links: &LocalLinks, ids: Ids) -> Result<Mirror, NetError> {
+    let mut mirror = Mirror::with_ids(ids);
+    let mut delta = Delta::default();
+    for owner in owners(desired) {
+        let new = entries(desired, &owner, node_addr, links, &mut mirror)?;
+        mirror.replace(owner, new, &mut delta);
     }
-    // Never this node itself: VXLAN from its own address is a local process's, not a node's.
-    plan.nodes = spec
-        .nodes
-        .iter()
-        .chain(spec.endpoints.iter().map(|ep| &ep.node_addr))
-        .filter(|addr| **addr != node_addr)
-        .map(|addr| (u32::from(*addr), NodeEntry::default()))
-        .collect();
-    plan.lb = lb::plan(spec, node_addr, previous)?;
-    plan.masquerade = spec.networks.iter().filter(|n| !n.internal).map(|n| n.subnet).collect();
-    plan.gateways = spec.networks.iter().filter_map(|n| n.gateway()).collect();
-    plan.host_routes.sort();
-    Ok(plan)
+    Ok(mirror)
 }
 
 /// What `from_workload` needs to know about a workload's interface on `net`.
@@ -122,11 +151,17 @@ fn interface_entry(net: &OverlayNetwork, addr: u32, mac: [u8; 6]) -> InterfaceEn
 #[cfg(test)]
 mod tests {
     use shoal_api::{
-        dataplane::{Endpoint, OverlayNetwork},
+        dataplane::{DataplaneSpec, Endpoint, OverlayNetwork, Rules},
         MacAddr,
     };
 
     use super::*;
+    use crate::net::mirror::Plan;
+
+    fn plan(spec: &DataplaneSpec, node: Ipv4Addr, links: &LocalLinks) -> Result<Plan, NetError> {
+        let desired = Desired::from_spec(spec, Rules::default()).unwrap();
+        build(&desired, node, links, Ids::default()).map(|mirror| mirror.plan().clone())
+    }
 
     const HERE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
     const THERE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 12);
@@ -160,9 +195,9 @@ mod tests {
     fn local_endpoint_gets_its_veth_and_remote_one_its_node() {
         let spec = spec(vec![
             endpoint([10, 78, 0, 2], HERE, Some("shw-a")),
-            endpoint([10, 78, 0, 3], THERE, Some("ignored-elsewhere")),
+            endpoint([10, 78, 0, 3], THERE, Some("elsewhere")),
         ]);
-        let plan = plan(&spec, HERE, &links(), &Ids::default()).unwrap();
+        let plan = plan(&spec, HERE, &links()).unwrap();
 
         let local = plan.endpoints[&EndpointKey { vni: 4097, addr: u32::from_ne_bytes([10, 78, 0, 2]) }];
         assert_eq!(local.ifindex, 7);
@@ -176,7 +211,8 @@ mod tests {
         assert_eq!(plan.interfaces[&7].vni, 4097);
         assert_eq!(plan.interfaces[&7].addr, u32::from_ne_bytes([10, 78, 0, 2]), "packet byte order");
         assert_eq!(plan.attach, [(7, "shw-a".to_owned())].into_iter().collect());
-        assert_eq!(local_interfaces(&spec, HERE).collect::<Vec<_>>(), ["shw-a"]);
+        let desired = Desired::from_spec(&spec, Rules::default()).unwrap();
+        assert_eq!(local_interfaces(&desired, HERE).collect::<Vec<_>>(), ["shw-a"]);
     }
 
     #[test]
@@ -184,10 +220,10 @@ mod tests {
         let ingress_only = Ipv4Addr::new(10, 77, 0, 13);
         let mut spec = spec(vec![
             endpoint([10, 78, 0, 2], HERE, Some("shw-a")),
-            endpoint([10, 78, 0, 3], THERE, Some("ignored-elsewhere")),
+            endpoint([10, 78, 0, 3], THERE, Some("elsewhere")),
         ]);
         spec.nodes = vec![HERE, ingress_only];
-        let plan = plan(&spec, HERE, &links(), &Ids::default()).unwrap();
+        let plan = plan(&spec, HERE, &links()).unwrap();
         let mut nodes: Vec<u32> = plan.nodes.keys().copied().collect();
         nodes.sort();
         assert_eq!(nodes, [u32::from(THERE), u32::from(ingress_only)], "never this node itself");
@@ -196,13 +232,13 @@ mod tests {
     #[test]
     fn local_endpoint_needs_an_existing_unshared_interface() {
         let missing = spec(vec![endpoint([10, 78, 0, 2], HERE, None)]);
-        assert!(matches!(plan(&missing, HERE, &links(), &Ids::default()), Err(NetError::MissingInterface(_))));
+        assert!(matches!(plan(&missing, HERE, &links()), Err(NetError::MissingInterface(_))));
 
         let unknown = spec(vec![endpoint([10, 78, 0, 2], HERE, Some("shw-b"))]);
-        assert!(matches!(plan(&unknown, HERE, &links(), &Ids::default()), Err(NetError::InterfaceNotFound(_))));
+        assert!(matches!(plan(&unknown, HERE, &links()), Err(NetError::InterfaceNotFound(_))));
 
         let shared =
             spec(vec![endpoint([10, 78, 0, 2], HERE, Some("shw-a")), endpoint([10, 78, 0, 4], HERE, Some("shw-a"))]);
-        assert!(matches!(plan(&shared, HERE, &links(), &Ids::default()), Err(NetError::InterfaceShared(_))));
+        assert!(matches!(plan(&shared, HERE, &links()), Err(NetError::InterfaceShared(_))));
     }
 }

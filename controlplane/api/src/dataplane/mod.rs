@@ -3,12 +3,18 @@
 //! The control plane computes one of these per node; until it exists the lab and tests send it
 //! to the agent's `PUT /shoal/v1/dataplane`. The agent turns it into BPF map entries.
 
-use std::{collections::HashSet, net::Ipv4Addr};
+mod change;
+mod desired;
+
+use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::MacAddr;
+
+pub use change::{Change, ChangeBatch, ChangeReport, ChangeResult, Sequence};
+pub use desired::{Desired, EndpointId, Rules, ServiceId};
 
 /// Largest VXLAN network identifier (24 bits).
 pub const VNI_MAX: u32 = (1 << 24) - 1;
@@ -177,119 +183,42 @@ pub enum SpecError {
     OverlappingSubnets { first: String, first_subnet: Ipv4Net, second: String, second_subnet: Ipv4Net },
     #[error("node address {0} is not a node's unicast address")]
     BadNodeAddr(Ipv4Addr),
+    #[error("service {service:?} is declared twice on network {network:?}")]
+    DuplicateService { service: String, network: String },
+    #[error("service {service:?}: {vip}:{port}/{protocol:?} is service {other:?}'s on another network: a socket's connect() could not tell them apart")]
+    VipOnTwoNetworks { service: String, other: String, vip: Ipv4Addr, port: u16, protocol: Protocol },
+    #[error("network {network:?} is in use by {users} endpoint(s) or service(s)")]
+    NetworkInUse { network: String, users: usize },
+    #[error("{0} is not declared")]
+    NotDeclared(String),
+}
+
+impl SpecError {
+    /// The status Docker would answer a change with: 404 when it names what is not declared,
+    /// 409 when it conflicts with what is, 400 when it is wrong in itself.
+    pub fn status(&self) -> u16 {
+        match self {
+            SpecError::NotDeclared(_) | SpecError::UnknownNetwork { .. } | SpecError::ServiceNetwork { .. } => 404,
+            SpecError::DuplicateNetwork(_)
+            | SpecError::DuplicateVni { .. }
+            | SpecError::DuplicateEndpoint { .. }
+            | SpecError::DuplicateService { .. }
+            | SpecError::DuplicateServicePort { .. }
+            | SpecError::DuplicatePublishedPort { .. }
+            | SpecError::VipIsEndpoint { .. }
+            | SpecError::VipOnTwoNetworks { .. }
+            | SpecError::NetworkInUse { .. }
+            | SpecError::OverlappingSubnets { .. } => 409,
+            _ => 400,
+        }
+    }
 }
 
 impl DataplaneSpec {
-    /// Checks everything that can be checked without the node's kernel.
+    /// Checks everything that can be checked without the node's kernel (the rules are
+    /// `Desired`'s, met object by object).
     pub fn validate(&self) -> Result<(), SpecError> {
-        let mut names = HashSet::new();
-        let mut vnis = HashSet::new();
-        for net in &self.networks {
-            if net.name.is_empty() {
-                return Err(SpecError::EmptyNetworkName);
-            }
-            if !names.insert(net.name.as_str()) {
-                return Err(SpecError::DuplicateNetwork(net.name.clone()));
-            }
-            if net.vni == 0 || net.vni > VNI_MAX {
-                return Err(SpecError::VniOutOfRange { name: net.name.clone(), vni: net.vni });
-            }
-            if !vnis.insert(net.vni) {
-                return Err(SpecError::DuplicateVni { name: net.name.clone(), vni: net.vni });
-            }
-            if let Some(mtu) = net.mtu.filter(|m| !(576..=9000).contains(m)) {
-                return Err(SpecError::MtuOutOfRange { name: net.name.clone(), mtu });
-            }
-        }
-        let mut addrs = HashSet::new();
-        for ep in &self.endpoints {
-            let net = self
-                .network(&ep.network)
-                .ok_or_else(|| SpecError::UnknownNetwork { network: ep.network.clone(), addr: ep.addr })?;
-            if !is_host_addr(net.subnet, ep.addr) {
-                return Err(SpecError::AddrOutsideSubnet {
-                    network: net.name.clone(),
-                    addr: ep.addr,
-                    subnet: net.subnet,
-                });
-            }
-            if !addrs.insert((ep.network.as_str(), ep.addr)) {
-                return Err(SpecError::DuplicateEndpoint { network: ep.network.clone(), addr: ep.addr });
-            }
-            if let Some(name) = &ep.interface {
-                if !is_valid_ifname(name) {
-                    return Err(SpecError::InvalidInterfaceName { addr: ep.addr, name: name.clone() });
-                }
-            }
-        }
-        for addr in self.nodes.iter().chain(self.endpoints.iter().map(|ep| &ep.node_addr)) {
-            if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
-                return Err(SpecError::BadNodeAddr(*addr));
-            }
-        }
-        self.validate_services(&addrs)?;
-        for net in &self.networks {
-            let Some(gateway) = net.gateway() else { continue };
-            let taken = addrs.contains(&(net.name.as_str(), gateway))
-                || self.services.iter().any(|s| s.network == net.name && s.vip == gateway);
-            if taken || !is_host_addr(net.subnet, gateway) {
-                return Err(SpecError::BadGateway { network: net.name.clone(), gateway, subnet: net.subnet });
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_services(&self, endpoints: &HashSet<(&str, Ipv4Addr)>) -> Result<(), SpecError> {
-        let mut ports = HashSet::new();
-        let mut published = HashSet::new();
-        for svc in &self.services {
-            let net = self
-                .network(&svc.network)
-                .ok_or_else(|| SpecError::ServiceNetwork { service: svc.name.clone(), network: svc.network.clone() })?;
-            for addr in std::iter::once(&svc.vip).chain(&svc.backends) {
-                if !is_host_addr(net.subnet, *addr) {
-                    return Err(SpecError::ServiceAddrOutsideSubnet {
-                        service: svc.name.clone(),
-                        network: net.name.clone(),
-                        addr: *addr,
-                    });
-                }
-            }
-            if endpoints.contains(&(svc.network.as_str(), svc.vip)) {
-                return Err(SpecError::VipIsEndpoint { service: svc.name.clone(), vip: svc.vip });
-            }
-            for p in &svc.ports {
-                if p.port == 0 || p.target_port == 0 {
-                    return Err(SpecError::ZeroPort { service: svc.name.clone() });
-                }
-                if !ports.insert((svc.network.as_str(), svc.vip, p.port, p.protocol)) {
-                    return Err(SpecError::DuplicateServicePort {
-                        service: svc.name.clone(),
-                        vip: svc.vip,
-                        port: p.port,
-                        protocol: p.protocol,
-                    });
-                }
-            }
-            for p in &svc.published {
-                if p.published_port == 0 || p.target_port == 0 {
-                    return Err(SpecError::ZeroPort { service: svc.name.clone() });
-                }
-                if svc.dnsrr && p.publish_mode == PublishMode::Ingress {
-                    return Err(SpecError::IngressWithDnsrr { service: svc.name.clone() });
-                }
-                // One node address, one listener per port: host-mode ports too, since two
-                // services' backends may share a node.
-                if !published.insert((p.published_port, p.protocol)) {
-                    return Err(SpecError::DuplicatePublishedPort {
-                        service: svc.name.clone(),
-                        port: p.published_port,
-                        protocol: p.protocol,
-                    });
-                }
-            }
-        }
-        Ok(())
+        Desired::from_spec(self, Rules::default()).map(|_| ())
     }
 
     pub fn network(&self, name: &str) -> Option<&OverlayNetwork> {
@@ -298,24 +227,10 @@ impl DataplaneSpec {
 
     /// What new input must also satisfy, beyond `validate` (a state saved by an older
     /// version is restored without it, minus its reserved ports; see `without_reserved`):
-    /// no overlapping subnets, as Docker refuses them ("Pool overlaps with other one on
-    /// this address space") — connection tracking, the way out and DNS tell networks apart
-    /// by address — and no published port the node itself uses on its address
-    /// (`reserved`): the mesh would take the node's own traffic.
+    /// `Rules::strict`, no overlapping subnets and no published port the node itself uses
+    /// on its address (`reserved`): the mesh would take the node's own traffic.
     pub fn check_new(&self, reserved: &[ReservedPort]) -> Result<(), SpecError> {
-        for (i, a) in self.networks.iter().enumerate() {
-            let overlaps =
-                |b: &&OverlayNetwork| a.subnet.contains(&b.subnet.network()) || b.subnet.contains(&a.subnet.network());
-            if let Some(b) = self.networks[i + 1..].iter().find(overlaps) {
-                return Err(SpecError::OverlappingSubnets {
-                    first: a.name.clone(),
-                    first_subnet: a.subnet,
-                    second: b.name.clone(),
-                    second_subnet: b.subnet,
-                });
-            }
-        }
-        self.check_reserved(reserved)
+        Desired::from_spec(self, Rules::strict(reserved.to_vec())).map(|_| ())
     }
 
     /// Refuses a published port in `reserved`.
