@@ -5,6 +5,7 @@
 
 mod api_input;
 mod api_tls;
+mod changes;
 mod dns;
 mod ingress;
 mod outbound;

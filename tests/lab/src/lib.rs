@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use shoal_api::dataplane::{Counter, DataplaneSpec, OverlayNetwork};
+use shoal_api::dataplane::{ChangeBatch, ChangeReport, Counter, DataplaneSpec, OverlayNetwork};
 
 pub use api::{ApiClient, Response};
 pub use cgroups::command as cgroup_command;
@@ -313,6 +313,21 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// Sends `batch` to every host's shoald (the lab stands in for the control plane);
+    /// returns each host's report, failing unless each one took the batch (the report says
+    /// what became of each change).
+    pub fn apply_changes(&self, batch: &ChangeBatch) -> Result<Vec<ChangeReport>> {
+        let mut reports = Vec::new();
+        for host in &self.hosts {
+            let response = host.api().post_json("/shoal/v1/dataplane/changes", batch)?;
+            if response.status != 200 {
+                bail!("{}: changes refused ({}): {}", host.name, response.status, response.text());
+            }
+            reports.push(response.json()?);
+        }
+        Ok(reports)
     }
 
     fn save(&self) -> Result<()> {

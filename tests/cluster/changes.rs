@@ -1,0 +1,134 @@
+//! The data plane taken one change at a time (`POST /shoal/v1/dataplane/changes`): each
+//! change applies on its own, a bad one is refused alone with Docker's status, batches are
+//! numbered, and what was acknowledged survives a SIGKILL of shoald with the flows open.
+
+use std::collections::BTreeSet;
+
+use shoal_api::dataplane::{Change, ChangeBatch, ChangeReport, DataplaneSpec, OverlayNetwork, Protocol, Sequence};
+use shoal_lab::{tcp_exchange, Conversation, Lab, TextServer};
+use shoal_tests::{addr, blue_service, plain_lab, workload};
+
+const VIP: &str = "10.78.0.100";
+
+/// Which backend answered `rounds` new connections to the VIP from `netns`; an empty or
+/// garbled reply fails.
+fn answers(netns: &str, rounds: usize) -> Vec<String> {
+    (0..rounds)
+        .map(|i| {
+            let reply = tcp_exchange(netns, addr(VIP), 80, &format!("n{i}")).unwrap();
+            let (who, echoed) = reply.split_once(' ').unwrap_or_else(|| panic!("reply {reply:?}"));
+            assert_eq!(echoed, format!("n{i}"));
+            who.to_owned()
+        })
+        .collect()
+}
+
+fn statuses(reports: &[ChangeReport]) -> Vec<Vec<u16>> {
+    reports.iter().map(|r| r.results.iter().map(|c| c.status).collect()).collect()
+}
+
+fn sequence(lab: &Lab, host: &str) -> u64 {
+    lab.host(host).unwrap().api().get("/shoal/v1/dataplane/sequence").unwrap().json::<Sequence>().unwrap().sequence
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
+    let lab = plain_lab("e2echg", 1, 1);
+    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
+    let webs = [
+        workload(&lab, "mgr1", "web1", "10.78.0.11"),
+        workload(&lab, "wrk1", "web2", "10.78.0.12"),
+        workload(&lab, "wrk1", "web3", "10.78.0.13"),
+    ];
+    let _servers: Vec<TextServer> = webs
+        .iter()
+        .enumerate()
+        .map(|(i, w)| TextServer::start(&w.netns, 7000, &format!("web{}", i + 1)).unwrap())
+        .collect();
+    let service = |members: &[&str]| blue_service("web", VIP, Protocol::Tcp, 80, 7000, members);
+    let nodes = lab.hosts.iter().map(|h| Change::AddNode { addr: h.addr });
+
+    // One backend, built from nothing by changes (no sequence given: the next one).
+    let mut first = vec![
+        Change::AddNetwork(OverlayNetwork::new("blue", 4097, "10.78.0.0/24".parse().unwrap())),
+        Change::AddEndpoint(client.endpoint("blue")),
+        Change::AddEndpoint(webs[0].endpoint("blue")),
+        Change::SetService(service(&["10.78.0.11"])),
+    ];
+    first.extend(nodes);
+    let reports = lab.apply_changes(&ChangeBatch { sequence: None, changes: first }).unwrap();
+    assert!(reports.iter().all(|r| r.sequence == 1 && r.results.iter().all(|c| c.is_applied())), "{reports:?}");
+    assert_eq!(answers(&client.netns, 5), ["web1"; 5]);
+
+    // Two backends more, with bad changes among them: each bad one is refused alone, with
+    // the status Docker gives, and the rest applies.
+    let mut stranger = webs[1].endpoint("blue");
+    stranger.network = "red".into();
+    let mut at_the_vip = webs[2].endpoint("blue");
+    at_the_vip.addr = addr(VIP);
+    let second = ChangeBatch {
+        sequence: Some(10),
+        changes: vec![
+            Change::AddEndpoint(webs[1].endpoint("blue")),
+            Change::AddEndpoint(stranger),
+            Change::AddEndpoint(webs[2].endpoint("blue")),
+            Change::AddEndpoint(at_the_vip),
+            Change::SetBackends { network: "blue".into(), service: "api".into(), backends: vec![] },
+            Change::SetBackends {
+                network: "blue".into(),
+                service: "web".into(),
+                backends: ["10.78.0.11", "10.78.0.12", "10.78.0.13"].map(addr).to_vec(),
+            },
+            Change::RemoveNetwork { name: "blue".into() },
+        ],
+    };
+    let reports = lab.apply_changes(&second).unwrap();
+    assert_eq!(statuses(&reports), vec![vec![200, 404, 200, 409, 404, 200, 409]; 2], "{reports:?}");
+    assert!(reports[0].results[1].message.as_deref().unwrap().contains("\"red\" is not declared"), "{reports:?}");
+    assert_eq!(sequence(&lab, "wrk1"), 10);
+    let seen: BTreeSet<String> = answers(&client.netns, 30).into_iter().collect();
+    assert_eq!(seen, ["web1", "web2", "web3"].map(String::from).into(), "new connections spread over all three");
+
+    // A batch at or below the applied sequence is refused whole (a resend, or out of order).
+    let stale = ChangeBatch { sequence: Some(10), changes: vec![Change::RemoveNetwork { name: "blue".into() }] };
+    let response = lab.host("mgr1").unwrap().api().post_json("/shoal/v1/dataplane/changes", &stale).unwrap();
+    assert_eq!(response.status, 409, "{}", response.text());
+
+    // SIGKILL: what was acknowledged comes back (state and sequence), the pinned maps were
+    // never emptied, so the open connection goes on with its backend during and after.
+    let before: DataplaneSpec = lab.host("mgr1").unwrap().api().get("/shoal/v1/dataplane").unwrap().json().unwrap();
+    let mut talk = Conversation::open(&client.netns, addr(VIP), 80).unwrap();
+    let pinned = talk.say("one").unwrap().split_once(' ').unwrap().0.to_owned();
+    lab.kill("mgr1").unwrap();
+    assert_eq!(talk.say("killed").unwrap(), format!("{pinned} killed"));
+    lab.start("mgr1").unwrap();
+    assert_eq!(talk.say("back").unwrap(), format!("{pinned} back"));
+    let after: DataplaneSpec = lab.host("mgr1").unwrap().api().get("/shoal/v1/dataplane").unwrap().json().unwrap();
+    assert_eq!(after, before, "the acknowledged state after SIGKILL");
+    assert_eq!(sequence(&lab, "mgr1"), 10);
+
+    // Drain the pinned backend by a change: its connection stays, every new one gets a
+    // reply from a remaining backend.
+    let remaining: Vec<&str> = ["10.78.0.11", "10.78.0.12", "10.78.0.13"]
+        .into_iter()
+        .zip(["web1", "web2", "web3"])
+        .filter(|(_, n)| *n != pinned)
+        .map(|(a, _)| a)
+        .collect();
+    let names: BTreeSet<String> =
+        ["web1", "web2", "web3"].into_iter().filter(|n| *n != pinned).map(String::from).collect();
+    let drain = ChangeBatch {
+        sequence: Some(11),
+        changes: vec![Change::SetBackends {
+            network: "blue".into(),
+            service: "web".into(),
+            backends: remaining.iter().map(|a| addr(a)).collect(),
+        }],
+    };
+    assert!(lab.apply_changes(&drain).unwrap().iter().all(|r| r.results[0].is_applied()));
+    assert_eq!(talk.say("drained").unwrap(), format!("{pinned} drained"));
+    for who in answers(&client.netns, 20) {
+        assert!(names.contains(&who), "a new connection reached {who}, not a remaining backend");
+    }
+}
