@@ -194,6 +194,12 @@ impl<K: Hash + Eq + Clone, V: Clone + PartialEq> MapDelta<K, V> {
         self.put.is_empty() && self.delete.is_empty()
     }
 
+    /// Whether keys come or go (not only values change).
+    pub fn changes_keys(&self) -> bool {
+        let new = |key: &K| self.before.iter().any(|(k, was)| k == key && was.is_none());
+        !self.delete.is_empty() || self.put.iter().any(|(key, _)| new(key))
+    }
+
     /// Replaces `old` by `new` in `counted`, remembering what the keys held first.
     fn replace(&mut self, counted: &mut Counted<K, V>, old: Vec<(K, V)>, new: Vec<(K, V)>) {
         if old == new {

@@ -556,15 +556,15 @@ impl Dataplane {
         let plan = self.mirror.plan();
         // Ingress replies need forwarding too: the FIB lookup that sends them out refuses
         // otherwise.
-        if (delta.touches_nat() || !delta.ingress.is_empty())
-            && (!plan.masquerade.is_empty() || !plan.ingress.is_empty())
-        {
+        // (A service's new backend changes its ports' entries, not which ports there are.)
+        let ports_come_or_go = delta.ingress.changes_keys();
+        if (delta.touches_nat() || ports_come_or_go) && (!plan.masquerade.is_empty() || !plan.ingress.is_empty()) {
             host::enable_forwarding()?;
         }
         if delta.touches_nat() {
             host::sync_nat(&plan.masquerade(), &plan.gateways(), self.config.dns)?;
         }
-        if !delta.ingress.is_empty() {
+        if ports_come_or_go {
             // Best effort: a node whose /proc/sys is read-only still serves its ports.
             if let Err(e) = self.reserved_local_ports.sync(&plan.published_ports()) {
                 warn!(error = %e, "could not keep the published ports out of the ephemeral range");

@@ -41,6 +41,12 @@ pub enum BenchCommand {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         iperf_seconds: u32,
+        /// Rounds of single changes (add/remove a backend and an endpoint) at the largest scale.
+        #[arg(long, default_value_t = 500)]
+        change_rounds: usize,
+        /// Only the single changes and resyncs at the largest scale, printed, no report.
+        #[arg(long)]
+        changes_only: bool,
     },
 }
 
@@ -53,8 +59,8 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 control::run(failovers, std::time::Duration::from_secs(stability_seconds))
             }
         }
-        BenchCommand::Net { runs, seconds, scales, iperf_seconds } => {
-            net::run(net::Options { runs, seconds, scales, iperf_seconds })
+        BenchCommand::Net { runs, seconds, scales, iperf_seconds, change_rounds, changes_only } => {
+            net::run(net::Options { runs, seconds, scales, iperf_seconds, change_rounds, changes_only })
         }
     }
 }

@@ -11,6 +11,7 @@
 //!
 //! The report goes to `docs/benchmarks/net.md` with a chart in `net.svg`.
 
+mod changes;
 mod http;
 mod kube;
 mod report;
@@ -53,6 +54,10 @@ pub struct Options {
     pub scales: Vec<usize>,
     /// Seconds per iperf3 run.
     pub iperf_seconds: u32,
+    /// Rounds of single changes timed at the largest scale.
+    pub change_rounds: usize,
+    /// Only the changes at the largest scale, printed, no report.
+    pub changes_only: bool,
 }
 
 pub fn run(options: Options) -> Result<()> {
@@ -66,6 +71,14 @@ pub fn run(options: Options) -> Result<()> {
     let lab = Lab::up(&LabConfig { managers: 1, workers: 1, swarm: false, ..LabConfig::new(LAB, &bin_dir) })?
         .teardown_on_drop();
     let rig = Rig::build(&lab)?;
+    let largest = options.scales.iter().copied().max().unwrap_or(1);
+    if options.changes_only {
+        let spec = rig.spec(largest);
+        put(lab.host("mgr1")?, &spec)?;
+        let times = changes::measure(&lab, "mgr1", &spec, largest, options.change_rounds)?;
+        println!("{}", times.section());
+        return Ok(());
+    }
 
     let mut scales = Vec::new();
     let mut load_times: Vec<ProgramRow> = ["shoal (PUT /shoal/v1/dataplane, one node)"]
@@ -86,6 +99,9 @@ pub fn run(options: Options) -> Result<()> {
         scales.push(HttpScale { services, keep_alive, new_connections });
     }
 
+    eprintln!("== single changes at {largest} services ({} rounds)", options.change_rounds);
+    let changes = changes::measure(&lab, "mgr1", &rig.spec(largest), largest, options.change_rounds)?;
+
     eprintln!("== BPF program costs (BPF_PROG_TEST_RUN)");
     let costs = program_costs(&bin_dir, options.runs)?;
 
@@ -102,7 +118,7 @@ pub fn run(options: Options) -> Result<()> {
     let dir = workspace::root().join("docs/benchmarks");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("net.svg"), report::chart(&scales))?;
-    let text = render(&options, &scales, &load_times, &costs, &throughput.section());
+    let text = render(&options, &scales, &load_times, &changes.section(), &costs, &throughput.section());
     std::fs::write(dir.join("net.md"), &text)?;
     println!("{text}");
     eprintln!("report written to {} in {:.0}s", dir.join("net.md").display(), started.elapsed().as_secs_f64());
@@ -307,6 +323,7 @@ fn render(
     options: &Options,
     scales: &[HttpScale],
     load_times: &[ProgramRow],
+    changes: &str,
     costs: &[CostRow],
     throughput: &str,
 ) -> String {
@@ -350,7 +367,7 @@ fn render(
         "## Time to program the services\n\n\
          shoal: a `PUT /shoal/v1/dataplane` of the whole state to mgr1's shoald, from a state without\n\
          services, until it answers (validated, planned, maps written, state fsynced). Routers: the\n\
-         restore tool loading the whole rule set in one transaction.\n\n{}\n\
+         restore tool loading the whole rule set in one transaction.\n\n{}\n{changes}\n\
          ## Per-packet cost of each BPF program\n\n\
          `shoal-bpf-cost`: the programs on a testbed network, {} rounds; each figure is the median of\n\
          20,000 single `BPF_PROG_TEST_RUN`s on a fresh packet less the timing overhead of a single run\n\
