@@ -11,7 +11,10 @@ use axum::{
 use serde::Deserialize;
 use shoal_api::dataplane::{ChangeBatch, ChangeReport, Counter, DataplaneSpec, Sequence};
 
-use crate::api::{ApiError, Node};
+use crate::{
+    api::{ApiError, Node},
+    net::NetError,
+};
 
 /// Largest desired state accepted: a node's whole view of the cluster (10,000 services with
 /// a VIP and a published port each is ~3 MiB of JSON).
@@ -35,7 +38,8 @@ pub async fn replace(
     body: Bytes,
 ) -> Result<Json<DataplaneSpec>, ApiError> {
     let spec: DataplaneSpec = parse(&body)?;
-    node.dataplane.lock().await.replace(spec.clone(), query.sequence).await?;
+    let given = spec.clone();
+    to_the_end(async move { node.dataplane.lock().await.replace(given, query.sequence).await }).await?;
     Ok(Json(spec))
 }
 
@@ -43,7 +47,7 @@ pub async fn replace(
 /// reported there, not by the status, since the others applied).
 pub async fn change(State(node): State<Arc<Node>>, body: Bytes) -> Result<Json<ChangeReport>, ApiError> {
     let batch: ChangeBatch = parse(&body)?;
-    Ok(Json(node.dataplane.lock().await.apply_batch(batch).await?))
+    Ok(Json(to_the_end(async move { node.dataplane.lock().await.apply_batch(batch).await }).await?))
 }
 
 /// The last batch applied: a source resumes after it.
@@ -53,6 +57,18 @@ pub async fn sequence(State(node): State<Arc<Node>>) -> Json<Sequence> {
 
 pub async fn stats(State(node): State<Arc<Node>>) -> Result<Json<Vec<Counter>>, ApiError> {
     Ok(Json(node.dataplane.lock().await.counters()?))
+}
+
+/// Runs a change of the dataplane to its end on a task of its own: a client that hangs up
+/// drops the handler, and a change dropped half-way would leave the kernel, the state and
+/// the journal disagreeing.
+async fn to_the_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, NetError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(change).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(ApiError::Internal(format!("the change did not finish: {e}"))),
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
