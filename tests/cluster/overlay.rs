@@ -42,6 +42,19 @@ fn overlay_crosses_hosts_survives_restarts_and_stops_when_detached() {
     assert!(mgr1.packets(ARP_REPLY).unwrap() >= 1, "mgr1 answered a's ARP");
     assert!(mgr1.packets(FORWARD_REMOTE).unwrap() >= 10, "mgr1 encapsulated a's packets");
     assert!(wrk1.packets(DELIVER_FROM_OVERLAY).unwrap() >= 10, "wrk1 delivered them to b");
+    // The VXLAN packets themselves skipped connection tracking on the way out and in.
+    let untracked = |host: &shoal_lab::Host, chain: &str| -> u64 {
+        let argv = ["ip", "netns", "exec", &host.netns, "nft", "-j", "list", "chain", "ip", "shoal_raw", chain];
+        let out = shoal_lab::run_ok(&argv).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let rules = json["nftables"].as_array().unwrap().clone();
+        let counter = rules
+            .iter()
+            .find_map(|r| r["rule"]["expr"].as_array()?.iter().find_map(|e| e["counter"]["packets"].as_u64()));
+        counter.unwrap_or_else(|| panic!("no notrack counter in {out}"))
+    };
+    assert!(untracked(mgr1, "output") >= 10, "mgr1's VXLAN packets out were tracked");
+    assert!(untracked(wrk1, "prerouting") >= 10, "wrk1's VXLAN packets in were tracked");
     let (vx_tx_after, _) = vxlan_packets(mgr1).unwrap();
     let (_, vx_rx_after) = vxlan_packets(wrk1).unwrap();
     assert!(vx_tx_after - vx_tx_before >= 10, "mgr1's VXLAN device sent {}", vx_tx_after - vx_tx_before);

@@ -49,9 +49,28 @@ pub fn sync_nat(
     nft(&script)
 }
 
-/// Removes the NAT table (a clean exit).
-pub fn remove_masquerade() -> Result<(), NetError> {
-    nft(&format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n"))
+/// Removes the NAT table and the data path's notrack rules (a clean exit).
+pub fn remove_host_rules() -> Result<(), NetError> {
+    nft(&format!(
+        "table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\ntable ip {RAW_TABLE}\ndelete table ip {RAW_TABLE}\n"
+    ))
+}
+
+/// nftables table of the data path's notrack rules (the whole table is ours).
+const RAW_TABLE: &str = "shoal_raw";
+
+/// Keeps the overlay's own packets (VXLAN on UDP `port`, in and out) out of connection
+/// tracking: every packet of every overlay flow would otherwise be looked up, and its
+/// entries fill the table, on both nodes, for traffic the node never NATs or filters.
+pub fn untrack_data_path(port: u16) -> Result<(), NetError> {
+    let chain = |name: &str, hook: &str| {
+        format!("  chain {name} {{\n    type filter hook {hook} priority raw; policy accept;\n    udp dport {port} counter notrack\n  }}\n")
+    };
+    nft(&format!(
+        "table ip {RAW_TABLE}\ndelete table ip {RAW_TABLE}\ntable ip {RAW_TABLE} {{\n{}{}}}\n",
+        chain("prerouting", "prerouting"),
+        chain("output", "output")
+    ))
 }
 
 fn nft(script: &str) -> Result<(), NetError> {

@@ -149,6 +149,10 @@ impl Dataplane {
         self.node.data_path_port = port.to_be();
         self.datapath.configure(self.node)?;
         self.datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
+        // Best effort: without it, overlay traffic only costs more.
+        if let Err(e) = host::untrack_data_path(port) {
+            warn!(error = %e, port, "could not keep the data path out of connection tracking");
+        }
         info!(device = VXLAN_DEVICE, ifindex = vxlan, port, "overlay device ready");
         Ok(())
     }
@@ -540,8 +544,8 @@ impl Dataplane {
     /// Detaches every program (a clean exit). Pinned maps stay.
     pub fn detach_all(&mut self) {
         self.datapath.detach_all();
-        if let Err(e) = host::remove_masquerade() {
-            tracing::warn!(error = %e, "removing the masquerade rules failed");
+        if let Err(e) = host::remove_host_rules() {
+            tracing::warn!(error = %e, "removing the NAT and notrack rules failed");
         }
     }
 

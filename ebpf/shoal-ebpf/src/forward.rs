@@ -8,7 +8,7 @@ use aya_ebpf::{
         bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, BPF_FIB_LKUP_RET_UNSUPP_LWT,
-        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_REDIRECT,
+        BPF_FIB_LOOKUP_OUTPUT, BPF_F_ZERO_CSUM_TX, TC_ACT_REDIRECT,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key,
@@ -81,8 +81,13 @@ pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) 
     // the receiver takes VXLAN from the cluster's node addresses only.
     key.__bindgen_anon_3.local_ipv4 = source;
     key.tunnel_ttl = TUNNEL_TTL;
+    // No outer UDP checksum (RFC 7348 allows it over IPv4, and the kernel's own VXLAN
+    // devices default to it): the inner packet carries its own, and the sender skips a pass
+    // over every byte.
+    let flags = BPF_F_ZERO_CSUM_TX as u64;
     // SAFETY: `key` lives on our stack for the call and the size passed is its own.
-    let rc = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, 0) };
+    let rc =
+        unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, flags) };
     if rc != 0 {
         return Err(DROP_TUNNEL_KEY);
     }
