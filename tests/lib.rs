@@ -179,6 +179,7 @@ pub fn blue_service(
         vip: addr(vip),
         ports: vec![shoal_api::dataplane::ServicePort { protocol, port, target_port }],
         backends: backends.iter().map(|a| addr(a)).collect(),
+        draining: vec![],
         dnsrr: false,
         published: vec![],
     }

@@ -184,6 +184,7 @@ mod tests {
             vip: "10.78.0.100".parse().unwrap(),
             ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 80 }],
             backends: vec!["10.78.0.11".parse().unwrap(), "10.78.0.12".parse().unwrap()],
+            draining: vec![],
             dnsrr,
             published: vec![],
         };

@@ -32,6 +32,7 @@ fn bad_requests_are_refused_and_change_nothing() {
             vip: "10.78.0.100".parse().unwrap(),
             ports: vec![],
             backends: vec![w.addr],
+            draining: vec![],
             dnsrr: false,
             published: vec![PublishedPort {
                 protocol,

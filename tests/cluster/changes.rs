@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use shoal_api::dataplane::{Change, ChangeBatch, ChangeReport, DataplaneSpec, OverlayNetwork, Protocol, Sequence};
+use shoal_common::stats::LB_REPICKED;
 use shoal_lab::{tcp_exchange, Conversation, Lab, TextServer};
 use shoal_tests::{addr, blue_service, plain_lab, workload};
 
@@ -74,11 +75,12 @@ fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
             Change::AddEndpoint(stranger),
             Change::AddEndpoint(webs[2].endpoint("blue")),
             Change::AddEndpoint(at_the_vip),
-            Change::SetBackends { network: "blue".into(), service: "api".into(), backends: vec![] },
+            Change::SetBackends { network: "blue".into(), service: "api".into(), backends: vec![], draining: vec![] },
             Change::SetBackends {
                 network: "blue".into(),
                 service: "web".into(),
                 backends: ["10.78.0.11", "10.78.0.12", "10.78.0.13"].map(addr).to_vec(),
+                draining: vec![],
             },
             Change::RemoveNetwork { name: "blue".into() },
         ],
@@ -110,12 +112,9 @@ fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
 
     // Drain the pinned backend by a change: its connection stays, every new one gets a
     // reply from a remaining backend.
-    let remaining: Vec<&str> = ["10.78.0.11", "10.78.0.12", "10.78.0.13"]
-        .into_iter()
-        .zip(["web1", "web2", "web3"])
-        .filter(|(_, n)| *n != pinned)
-        .map(|(a, _)| a)
-        .collect();
+    let all = ["10.78.0.11", "10.78.0.12", "10.78.0.13"].into_iter().zip(["web1", "web2", "web3"]);
+    let remaining: Vec<&str> = all.clone().filter(|(_, n)| *n != pinned).map(|(a, _)| a).collect();
+    let drained = all.clone().find(|(_, n)| *n == pinned).unwrap().0;
     let names: BTreeSet<String> =
         ["web1", "web2", "web3"].into_iter().filter(|n| *n != pinned).map(String::from).collect();
     let drain = ChangeBatch {
@@ -124,11 +123,32 @@ fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
             network: "blue".into(),
             service: "web".into(),
             backends: remaining.iter().map(|a| addr(a)).collect(),
+            draining: vec![addr(drained)],
         }],
     };
     assert!(lab.apply_changes(&drain).unwrap().iter().all(|r| r.results[0].is_applied()));
     assert_eq!(talk.say("drained").unwrap(), format!("{pinned} drained"));
     for who in answers(&client.netns, 20) {
+        assert!(names.contains(&who), "a new connection reached {who}, not a remaining backend");
+    }
+
+    // Gone (its task stopped): the open connection's next packet is balanced again, to a
+    // remaining backend, which has no such connection and resets it: the client learns at
+    // once instead of waiting on a task that no longer exists.
+    let repicked_before = lab.host("mgr1").unwrap().packets(LB_REPICKED).unwrap();
+    let gone = ChangeBatch {
+        sequence: Some(12),
+        changes: vec![Change::SetBackends {
+            network: "blue".into(),
+            service: "web".into(),
+            backends: remaining.iter().map(|a| addr(a)).collect(),
+            draining: vec![],
+        }],
+    };
+    assert!(lab.apply_changes(&gone).unwrap().iter().all(|r| r.results[0].is_applied()));
+    assert!(talk.say("gone").is_err(), "the connection to a gone backend went on");
+    assert!(lab.host("mgr1").unwrap().packets(LB_REPICKED).unwrap() > repicked_before, "not counted as re-picked");
+    for who in answers(&client.netns, 10) {
         assert!(names.contains(&who), "a new connection reached {who}, not a remaining backend");
     }
 }

@@ -191,11 +191,23 @@ fn an_ingress_connection_survives_restarts_and_a_drained_backend_keeps_it() {
 
     // Draining its backend: the open connection goes on; new ones go to the other backend.
     let (other, other_name) = if pinned == "web1" { ("10.78.0.12", "web2") } else { ("10.78.0.11", "web1") };
-    spec.services = vec![service(&[other])];
+    let drained = if pinned == "web1" { "10.78.0.11" } else { "10.78.0.12" };
+    let mut draining = service(&[other]);
+    draining.draining = vec![addr(drained)];
+    spec.services = vec![draining];
     lab.apply_dataplane(&spec).unwrap();
     assert_eq!(talk.say("drained").unwrap(), format!("{pinned} drained"));
     for i in 0..10 {
         let reply = tcp_exchange(&client, mgr1.addr, 8080, &format!("new{i}")).unwrap();
         assert_eq!(reply, format!("{other_name} new{i}"), "not the remaining backend's reply");
     }
+
+    // Gone: the open connection is balanced again on the ingress node, to the remaining
+    // backend, which resets it (rather than the client waiting on a task that is gone).
+    let repicked = || mgr1.packets(shoal_common::stats::LB_REPICKED).unwrap();
+    let before = repicked();
+    spec.services = vec![service(&[other])];
+    lab.apply_dataplane(&spec).unwrap();
+    assert!(talk.say("gone").is_err(), "the connection to a gone backend went on");
+    assert!(repicked() > before, "not counted as re-picked");
 }

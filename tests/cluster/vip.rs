@@ -51,18 +51,32 @@ fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
     let pinned = first.split_once(' ').unwrap().0.to_owned();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(talk.say("two").unwrap(), format!("{pinned} two"));
-    // Rather than idling 15 minutes: the flow's state is an entry of an LRU map whose value
-    // holds no time at all (the backend's address and port), so being quiet cannot expire it,
-    // and it is still there after the pause.
+    // Rather than idling 15 minutes: the flow's state is an entry of an LRU map, still there
+    // after the pause, and its last-seen time is read for UDP flows only: set to the clock's
+    // zero (as if quiet for the machine's whole uptime), the TCP flow keeps its backend.
     let conntrack = format!("{}/e2evip/mgr1/{}", shoal_lab::BPF_ROOT, shoal_common::maps::CONNTRACK);
     let map: serde_json::Value =
         serde_json::from_str(&shoal_lab::run_ok(&["bpftool", "-j", "map", "show", "pinned", &conntrack]).unwrap())
             .unwrap();
-    assert_eq!((map["type"].as_str(), map["bytes_value"].as_u64()), (Some("lru_hash"), Some(8)), "{map}");
+    assert_eq!((map["type"].as_str(), map["bytes_value"].as_u64()), (Some("lru_hash"), Some(16)), "{map}");
     let key = flow_key(addr("10.78.0.2"), talk.local_port().unwrap(), addr(VIP), 80);
-    let mut argv = vec!["bpftool", "map", "lookup", "pinned", conntrack.as_str(), "key", "hex"];
+    let mut argv = vec!["bpftool", "-j", "map", "lookup", "pinned", conntrack.as_str(), "key", "hex"];
     argv.extend(key.iter().map(String::as_str));
-    shoal_lab::run_ok(&argv).expect("the quiet flow's state is gone");
+    let entry: serde_json::Value =
+        serde_json::from_str(&shoal_lab::run_ok(&argv).expect("the quiet flow's state is gone")).unwrap();
+    let mut value: Vec<String> = entry["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().trim_start_matches("0x").to_owned())
+        .collect();
+    value[12..16].iter_mut().for_each(|b| *b = "00".into());
+    let mut update = vec!["bpftool", "map", "update", "pinned", conntrack.as_str(), "key", "hex"];
+    update.extend(key.iter().map(String::as_str));
+    update.extend(["value", "hex"]);
+    update.extend(value.iter().map(String::as_str));
+    shoal_lab::run_ok(&update).unwrap();
+    assert_eq!(talk.say("ancient").unwrap(), format!("{pinned} ancient"), "an idle TCP flow lost its backend");
 
     // Drain the pinned backend: its open connection goes on, new ones go elsewhere.
     let remaining: Vec<&str> = ["10.78.0.11", "10.78.0.12", "10.78.0.13"]
@@ -71,7 +85,11 @@ fn a_vip_balances_over_backends_on_every_host_and_drains_gently() {
         .filter(|(_, name)| *name != pinned)
         .map(|(a, _)| a)
         .collect();
-    spec.services = vec![service(&remaining)];
+    let drained =
+        ["10.78.0.11", "10.78.0.12", "10.78.0.13"][["web1", "web2", "web3"].iter().position(|n| *n == pinned).unwrap()];
+    let mut draining = service(&remaining);
+    draining.draining = vec![addr(drained)];
+    spec.services = vec![draining];
     lab.apply_dataplane(&spec).unwrap();
     assert_eq!(talk.say("three").unwrap(), format!("{pinned} three"), "the drained backend's connection broke");
     for i in 0..20 {

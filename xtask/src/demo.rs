@@ -51,6 +51,7 @@ pub fn run(keep: bool) -> Result<()> {
         vip: VIP,
         ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: PORT }],
         backends: workloads.iter().map(|(_, w)| w.addr).collect(),
+        draining: vec![],
         dnsrr: false,
         published: vec![PublishedPort {
             protocol: Protocol::Tcp,

@@ -52,7 +52,7 @@ const SOCK_GETPEERNAME: &str = "sock_getpeername";
 const SOCK_HOOKS: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
 
 /// Pinned maps of earlier versions whose layout changed (now under `..._V<n>` names).
-const RETIRED_MAPS: [&str; 3] = ["SHOAL_NODE_CONFIG", "SHOAL_NODE_CONFIG_V2", "SHOAL_STATS"];
+const RETIRED_MAPS: [&str; 4] = ["SHOAL_NODE_CONFIG", "SHOAL_NODE_CONFIG_V2", "SHOAL_STATS", "SHOAL_CONNTRACK"];
 
 /// Where bpffs is mounted on every Linux host.
 const BPFFS: &str = "/sys/fs/bpf";

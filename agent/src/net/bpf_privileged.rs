@@ -368,3 +368,37 @@ fn only_a_syn_makes_a_published_ports_flow() {
     assert_eq!(&out[30..34], &REMOTE);
     assert_eq!((fx.count(stats::LB_NEW_FLOW).unwrap(), fx.count(stats::LB_TRACKED).unwrap()), (1, 1));
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_flow_whose_backend_left_is_balanced_again_and_only_udp_flows_age() {
+    let mut fx = testbed();
+    fx.with_service().unwrap();
+    fx.with_udp_service().unwrap();
+    let (_, first) = fx.run(FROM_WORKLOAD, &syn(CLIENT, 40000, VIP, 80)).unwrap();
+    assert_eq!(&first[30..34], &REMOTE);
+    let (_, datagram) = fx.run(FROM_WORKLOAD, &udp(CLIENT, 5000, VIP, 80)).unwrap();
+    assert_eq!(&datagram[30..34], &REMOTE);
+    assert_eq!(fx.count(stats::LB_NEW_FLOW).unwrap(), 2);
+
+    // Quiet since the clock's zero: the UDP flow is balanced again, the TCP one is not.
+    fx.age_flows().unwrap();
+    let (_, still) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80)).unwrap();
+    assert_eq!(&still[30..34], &REMOTE, "an idle TCP flow keeps its backend");
+    assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 1);
+    let (_, again) = fx.run(FROM_WORKLOAD, &udp(CLIENT, 5000, VIP, 80)).unwrap();
+    assert_eq!(&again[30..34], &REMOTE, "the only backend, chosen afresh");
+    assert_eq!(fx.count(stats::LB_REPICKED).unwrap(), 1, "an idle UDP flow is balanced again");
+
+    // The backend leaves its service; LOCAL takes its place: the open TCP flow's next
+    // segment goes to LOCAL (which resets it) rather than to a task that is gone.
+    fx.replace_backend(7, 9, 10, LOCAL, 8080).unwrap();
+    let (verdict, moved) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80)).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&moved[30..34], &LOCAL, "balanced again from the current table");
+    assert!(checksums_ok(&moved));
+    assert_eq!(fx.count(stats::LB_REPICKED).unwrap(), 2);
+    let (_, kept) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80)).unwrap();
+    assert_eq!(&kept[30..34], &LOCAL, "and pinned there");
+    assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 2);
+}

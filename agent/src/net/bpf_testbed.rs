@@ -18,7 +18,10 @@ use aya::{
 use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
 use serde::Serialize;
 use shoal_common::{
-    lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_SLOTS, PROTO_TCP},
+    lb::{
+        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_SLOTS,
+        PROTO_TCP, PROTO_UDP,
+    },
     maps,
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry, GATEWAY_NODE, IFACE_OUTBOUND},
 };
@@ -195,6 +198,39 @@ impl Testbed {
     pub fn count(&self, code: u32) -> Result<u64, NetError> {
         let counters = self.datapath.as_ref().expect("present until drop").counters()?;
         Ok(counters.iter().find(|c| c.code == code).map_or(0, |c| c.packets))
+    }
+
+    /// Adds VIP:80/udp to the service of `with_service` (the same table).
+    pub fn with_udp_service(&mut self) -> Result<(), NetError> {
+        let key = ServiceKey { vni: VNI, vip: u32::from_ne_bytes(VIP), port: 80u16.to_be(), proto: PROTO_UDP, _pad: 0 };
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = self.datapath().map_mut(maps::SERVICES)?;
+        services.insert(key, ServiceEntry { id: 7, backends: 1 }, 0).map_err(|e| map_error(maps::SERVICES, e))
+    }
+
+    /// Takes backend `gone` out of table `table` and the backends, and puts `addr:port` in
+    /// as backend `new` (a task replaced).
+    pub fn replace_backend(
+        &mut self,
+        table: u32,
+        gone: u32,
+        new: u32,
+        addr: [u8; 4],
+        port: u16,
+    ) -> Result<(), NetError> {
+        add_table(self.datapath(), table, new, addr, port)?;
+        let mut backends: HashMap<&mut MapData, u32, Backend> = self.datapath().map_mut(maps::BACKENDS)?;
+        backends.remove(&gone).map_err(|e| map_error(maps::BACKENDS, e))
+    }
+
+    /// Makes every tracked flow look idle since the clock's zero.
+    pub fn age_flows(&mut self) -> Result<(), NetError> {
+        let mut flows: HashMap<&mut MapData, FlowKey, CtEntry> = self.datapath().map_mut(maps::CONNTRACK)?;
+        let keys: Vec<FlowKey> = flows.keys().collect::<Result<_, _>>().map_err(|e| map_error(maps::CONNTRACK, e))?;
+        for key in keys {
+            let entry = flows.get(&key, 0).map_err(|e| map_error(maps::CONNTRACK, e))?;
+            flows.insert(key, CtEntry { seen: 0, ..entry }, 0).map_err(|e| map_error(maps::CONNTRACK, e))?;
+        }
+        Ok(())
     }
 
     /// Adds a service VIP:80/tcp on VNI 4097 balanced to REMOTE:8080.

@@ -24,11 +24,13 @@ use crate::net::{
 /// The entries of `svc` on `net`: its VIP (answered like an endpoint), a Maglev table per
 /// VIP port and per published port, with their backends. `local_backends` are the backends
 /// running on this node (a host-mode port is published only where one runs, and only to
-/// those); `previous` are the service's entries now, whose IDs are kept.
+/// those); `previous` are the service's entries now, whose IDs are kept. Draining backends
+/// keep their entries (and IDs), so their flows go on, but are in no table.
 pub fn service_entries(
     svc: &ServiceVip,
     net: &OverlayNetwork,
     local_backends: &[Ipv4Addr],
+    local_draining: &[Ipv4Addr],
     previous: Option<&Entries>,
     ids: &mut Ids,
 ) -> Result<Entries, NetError> {
@@ -46,7 +48,7 @@ pub fn service_entries(
             let proto = proto_number(port.protocol);
             let key = ServiceKey { vni: net.vni, vip, port: port.port.to_be(), proto, _pad: 0 };
             let name = TableName(format!("vip {} {}:{}/{proto}", net.vni, svc.vip, port.port));
-            let entry = tables.add(&mut entries, name, &svc.backends, port.target_port)?;
+            let entry = tables.add(&mut entries, name, &svc.backends, &svc.draining, port.target_port)?;
             entries.services.push((key, entry));
             // The socket hooks' copy, keyed without the network (a socket has none yet).
             entries.services.push((ServiceKey { vni: SOCKET_VNI, ..key }, entry));
@@ -54,15 +56,15 @@ pub fn service_entries(
     }
     for port in &svc.published {
         let proto = proto_number(port.protocol);
-        let (mode, backends) = match port.publish_mode {
-            PublishMode::Ingress => ("ingress", &svc.backends[..]),
-            PublishMode::Host => ("host", local_backends),
+        let (mode, backends, draining) = match port.publish_mode {
+            PublishMode::Ingress => ("ingress", &svc.backends[..], &svc.draining[..]),
+            PublishMode::Host => ("host", local_backends, local_draining),
         };
-        if backends.is_empty() && port.publish_mode == PublishMode::Host {
+        if backends.is_empty() && draining.is_empty() && port.publish_mode == PublishMode::Host {
             continue;
         }
         let name = TableName(format!("published {mode} {}/{proto}", port.published_port));
-        let entry = tables.add(&mut entries, name, backends, port.target_port)?;
+        let entry = tables.add(&mut entries, name, backends, draining, port.target_port)?;
         let key = IngressKey { port: port.published_port.to_be(), proto, _pad: 0 };
         entries.ingress.push((key, IngressEntry { id: entry.id, backends: entry.backends, vni: net.vni }));
     }
@@ -76,12 +78,14 @@ struct Tables<'a> {
 }
 
 impl Tables<'_> {
-    /// Adds the table `name` over `addrs` at `target_port` to `entries`.
+    /// Adds the table `name` over `addrs` at `target_port` to `entries`, and the entries of
+    /// `draining` (in no table).
     fn add(
         &mut self,
         entries: &mut Entries,
         name: TableName,
         addrs: &[Ipv4Addr],
+        draining: &[Ipv4Addr],
         target_port: u16,
     ) -> Result<ServiceEntry, NetError> {
         let had = self.previous.and_then(|p| p.tables.iter().find(|(n, _, _)| *n == name)).map(|(_, id, _)| *id);
@@ -90,7 +94,7 @@ impl Tables<'_> {
             None => self.ids.table()?,
         };
         let mut members = Vec::new();
-        for addr in addrs {
+        for (addr, serving) in addrs.iter().map(|a| (a, true)).chain(draining.iter().map(|a| (a, false))) {
             let key = (id, *addr, target_port);
             let had = self.previous.and_then(|p| p.backends.iter().find(|(k, _, _)| *k == key)).map(|(_, id, _)| *id);
             let backend_id = match had.or_else(|| entries.backends.iter().find(|(k, _, _)| *k == key).map(|b| b.1)) {
@@ -100,7 +104,9 @@ impl Tables<'_> {
             let backend = Backend { addr: u32::from_ne_bytes(addr.octets()), port: target_port.to_be(), _pad: 0 };
             if !entries.backends.iter().any(|(k, _, _)| *k == key) {
                 entries.backends.push((key, backend_id, backend));
-                members.push((format!("{addr}:{target_port}"), backend_id));
+                if serving {
+                    members.push((format!("{addr}:{target_port}"), backend_id));
+                }
             }
         }
         if !members.is_empty() {
@@ -292,6 +298,7 @@ mod tests {
                 vip: "10.78.0.100".parse().unwrap(),
                 ports: vec![],
                 backends: vec!["10.78.0.11".parse().unwrap(), "10.78.0.12".parse().unwrap()],
+                draining: vec![],
                 dnsrr: false,
                 published: vec![PublishedPort {
                     protocol: Protocol::Tcp,

@@ -372,7 +372,7 @@ impl Dataplane {
                 let host_mode = |svc: &&shoal_api::dataplane::ServiceVip| {
                     svc.network == ep.network
                         && svc.published.iter().any(|p| p.publish_mode == shoal_api::dataplane::PublishMode::Host)
-                        && svc.backends.contains(&ep.addr)
+                        && (svc.backends.contains(&ep.addr) || svc.draining.contains(&ep.addr))
                 };
                 owners.extend(
                     self.desired

@@ -52,11 +52,11 @@ pub fn entries(
             let (Some(svc), Some(net)) = (desired.service(network, name), desired.network(network)) else {
                 return Ok(None);
             };
-            let local =
-                |addr: &&Ipv4Addr| desired.endpoint(network, **addr).is_some_and(|ep| ep.node_addr == node_addr);
-            let local: Vec<Ipv4Addr> = svc.backends.iter().filter(local).copied().collect();
+            let here = |addr: &&Ipv4Addr| desired.endpoint(network, **addr).is_some_and(|ep| ep.node_addr == node_addr);
+            let local = |addrs: &[Ipv4Addr]| -> Vec<Ipv4Addr> { addrs.iter().filter(here).copied().collect() };
+            let (backends, draining) = (local(&svc.backends), local(&svc.draining));
             let previous = mirror.entries(owner).cloned();
-            Some(lb::service_entries(svc, net, &local, previous.as_ref(), &mut mirror.ids)?)
+            Some(lb::service_entries(svc, net, &backends, &draining, previous.as_ref(), &mut mirror.ids)?)
         }
         // Never this node itself: VXLAN from its own address is a local process's, not a node's.
         Owner::Node(addr) => desired.nodes().any(|n| n == addr).then(|| Entries {

@@ -114,6 +114,25 @@ pub struct NatEntry {
     pub flags: u16,
 }
 
+/// A balanced flow's state in one direction (`CONNTRACK`): the translation, and for the
+/// forward direction the backend's ID, so a flow whose backend left its service (not merely
+/// drained: a draining backend keeps its ID) is balanced again rather than sent to a task
+/// that is gone. `seen` (seconds, `bpf_ktime_get_coarse_ns`) ages UDP flows out after
+/// `UDP_IDLE_SECONDS`; TCP flows never age: an idle connection keeps its backend until the
+/// LRU needs the room (IPVS cuts them after 900 s).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    pub nat: NatEntry,
+    /// `BACKENDS` key of the forward direction's backend; 0 in the reverse direction.
+    pub backend: u32,
+    pub seen: u32,
+}
+
+/// A UDP flow quiet this long gets a fresh backend with its next datagram (IPVS's and
+/// Docker's UDP timeout).
+pub const UDP_IDLE_SECONDS: u32 = 300;
+
 /// Reverse entry of an ingress flow on the node the client connected to: after the source
 /// rewrite the reply leaves through the underlay, to the client.
 pub const NAT_REPLY_TO_UNDERLAY: u16 = 1;
@@ -144,6 +163,7 @@ const _: () = assert!(core::mem::size_of::<IngressKey>() == 4);
 const _: () = assert!(core::mem::size_of::<IngressEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -166,4 +186,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockPeerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtEntry {}
 }

@@ -33,8 +33,8 @@ pub mod maps {
     pub const MAGLEV: &str = "SHOAL_MAGLEV";
     /// `IngressKey` -> `IngressEntry`: the ports published on this node's underlay address.
     pub const INGRESS: &str = "SHOAL_INGRESS";
-    /// LRU `FlowKey` -> `NatEntry`: forward (client -> VIP) and reverse (backend -> client).
-    pub const CONNTRACK: &str = "SHOAL_CONNTRACK";
+    /// LRU `FlowKey` -> `CtEntry`: forward (client -> VIP) and reverse (backend -> client).
+    pub const CONNTRACK: &str = "SHOAL_CONNTRACK_V2";
     /// LRU socket cookie -> `NatEntry`: the VIP a socket asked for, for `getpeername`.
     pub const SOCK_VIPS: &str = "SHOAL_SOCK_VIPS";
     /// LRU `SockPeerKey` -> `NatEntry`: the VIP a backend's datagrams to a socket must appear

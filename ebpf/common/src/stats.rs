@@ -49,6 +49,9 @@ pub const INGRESS_RETURN: u32 = 12;
 pub const SOCK_LB_SENDMSG: u32 = 13;
 /// A datagram from a backend shown to the workload as coming from the VIP (`recvmsg`).
 pub const SOCK_LB_RECVMSG: u32 = 14;
+/// A tracked flow balanced again: its backend left the service, or (UDP) it was idle past
+/// `UDP_IDLE_SECONDS`. Also counted as a new flow.
+pub const LB_REPICKED: u32 = 15;
 
 /// First drop code; everything from here on is a drop.
 pub const DROP_FIRST: u32 = 16;
@@ -122,6 +125,7 @@ pub fn name(code: u32) -> Option<&'static str> {
         INGRESS_RETURN => "ingress_return",
         SOCK_LB_SENDMSG => "sock_lb_sendmsg",
         SOCK_LB_RECVMSG => "sock_lb_recvmsg",
+        LB_REPICKED => "lb_repicked",
         DROP_MALFORMED => "drop_malformed",
         DROP_UNKNOWN_INTERFACE => "drop_unknown_interface",
         DROP_NO_ENDPOINT => "drop_no_endpoint",

@@ -11,17 +11,17 @@
 
 use aya_ebpf::programs::TcContext;
 use shoal_common::{
-    lb::{FlowKey, IngressEntry, IngressKey, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
+    lb::{CtEntry, FlowKey, IngressEntry, IngressKey, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
     overlay::{EndpointEntry, EndpointKey, GATEWAY_NODE},
     stats::{
         DROP_NAT, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN,
-        LB_NEW_FLOW, LB_TRACKED,
+        LB_NEW_FLOW, LB_REPICKED, LB_TRACKED,
     },
 };
 
 use crate::{
     forward::{encapsulate, hand_to_workload, out_underlay, take_hop},
-    lb::{may_start, pick, reply_of, rewrite_destination, rewrite_source, track, tracked},
+    lb::{may_start, now_seconds, pick, reply_of, rewrite_destination, rewrite_source, track, tracked, Tracked},
     maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS},
     stats::count,
 };
@@ -66,16 +66,18 @@ pub fn enter(ctx: &TcContext, flow: &FlowKey, client: Client) -> Result<Option<i
 #[inline(always)]
 pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<Option<NatEntry>, u32> {
     let backend = match tracked(ctx, flow) {
-        Some(tracked) => {
+        Tracked::Live(backend) => {
             count(ctx, LB_TRACKED);
-            tracked
+            backend
         }
-        None if !may_start(ctx, flow) => return Ok(None),
-        None => {
-            let chosen = pick(port.id, port.backends, &FlowKey { daddr: 0, ..*flow })?;
+        Tracked::Untracked if !may_start(ctx, flow) => return Ok(None),
+        state => {
+            // A flow whose backend left gets another (a TCP one is then reset by it, rather
+            // than left to time out against a task that is gone).
+            let (chosen, id) = pick(port.id, port.backends, &FlowKey { daddr: 0, ..*flow })?;
             let published = NatEntry { addr: flow.daddr, port: flow.dport, flags: NAT_REPLY_TO_UNDERLAY };
-            track(flow, &chosen, &published)?;
-            count(ctx, LB_NEW_FLOW);
+            track(flow, &chosen, id, &published)?;
+            count(ctx, if state == Tracked::Stale { LB_REPICKED } else { LB_NEW_FLOW });
             chosen
         }
     };
@@ -90,8 +92,9 @@ pub fn remember_return(flow: &FlowKey, ingress_node: u32) -> Result<(), u32> {
     let reply = reply_of(flow);
     let via = NatEntry { addr: ingress_node, port: 0, flags: NAT_RETURN_VIA_NODE };
     // Written once per flow, not per packet: an unchanged entry is left alone.
-    if lookup_lru(&CONNTRACK, &reply) != Some(via) {
-        CONNTRACK.insert(reply, via, 0).map_err(|_| DROP_NAT)?;
+    if lookup_lru(&CONNTRACK, &reply).map(|e| e.nat) != Some(via) {
+        let entry = CtEntry { nat: via, backend: 0, seen: now_seconds() };
+        CONNTRACK.insert(reply, entry, 0).map_err(|_| DROP_NAT)?;
     }
     Ok(())
 }
@@ -109,7 +112,7 @@ pub enum Hop {
 /// network `vni`) and returns the verdict; `None` for any other packet.
 #[inline(always)]
 pub fn reply(ctx: &TcContext, flow: &FlowKey, vni: u32, hop: Hop) -> Result<Option<i32>, u32> {
-    let Some(entry) = lookup_lru(&CONNTRACK, flow) else { return Ok(None) };
+    let Some(CtEntry { nat: entry, .. }) = lookup_lru(&CONNTRACK, flow) else { return Ok(None) };
     if hop == Hop::Again && (entry.flags == NAT_REPLY_TO_UNDERLAY || entry.flags == NAT_RETURN_VIA_NODE) {
         take_hop(ctx)?;
     }

@@ -1,15 +1,20 @@
 //! Per-packet service load balancing (the TC path, Cilium's `lb4` + conntrack + reverse NAT):
 //! a packet to a service VIP gets the backend its flow was pinned to, or, for a new flow, the
 //! one the service's Maglev table picks; replies get the VIP back as their source where they
-//! are delivered. Connection state lives in an LRU map with no idle expiry.
+//! are delivered. Connection state lives in an LRU map; a flow whose backend left its
+//! service is balanced again, UDP flows age out, TCP flows never do (see `CtEntry`).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
 use shoal_common::{
-    lb::{FlowKey, NatEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_SLOTS, NAT_RETURN_VIA_NODE, PROTO_TCP, PROTO_UDP},
-    stats::{DROP_MALFORMED, DROP_NAT, DROP_NO_BACKEND, LB_NEW_FLOW, LB_REVERSE_NAT, LB_TRACKED},
+    lb::{
+        CtEntry, FlowKey, NatEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_SLOTS, NAT_RETURN_VIA_NODE, PROTO_TCP,
+        PROTO_UDP, UDP_IDLE_SECONDS,
+    },
+    stats::{DROP_MALFORMED, DROP_NAT, DROP_NO_BACKEND, LB_NEW_FLOW, LB_REPICKED, LB_REVERSE_NAT, LB_TRACKED},
 };
 
 use crate::{
@@ -79,15 +84,15 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
         return Ok(false);
     };
     let backend = match tracked(ctx, &flow) {
-        Some(tracked) => {
+        Tracked::Live(backend) => {
             count(ctx, LB_TRACKED);
-            tracked
+            backend
         }
-        None => {
-            let chosen = pick(service.id, service.backends, &flow)?;
+        state => {
+            let (chosen, id) = pick(service.id, service.backends, &flow)?;
             let vip = NatEntry { addr: flow.daddr, port: flow.dport, flags: 0 };
-            track(&flow, &chosen, &vip)?;
-            count(ctx, LB_NEW_FLOW);
+            track(&flow, &chosen, id, &vip)?;
+            count(ctx, if state == Tracked::Stale { LB_REPICKED } else { LB_NEW_FLOW });
             chosen
         }
     };
@@ -95,15 +100,51 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
     Ok(true)
 }
 
-/// The flow's tracked state, unless the packet opens a new TCP connection: a client reuses
-/// a port long before any old state would go, and a new connection must get a fresh choice
-/// (one that knows which backends were drained since).
+/// What the connection table says of a flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Tracked {
+    /// Pinned to this backend, which is still in its service.
+    Live(NatEntry),
+    /// Tracked, but its backend left the service (its ID is gone or names another backend
+    /// now) or, for UDP, it was idle too long: to be balanced again.
+    Stale,
+    /// Not tracked, or a new TCP connection (a client reuses a port long before any old
+    /// state would go, and a new connection must get a fresh choice).
+    Untracked,
+}
+
+/// The flow's tracked state. A live UDP flow's last-seen time is refreshed (at most once a
+/// second, so a busy flow costs one map update a second, not one a packet).
 #[inline(always)]
-pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Option<NatEntry> {
+pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Tracked {
     if opens_connection(ctx, flow) {
-        return None;
+        return Tracked::Untracked;
     }
-    lookup_lru(&CONNTRACK, flow)
+    let Some(entry) = lookup_lru(&CONNTRACK, flow) else { return Tracked::Untracked };
+    if entry.backend != 0 {
+        match lookup(&BACKENDS, &entry.backend) {
+            Some(b) if b.addr == entry.nat.addr && b.port == entry.nat.port => {}
+            _ => return Tracked::Stale,
+        }
+    }
+    if flow.proto == PROTO_UDP {
+        let now = now_seconds();
+        if now.wrapping_sub(entry.seen) > UDP_IDLE_SECONDS {
+            return Tracked::Stale;
+        }
+        if now != entry.seen {
+            // Best effort: a lost refresh only makes the flow look idle a second sooner.
+            let _ = CONNTRACK.insert(flow, CtEntry { seen: now, ..entry }, 0);
+        }
+    }
+    Tracked::Live(entry.nat)
+}
+
+/// Seconds of the kernel's monotonic coarse clock.
+#[inline(always)]
+pub fn now_seconds() -> u32 {
+    // SAFETY: plain helper call, no arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
 /// Whether the packet may start a flow: a TCP SYN without ACK, or any UDP datagram (UDP has
@@ -139,9 +180,9 @@ pub fn reply_of(flow: &FlowKey) -> FlowKey {
     }
 }
 
-/// The backend the service's Maglev table gives this flow.
+/// The backend the service's Maglev table gives this flow, and its ID.
 #[inline(always)]
-pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32> {
+pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<(NatEntry, u32), u32> {
     if backends == 0 {
         return Err(DROP_NO_BACKEND);
     }
@@ -157,7 +198,7 @@ pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32
         // SAFETY: the pointer is valid for this program run; `get` bounds the index.
         let Some(backend_id) = (unsafe { (*table).slots.get(slot).copied() }) else { break };
         let Some(backend) = lookup(&BACKENDS, &backend_id) else { break };
-        chosen = Some(NatEntry { addr: backend.addr, port: backend.port, flags: 0 });
+        chosen = Some((NatEntry { addr: backend.addr, port: backend.port, flags: 0 }, backend_id));
         if backend.addr != flow.saddr || backends == 1 {
             break;
         }
@@ -165,13 +206,15 @@ pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<NatEntry, u32
     chosen.ok_or(DROP_NO_BACKEND)
 }
 
-/// Remembers the flow both ways: forward to its backend, and the reverse (the backend's
-/// replies) to `reverse`: where they must appear to come from, and how they leave.
+/// Remembers the flow both ways: forward to its backend (ID `backend_id`), and the reverse
+/// (the backend's replies) to `reverse`: where they must appear to come from, and how they
+/// leave.
 #[inline(always)]
-pub fn track(flow: &FlowKey, backend: &NatEntry, reverse_nat: &NatEntry) -> Result<(), u32> {
+pub fn track(flow: &FlowKey, backend: &NatEntry, backend_id: u32, reverse_nat: &NatEntry) -> Result<(), u32> {
     let reverse = reply_of(&FlowKey { daddr: backend.addr, dport: backend.port, ..*flow });
-    CONNTRACK.insert(reverse, reverse_nat, 0).map_err(|_| DROP_NAT)?;
-    CONNTRACK.insert(flow, backend, 0).map_err(|_| DROP_NAT)?;
+    let seen = now_seconds();
+    CONNTRACK.insert(reverse, CtEntry { nat: *reverse_nat, backend: 0, seen }, 0).map_err(|_| DROP_NAT)?;
+    CONNTRACK.insert(flow, CtEntry { nat: *backend, backend: backend_id, seen }, 0).map_err(|_| DROP_NAT)?;
     Ok(())
 }
 
@@ -179,7 +222,7 @@ pub fn track(flow: &FlowKey, backend: &NatEntry, reverse_nat: &NatEntry) -> Resu
 #[inline(always)]
 pub fn reverse_nat(ctx: &TcContext) -> Result<(), u32> {
     let Some(flow) = flow_of(ctx)? else { return Ok(()) };
-    let Some(vip) = lookup_lru(&CONNTRACK, &flow) else { return Ok(()) };
+    let Some(CtEntry { nat: vip, .. }) = lookup_lru(&CONNTRACK, &flow) else { return Ok(()) };
     if vip.flags == NAT_RETURN_VIA_NODE {
         // Another node's ingress flow: that node restores the published address.
         return Ok(());

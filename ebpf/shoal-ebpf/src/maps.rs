@@ -7,7 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use shoal_common::{
-    lb::{Backend, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey, SockPeerKey},
+    lb::{
+        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey,
+        SockPeerKey,
+    },
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
     stats::{Counter, MAX},
 };
@@ -66,8 +69,8 @@ pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(65536, BPF_F_NO_P
 pub static INGRESS: HashMap<IngressKey, IngressEntry> = HashMap::pinned(16384, 0);
 
 /// Balanced flows, both directions; least recently used go first when full.
-#[map(name = "SHOAL_CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(262144, 0);
+#[map(name = "SHOAL_CONNTRACK_V2")]
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(262144, 0);
 
 /// The VIP each socket connected to, by socket cookie, so `getpeername` shows it.
 #[map(name = "SHOAL_SOCK_VIPS")]

@@ -86,7 +86,7 @@ fn to_backend(ctx: &SockAddrContext) -> Option<(u64, NatEntry)> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let flow =
         FlowKey { saddr: cookie as u32, daddr: vip, sport: (cookie >> 32) as u16, dport: port, proto, _pad: [0; 3] };
-    let backend = pick(service.id, service.backends, &flow).ok()?;
+    let (backend, _) = pick(service.id, service.backends, &flow).ok()?;
     let vip = NatEntry { addr: vip, port, flags: 0 };
     if proto == PROTO_UDP {
         let peer = SockPeerKey { cookie, addr: backend.addr, port: backend.port, _pad: 0 };

@@ -30,11 +30,14 @@ pub enum Change {
         network: String,
         name: String,
     },
-    /// Replaces a service's backends (its tasks' addresses on the network).
+    /// Replaces a service's backends (its tasks' addresses on the network) and its draining
+    /// ones (see `ServiceVip::draining`).
     SetBackends {
         network: String,
         service: String,
         backends: Vec<Ipv4Addr>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        draining: Vec<Ipv4Addr>,
     },
     Publish {
         network: String,
@@ -116,7 +119,8 @@ mod tests {
             Change::SetBackends {
                 network: "blue".into(),
                 service: "web".into(),
-                backends: vec!["10.78.0.2".parse().unwrap()]
+                backends: vec!["10.78.0.2".parse().unwrap()],
+                draining: vec![],
             }
         );
         assert_eq!(serde_json::to_string(&change).unwrap(), json);

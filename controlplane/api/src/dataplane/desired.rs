@@ -190,9 +190,10 @@ impl Desired {
             Change::RemoveEndpoint { network, addr } => self.remove_endpoint(network, *addr).map(Some),
             Change::SetService(svc) => self.set_service(svc.clone()),
             Change::RemoveService { network, name } => self.remove_service(network, name).map(Some),
-            Change::SetBackends { network, service, backends } => {
+            Change::SetBackends { network, service, backends, draining } => {
                 let mut svc = self.existing_service(network, service)?.clone();
                 svc.backends.clone_from(backends);
+                svc.draining.clone_from(draining);
                 self.set_service(svc)
             }
             Change::Publish { network, service, port } => {
@@ -363,7 +364,7 @@ impl Desired {
             .networks
             .get(&svc.network)
             .ok_or_else(|| SpecError::ServiceNetwork { service: svc.name.clone(), network: svc.network.clone() })?;
-        for addr in std::iter::once(&svc.vip).chain(&svc.backends) {
+        for addr in std::iter::once(&svc.vip).chain(&svc.backends).chain(&svc.draining) {
             if !is_host_addr(net.subnet, *addr) {
                 return Err(SpecError::ServiceAddrOutsideSubnet {
                     service: svc.name.clone(),
@@ -517,6 +518,7 @@ mod tests {
             vip: "10.78.0.100".parse().unwrap(),
             ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 8080 }],
             backends: vec!["10.78.0.2".parse().unwrap()],
+            draining: vec![],
             dnsrr: false,
             published: vec![],
         }
@@ -542,7 +544,7 @@ mod tests {
         };
         let changes = [
             Change::AddEndpoint(endpoint("10.78.0.3")),
-            Change::SetBackends { network: "blue".into(), service: "web".into(), backends: vec![] },
+            Change::SetBackends { network: "blue".into(), service: "web".into(), backends: vec![], draining: vec![] },
             Change::Publish { network: "blue".into(), service: "web".into(), port: published },
             Change::RemoveService { network: "blue".into(), name: "web".into() },
             Change::RemoveEndpoint { network: "blue".into(), addr: "10.78.0.2".parse().unwrap() },
@@ -575,12 +577,21 @@ mod tests {
             (Change::RemoveEndpoint { network: "blue".into(), addr: "10.78.0.9".parse().unwrap() }, "not declared"),
             (Change::AddEndpoint(endpoint("10.78.0.100")), "VIP"),
             (Change::AddEndpoint(endpoint("10.78.0.1")), "gateway"),
-            (Change::SetBackends { network: "blue".into(), service: "api".into(), backends: vec![] }, "not declared"),
+            (
+                Change::SetBackends {
+                    network: "blue".into(),
+                    service: "api".into(),
+                    backends: vec![],
+                    draining: vec![],
+                },
+                "not declared",
+            ),
             (
                 Change::SetBackends {
                     network: "blue".into(),
                     service: "web".into(),
                     backends: vec!["10.99.0.1".parse().unwrap()],
+                    draining: vec![],
                 },
                 "not a host address",
             ),

@@ -52,6 +52,10 @@ pub struct ServiceVip {
     /// Addresses of the service's tasks on the network.
     #[serde(default)]
     pub backends: Vec<Ipv4Addr>,
+    /// Tasks being stopped: the flows they have go on, no new flow goes to them, and DNS no
+    /// longer gives them. A task in neither list is gone: its flows are balanced again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<Ipv4Addr>,
     /// Endpoint mode `dnsrr`: DNS answers the service's name with its tasks' addresses, not
     /// the VIP (which is then not balanced).
     #[serde(default)]
@@ -343,6 +347,7 @@ mod tests {
                 vip: "10.78.0.100".parse().unwrap(),
                 ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 8080 }],
                 backends: vec!["10.78.0.2".parse().unwrap()],
+                draining: vec![],
                 dnsrr: false,
                 published: vec![PublishedPort {
                     protocol: Protocol::Tcp,

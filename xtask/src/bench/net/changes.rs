@@ -36,6 +36,7 @@ pub fn measure(lab: &Lab, host: &str, spec: &DataplaneSpec, services: usize, rou
         network: network.clone(),
         service: svc.name.clone(),
         backends: backends.to_vec(),
+        draining: vec![],
     };
     // An endpoint on another node: its entry, and that node's, are what a task adds.
     let endpoint = Endpoint {

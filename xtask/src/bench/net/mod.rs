@@ -190,6 +190,7 @@ impl Rig {
             vip,
             ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 80 }],
             backends,
+            draining: vec![],
             dnsrr: false,
             published: published
                 .map(|port| PublishedPort {
