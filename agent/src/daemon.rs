@@ -183,17 +183,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     served.map_err(DaemonError::Serve)
 }
 
-/// Brings the kernel to the last acknowledged state (`Dataplane::restore`). An unreadable
-/// saved state is said and the maps emptied; the files stay for a look.
+/// Brings the kernel to the last acknowledged state (`Dataplane::restore`). A saved state
+/// that does not read (damaged, or a newer version's) is set aside for a look and the node
+/// starts empty; one that cannot be read at all (an I/O error) stops the start, rather than
+/// losing what was acknowledged.
 async fn restore_dataplane(dataplane: &mut Dataplane, file: &Path) -> Result<(), DaemonError> {
     let (journal, saved) = match Journal::open(file) {
         Ok(opened) => opened,
-        Err(e) => {
-            warn!(error = %e, file = %file.display(), "ignoring an unreadable saved state");
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            warn!(error = %e, file = %file.display(), "setting aside a saved state that does not read");
             move_aside(file)?;
             move_aside(&file.with_extension("journal"))?;
             Journal::open(file).map_err(io("opening", file))?
         }
+        Err(e) => return Err(io("reading", file)(e)),
     };
     dataplane.restore(journal, saved).await;
     Ok(())

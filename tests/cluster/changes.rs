@@ -92,22 +92,41 @@ fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
     let seen: BTreeSet<String> = answers(&client.netns, 30).into_iter().collect();
     assert_eq!(seen, ["web1", "web2", "web3"].map(String::from).into(), "new connections spread over all three");
 
-    // A batch at or below the applied sequence is refused whole (a resend, or out of order).
-    let stale = ChangeBatch { sequence: Some(10), changes: vec![Change::RemoveNetwork { name: "blue".into() }] };
+    // A batch at or below the applied sequence is refused whole (a resend, or out of order),
+    // even when its changes would apply.
+    let spec_now =
+        || -> DataplaneSpec { lab.host("mgr1").unwrap().api().get("/shoal/v1/dataplane").unwrap().json().unwrap() };
+    let before = spec_now();
+    let stale = ChangeBatch { sequence: Some(10), changes: vec![Change::AddNode { addr: addr("10.77.9.9") }] };
     let response = lab.host("mgr1").unwrap().api().post_json("/shoal/v1/dataplane/changes", &stale).unwrap();
     assert_eq!(response.status, 409, "{}", response.text());
+    assert_eq!((spec_now(), sequence(&lab, "mgr1")), (before.clone(), 10), "a stale batch changed something");
 
-    // SIGKILL: what was acknowledged comes back (state and sequence), the pinned maps were
-    // never emptied, so the open connection goes on with its backend during and after.
-    let before: DataplaneSpec = lab.host("mgr1").unwrap().api().get("/shoal/v1/dataplane").unwrap().json().unwrap();
+    // SIGKILL: what was acknowledged comes back (state and sequence), and the pinned maps
+    // are never emptied: the open connection goes on with its backend, and new connections
+    // are answered all along, while shoald is dead and while it starts and resyncs.
     let mut talk = Conversation::open(&client.netns, addr(VIP), 80).unwrap();
     let pinned = talk.say("one").unwrap().split_once(' ').unwrap().0.to_owned();
     lab.kill("mgr1").unwrap();
     assert_eq!(talk.say("killed").unwrap(), format!("{pinned} killed"));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (done, netns) = (done.clone(), client.netns.clone());
+        std::thread::spawn(move || {
+            let mut tries = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = tcp_exchange(&netns, addr(VIP), 80, "probe");
+                assert!(reply.as_deref().is_ok_and(|r| r.ends_with(" probe")), "new connection {tries}: {reply:?}");
+                tries += 1;
+            }
+            tries
+        })
+    };
     lab.start("mgr1").unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(prober.join().expect("a new connection failed during the restart") > 0);
     assert_eq!(talk.say("back").unwrap(), format!("{pinned} back"));
-    let after: DataplaneSpec = lab.host("mgr1").unwrap().api().get("/shoal/v1/dataplane").unwrap().json().unwrap();
-    assert_eq!(after, before, "the acknowledged state after SIGKILL");
+    assert_eq!(spec_now(), before, "the acknowledged state after SIGKILL");
     assert_eq!(sequence(&lab, "mgr1"), 10);
 
     // Drain the pinned backend by a change: its connection stays, every new one gets a
@@ -150,5 +169,21 @@ fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
     assert!(lab.host("mgr1").unwrap().packets(LB_REPICKED).unwrap() > repicked_before, "not counted as re-picked");
     for who in answers(&client.netns, 10) {
         assert!(names.contains(&who), "a new connection reached {who}, not a remaining backend");
+    }
+
+    // A workload whose veth vanished while shoald was down is left out at the restart, said
+    // as such; the rest is restored.
+    let web4 = workload(&lab, "mgr1", "web4", "10.78.0.14");
+    let add = ChangeBatch { sequence: Some(13), changes: vec![Change::AddEndpoint(web4.endpoint("blue"))] };
+    assert!(lab.apply_changes(&add).unwrap().iter().all(|r| r.results[0].is_applied()));
+    lab.stop("mgr1").unwrap();
+    shoal_lab::run_ok(&["ip", "-n", &lab.host("mgr1").unwrap().netns, "link", "del", &web4.host_iface]).unwrap();
+    lab.start("mgr1").unwrap();
+    let now: Sequence = lab.host("mgr1").unwrap().api().get("/shoal/v1/dataplane/sequence").unwrap().json().unwrap();
+    assert_eq!(now.sequence, 13);
+    assert!(now.left_out.len() == 1 && now.left_out[0].contains("10.78.0.14"), "{now:?}");
+    assert!(spec_now().endpoints.iter().all(|ep| ep.addr != web4.addr));
+    for who in answers(&client.netns, 10) {
+        assert!(names.contains(&who), "after the restart, {who} answered");
     }
 }

@@ -52,7 +52,8 @@ pub async fn change(State(node): State<Arc<Node>>, body: Bytes) -> Result<Json<C
 
 /// The last batch applied: a source resumes after it.
 pub async fn sequence(State(node): State<Arc<Node>>) -> Json<Sequence> {
-    Json(Sequence { sequence: node.dataplane.lock().await.sequence() })
+    let dataplane = node.dataplane.lock().await;
+    Json(Sequence { sequence: dataplane.sequence(), left_out: dataplane.left_out().to_vec() })
 }
 
 pub async fn stats(State(node): State<Arc<Node>>) -> Result<Json<Vec<Counter>>, ApiError> {

@@ -166,9 +166,10 @@ impl Datapath {
     }
 
     /// Writes one change, without reading a map: every put, dependencies first (backends and
-    /// tables before the services and ports that point at them, endpoints before the
-    /// interfaces that use them), then the attachments, then every delete in the reverse
-    /// order. So no packet meets an entry that points at something missing.
+    /// tables before the services and ports that point at them, endpoints and interfaces
+    /// before the attachments that use them, attachments before services that send traffic
+    /// there), then every delete in the reverse order. So no packet meets an entry that
+    /// points at something missing.
     pub fn write(&mut self, delta: &Delta) -> Result<(), NetError> {
         self.put(maps::BACKENDS, &delta.backends.put)?;
         let tables: Vec<(u32, &MaglevTable)> = delta.maglev.put.iter().map(|(id, t)| (*id, &**t)).collect();
@@ -176,13 +177,15 @@ impl Datapath {
         self.put(maps::ENDPOINTS, &delta.endpoints.put)?;
         self.put(maps::NODES, &delta.nodes.put)?;
         self.put(maps::INTERFACES, &delta.interfaces.put)?;
-        self.put(maps::SERVICES, &delta.services.put)?;
-        self.put(maps::INGRESS, &delta.ingress.put)?;
+        // A new workload's program before any service may send it traffic: its replies need
+        // the program's reverse NAT.
         for (ifindex, name) in &delta.attach.put {
             if !self.attachments.is_attached(FROM_WORKLOAD, *ifindex) {
                 self.attachments.attach(&mut self.ebpf, FROM_WORKLOAD, name, *ifindex)?;
             }
         }
+        self.put(maps::SERVICES, &delta.services.put)?;
+        self.put(maps::INGRESS, &delta.ingress.put)?;
         for ifindex in &delta.attach.delete {
             self.attachments.detach(FROM_WORKLOAD, *ifindex);
         }

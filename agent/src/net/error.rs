@@ -25,6 +25,10 @@ pub enum NetError {
     /// A batch numbered at or below the last one applied (already applied, or out of order).
     #[error("batch {given} is not after the last one applied ({applied})")]
     StaleSequence { given: u64, applied: u64 },
+    /// No batch can come after the last one applied (`u64::MAX`): a whole state must be
+    /// sent with a sequence number.
+    #[error("the last batch applied is numbered {}: no batch can come after it", u64::MAX)]
+    SequenceExhausted,
     /// Every table or backend ID is in use (4 billion of them).
     #[error("no table or backend ID left")]
     IdsExhausted,
@@ -71,6 +75,7 @@ impl NetError {
                 | NetError::MissingInterface(_)
                 | NetError::InterfaceShared(_)
                 | NetError::NotVeth(_)
+                | NetError::SequenceExhausted
         )
     }
 

@@ -72,13 +72,31 @@ impl Journal {
                 Ok(())
             }
             Err(e) => {
-                // Cut a partial line off, or the next one would be glued to it and lost.
-                if self.file.set_len(self.bytes).is_err() {
+                // Cut a partial line off, or the next one would be glued to it and lost; and
+                // make the cut durable, or a crash could bring back a batch reported failed.
+                if self.file.set_len(self.bytes).and_then(|()| self.file.sync_all()).is_err() {
                     self.poisoned = true;
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Renames the snapshot and the journal to `*.unrestorable` (what a start could not
+    /// restore, kept for a look) and starts an empty journal.
+    pub fn set_aside(&mut self) -> std::io::Result<()> {
+        let path = self.snapshot.with_extension("journal");
+        for file in [&self.snapshot, &path] {
+            let aside = PathBuf::from(format!("{}.unrestorable", file.display()));
+            match std::fs::rename(file, &aside) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        self.file = OpenOptions::new().create(true).append(true).open(&path)?;
+        self.bytes = 0;
+        self.poisoned = false;
+        Ok(())
     }
 
     /// True when the next write should be a snapshot.
@@ -103,7 +121,11 @@ fn read(snapshot: &Path, journal: &Path) -> std::io::Result<(Option<Saved>, u64)
     let snapshot = match std::fs::read(snapshot) {
         Ok(bytes) => match serde_json::from_slice::<Snapshot>(&bytes) {
             Ok(snapshot) => Some(snapshot),
-            Err(_) => Some(Snapshot { sequence: 0, spec: serde_json::from_slice(&bytes)? }),
+            Err(_) => Some(Snapshot {
+                sequence: 0,
+                spec: serde_json::from_slice(&bytes)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
+            }),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
@@ -116,19 +138,26 @@ fn read(snapshot: &Path, journal: &Path) -> std::io::Result<(Option<Saved>, u64)
         Err(e) => return Err(e),
     };
     let mut rest = &bytes[..];
+    let mut last = 0u64;
     while !rest.is_empty() {
+        // Only a line without its newline is torn (a crash mid-write, never acknowledged);
+        // a whole line that does not read is damage, or a newer version's, and said so.
         let Some(end) = rest.iter().position(|b| *b == b'\n') else {
             warn!(bytes = rest.len(), "ignoring a torn last journal line");
             break;
         };
-        match serde_json::from_slice::<ChangeBatch>(&rest[..end]) {
-            Ok(batch) => batches.push(batch),
-            Err(e) if end + 1 == rest.len() => {
-                warn!(error = %e, "ignoring a torn last journal line");
-                break;
-            }
-            Err(e) => return Err(std::io::Error::other(format!("journal at byte {valid}: {e}"))),
+        let batch: ChangeBatch = serde_json::from_slice(&rest[..end]).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("journal at byte {valid}: {e}"))
+        })?;
+        let sequence = batch.sequence.unwrap_or(0);
+        if sequence <= last {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("journal at byte {valid}: batch {sequence} after batch {last}"),
+            ));
         }
+        last = sequence;
+        batches.push(batch);
         valid += end as u64 + 1;
         rest = &rest[end + 1..];
     }
@@ -175,6 +204,21 @@ mod tests {
         drop(journal);
         let (_, saved) = Journal::open(&file).unwrap();
         assert_eq!(saved.unwrap().batches.len(), 3);
+
+        // A whole line that does not read is damage, not a torn tail; so is a batch that does
+        // not come after the one before.
+        let journal_file = dir.join("dataplane.journal");
+        let good = std::fs::read(&journal_file).unwrap();
+        let mut damaged = good.clone();
+        damaged.extend_from_slice(b"{\"Sequence\":9,\"Changes\":[{\"Op\":\"Reboot\"}]}\n");
+        std::fs::write(&journal_file, &damaged).unwrap();
+        assert_eq!(Journal::open(&file).err().map(|e| e.kind()), Some(std::io::ErrorKind::InvalidData));
+        let mut backwards = good.clone();
+        backwards.extend_from_slice(&serde_json::to_vec(&batch(3, "e")).unwrap());
+        backwards.push(b'\n');
+        std::fs::write(&journal_file, &backwards).unwrap();
+        assert_eq!(Journal::open(&file).err().map(|e| e.kind()), Some(std::io::ErrorKind::InvalidData));
+        std::fs::write(&journal_file, &good).unwrap();
 
         // A bare spec, as earlier versions saved it, reads as sequence 0.
         std::fs::write(&file, b"{\"Networks\":[]}").unwrap();

@@ -93,25 +93,28 @@ impl Tables<'_> {
             Some(id) => id,
             None => self.ids.table()?,
         };
+        let had: std::collections::HashMap<(u32, Ipv4Addr, u16), u32> =
+            self.previous.map(|p| p.backends.iter().map(|(k, id, _)| (*k, *id)).collect()).unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
         let mut members = Vec::new();
         for (addr, serving) in addrs.iter().map(|a| (a, true)).chain(draining.iter().map(|a| (a, false))) {
             let key = (id, *addr, target_port);
-            let had = self.previous.and_then(|p| p.backends.iter().find(|(k, _, _)| *k == key)).map(|(_, id, _)| *id);
-            let backend_id = match had.or_else(|| entries.backends.iter().find(|(k, _, _)| *k == key).map(|b| b.1)) {
-                Some(backend_id) => backend_id,
+            // A backend listed twice (or serving and draining) is one backend.
+            if !seen.insert(key) {
+                continue;
+            }
+            let backend_id = match had.get(&key) {
+                Some(backend_id) => *backend_id,
                 None => self.ids.backend()?,
             };
             let backend = Backend { addr: u32::from_ne_bytes(addr.octets()), port: target_port.to_be(), _pad: 0 };
-            if !entries.backends.iter().any(|(k, _, _)| *k == key) {
-                entries.backends.push((key, backend_id, backend));
-                if serving {
-                    members.push((format!("{addr}:{target_port}"), backend_id));
-                }
+            entries.backends.push((key, backend_id, backend));
+            if serving {
+                members.push((format!("{addr}:{target_port}"), backend_id));
             }
         }
-        if !members.is_empty() {
-            entries.tables.push((name, id, Arc::new(maglev(&members))));
-        }
+        let table = (!members.is_empty()).then(|| Arc::new(maglev(&members)));
+        entries.tables.push((name, id, table));
         Ok(ServiceEntry { id, backends: members.len() as u32 })
     }
 }
@@ -381,6 +384,11 @@ mod tests {
         assert!(newcomer != gone && newcomer > 4, "a fresh ID: {newcomer}");
         assert_eq!(delta.backends.delete, [gone]);
         assert_eq!(mirror.plan().backends.len(), 2);
+    }
+
+    #[test]
+    fn a_service_may_have_as_many_backends_as_its_table_has_slots() {
+        assert_eq!(shoal_api::dataplane::MAX_BACKENDS, MAGLEV_PRIME);
     }
 
     #[test]

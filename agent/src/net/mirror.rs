@@ -49,7 +49,8 @@ pub struct Entries {
     pub ingress: Vec<(IngressKey, IngressEntry)>,
     /// (table, backend address, target port) -> ID, and the backend.
     pub backends: Vec<((u32, Ipv4Addr, u16), u32, Backend)>,
-    pub tables: Vec<(TableName, u32, Arc<MaglevTable>)>,
+    /// A table with no backend keeps its ID but has no Maglev table in the map.
+    pub tables: Vec<(TableName, u32, Option<Arc<MaglevTable>>)>,
     pub masquerade: Vec<Ipv4Net>,
     pub gateways: Vec<Ipv4Addr>,
 }
@@ -342,7 +343,7 @@ impl Mirror {
         delta.ingress.replace(&mut plan.ingress, o.ingress.clone(), n.ingress.clone());
         let backends = |e: &Entries| e.backends.iter().map(|(_, id, b)| (*id, *b)).collect();
         delta.backends.replace(&mut plan.backends, backends(o), backends(n));
-        let tables = |e: &Entries| e.tables.iter().map(|(_, id, t)| (*id, t.clone())).collect();
+        let tables = |e: &Entries| e.tables.iter().filter_map(|(_, id, t)| Some((*id, t.clone()?))).collect();
         delta.maglev.replace(&mut plan.maglev, tables(o), tables(n));
         let unit = |items: &[Ipv4Net]| items.iter().map(|i| (*i, ())).collect();
         delta.masquerade.replace(&mut plan.masquerade, unit(&o.masquerade), unit(&n.masquerade));

@@ -67,6 +67,8 @@ pub struct Dataplane {
     mirror: Mirror,
     /// The last batch applied (the source's numbering).
     sequence: u64,
+    /// Objects of the saved state the last start could not restore.
+    left_out: Vec<String>,
     /// Where what is applied is saved; none until `restore`.
     journal: Option<Journal>,
     /// What the DNS server answers, from the applied state.
@@ -104,6 +106,7 @@ impl Dataplane {
             desired: Desired::new(rules),
             mirror,
             sequence: 0,
+            left_out: Vec::new(),
             journal: None,
             names,
             reserved_local_ports: host::ReservedLocalPorts::default(),
@@ -160,47 +163,53 @@ impl Dataplane {
     /// Brings the kernel to the saved state (an earlier run's), adopting what the pinned maps
     /// hold: they are read once and brought to the state, not emptied first, so traffic goes
     /// on. An object that no longer applies (a workload's veth vanished while the agent was
-    /// down) is left out, said, and the rest restored. From here on, what is applied is saved
-    /// in `journal`.
+    /// down) is left out, said (`left_out`), and the rest restored. If the saved state cannot
+    /// be restored at all, its files are set aside for a look and the node starts empty at
+    /// sequence 0, so the source sends everything again. From here on, what is applied is
+    /// saved in `journal`.
     pub async fn restore(&mut self, journal: Journal, saved: Option<Saved>) {
-        let empty = Desired::new(self.desired.rules().clone());
-        let (sequence, desired) = match saved {
-            Some(saved) => self.saved_state(saved),
-            None => (0, empty.clone()),
-        };
         self.journal = Some(journal);
-        match self.resync(desired).await {
-            Ok(()) => {
+        let restored = match saved {
+            Some(saved) => match self.saved_state(saved) {
+                Ok((sequence, desired)) => self.resync(desired).await.map(|left_out| (sequence, left_out)),
+                Err(e) => Err(e),
+            },
+            None => self.resync(Desired::new(self.desired.rules().clone())).await.map(|left_out| (0, left_out)),
+        };
+        match restored {
+            Ok((sequence, left_out)) => {
                 self.sequence = sequence;
-                let snapshot = Snapshot { sequence, spec: self.desired.to_spec() };
-                if let Err(e) = self.save(&snapshot) {
-                    warn!(error = %e, "could not save the restored state");
-                }
+                self.left_out = left_out;
             }
             Err(e) => {
-                // The saved files stay for whoever pushes the state again; sequence 0 asks
-                // the source for everything.
-                error!(error = %e, "could not bring the maps to the saved state; emptying them");
-                if let Err(e) = self.resync(empty).await {
+                error!(error = %e, "could not restore the saved dataplane state; setting it aside and starting empty");
+                if let Some(Err(e)) = self.journal.as_mut().map(Journal::set_aside) {
+                    error!(error = %e, "could not set the saved state aside");
+                }
+                self.sequence = 0;
+                if let Err(e) = self.resync(Desired::new(self.desired.rules().clone())).await {
                     error!(error = %e, "could not clear the dataplane maps");
                 }
             }
         }
-        info!(sequence = self.sequence, objects = self.mirror.owners().count(), "dataplane restored");
+        let snapshot = Snapshot { sequence: self.sequence, spec: self.desired.to_spec() };
+        if let Err(e) = self.save(&snapshot) {
+            warn!(error = %e, "could not save the restored state");
+        }
+        info!(
+            sequence = self.sequence,
+            objects = self.mirror.owners().count(),
+            left_out = self.left_out.len(),
+            "dataplane restored"
+        );
     }
 
     /// The state saved: the snapshot, the batches after it, without published ports this
     /// node now uses itself.
-    fn saved_state(&self, saved: Saved) -> (u64, Desired) {
+    fn saved_state(&self, saved: Saved) -> Result<(u64, Desired), NetError> {
         // Checked when it came in; an older version accepted overlapping subnets.
         let lenient = Rules::default();
-        let mut desired = match Desired::from_spec(&saved.snapshot.spec, lenient.clone()) {
-            Ok(desired) => desired,
-            Err(e) => {
-                warn!(error = %e, "ignoring a saved state that is no longer valid");
-                return (0, Desired::new(self.desired.rules().clone()));
-            }
-        };
+        let mut desired = Desired::from_spec(&saved.snapshot.spec, lenient.clone())?;
         let mut sequence = saved.snapshot.sequence;
         for batch in saved.batches {
             for change in &batch.changes {
@@ -211,9 +220,14 @@ impl Dataplane {
             sequence = batch.sequence.unwrap_or(sequence);
         }
         let spec = self.restorable(desired.to_spec());
-        let mut desired = Desired::from_spec(&spec, lenient).unwrap_or_default();
+        let mut desired = Desired::from_spec(&spec, lenient)?;
         desired.set_rules(self.desired.rules().clone());
-        (sequence, desired)
+        Ok((sequence, desired))
+    }
+
+    /// Objects of the saved state this node could not restore (see `restore`).
+    pub fn left_out(&self) -> &[String] {
+        &self.left_out
     }
 
     /// Applies a batch of changes in order, each on its own: a refused one changes nothing
@@ -221,7 +235,10 @@ impl Dataplane {
     /// kernel and journaled on disk (or not at all: a failed save takes them back out).
     #[instrument(skip_all, fields(changes = batch.changes.len()))]
     pub async fn apply_batch(&mut self, batch: ChangeBatch) -> Result<ChangeReport, NetError> {
-        let sequence = batch.sequence.unwrap_or(self.sequence + 1);
+        let sequence = match batch.sequence {
+            Some(sequence) => sequence,
+            None => self.sequence.checked_add(1).ok_or(NetError::SequenceExhausted)?,
+        };
         if sequence <= self.sequence {
             return Err(NetError::StaleSequence { given: sequence, applied: self.sequence });
         }
@@ -273,6 +290,9 @@ impl Dataplane {
         let mut undo = Vec::new();
         let mut result = self.apply_all(going, coming, &mut undo).await;
         if result.is_ok() {
+            result = self.repair_local_links().await;
+        }
+        if result.is_ok() {
             result = self.save(&Snapshot { sequence, spec }).map_err(NetError::Persist);
         }
         if let Err(e) = result {
@@ -282,6 +302,7 @@ impl Dataplane {
         // The same objects, in the order given.
         self.desired = target;
         self.sequence = sequence;
+        self.left_out.clear();
         info!(objects = self.mirror.owners().count(), "dataplane converged");
         Ok(())
     }
@@ -330,6 +351,27 @@ impl Dataplane {
                 cleared = true;
             }
             pending = waiting;
+        }
+        Ok(())
+    }
+
+    /// Re-plans the endpoints on this node whose interface is no longer the one the maps
+    /// name (a runtime made the veth again): a whole state repairs them, as it finds them.
+    async fn repair_local_links(&mut self) -> Result<(), NetError> {
+        let local: Vec<shoal_api::dataplane::Endpoint> =
+            self.desired.endpoints().filter(|ep| ep.node_addr == self.config.node_addr).cloned().collect();
+        for ep in local {
+            let owner = Owner::Endpoint((ep.network.clone(), ep.addr));
+            let links = self.local_links(&self.desired, std::slice::from_ref(&owner)).await?;
+            let now = links.values().next().map(|link| (link.index, link.mac));
+            let named =
+                self.mirror.entries(&owner).and_then(|e| e.interfaces.first()).map(|(i, entry)| (*i, entry.mac));
+            if now != named {
+                let removal = Change::RemoveEndpoint { network: ep.network.clone(), addr: ep.addr };
+                let owners = self.owners_of(&Change::AddEndpoint(ep.clone()), &removal);
+                warn!(endpoint = %ep.addr, "its interface changed: programming it again");
+                self.program(&owners).await?;
+            }
         }
         Ok(())
     }
@@ -473,23 +515,32 @@ impl Dataplane {
     }
 
     /// Rebuilds the mirror of `desired` whole and makes the maps and the host match it,
-    /// reading the maps once (at start). Objects whose entries cannot be made are left out.
-    async fn resync(&mut self, mut desired: Desired) -> Result<(), NetError> {
+    /// reading the maps once (at start). Objects whose entries cannot be made are left out
+    /// of the state, and returned as said.
+    async fn resync(&mut self, mut desired: Desired) -> Result<Vec<String>, NetError> {
         let owners = overlay::owners(&desired);
-        let links = self.local_links(&desired, &owners).await?;
+        // One endpoint at a time: one whose interface cannot be had is left out alone.
+        let mut links = LocalLinks::new();
+        let mut left_out = Vec::new();
+        let mut leave_out = |desired: &mut Desired, owner: &Owner, e: &NetError| {
+            warn!(object = ?owner, error = %e, "left out: it no longer applies on this node");
+            left_out.push(format!("{}: {e}", describe(owner)));
+            let _ = desired.apply(&removal_of(owner));
+        };
+        for owner in &owners {
+            match self.local_links(&desired, std::slice::from_ref(owner)).await {
+                Ok(found) => links.extend(found),
+                Err(e) => leave_out(&mut desired, owner, &e),
+            }
+        }
         let mut mirror = Mirror::with_ids(self.mirror.ids.clone());
         let mut delta = Delta::default();
-        for owner in owners {
+        for owner in overlay::owners(&desired) {
             match overlay::entries(&desired, &owner, self.config.node_addr, &links, &mut mirror) {
                 Ok(entries) => {
                     mirror.replace(owner, entries, &mut delta);
                 }
-                Err(e) => {
-                    warn!(object = ?owner, error = %e, "left out: it no longer applies on this node");
-                    if let Some(removal) = removal_of(&owner) {
-                        let _ = desired.apply(&removal);
-                    }
-                }
+                Err(e) => leave_out(&mut desired, &owner, &e),
             }
         }
         if let Err(e) = self.datapath.sync(mirror.plan()) {
@@ -500,11 +551,15 @@ impl Dataplane {
             return Err(e);
         }
         mirror.forget_held();
-        self.apply_host_whole(mirror.plan()).await?;
+        // The maps hold the state now; the host's side is retried with the next change that
+        // touches it rather than costing the node its state.
+        if let Err(e) = self.apply_host_whole(mirror.plan()).await {
+            error!(error = %e, "could not bring the host's side (NAT, routes) to the restored state");
+        }
         *self.names.write().unwrap_or_else(|p| p.into_inner()) = crate::dns::Names::from_spec(&desired.to_spec());
         self.desired = desired;
         self.mirror = mirror;
-        Ok(())
+        Ok(left_out)
     }
 
     fn save(&mut self, snapshot: &Snapshot) -> std::io::Result<()> {
@@ -611,11 +666,21 @@ fn reserved_ports(config: &NetConfig) -> Vec<ReservedPort> {
 }
 
 /// The change that removes `owner` from a state.
-fn removal_of(owner: &Owner) -> Option<Change> {
-    Some(match owner {
+fn removal_of(owner: &Owner) -> Change {
+    match owner {
         Owner::Network(name) => Change::RemoveNetwork { name: name.clone() },
         Owner::Endpoint((network, addr)) => Change::RemoveEndpoint { network: network.clone(), addr: *addr },
         Owner::Service((network, name)) => Change::RemoveService { network: network.clone(), name: name.clone() },
         Owner::Node(addr) => Change::RemoveNode { addr: *addr },
-    })
+    }
+}
+
+/// `owner` in words, for what is reported.
+fn describe(owner: &Owner) -> String {
+    match owner {
+        Owner::Network(name) => format!("network {name:?}"),
+        Owner::Endpoint((network, addr)) => format!("endpoint {addr} on network {network:?}"),
+        Owner::Service((network, name)) => format!("service {name:?} on network {network:?}"),
+        Owner::Node(addr) => format!("node {addr}"),
+    }
 }

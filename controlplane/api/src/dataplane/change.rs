@@ -100,10 +100,15 @@ impl ChangeResult {
 }
 
 /// The sequence the node has applied (`GET /shoal/v1/dataplane/sequence`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Sequence {
     pub sequence: u64,
+    /// Objects of the saved state the node's last start could not restore (a workload's
+    /// interface gone while it was down), each with why: they are not in its state, and the
+    /// source must send them again. Cleared by a whole state (`PUT`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 #[cfg(test)]

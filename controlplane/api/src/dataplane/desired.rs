@@ -15,7 +15,7 @@ use indexmap::{IndexMap, IndexSet};
 
 use super::{
     is_host_addr, is_valid_ifname, Change, DataplaneSpec, Endpoint, OverlayNetwork, Protocol, PublishMode,
-    ReservedPort, ServiceVip, SpecError, VNI_MAX,
+    ReservedPort, ServiceVip, SpecError, MAX_BACKENDS, VNI_MAX,
 };
 
 /// The rules that depend on who gives the state.
@@ -56,6 +56,9 @@ pub struct Desired {
     vips: HashMap<(String, Ipv4Addr), BTreeSet<String>>,
     /// Who has each VIP port. One owner across networks: the socket hooks see no network.
     vip_ports: HashMap<(Ipv4Addr, u16, Protocol), ServiceId>,
+    /// Each service's name as DNS sees it (case folded), per network: two names DNS cannot
+    /// tell apart are one service.
+    dns_names: HashMap<(String, String), String>,
     /// Who publishes each port on the nodes' addresses (host mode too: one node address,
     /// one listener per port, and two services' backends may share a node).
     published: HashMap<(u16, Protocol), ServiceId>,
@@ -198,10 +201,14 @@ impl Desired {
             }
             Change::Publish { network, service, port } => {
                 let mut svc = self.existing_service(network, service)?.clone();
-                let same =
-                    |p: &super::PublishedPort| p.published_port == port.published_port && p.protocol == port.protocol;
-                svc.published.retain(|p| !same(p));
-                svc.published.push(*port);
+                let same = |p: &&mut super::PublishedPort| {
+                    p.published_port == port.published_port && p.protocol == port.protocol
+                };
+                // In place when the port is there already: a resent Publish changes nothing.
+                match svc.published.iter_mut().find(same) {
+                    Some(there) => *there = *port,
+                    None => svc.published.push(*port),
+                }
                 self.set_service(svc)
             }
             Change::Unpublish { network, service, protocol, published_port } => {
@@ -328,6 +335,10 @@ impl Desired {
         if old.as_ref() == Some(&svc) {
             return Ok(None);
         }
+        let folded = (svc.network.clone(), svc.name.to_ascii_lowercase());
+        if self.dns_names.get(&folded).is_some_and(|name| *name != svc.name) {
+            return Err(SpecError::DuplicateService { service: svc.name.clone(), network: svc.network.clone() });
+        }
         if let Some(old) = &old {
             self.unindex_service(old);
         }
@@ -340,6 +351,7 @@ impl Desired {
         self.index_service(&svc);
         if old.is_none() {
             *self.users.entry(svc.network.clone()).or_default() += 1;
+            self.dns_names.insert(folded, svc.name.clone());
         }
         self.services.insert(id, svc.clone());
         Ok(Some(match old {
@@ -355,6 +367,7 @@ impl Desired {
             .ok_or_else(|| SpecError::NotDeclared(format!("service {name:?} on network {network:?}")))?;
         self.unindex_service(&svc);
         self.release_user(network);
+        self.dns_names.remove(&(network.to_owned(), name.to_ascii_lowercase()));
         Ok(Change::SetService(svc))
     }
 
@@ -364,6 +377,9 @@ impl Desired {
             .networks
             .get(&svc.network)
             .ok_or_else(|| SpecError::ServiceNetwork { service: svc.name.clone(), network: svc.network.clone() })?;
+        if svc.backends.len() > MAX_BACKENDS || svc.draining.len() > MAX_BACKENDS {
+            return Err(SpecError::TooManyBackends { service: svc.name.clone(), max: MAX_BACKENDS });
+        }
         for addr in std::iter::once(&svc.vip).chain(&svc.backends).chain(&svc.draining) {
             if !is_host_addr(net.subnet, *addr) {
                 return Err(SpecError::ServiceAddrOutsideSubnet {
@@ -622,6 +638,26 @@ mod tests {
         let mut d = state();
         assert_eq!(d.apply(&Change::AddNetwork(blue())), Ok(None));
         assert_eq!(d.apply(&Change::SetService(web())), Ok(None));
+        let port = PublishedPort {
+            protocol: Protocol::Tcp,
+            published_port: 8080,
+            target_port: 80,
+            publish_mode: PublishMode::Ingress,
+        };
+        let publish = Change::Publish { network: "blue".into(), service: "web".into(), port };
+        assert!(d.apply(&publish).unwrap().is_some());
+        assert_eq!(d.apply(&publish), Ok(None), "a resent Publish changes nothing");
+        // Names DNS cannot tell apart are one service.
+        let mut shouting = web();
+        shouting.name = "WEB".into();
+        shouting.vip = "10.78.0.101".parse().unwrap();
+        shouting.ports.clear();
+        assert!(matches!(d.apply(&Change::SetService(shouting)), Err(SpecError::DuplicateService { .. })));
+        let mut crowd = web();
+        crowd.backends = (0..=MAX_BACKENDS as u32)
+            .map(|i| std::net::Ipv4Addr::from(u32::from_be_bytes([10, 78, 0, 0]) + 2 + i % 250))
+            .collect();
+        assert!(matches!(d.apply(&Change::SetService(crowd)), Err(SpecError::TooManyBackends { .. })));
         let mut moved = endpoint("10.78.0.2");
         moved.node_addr = "10.77.0.12".parse().unwrap();
         assert!(matches!(d.apply(&Change::AddEndpoint(moved)), Err(SpecError::DuplicateEndpoint { .. })));

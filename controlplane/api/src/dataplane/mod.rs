@@ -20,6 +20,9 @@ pub use desired::{Desired, EndpointId, Rules, ServiceId};
 pub const VNI_MAX: u32 = (1 << 24) - 1;
 /// MTU of an overlay interface over a 1500-byte underlay: VXLAN adds 50 bytes.
 pub const DEFAULT_OVERLAY_MTU: u32 = 1450;
+/// Most backends (and most draining ones) a service may have on a network: each needs a slot
+/// of its Maglev table, which has 1021.
+pub const MAX_BACKENDS: usize = 1021;
 /// Longest Linux interface name (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -195,6 +198,8 @@ pub enum SpecError {
     NetworkInUse { network: String, users: usize },
     #[error("{0} is not declared")]
     NotDeclared(String),
+    #[error("service {service:?}: more than {max} backends (or draining ones) on one network")]
+    TooManyBackends { service: String, max: usize },
 }
 
 impl SpecError {
