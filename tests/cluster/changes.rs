@@ -150,6 +150,13 @@ fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
     for who in answers(&client.netns, 20) {
         assert!(names.contains(&who), "a new connection reached {who}, not a remaining backend");
     }
+    // A restart keeps every backend's ID (conntrack pins flows by ID): the draining one's
+    // connection goes on, not balanced again as if its backend had left.
+    let repicked = lab.host("mgr1").unwrap().packets(LB_REPICKED).unwrap();
+    lab.kill("mgr1").unwrap();
+    lab.start("mgr1").unwrap();
+    assert_eq!(talk.say("restarted").unwrap(), format!("{pinned} restarted"));
+    assert_eq!(lab.host("mgr1").unwrap().packets(LB_REPICKED).unwrap(), repicked, "flows re-picked by a restart");
 
     // Gone (its task stopped): the open connection's next packet is balanced again, to a
     // remaining backend, which has no such connection and resets it: the client learns at

@@ -262,7 +262,9 @@ impl Datapath {
     }
 
     /// The table and backend IDs the maps hold (at start: an earlier run's).
-    pub fn lb_ids(&self) -> Result<(BTreeSet<u32>, BTreeSet<u32>), NetError> {
+    /// (The backends with what they hold: a backend the state still has keeps its ID, so the
+    /// flows conntrack pinned to it stay pinned.)
+    pub fn lb_ids(&self) -> Result<KernelIds, NetError> {
         let map = |name: &'static str| {
             self.ebpf.map(name).ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))
         };
@@ -270,10 +272,10 @@ impl Datapath {
             HashMap::try_from(map(maps::MAGLEV)?).map_err(|e| map_error(maps::MAGLEV, e))?;
         let backends: HashMap<&MapData, u32, Backend> =
             HashMap::try_from(map(maps::BACKENDS)?).map_err(|e| map_error(maps::BACKENDS, e))?;
-        Ok((
-            tables.keys().collect::<Result<_, _>>().map_err(|e| map_error(maps::MAGLEV, e))?,
-            backends.keys().collect::<Result<_, _>>().map_err(|e| map_error(maps::BACKENDS, e))?,
-        ))
+        Ok(KernelIds {
+            tables: tables.keys().collect::<Result<_, _>>().map_err(|e| map_error(maps::MAGLEV, e))?,
+            backends: backends.iter().collect::<Result<_, _>>().map_err(|e| map_error(maps::BACKENDS, e))?,
+        })
     }
 
     /// Every counter in use, summed over CPUs.
@@ -317,6 +319,12 @@ impl Datapath {
             self.ebpf.map_mut(name).ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))?;
         T::try_from(map).map_err(|e| map_error(name, e))
     }
+}
+
+/// The table IDs and the backends (ID, what it holds) the maps hold.
+pub struct KernelIds {
+    pub tables: BTreeSet<u32>,
+    pub backends: Vec<(u32, Backend)>,
 }
 
 fn map_error(map: &'static str, source: MapError) -> NetError {

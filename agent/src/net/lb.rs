@@ -103,11 +103,11 @@ impl Tables<'_> {
             if !seen.insert(key) {
                 continue;
             }
+            let backend = Backend { addr: u32::from_ne_bytes(addr.octets()), port: target_port.to_be(), _pad: 0 };
             let backend_id = match had.get(&key) {
                 Some(backend_id) => *backend_id,
-                None => self.ids.backend()?,
+                None => self.ids.backend_for(&backend)?,
             };
-            let backend = Backend { addr: u32::from_ne_bytes(addr.octets()), port: target_port.to_be(), _pad: 0 };
             entries.backends.push((key, backend_id, backend));
             if serving {
                 members.push((format!("{addr}:{target_port}"), backend_id));

@@ -267,6 +267,10 @@ pub struct Ids {
     taken_backends: BTreeSet<u32>,
     cursor_tables: u32,
     cursor_backends: u32,
+    /// Backend IDs the maps held at start, by what they held: a backend of the restored
+    /// state at the same address and port takes one back, so the flows conntrack pinned to
+    /// it (by ID) are not taken for flows of a backend that left.
+    reusable: HashMap<(u32, u16), Vec<u32>>,
 }
 
 impl Ids {
@@ -274,6 +278,25 @@ impl Ids {
     pub fn hold(&mut self, tables: impl IntoIterator<Item = u32>, backends: impl IntoIterator<Item = u32>) {
         self.taken_tables.extend(tables);
         self.taken_backends.extend(backends);
+    }
+
+    /// Keeps the maps' tables and backends out of use, the backends to be taken back by
+    /// backends at the same address and port (`backend_for`).
+    pub fn hold_kernel(&mut self, tables: impl IntoIterator<Item = u32>, backends: &[(u32, Backend)]) {
+        self.hold(tables, backends.iter().map(|(id, _)| *id));
+        for (id, backend) in backends {
+            self.reusable.entry((backend.addr, backend.port)).or_default().push(*id);
+        }
+    }
+
+    /// An ID for a new backend at `backend`'s address and port: one the maps held for the
+    /// same, if any is left, or a new one.
+    pub fn backend_for(&mut self, backend: &Backend) -> Result<u32, NetError> {
+        if let Some(id) = self.reusable.get_mut(&(backend.addr, backend.port)).and_then(Vec::pop) {
+            self.taken_backends.insert(id);
+            return Ok(id);
+        }
+        self.backend()
     }
 
     pub fn table(&mut self) -> Result<u32, NetError> {
@@ -368,6 +391,7 @@ impl Mirror {
     /// Frees the IDs held at start that no entry uses (the maps no longer hold them once
     /// synced to this mirror).
     pub fn forget_held(&mut self) {
+        self.ids.reusable.clear();
         self.ids.taken_tables = self.parts.values().flat_map(|e| e.tables.iter().map(|(_, id, _)| *id)).collect();
         self.ids.taken_backends = self.parts.values().flat_map(|e| e.backends.iter().map(|(_, id, _)| *id)).collect();
     }

@@ -94,9 +94,9 @@ impl Dataplane {
             _pad: 0,
         };
         // Until a sync replaces them, the maps' entries keep their IDs to themselves.
-        let (tables, backends) = datapath.lb_ids()?;
+        let held = datapath.lb_ids()?;
         let mut mirror = Mirror::default();
-        mirror.ids.hold(tables, backends);
+        mirror.ids.hold_kernel(held.tables, &held.backends);
         let rules = Rules::strict(reserved_ports(&config));
         let mut dataplane = Dataplane {
             config,
@@ -545,8 +545,8 @@ impl Dataplane {
         }
         if let Err(e) = self.datapath.sync(mirror.plan()) {
             // The maps may hold IDs of either state now: none is given out again.
-            if let Ok((tables, backends)) = self.datapath.lb_ids() {
-                self.mirror.ids.hold(tables, backends);
+            if let Ok(held) = self.datapath.lb_ids() {
+                self.mirror.ids.hold(held.tables, held.backends.into_iter().map(|(id, _)| id));
             }
             return Err(e);
         }
