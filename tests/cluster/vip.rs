@@ -202,6 +202,25 @@ fn a_backend_calling_its_own_vip_always_reaches_another_backend() {
     }
 }
 
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_only_backend_calling_its_own_vip_reaches_itself() {
+    let lab = plain_lab("e2ehairpin1", 1, 0);
+    let web = workload(&lab, "mgr1", "web", "10.78.0.11");
+    let _server = TextServer::start(&web.netns, 8080, "web {peer}").unwrap();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &[&web]).unwrap();
+    spec.services = vec![blue_service("web", VIP, Protocol::Tcp, 80, 8080, &["10.78.0.11"])];
+    lab.apply_dataplane(&spec).unwrap();
+    // On the TC path (a process outside the workloads' cgroup): the connection comes back to
+    // the workload from the VIP, and the replies reach the caller from VIP:80.
+    for i in 0..5 {
+        let reply = tcp_exchange(&web.netns, addr(VIP), 80, &format!("self{i}")).unwrap();
+        assert_eq!(reply, format!("web {VIP} self{i}"), "the server sees the VIP as its client");
+    }
+    let mgr1 = lab.host("mgr1").unwrap();
+    assert!(mgr1.packets(LB_REVERSE_NAT).unwrap() >= 5, "the replies went through the hairpin's reverse NAT");
+}
+
 fn one_backend_behind_a_vip(name: &str, protocol: Protocol, port: u16, target_port: u16) -> (Lab, Workload, Workload) {
     let lab = plain_lab(name, 1, 1);
     let client = workload(&lab, "mgr1", "client", "10.78.0.2");

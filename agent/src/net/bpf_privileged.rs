@@ -402,3 +402,34 @@ fn a_flow_whose_backend_left_is_balanced_again_and_only_udp_flows_age() {
     assert_eq!(&kept[30..34], &LOCAL, "and pinned there");
     assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 2);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_only_backend_calling_its_own_vip_reaches_itself_from_the_vip() {
+    let mut fx = testbed();
+    fx.with_service().unwrap();
+    // The service's only backend is the caller itself.
+    fx.replace_backend(7, 9, 11, CLIENT, 8080).unwrap();
+
+    // Forward: client -> VIP:80 becomes VIP:40000 -> client:8080 (not from its own
+    // address, which the kernel would drop as martian), handed back to the client.
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &syn(CLIENT, 40000, VIP, 80)).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&out[26..30], &out[30..34]), (&VIP[..], &CLIENT[..]), "source the VIP, destination the client");
+    assert_eq!((&out[34..36], &out[36..38]), (&40000u16.to_be_bytes()[..], &8080u16.to_be_bytes()[..]));
+    assert_eq!(&out[0..6], &CLIENT_MAC, "handed to the client's own interface");
+    assert!(checksums_ok(&out));
+
+    // Reply: client:8080 -> VIP:40000 becomes VIP:80 -> client:40000, back to the client.
+    let (verdict, reply) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 8080, VIP, 40000)).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&reply[26..30], &reply[30..34]), (&VIP[..], &CLIENT[..]));
+    assert_eq!((&reply[34..36], &reply[36..38]), (&80u16.to_be_bytes()[..], &40000u16.to_be_bytes()[..]));
+    assert!(checksums_ok(&reply));
+    assert_eq!(fx.count(stats::LB_REVERSE_NAT).unwrap(), 1);
+
+    // The connection's next segment keeps the hairpin.
+    let (_, again) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80)).unwrap();
+    assert_eq!(again[26..38], out[26..38]);
+    assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 1);
+}

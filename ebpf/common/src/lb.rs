@@ -141,6 +141,13 @@ pub const NAT_REPLY_TO_UNDERLAY: u16 = 1;
 /// which rewrites it (so the client sees the address it connected to).
 pub const NAT_RETURN_VIA_NODE: u16 = 2;
 
+/// Both directions of a flow a workload opened to its own service's VIP and that was
+/// balanced back to itself (the service's only backend): the forward packet also gets the VIP
+/// as its source, so it does not arrive from the workload's own address (which the kernel
+/// drops as martian), and the reply, to the VIP, gets the VIP back as its source and the
+/// client as its destination.
+pub const NAT_HAIRPIN: u16 = 3;
+
 /// A datagram source as one socket sees it: a backend's address and port, by socket cookie
 /// (the reverse translation of the `sendmsg` hook, for `recvmsg`).
 #[repr(C)]

@@ -19,7 +19,7 @@ use shoal_common::{
 
 use crate::{
     arp,
-    forward::{deliver_local, encapsulate, node_config},
+    forward::{deliver_local, encapsulate, hand_to_workload, node_config},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
     ingress::{self, Client, Hop},
     lb,
@@ -84,6 +84,12 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
         return to_host(ctx);
     }
     if to.ifindex == 0 && to.node_addr == 0 {
+        // The reply of a flow balanced back to its own client goes to the VIP at the
+        // client's port: it goes back to its sender, from the VIP's service port.
+        if lb::hairpin_reply(ctx)? {
+            let me = lookup(&ENDPOINTS, &EndpointKey { vni: iface.vni, addr: iface.addr }).ok_or(DROP_NO_ENDPOINT)?;
+            return hand_to_workload(ctx, &me, FORWARD_LOCAL);
+        }
         // A VIP not balanced: with IP options (never balanced, as IPVS does not), or not on
         // a port of its service (or not TCP/UDP): nothing answers there.
         return Err(if has_ip_options(ctx)? { DROP_IP_OPTIONS } else { DROP_NO_BACKEND });

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use shoal_common::{
     lb::{
-        CtEntry, FlowKey, NatEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_SLOTS, NAT_RETURN_VIA_NODE, PROTO_TCP,
-        PROTO_UDP, UDP_IDLE_SECONDS,
+        CtEntry, FlowKey, NatEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_SLOTS, NAT_HAIRPIN, NAT_RETURN_VIA_NODE,
+        PROTO_TCP, PROTO_UDP, UDP_IDLE_SECONDS,
     },
     stats::{DROP_MALFORMED, DROP_NAT, DROP_NO_BACKEND, LB_NEW_FLOW, LB_REPICKED, LB_REVERSE_NAT, LB_TRACKED},
 };
@@ -88,15 +88,29 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
             count(ctx, LB_TRACKED);
             backend
         }
+        Tracked::HairpinReply(vip) => {
+            // A reply that happens to go to a port of the VIP's service.
+            hairpin_back(ctx, &flow, &vip)?;
+            return Ok(true);
+        }
         state => {
-            let (chosen, id) = pick(service.id, service.backends, &flow)?;
+            let (mut chosen, id) = pick(service.id, service.backends, &flow)?;
             let vip = NatEntry { addr: flow.daddr, port: flow.dport, flags: 0 };
-            track(&flow, &chosen, id, &vip)?;
+            if chosen.addr == flow.saddr {
+                chosen.flags = NAT_HAIRPIN;
+                track_hairpin(&flow, &chosen, id)?;
+            } else {
+                track(&flow, &chosen, id, &vip)?;
+            }
             count(ctx, if state == Tracked::Stale { LB_REPICKED } else { LB_NEW_FLOW });
             chosen
         }
     };
     rewrite_destination(ctx, &flow, &backend)?;
+    if backend.flags == NAT_HAIRPIN {
+        // The source port stays: the reply comes back to it.
+        rewrite(ctx, flow.proto, IP_SADDR, L4_SPORT, flow.saddr, flow.daddr, flow.sport, flow.sport)?;
+    }
     Ok(true)
 }
 
@@ -111,6 +125,9 @@ pub enum Tracked {
     /// Not tracked, or a new TCP connection (a client reuses a port long before any old
     /// state would go, and a new connection must get a fresh choice).
     Untracked,
+    /// The reply of a flow balanced back to its own client (`NAT_HAIRPIN`): to come from
+    /// this VIP port.
+    HairpinReply(NatEntry),
 }
 
 /// The flow's tracked state. A live UDP flow's last-seen time is refreshed (at most once a
@@ -121,6 +138,9 @@ pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Tracked {
         return Tracked::Untracked;
     }
     let Some(entry) = lookup_lru(&CONNTRACK, flow) else { return Tracked::Untracked };
+    if entry.backend == 0 && entry.nat.flags == NAT_HAIRPIN {
+        return Tracked::HairpinReply(entry.nat);
+    }
     if entry.backend != 0 {
         match lookup(&BACKENDS, &entry.backend) {
             Some(b) if b.addr == entry.nat.addr && b.port == entry.nat.port => {}
@@ -215,6 +235,49 @@ pub fn track(flow: &FlowKey, backend: &NatEntry, backend_id: u32, reverse_nat: &
     let seen = now_seconds();
     CONNTRACK.insert(reverse, CtEntry { nat: *reverse_nat, backend: 0, seen }, 0).map_err(|_| DROP_NAT)?;
     CONNTRACK.insert(flow, CtEntry { nat: *backend, backend: backend_id, seen }, 0).map_err(|_| DROP_NAT)?;
+    Ok(())
+}
+
+/// Remembers a flow balanced back to its own client: forward to the backend (with the VIP
+/// as source), and the reply (backend -> VIP at the client's port) back from the VIP port.
+#[inline(always)]
+fn track_hairpin(flow: &FlowKey, backend: &NatEntry, backend_id: u32) -> Result<(), u32> {
+    let reply = FlowKey {
+        saddr: backend.addr,
+        daddr: flow.daddr,
+        sport: backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let seen = now_seconds();
+    let vip = NatEntry { addr: flow.daddr, port: flow.dport, flags: NAT_HAIRPIN };
+    CONNTRACK.insert(reply, CtEntry { nat: vip, backend: 0, seen }, 0).map_err(|_| DROP_NAT)?;
+    CONNTRACK.insert(flow, CtEntry { nat: *backend, backend: backend_id, seen }, 0).map_err(|_| DROP_NAT)?;
+    Ok(())
+}
+
+/// If the packet is the reply of a flow balanced back to its own client, rewrites it (from
+/// the VIP port, to the client, which is its own sender) and returns true.
+#[inline(always)]
+pub fn hairpin_reply(ctx: &TcContext) -> Result<bool, u32> {
+    let Some(flow) = flow_of(ctx)? else { return Ok(false) };
+    match lookup_lru(&CONNTRACK, &flow) {
+        Some(CtEntry { nat, backend: 0, .. }) if nat.flags == NAT_HAIRPIN => {
+            hairpin_back(ctx, &flow, &nat)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// The reply of a hairpin flow: from `vip` (its address and service port), to the sender
+/// itself at the port it sent to.
+#[inline(always)]
+fn hairpin_back(ctx: &TcContext, flow: &FlowKey, vip: &NatEntry) -> Result<(), u32> {
+    rewrite(ctx, flow.proto, IP_DADDR, L4_DPORT, flow.daddr, flow.saddr, flow.dport, flow.dport)?;
+    rewrite_source(ctx, flow, vip)?;
+    count(ctx, LB_REVERSE_NAT);
     Ok(())
 }
 
