@@ -290,6 +290,14 @@ fn vxlan_from_a_workload_or_a_stranger_never_reaches_a_workload() {
     let mut buf = [0u8; 64];
     assert!(inbox.recv_from(&mut buf).is_err(), "a forged frame reached b");
 
+    // A stranger routing through wrk1 straight to b's data path port: the node's untracked
+    // data path is its own address only, so the isolation rules still stop this.
+    let data_path = shoal_lab::in_netns(&b.netns, || std::net::UdpSocket::bind(("0.0.0.0", 4789))).unwrap().unwrap();
+    data_path.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    shoal_lab::run_ok(&["ip", "-n", &stranger, "route", "add", "10.78.0.0/24", "via", &wrk1.addr.to_string()]).unwrap();
+    send_udp(&stranger, SocketAddrV4::new(b.addr, 4789), b"through");
+    assert!(data_path.recv_from(&mut buf).is_err(), "a stranger reached b's port 4789 through its node");
+
     // The overlay itself still carries a's datagrams to b.
     send_udp(&a.netns, SocketAddrV4::new(b.addr, LISTEN), b"real");
     let (len, from) = inbox.recv_from(&mut buf).expect("a's datagram over the overlay");

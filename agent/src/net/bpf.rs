@@ -23,7 +23,7 @@ use nix::{
 };
 use shoal_api::dataplane::Counter;
 use shoal_common::{
-    lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey},
+    lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, SOCKET_VNI},
     maps,
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
     stats,
@@ -31,7 +31,8 @@ use shoal_common::{
 use tracing::{debug, info};
 
 use crate::net::{
-    mirror::{Counted, Delta, Plan},
+    lb,
+    mirror::{Counted, Delta, KernelIds, Plan, TableName},
     NetError,
 };
 
@@ -149,8 +150,7 @@ impl Datapath {
         sync_hash_map(&mut endpoints, maps::ENDPOINTS, &wanted(&plan.endpoints))?;
         let mut interfaces: HashMap<&mut MapData, u32, InterfaceEntry> = self.map_mut(maps::INTERFACES)?;
         sync_hash_map(&mut interfaces, maps::INTERFACES, &wanted(&plan.interfaces))?;
-        self.sync_lb(plan)?;
-
+        // Workloads' programs before the services that send them traffic (as `write`).
         let stale: Vec<u32> =
             self.attachments.attached(FROM_WORKLOAD).filter(|i| !plan.attach.contains_key(i)).collect();
         for ifindex in stale {
@@ -162,7 +162,7 @@ impl Datapath {
                 self.attachments.attach(&mut self.ebpf, FROM_WORKLOAD, name, ifindex)?;
             }
         }
-        Ok(())
+        self.sync_lb(plan)
     }
 
     /// Writes one change, without reading a map: every put, dependencies first (backends and
@@ -261,21 +261,52 @@ impl Datapath {
         prune(&mut backends, maps::BACKENDS, &wanted(&plan.backends))
     }
 
-    /// The table and backend IDs the maps hold (at start: an earlier run's).
-    /// (The backends with what they hold: a backend the state still has keeps its ID, so the
-    /// flows conntrack pinned to it stay pinned.)
+    /// The table and backend IDs the maps hold (at start: an earlier run's), each with the
+    /// names of the tables it serves: the same tables and backends take them back, so the
+    /// flows conntrack pinned to a backend (by ID) stay pinned across a restart.
     pub fn lb_ids(&self) -> Result<KernelIds, NetError> {
         let map = |name: &'static str| {
             self.ebpf.map(name).ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))
         };
+        let services: HashMap<&MapData, ServiceKey, ServiceEntry> =
+            HashMap::try_from(map(maps::SERVICES)?).map_err(|e| map_error(maps::SERVICES, e))?;
+        let ingress: HashMap<&MapData, IngressKey, IngressEntry> =
+            HashMap::try_from(map(maps::INGRESS)?).map_err(|e| map_error(maps::INGRESS, e))?;
         let tables: HashMap<&MapData, u32, MaglevTable> =
             HashMap::try_from(map(maps::MAGLEV)?).map_err(|e| map_error(maps::MAGLEV, e))?;
         let backends: HashMap<&MapData, u32, Backend> =
             HashMap::try_from(map(maps::BACKENDS)?).map_err(|e| map_error(maps::BACKENDS, e))?;
-        Ok(KernelIds {
-            tables: tables.keys().collect::<Result<_, _>>().map_err(|e| map_error(maps::MAGLEV, e))?,
-            backends: backends.iter().collect::<Result<_, _>>().map_err(|e| map_error(maps::BACKENDS, e))?,
-        })
+        let mut names: BTreeMap<u32, Vec<TableName>> = BTreeMap::new();
+        for item in services.iter() {
+            let (key, entry) = item.map_err(|e| map_error(maps::SERVICES, e))?;
+            if key.vni != SOCKET_VNI {
+                let vip = std::net::Ipv4Addr::from(key.vip.to_ne_bytes());
+                names.entry(entry.id).or_default().push(lb::vip_table(key.vni, vip, u16::from_be(key.port), key.proto));
+            }
+        }
+        for item in ingress.iter() {
+            let (key, entry) = item.map_err(|e| map_error(maps::INGRESS, e))?;
+            // Either mode: the map does not say, and a port has one.
+            for mode in ["ingress", "host"] {
+                names.entry(entry.id).or_default().push(lb::published_table(mode, u16::from_be(key.port), key.proto));
+            }
+        }
+        let mut serving: StdHashMap<u32, Vec<TableName>> = StdHashMap::new();
+        for item in tables.iter() {
+            let (id, table) = item.map_err(|e| map_error(maps::MAGLEV, e))?;
+            names.entry(id).or_default();
+            let members: BTreeSet<u32> = table.slots.iter().copied().collect();
+            for backend in members {
+                serving.entry(backend).or_default().extend(names[&id].iter().cloned());
+            }
+        }
+        let mut held =
+            KernelIds { tables: names.into_iter().map(|(id, names)| (names, id)).collect(), backends: Vec::new() };
+        for item in backends.iter() {
+            let (id, backend) = item.map_err(|e| map_error(maps::BACKENDS, e))?;
+            held.backends.push((serving.remove(&id).unwrap_or_default(), id, backend));
+        }
+        Ok(held)
     }
 
     /// Every counter in use, summed over CPUs.
@@ -319,12 +350,6 @@ impl Datapath {
             self.ebpf.map_mut(name).ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))?;
         T::try_from(map).map_err(|e| map_error(name, e))
     }
-}
-
-/// The table IDs and the backends (ID, what it holds) the maps hold.
-pub struct KernelIds {
-    pub tables: BTreeSet<u32>,
-    pub backends: Vec<(u32, Backend)>,
 }
 
 fn map_error(map: &'static str, source: MapError) -> NetError {

@@ -35,7 +35,8 @@ pub fn sync_nat(
         [] => String::new(),
         _ => {
             let set = subnets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-            format!("    ip daddr {{ {set} }} ct state new drop\n")
+            // Untracked packets too: nothing but replies goes in.
+            format!("    ip daddr {{ {set} }} ct state != {{ established, related }} drop\n")
         }
     };
     // Create-then-delete makes the delete safe when the table is absent; all in one
@@ -59,17 +60,19 @@ pub fn remove_host_rules() -> Result<(), NetError> {
 /// nftables table of the data path's notrack rules (the whole table is ours).
 const RAW_TABLE: &str = "shoal_raw";
 
-/// Keeps the overlay's own packets (VXLAN on UDP `port`, in and out) out of connection
-/// tracking: every packet of every overlay flow would otherwise be looked up, and its
-/// entries fill the table, on both nodes, for traffic the node never NATs or filters.
-pub fn untrack_data_path(port: u16) -> Result<(), NetError> {
-    let chain = |name: &str, hook: &str| {
-        format!("  chain {name} {{\n    type filter hook {hook} priority raw; policy accept;\n    udp dport {port} counter notrack\n  }}\n")
+/// Keeps the overlay's own packets (VXLAN on UDP `port` to and from the node's address
+/// `node`, in and out) out of connection tracking: every packet of every overlay flow would
+/// otherwise be looked up, and its entries fill the table, on both nodes, for traffic the
+/// node never NATs or filters. Only the node's own address: UDP to that port for anyone else
+/// (a workload, through the node) stays tracked, so the isolation rules still see it.
+pub fn untrack_data_path(port: u16, node: Ipv4Addr) -> Result<(), NetError> {
+    let chain = |name: &str, hook: &str, match_addr: &str| {
+        format!("  chain {name} {{\n    type filter hook {hook} priority raw; policy accept;\n    ip {match_addr} {node} udp dport {port} counter notrack\n  }}\n")
     };
     nft(&format!(
         "table ip {RAW_TABLE}\ndelete table ip {RAW_TABLE}\ntable ip {RAW_TABLE} {{\n{}{}}}\n",
-        chain("prerouting", "prerouting"),
-        chain("output", "output")
+        chain("prerouting", "prerouting", "daddr"),
+        chain("output", "output", "saddr")
     ))
 }
 

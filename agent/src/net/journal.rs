@@ -41,6 +41,8 @@ pub struct Journal {
     bytes: u64,
     /// A failed append could not be cut off: nothing more is appended until a snapshot.
     poisoned: bool,
+    /// Setting aside failed half-way: `file` is not the journal, nothing is written.
+    lost: bool,
 }
 
 impl Journal {
@@ -54,12 +56,15 @@ impl Journal {
             file.set_len(valid)?;
         }
         let bytes = valid;
-        let journal = Journal { snapshot: snapshot.to_owned(), file, bytes, poisoned: false };
+        let journal = Journal { snapshot: snapshot.to_owned(), file, bytes, poisoned: false, lost: false };
         Ok((journal, saved))
     }
 
     /// Appends `batch` (its sequence set) and syncs it to disk.
     pub fn append(&mut self, batch: &ChangeBatch) -> std::io::Result<()> {
+        if self.lost {
+            return Err(std::io::Error::other("the journal could not be opened again"));
+        }
         if self.poisoned {
             return Err(std::io::Error::other("the journal needs a snapshot first"));
         }
@@ -93,7 +98,10 @@ impl Journal {
                 _ => {}
             }
         }
+        // Until the new journal is open, nothing may be written: `file` is the one set aside.
+        self.lost = true;
         self.file = OpenOptions::new().create(true).append(true).open(&path)?;
+        self.lost = false;
         self.bytes = 0;
         self.poisoned = false;
         Ok(())
@@ -107,6 +115,9 @@ impl Journal {
     /// Saves the whole state at `sequence` and empties the journal. A crash between the two
     /// leaves batches the snapshot holds already; reading skips them by sequence.
     pub fn snapshot(&mut self, snapshot: &Snapshot) -> std::io::Result<()> {
+        if self.lost {
+            return Err(std::io::Error::other("the journal could not be opened again"));
+        }
         crate::daemon::save_json(&self.snapshot, snapshot)?;
         self.file.set_len(0)?;
         self.file.sync_all()?;
@@ -140,15 +151,24 @@ fn read(snapshot: &Path, journal: &Path) -> std::io::Result<(Option<Saved>, u64)
     let mut rest = &bytes[..];
     let mut last = 0u64;
     while !rest.is_empty() {
-        // Only a line without its newline is torn (a crash mid-write, never acknowledged);
-        // a whole line that does not read is damage, or a newer version's, and said so.
+        // The last line may be torn (a crash mid-write: never acknowledged, even if a page
+        // with its newline reached the disk before an earlier one); a line before it that
+        // does not read is damage, or a newer version's, and said so.
         let Some(end) = rest.iter().position(|b| *b == b'\n') else {
             warn!(bytes = rest.len(), "ignoring a torn last journal line");
             break;
         };
-        let batch: ChangeBatch = serde_json::from_slice(&rest[..end]).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("journal at byte {valid}: {e}"))
-        })?;
+        let batch = match serde_json::from_slice::<ChangeBatch>(&rest[..end]) {
+            Ok(batch) => batch,
+            Err(e) if end + 1 == rest.len() => {
+                warn!(error = %e, "ignoring a torn last journal line");
+                break;
+            }
+            Err(e) => {
+                let message = format!("journal at byte {valid}: {e}");
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, message));
+            }
+        };
         let sequence = batch.sequence.unwrap_or(0);
         if sequence <= last {
             return Err(std::io::Error::new(
@@ -205,12 +225,19 @@ mod tests {
         let (_, saved) = Journal::open(&file).unwrap();
         assert_eq!(saved.unwrap().batches.len(), 3);
 
-        // A whole line that does not read is damage, not a torn tail; so is a batch that does
-        // not come after the one before.
+        // A line that does not read before the last is damage, not a torn tail (the last one
+        // is torn, whole or not); so is a batch that does not come after the one before.
         let journal_file = dir.join("dataplane.journal");
         let good = std::fs::read(&journal_file).unwrap();
+        let garbled = b"{\"Sequence\":9,\"Changes\":[{\"Op\":\"Reboot\"}]}\n";
+        let mut torn = good.clone();
+        torn.extend_from_slice(garbled);
+        std::fs::write(&journal_file, &torn).unwrap();
+        assert_eq!(Journal::open(&file).unwrap().1.unwrap().batches.len(), 3, "a garbled last line is torn");
         let mut damaged = good.clone();
-        damaged.extend_from_slice(b"{\"Sequence\":9,\"Changes\":[{\"Op\":\"Reboot\"}]}\n");
+        damaged.extend_from_slice(garbled);
+        damaged.extend_from_slice(&serde_json::to_vec(&batch(10, "f")).unwrap());
+        damaged.push(b'\n');
         std::fs::write(&journal_file, &damaged).unwrap();
         assert_eq!(Journal::open(&file).err().map(|e| e.kind()), Some(std::io::ErrorKind::InvalidData));
         let mut backwards = good.clone();

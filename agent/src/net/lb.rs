@@ -47,7 +47,7 @@ pub fn service_entries(
         for port in &svc.ports {
             let proto = proto_number(port.protocol);
             let key = ServiceKey { vni: net.vni, vip, port: port.port.to_be(), proto, _pad: 0 };
-            let name = TableName(format!("vip {} {}:{}/{proto}", net.vni, svc.vip, port.port));
+            let name = vip_table(net.vni, svc.vip, port.port, proto);
             let entry = tables.add(&mut entries, name, &svc.backends, &svc.draining, port.target_port)?;
             entries.services.push((key, entry));
             // The socket hooks' copy, keyed without the network (a socket has none yet).
@@ -63,12 +63,22 @@ pub fn service_entries(
         if backends.is_empty() && draining.is_empty() && port.publish_mode == PublishMode::Host {
             continue;
         }
-        let name = TableName(format!("published {mode} {}/{proto}", port.published_port));
+        let name = published_table(mode, port.published_port, proto);
         let entry = tables.add(&mut entries, name, backends, draining, port.target_port)?;
         let key = IngressKey { port: port.published_port.to_be(), proto, _pad: 0 };
         entries.ingress.push((key, IngressEntry { id: entry.id, backends: entry.backends, vni: net.vni }));
     }
     Ok(entries)
+}
+
+/// The name of the table of a VIP port (`proto`: the IP protocol number).
+pub fn vip_table(vni: u32, vip: Ipv4Addr, port: u16, proto: u8) -> TableName {
+    TableName(format!("vip {vni} {vip}:{port}/{proto}"))
+}
+
+/// The name of the table of a published port (`mode`: "ingress" or "host").
+pub fn published_table(mode: &str, port: u16, proto: u8) -> TableName {
+    TableName(format!("published {mode} {port}/{proto}"))
 }
 
 /// Gives one service's tables and backends their IDs: the ones they had, or new ones.
@@ -91,7 +101,7 @@ impl Tables<'_> {
         let had = self.previous.and_then(|p| p.tables.iter().find(|(n, _, _)| *n == name)).map(|(_, id, _)| *id);
         let id = match had {
             Some(id) => id,
-            None => self.ids.table()?,
+            None => self.ids.table_for(&name)?,
         };
         let had: std::collections::HashMap<(u32, Ipv4Addr, u16), u32> =
             self.previous.map(|p| p.backends.iter().map(|(k, id, _)| (*k, *id)).collect()).unwrap_or_default();
@@ -106,7 +116,7 @@ impl Tables<'_> {
             let backend = Backend { addr: u32::from_ne_bytes(addr.octets()), port: target_port.to_be(), _pad: 0 };
             let backend_id = match had.get(&key) {
                 Some(backend_id) => *backend_id,
-                None => self.ids.backend_for(&backend)?,
+                None => self.ids.backend_for(&name, &backend)?,
             };
             entries.backends.push((key, backend_id, backend));
             if serving {
@@ -384,6 +394,15 @@ mod tests {
         assert!(newcomer != gone && newcomer > 4, "a fresh ID: {newcomer}");
         assert_eq!(delta.backends.delete, [gone]);
         assert_eq!(mirror.plan().backends.len(), 2);
+
+        // The gone backend comes back (an undo, a task back in its service): its old ID,
+        // which the flows conntrack pinned to it still carry.
+        spec.services[0].backends.push("10.78.0.12".parse().unwrap());
+        let desired = Desired::from_spec(&spec, Rules::default()).unwrap();
+        let owner = Owner::Service(("blue".into(), "web".into()));
+        let new = overlay::entries(&desired, &owner, node, &Default::default(), &mut mirror).unwrap();
+        mirror.replace(owner, new, &mut Delta::default());
+        assert_eq!(id_of(&mirror, 12), Some(gone));
     }
 
     #[test]

@@ -259,44 +259,88 @@ impl Delta {
 
 /// Table and backend IDs: allocated, not hashed (a hash collision would send one service's
 /// traffic to another's task), kept by an owner across its changes, and given out from a
-/// cursor that only moves on, so an ID freed by one change is not reused while conntrack may
-/// still remember it (not for 4 billion allocations).
+/// cursor that only moves on (from the highest the maps held at start), so an ID freed by
+/// one change is not given to another backend while conntrack may still remember it (not
+/// for 4 billion allocations). Conntrack pins flows by backend ID, so the same backend (the
+/// same table, address and port) coming back gets its ID back: after an undo, a service
+/// removed and set again, or a restart (the maps' IDs, read at start).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Ids {
     taken_tables: BTreeSet<u32>,
     taken_backends: BTreeSet<u32>,
     cursor_tables: u32,
     cursor_backends: u32,
-    /// Backend IDs the maps held at start, by what they held: a backend of the restored
-    /// state at the same address and port takes one back, so the flows conntrack pinned to
-    /// it (by ID) are not taken for flows of a backend that left.
-    reusable: HashMap<(u32, u16), Vec<u32>>,
+    /// Table IDs freed (or held by the maps at start), by table name.
+    reuse_tables: HashMap<TableName, u32>,
+    /// Backend IDs freed (or held by the maps at start), by table name, address and port.
+    reuse_backends: HashMap<(TableName, u32, u16), u32>,
+    /// Backend IDs the maps held at start in no table (draining backends), by address and
+    /// port.
+    orphans: HashMap<(u32, u16), Vec<u32>>,
+}
+
+/// Freed IDs remembered for their backend's return; past this many the oldest are forgotten
+/// wholesale (they only save the flows of a backend that comes back).
+const REUSE_MAX: usize = 1 << 16;
+
+/// What the maps hold, read at start: tables by name, backends by table name and by value.
+#[derive(Debug, Default)]
+pub struct KernelIds {
+    pub tables: Vec<(Vec<TableName>, u32)>,
+    /// (the names of the tables that have it, ID, what it holds).
+    pub backends: Vec<(Vec<TableName>, u32, Backend)>,
 }
 
 impl Ids {
-    /// Keeps IDs out of use (what the maps held at start, an earlier run's).
+    /// Keeps IDs out of use (what the maps held after a failed resync).
     pub fn hold(&mut self, tables: impl IntoIterator<Item = u32>, backends: impl IntoIterator<Item = u32>) {
         self.taken_tables.extend(tables);
         self.taken_backends.extend(backends);
     }
 
-    /// Keeps the maps' tables and backends out of use, the backends to be taken back by
-    /// backends at the same address and port (`backend_for`).
-    pub fn hold_kernel(&mut self, tables: impl IntoIterator<Item = u32>, backends: &[(u32, Backend)]) {
-        self.hold(tables, backends.iter().map(|(id, _)| *id));
-        for (id, backend) in backends {
-            self.reusable.entry((backend.addr, backend.port)).or_default().push(*id);
+    /// Moves the cursors past the maps' tables and backends, which only the same tables and
+    /// backends take back (`table_for`, `backend_for`).
+    pub fn hold_kernel(&mut self, kernel: &KernelIds) {
+        let most = |ids: &mut dyn Iterator<Item = u32>| ids.max().unwrap_or(0);
+        self.cursor_tables = self.cursor_tables.max(most(&mut kernel.tables.iter().map(|(_, id)| *id)));
+        self.cursor_backends = self.cursor_backends.max(most(&mut kernel.backends.iter().map(|(_, id, _)| *id)));
+        for (names, id) in &kernel.tables {
+            for name in names {
+                self.reuse_tables.insert(name.clone(), *id);
+            }
+        }
+        for (names, id, backend) in &kernel.backends {
+            if names.is_empty() {
+                self.orphans.entry((backend.addr, backend.port)).or_default().push(*id);
+            }
+            for name in names {
+                self.reuse_backends.insert((name.clone(), backend.addr, backend.port), *id);
+            }
         }
     }
 
-    /// An ID for a new backend at `backend`'s address and port: one the maps held for the
-    /// same, if any is left, or a new one.
-    pub fn backend_for(&mut self, backend: &Backend) -> Result<u32, NetError> {
-        if let Some(id) = self.reusable.get_mut(&(backend.addr, backend.port)).and_then(Vec::pop) {
-            self.taken_backends.insert(id);
+    /// The ID of table `name`: the one it had, or a new one.
+    pub fn table_for(&mut self, name: &TableName) -> Result<u32, NetError> {
+        match self.reuse_tables.remove(name) {
+            Some(id) if self.taken_tables.insert(id) => Ok(id),
+            _ => next_free(&mut self.cursor_tables, &mut self.taken_tables),
+        }
+    }
+
+    /// The ID of `backend` in table `table`: the one it had there, or one the maps held for
+    /// the same address and port in no table (a draining backend), or a new one.
+    pub fn backend_for(&mut self, table: &TableName, backend: &Backend) -> Result<u32, NetError> {
+        // A remembered ID is taken back only if nobody has it (the cursor came round).
+        let had = self.reuse_backends.remove(&(table.clone(), backend.addr, backend.port));
+        if let Some(id) = had.filter(|id| self.taken_backends.insert(*id)) {
             return Ok(id);
         }
-        self.backend()
+        while let Some(id) = self.orphans.get_mut(&(backend.addr, backend.port)).and_then(Vec::pop) {
+            if self.taken_backends.insert(id) {
+                return Ok(id);
+            }
+        }
+        next_free(&mut self.cursor_backends, &mut self.taken_backends)
     }
 
     pub fn table(&mut self) -> Result<u32, NetError> {
@@ -305,6 +349,22 @@ impl Ids {
 
     pub fn backend(&mut self) -> Result<u32, NetError> {
         next_free(&mut self.cursor_backends, &mut self.taken_backends)
+    }
+
+    /// Remembers IDs an owner no longer uses, for their table or backend's return.
+    fn freed(&mut self, tables: &[(TableName, u32)], backends: &[(TableName, u32, u16, u32)]) {
+        if self.reuse_tables.len() > REUSE_MAX {
+            self.reuse_tables.clear();
+        }
+        if self.reuse_backends.len() > REUSE_MAX {
+            self.reuse_backends.clear();
+        }
+        for (name, id) in tables {
+            self.reuse_tables.insert(name.clone(), *id);
+        }
+        for (name, addr, port, id) in backends {
+            self.reuse_backends.insert((name.clone(), *addr, *port), *id);
+        }
     }
 }
 
@@ -380,6 +440,18 @@ impl Mirror {
         for (_, id, _) in &o.backends {
             self.ids.taken_backends.remove(id);
         }
+        let kept_table = |id: &u32| n.tables.iter().any(|(_, t, _)| t == id);
+        let kept_backend = |id: &u32| n.backends.iter().any(|(_, b, _)| b == id);
+        let name_of = |table: u32| o.tables.iter().find(|(_, t, _)| *t == table).map(|(name, _, _)| name.clone());
+        let tables: Vec<(TableName, u32)> =
+            o.tables.iter().filter(|(_, id, _)| !kept_table(id)).map(|(name, id, _)| (name.clone(), *id)).collect();
+        let backends: Vec<(TableName, u32, u16, u32)> = o
+            .backends
+            .iter()
+            .filter(|(_, id, _)| !kept_backend(id))
+            .filter_map(|((table, _, _), id, b)| Some((name_of(*table)?, b.addr, b.port, *id)))
+            .collect();
+        self.ids.freed(&tables, &backends);
         self.ids.taken_tables.extend(n.tables.iter().map(|(_, id, _)| *id));
         self.ids.taken_backends.extend(n.backends.iter().map(|(_, id, _)| *id));
         if let Some(new) = new {
@@ -391,7 +463,7 @@ impl Mirror {
     /// Frees the IDs held at start that no entry uses (the maps no longer hold them once
     /// synced to this mirror).
     pub fn forget_held(&mut self) {
-        self.ids.reusable.clear();
+        self.ids.orphans.clear();
         self.ids.taken_tables = self.parts.values().flat_map(|e| e.tables.iter().map(|(_, id, _)| *id)).collect();
         self.ids.taken_backends = self.parts.values().flat_map(|e| e.backends.iter().map(|(_, id, _)| *id)).collect();
     }

@@ -96,7 +96,7 @@ impl Dataplane {
         // Until a sync replaces them, the maps' entries keep their IDs to themselves.
         let held = datapath.lb_ids()?;
         let mut mirror = Mirror::default();
-        mirror.ids.hold_kernel(held.tables, &held.backends);
+        mirror.ids.hold_kernel(&held);
         let rules = Rules::strict(reserved_ports(&config));
         let mut dataplane = Dataplane {
             config,
@@ -153,7 +153,7 @@ impl Dataplane {
         self.datapath.configure(self.node)?;
         self.datapath.attach_overlay(VXLAN_DEVICE, vxlan)?;
         // Best effort: without it, overlay traffic only costs more.
-        if let Err(e) = host::untrack_data_path(port) {
+        if let Err(e) = host::untrack_data_path(port, self.config.node_addr) {
             warn!(error = %e, port, "could not keep the data path out of connection tracking");
         }
         info!(device = VXLAN_DEVICE, ifindex = vxlan, port, "overlay device ready");
@@ -363,10 +363,14 @@ impl Dataplane {
         for ep in local {
             let owner = Owner::Endpoint((ep.network.clone(), ep.addr));
             let links = self.local_links(&self.desired, std::slice::from_ref(&owner)).await?;
-            let now = links.values().next().map(|link| (link.index, link.mac));
+            let Some(now) = links.values().next().map(|link| (link.index, link.mac)) else {
+                // Gone (its workload is being removed): the change that removes it will come.
+                warn!(endpoint = %ep.addr, "its interface is gone");
+                continue;
+            };
             let named =
                 self.mirror.entries(&owner).and_then(|e| e.interfaces.first()).map(|(i, entry)| (*i, entry.mac));
-            if now != named {
+            if Some(now) != named {
                 let removal = Change::RemoveEndpoint { network: ep.network.clone(), addr: ep.addr };
                 let owners = self.owners_of(&Change::AddEndpoint(ep.clone()), &removal);
                 warn!(endpoint = %ep.addr, "its interface changed: programming it again");
@@ -546,7 +550,7 @@ impl Dataplane {
         if let Err(e) = self.datapath.sync(mirror.plan()) {
             // The maps may hold IDs of either state now: none is given out again.
             if let Ok(held) = self.datapath.lb_ids() {
-                self.mirror.ids.hold(held.tables, held.backends.into_iter().map(|(id, _)| id));
+                self.mirror.ids.hold(held.tables.iter().map(|(_, id)| *id), held.backends.iter().map(|(_, id, _)| *id));
             }
             return Err(e);
         }

@@ -50,7 +50,7 @@ pub const SOCK_LB_SENDMSG: u32 = 13;
 /// A datagram from a backend shown to the workload as coming from the VIP (`recvmsg`).
 pub const SOCK_LB_RECVMSG: u32 = 14;
 /// A tracked flow balanced again: its backend left the service, or (UDP) it was idle past
-/// `UDP_IDLE_SECONDS`. Also counted as a new flow.
+/// `UDP_IDLE_SECONDS` (counted instead of `LB_NEW_FLOW`).
 pub const LB_REPICKED: u32 = 15;
 
 /// First drop code; everything from here on is a drop.

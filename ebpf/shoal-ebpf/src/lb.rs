@@ -153,8 +153,13 @@ pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Tracked {
             return Tracked::Stale;
         }
         if now != entry.seen {
-            // Best effort: a lost refresh only makes the flow look idle a second sooner.
-            let _ = CONNTRACK.insert(flow, CtEntry { seen: now, ..entry }, 0);
+            // In place, not by an update (which would allocate an element, push out another
+            // flow under pressure, and could write back a stale copy over a re-pick). A store
+            // into an element recycled meanwhile only touches another flow's idle time.
+            if let Some(live) = CONNTRACK.get_ptr_mut(flow) {
+                // SAFETY: the pointer is valid for this program run; a 4-byte aligned store.
+                unsafe { (*live).seen = now };
+            }
         }
     }
     Tracked::Live(entry.nat)
