@@ -23,12 +23,15 @@ use nix::{
 };
 use shoal_api::dataplane::Counter;
 use shoal_common::{
-    lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, SOCKET_VNI},
+    lb::{
+        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey,
+        SOCKET_VNI,
+    },
     maps,
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
     stats,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::net::{
     lb,
@@ -54,6 +57,9 @@ const SOCK_HOOKS: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GE
 
 /// Pinned maps of earlier versions whose layout changed (now under `..._V<n>` names).
 const RETIRED_MAPS: [&str; 4] = ["SHOAL_NODE_CONFIG", "SHOAL_NODE_CONFIG_V2", "SHOAL_STATS", "SHOAL_CONNTRACK"];
+
+/// The conntrack map before it kept backend IDs (`NatEntry` values).
+const RETIRED_CONNTRACK: &str = "SHOAL_CONNTRACK";
 
 /// Where bpffs is mounted on every Linux host.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -101,6 +107,15 @@ impl Datapath {
         }
         for name in SOCK_HOOKS {
             sock_addr(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
+        }
+        // Flows an older shoald tracked, before their map goes: an upgrade must not reset
+        // every balanced connection.
+        let old = pin_dir.join(RETIRED_CONNTRACK);
+        if old.exists() {
+            match migrate_conntrack(&mut ebpf, &old) {
+                Ok(flows) => info!(flows, "carried the tracked flows of an older version over"),
+                Err(e) => warn!(error = %e, "could not carry an older version's tracked flows over"),
+            }
         }
         // Maps an older shoald pinned under names since retired (their layout changed).
         for retired in RETIRED_MAPS {
@@ -350,6 +365,29 @@ impl Datapath {
             self.ebpf.map_mut(name).ok_or_else(|| map_error(name, MapError::InvalidName { name: name.into() }))?;
         T::try_from(map).map_err(|e| map_error(name, e))
     }
+}
+
+/// Copies the flows of the retired conntrack map at `old` into the current one, as entries
+/// with no backend ID (never taken for a backend that left) seen now.
+fn migrate_conntrack(ebpf: &mut Ebpf, old: &Path) -> Result<usize, NetError> {
+    let data = MapData::from_pin(old).map_err(|e| map_error(RETIRED_CONNTRACK, e))?;
+    let flows: HashMap<MapData, FlowKey, NatEntry> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(|e| map_error(RETIRED_CONNTRACK, e))?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_err(|e| NetError::Kernel(format!("the monotonic clock: {e}")))?
+        .tv_sec() as u32;
+    let map = ebpf
+        .map_mut(maps::CONNTRACK)
+        .ok_or_else(|| map_error(maps::CONNTRACK, MapError::InvalidName { name: maps::CONNTRACK.into() }))?;
+    let mut current: HashMap<&mut MapData, FlowKey, CtEntry> =
+        HashMap::try_from(map).map_err(|e| map_error(maps::CONNTRACK, e))?;
+    let mut carried = 0;
+    for item in flows.iter() {
+        let (flow, nat) = item.map_err(|e| map_error(RETIRED_CONNTRACK, e))?;
+        current.insert(flow, CtEntry { nat, backend: 0, seen: now }, 0).map_err(|e| map_error(maps::CONNTRACK, e))?;
+        carried += 1;
+    }
+    Ok(carried)
 }
 
 fn map_error(map: &'static str, source: MapError) -> NetError {

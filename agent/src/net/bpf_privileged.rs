@@ -433,3 +433,63 @@ fn the_only_backend_calling_its_own_vip_reaches_itself_from_the_vip() {
     assert_eq!(again[26..38], out[26..38]);
     assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 1);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn an_older_versions_tracked_flows_are_carried_over() {
+    use shoal_common::lb::{FlowKey, PROTO_TCP};
+    let flow = FlowKey {
+        saddr: u32::from_ne_bytes(CLIENT),
+        daddr: u32::from_ne_bytes(VIP),
+        sport: 40000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    // The conntrack map as shoald pinned it before it kept backend IDs: 8-byte values.
+    let mut fx = Testbed::with_pins(|dir| {
+        let old = dir.join("SHOAL_CONNTRACK");
+        let old = old.to_str().unwrap();
+        let bpftool = |args: &[&str]| {
+            let out = std::process::Command::new("bpftool").args(args).output().map_err(crate::net::NetError::Io)?;
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(crate::net::NetError::Kernel(String::from_utf8_lossy(&out.stderr).into_owned())),
+            }
+        };
+        bpftool(&[
+            "map",
+            "create",
+            old,
+            "type",
+            "lru_hash",
+            "key",
+            "16",
+            "value",
+            "8",
+            "entries",
+            "64",
+            "name",
+            "SHOAL_CONNTRACK",
+        ])?;
+        let key: Vec<String> =
+            [CLIENT, VIP].concat().iter().chain(&[0x9c, 0x40, 0, 80, 6, 0, 0, 0]).map(|b| b.to_string()).collect();
+        let value: Vec<String> = REMOTE.iter().chain(&[0x1f, 0x90, 0, 0]).map(|b| b.to_string()).collect();
+        let mut update = vec!["map", "update", "pinned", old, "key"];
+        update.extend(key.iter().map(String::as_str));
+        update.push("value");
+        update.extend(value.iter().map(String::as_str));
+        bpftool(&update)
+    })
+    .unwrap();
+    let carried = fx.tracked(&flow).unwrap().expect("the old flow was not carried over");
+    assert_eq!(
+        (carried.nat.addr, u16::from_be(carried.nat.port), carried.backend),
+        (u32::from_ne_bytes(REMOTE), 8080, 0)
+    );
+    // And it is still followed: its next segment goes to the backend it had.
+    fx.with_service().unwrap();
+    let (_, out) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80)).unwrap();
+    assert_eq!(&out[30..34], &REMOTE);
+    assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 1);
+}

@@ -75,11 +75,19 @@ impl Testbed {
     /// `lo` is a workload interface (CLIENT) on VNI 4097, with one remote peer (REMOTE) and
     /// one local peer (LOCAL); the node's VXLAN device is `lo` too.
     pub fn new() -> Result<Testbed, NetError> {
+        Testbed::with_pins(|_| Ok(()))
+    }
+
+    /// Like `new`, with `prepare` run on the pin directory (made, on bpffs) before the
+    /// programs load: what an earlier version left pinned.
+    pub fn with_pins(prepare: impl FnOnce(&Path) -> Result<(), NetError>) -> Result<Testbed, NetError> {
         static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mounted_bpffs = !statfs(Path::new(BPFFS)).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
         let pin_dir = PathBuf::from(format!("{BPFFS}/shoal-testbed-{}", std::process::id()));
         let mut testbed = Testbed { _serial: serial, datapath: None, pin_dir, mounted_bpffs };
+        super::ensure_bpffs(&testbed.pin_dir)?;
+        prepare(&testbed.pin_dir)?;
         let mut datapath = Datapath::load(&testbed.pin_dir)?;
         let key = |a: [u8; 4]| EndpointKey { vni: VNI, addr: u32::from_ne_bytes(a) };
         let plan = Plan {
@@ -220,6 +228,16 @@ impl Testbed {
         add_table(self.datapath(), table, new, addr, port)?;
         let mut backends: HashMap<&mut MapData, u32, Backend> = self.datapath().map_mut(maps::BACKENDS)?;
         backends.remove(&gone).map_err(|e| map_error(maps::BACKENDS, e))
+    }
+
+    /// The tracked state of `flow`, if any.
+    pub fn tracked(&mut self, flow: &FlowKey) -> Result<Option<CtEntry>, NetError> {
+        let flows: HashMap<&mut MapData, FlowKey, CtEntry> = self.datapath().map_mut(maps::CONNTRACK)?;
+        match flows.get(flow, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_error(maps::CONNTRACK, e)),
+        }
     }
 
     /// Makes every tracked flow look idle since the clock's zero.

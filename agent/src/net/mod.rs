@@ -170,10 +170,13 @@ impl Dataplane {
     pub async fn restore(&mut self, journal: Journal, saved: Option<Saved>) {
         self.journal = Some(journal);
         let restored = match saved {
-            Some(saved) => match self.saved_state(saved) {
-                Ok((sequence, desired)) => self.resync(desired).await.map(|left_out| (sequence, left_out)),
-                Err(e) => Err(e),
-            },
+            Some(saved) => {
+                let (sequence, desired, mut left_out) = self.saved_state(saved);
+                self.resync(desired).await.map(|more| {
+                    left_out.extend(more);
+                    (sequence, left_out)
+                })
+            }
             None => self.resync(Desired::new(self.desired.rules().clone())).await.map(|left_out| (0, left_out)),
         };
         match restored {
@@ -205,24 +208,27 @@ impl Dataplane {
     }
 
     /// The state saved: the snapshot, the batches after it, without published ports this
-    /// node now uses itself.
-    fn saved_state(&self, saved: Saved) -> Result<(u64, Desired), NetError> {
+    /// node now uses itself; objects that break rules grown stricter since are left out and
+    /// said (the last value).
+    fn saved_state(&self, saved: Saved) -> (u64, Desired, Vec<String>) {
         // Checked when it came in; an older version accepted overlapping subnets.
         let lenient = Rules::default();
-        let mut desired = Desired::from_spec(&saved.snapshot.spec, lenient.clone())?;
+        let (mut desired, mut left_out) = Desired::from_spec_leaving_out(&saved.snapshot.spec, lenient.clone());
         let mut sequence = saved.snapshot.sequence;
         for batch in saved.batches {
             for change in &batch.changes {
                 if let Err(e) = desired.apply(change) {
                     warn!(error = %e, ?change, "a journaled change no longer applies");
+                    left_out.push(format!("{}: {e}", change.object()));
                 }
             }
             sequence = batch.sequence.unwrap_or(sequence);
         }
         let spec = self.restorable(desired.to_spec());
-        let mut desired = Desired::from_spec(&spec, lenient)?;
+        let (mut desired, more) = Desired::from_spec_leaving_out(&spec, lenient);
+        left_out.extend(more);
         desired.set_rules(self.desired.rules().clone());
-        Ok((sequence, desired))
+        (sequence, desired, left_out)
     }
 
     /// Objects of the saved state this node could not restore (see `restore`).
@@ -528,7 +534,7 @@ impl Dataplane {
         let mut left_out = Vec::new();
         let mut leave_out = |desired: &mut Desired, owner: &Owner, e: &NetError| {
             warn!(object = ?owner, error = %e, "left out: it no longer applies on this node");
-            left_out.push(format!("{}: {e}", describe(owner)));
+            left_out.push(format!("{}: {e}", removal_of(owner).object()));
             let _ = desired.apply(&removal_of(owner));
         };
         for owner in &owners {
@@ -676,15 +682,5 @@ fn removal_of(owner: &Owner) -> Change {
         Owner::Endpoint((network, addr)) => Change::RemoveEndpoint { network: network.clone(), addr: *addr },
         Owner::Service((network, name)) => Change::RemoveService { network: network.clone(), name: name.clone() },
         Owner::Node(addr) => Change::RemoveNode { addr: *addr },
-    }
-}
-
-/// `owner` in words, for what is reported.
-fn describe(owner: &Owner) -> String {
-    match owner {
-        Owner::Network(name) => format!("network {name:?}"),
-        Owner::Endpoint((network, addr)) => format!("endpoint {addr} on network {network:?}"),
-        Owner::Service((network, name)) => format!("service {name:?} on network {network:?}"),
-        Owner::Node(addr) => format!("node {addr}"),
     }
 }

@@ -59,6 +59,24 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The object the change is about, in words ("service \"web\" on network \"blue\"").
+    pub fn object(&self) -> String {
+        match self {
+            Change::AddNetwork(net) => format!("network {:?}", net.name),
+            Change::RemoveNetwork { name } => format!("network {name:?}"),
+            Change::AddEndpoint(ep) => format!("endpoint {} on network {:?}", ep.addr, ep.network),
+            Change::RemoveEndpoint { network, addr } => format!("endpoint {addr} on network {network:?}"),
+            Change::SetService(svc) => format!("service {:?} on network {:?}", svc.name, svc.network),
+            Change::RemoveService { network, name }
+            | Change::SetBackends { network, service: name, .. }
+            | Change::Publish { network, service: name, .. }
+            | Change::Unpublish { network, service: name, .. } => format!("service {name:?} on network {network:?}"),
+            Change::AddNode { addr } | Change::RemoveNode { addr } => format!("node {addr}"),
+        }
+    }
+}
+
 /// Changes applied in order, as one step of the source's sequence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]

@@ -72,19 +72,25 @@ impl Desired {
     /// Builds the state of `spec` under `rules`, or says what is first wrong with it.
     pub fn from_spec(spec: &DataplaneSpec, rules: Rules) -> Result<Desired, SpecError> {
         let mut desired = Desired::new(rules);
-        let changes = spec
-            .networks
-            .iter()
-            .map(|n| Change::AddNetwork(n.clone()))
-            .chain(spec.endpoints.iter().map(|e| Change::AddEndpoint(e.clone())))
-            .chain(spec.services.iter().map(|s| Change::SetService(s.clone())))
-            .chain(spec.nodes.iter().map(|addr| Change::AddNode { addr: *addr }));
-        for change in changes {
+        for change in additions(spec) {
             if desired.apply(&change)?.is_none() && !matches!(change, Change::AddNode { .. }) {
                 return Err(twice(&change));
             }
         }
         Ok(desired)
+    }
+
+    /// Builds as much of `spec` as `rules` allow, each object that breaks one left out and
+    /// said (a saved state, restored under rules that have grown stricter since).
+    pub fn from_spec_leaving_out(spec: &DataplaneSpec, rules: Rules) -> (Desired, Vec<String>) {
+        let mut desired = Desired::new(rules);
+        let mut left_out = Vec::new();
+        for change in additions(spec) {
+            if let Err(e) = desired.apply(&change) {
+                left_out.push(format!("{}: {e}", change.object()));
+            }
+        }
+        (desired, left_out)
     }
 
     pub fn rules(&self) -> &Rules {
@@ -492,6 +498,16 @@ fn check_node_addr(addr: Ipv4Addr) -> Result<(), SpecError> {
     }
 }
 
+/// The changes that add every object of `spec`, in an order that satisfies the rules.
+fn additions(spec: &DataplaneSpec) -> impl Iterator<Item = Change> + '_ {
+    spec.networks
+        .iter()
+        .map(|n| Change::AddNetwork(n.clone()))
+        .chain(spec.endpoints.iter().map(|e| Change::AddEndpoint(e.clone())))
+        .chain(spec.services.iter().map(|s| Change::SetService(s.clone())))
+        .chain(spec.nodes.iter().map(|addr| Change::AddNode { addr: *addr }))
+}
+
 /// The error for an object a spec declares twice, identically.
 fn twice(change: &Change) -> SpecError {
     match change {
@@ -661,6 +677,22 @@ mod tests {
         let mut moved = endpoint("10.78.0.2");
         moved.node_addr = "10.77.0.12".parse().unwrap();
         assert!(matches!(d.apply(&Change::AddEndpoint(moved)), Err(SpecError::DuplicateEndpoint { .. })));
+    }
+
+    #[test]
+    fn a_saved_state_under_stricter_rules_loses_only_what_breaks_them() {
+        let mut spec = state().to_spec();
+        let mut shouting = web();
+        shouting.name = "WEB".into();
+        shouting.vip = "10.78.0.101".parse().unwrap();
+        shouting.ports.clear();
+        spec.services.push(shouting);
+        assert!(Desired::from_spec(&spec, Rules::default()).is_err());
+        let (d, left_out) = Desired::from_spec_leaving_out(&spec, Rules::default());
+        assert_eq!(d.services().count(), 1);
+        assert_eq!(d.endpoints().count(), 1);
+        assert_eq!(left_out.len(), 1);
+        assert!(left_out[0].starts_with("service \"WEB\" on network \"blue\""), "{left_out:?}");
     }
 
     #[test]
