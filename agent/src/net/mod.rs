@@ -74,6 +74,8 @@ pub struct Dataplane {
     /// What the DNS server answers, from the applied state.
     names: std::sync::Arc<std::sync::RwLock<crate::dns::Names>>,
     reserved_local_ports: host::ReservedLocalPorts,
+    /// Published ports came or went since they were last reserved.
+    published_ports_changed: bool,
 }
 
 impl Dataplane {
@@ -110,6 +112,7 @@ impl Dataplane {
             journal: None,
             names,
             reserved_local_ports: host::ReservedLocalPorts::default(),
+            published_ports_changed: false,
         };
         dataplane.bring_up_overlay(dataplane.config.vxlan_port).await?;
         match &underlay {
@@ -241,6 +244,12 @@ impl Dataplane {
     /// kernel and journaled on disk (or not at all: a failed save takes them back out).
     #[instrument(skip_all, fields(changes = batch.changes.len()))]
     pub async fn apply_batch(&mut self, batch: ChangeBatch) -> Result<ChangeReport, NetError> {
+        let report = self.apply_batch_changes(batch).await;
+        self.reserve_published_ports();
+        report
+    }
+
+    async fn apply_batch_changes(&mut self, batch: ChangeBatch) -> Result<ChangeReport, NetError> {
         let sequence = match batch.sequence {
             Some(sequence) => sequence,
             None => self.sequence.checked_add(1).ok_or(NetError::SequenceExhausted)?,
@@ -287,6 +296,12 @@ impl Dataplane {
     /// fails, the changes are taken back, so the kernel, `spec()` and the disk never disagree.
     #[instrument(skip_all, fields(networks = spec.networks.len(), endpoints = spec.endpoints.len(), services = spec.services.len()))]
     pub async fn replace(&mut self, spec: DataplaneSpec, sequence: Option<u64>) -> Result<(), NetError> {
+        let replaced = self.replace_state(spec, sequence).await;
+        self.reserve_published_ports();
+        replaced
+    }
+
+    async fn replace_state(&mut self, spec: DataplaneSpec, sequence: Option<u64>) -> Result<(), NetError> {
         let sequence = sequence.unwrap_or(self.sequence);
         if sequence < self.sequence {
             return Err(NetError::StaleSequence { given: sequence, applied: self.sequence });
@@ -633,12 +648,9 @@ impl Dataplane {
         if delta.touches_nat() {
             host::sync_nat(&plan.masquerade(), &plan.gateways(), self.config.dns)?;
         }
-        if ports_come_or_go {
-            // Best effort: a node whose /proc/sys is read-only still serves its ports.
-            if let Err(e) = self.reserved_local_ports.sync(&plan.published_ports()) {
-                warn!(error = %e, "could not keep the published ports out of the ephemeral range");
-            }
-        }
+        // Once per request, not per change: the list is rewritten whole (10,000 services
+        // published one by one would cost seconds).
+        self.published_ports_changed |= ports_come_or_go;
         for (route, ()) in &delta.host_routes.put {
             self.links.add_host_route(route).await?;
         }
@@ -646,6 +658,16 @@ impl Dataplane {
             self.links.remove_host_route(route).await?;
         }
         Ok(())
+    }
+
+    /// Keeps the published ports out of the ephemeral range if they changed since the last
+    /// time (best effort: a node whose /proc/sys is read-only still serves its ports).
+    fn reserve_published_ports(&mut self) {
+        if std::mem::take(&mut self.published_ports_changed) {
+            if let Err(e) = self.reserved_local_ports.sync(&self.mirror.plan().published_ports()) {
+                warn!(error = %e, "could not keep the published ports out of the ephemeral range");
+            }
+        }
     }
 
     /// The host's side of a whole plan (at start: whatever an earlier run left goes).

@@ -24,9 +24,24 @@ pub struct ChangeTimes {
     pub rows: Vec<(&'static str, Vec<Duration>)>,
 }
 
-/// Measures on `host`, which holds `spec` (`services` services); leaves `spec` programmed.
-pub fn measure(lab: &Lab, host: &str, spec: &DataplaneSpec, services: usize, rounds: usize) -> Result<ChangeTimes> {
+/// Measures on `host`, which holds `spec` (`services` services) or `base` (none of them);
+/// leaves `spec` programmed.
+pub fn measure(
+    lab: &Lab,
+    host: &str,
+    base: &DataplaneSpec,
+    spec: &DataplaneSpec,
+    services: usize,
+    rounds: usize,
+) -> Result<ChangeTimes> {
     let node = lab.host(host)?;
+    let mut from_none = Vec::new();
+    for _ in 0..3 {
+        put(node, base)?;
+        let started = Instant::now();
+        put(node, spec)?;
+        from_none.push(started.elapsed());
+    }
     let svc = spec.services.last().context("no service to change")?;
     let network = svc.network.clone();
     let extra = Ipv4Addr::new(10, 78, 250, 1);
@@ -70,14 +85,12 @@ pub fn measure(lab: &Lab, host: &str, spec: &DataplaneSpec, services: usize, rou
     for _ in 0..3 {
         for state in [&changed, spec] {
             let started = Instant::now();
-            let response = node.api().put_json("/shoal/v1/dataplane", state)?;
-            if response.status != 200 {
-                bail!("{}: dataplane refused ({}): {}", node.name, response.status, response.text());
-            }
+            put(node, state)?;
             puts.push(started.elapsed());
         }
     }
     rows.push(("PUT the whole state, one backend changed", puts));
+    rows.push(("PUT the whole state, from none of its services", from_none));
 
     let mut restarts = Vec::new();
     for _ in 0..3 {
@@ -88,6 +101,14 @@ pub fn measure(lab: &Lab, host: &str, spec: &DataplaneSpec, services: usize, rou
     }
     rows.push(("restart: saved state resynced over the pinned maps, until serving", restarts));
     Ok(ChangeTimes { services, rows })
+}
+
+fn put(node: &Host, spec: &DataplaneSpec) -> Result<()> {
+    let response = node.api().put_json("/shoal/v1/dataplane", spec)?;
+    if response.status != 200 {
+        bail!("{}: dataplane refused ({}): {}", node.name, response.status, response.text());
+    }
+    Ok(())
 }
 
 /// Sends one change as a batch and times it until the answer; fails unless it applied.

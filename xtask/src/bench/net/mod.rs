@@ -73,9 +73,7 @@ pub fn run(options: Options) -> Result<()> {
     let rig = Rig::build(&lab)?;
     let largest = options.scales.iter().copied().max().unwrap_or(1);
     if options.changes_only {
-        let spec = rig.spec(largest);
-        put(lab.host("mgr1")?, &spec)?;
-        let times = changes::measure(&lab, "mgr1", &spec, largest, options.change_rounds)?;
+        let times = changes::measure(&lab, "mgr1", &rig.base, &rig.spec(largest), largest, options.change_rounds)?;
         println!("{}", times.section());
         return Ok(());
     }
@@ -100,7 +98,7 @@ pub fn run(options: Options) -> Result<()> {
     }
 
     eprintln!("== single changes at {largest} services ({} rounds)", options.change_rounds);
-    let changes = changes::measure(&lab, "mgr1", &rig.spec(largest), largest, options.change_rounds)?;
+    let changes = changes::measure(&lab, "mgr1", &rig.base, &rig.spec(largest), largest, options.change_rounds)?;
 
     eprintln!("== BPF program costs (BPF_PROG_TEST_RUN)");
     let costs = program_costs(&bin_dir, options.runs)?;
