@@ -343,14 +343,6 @@ impl Ids {
         next_free(&mut self.cursor_backends, &mut self.taken_backends)
     }
 
-    pub fn table(&mut self) -> Result<u32, NetError> {
-        next_free(&mut self.cursor_tables, &mut self.taken_tables)
-    }
-
-    pub fn backend(&mut self) -> Result<u32, NetError> {
-        next_free(&mut self.cursor_backends, &mut self.taken_backends)
-    }
-
     /// Remembers IDs an owner no longer uses, for their table or backend's return.
     fn freed(&mut self, tables: &[(TableName, u32)], backends: &[(TableName, u32, u16, u32)]) {
         if self.reuse_tables.len() > REUSE_MAX {
@@ -528,9 +520,9 @@ mod tests {
     fn ids_are_not_reused_soon_after_they_are_freed() {
         let mut ids = Ids::default();
         ids.hold([1], []);
-        let first = ids.table().unwrap();
+        let first = ids.table_for(&TableName("a".into())).unwrap();
         assert_eq!(first, 2, "held IDs are skipped");
         ids.taken_tables.remove(&first);
-        assert_eq!(ids.table().unwrap(), 3, "a freed ID waits for the cursor to come round");
+        assert_eq!(ids.table_for(&TableName("b".into())).unwrap(), 3, "a freed ID waits for the cursor to come round");
     }
 }

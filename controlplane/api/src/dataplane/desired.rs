@@ -446,12 +446,7 @@ impl Desired {
                 });
             }
             if let Some(r) = p.reserved_by(&self.rules.reserved) {
-                return Err(SpecError::ReservedPort {
-                    service: svc.name.clone(),
-                    port: r.port,
-                    protocol: r.protocol,
-                    what: r.what,
-                });
+                return Err(r.refusal(&svc.name));
             }
         }
         Ok(())

@@ -246,12 +246,7 @@ impl DataplaneSpec {
     pub fn check_reserved(&self, reserved: &[ReservedPort]) -> Result<(), SpecError> {
         for svc in &self.services {
             if let Some(r) = svc.published.iter().find_map(|p| p.reserved_by(reserved)) {
-                return Err(SpecError::ReservedPort {
-                    service: svc.name.clone(),
-                    port: r.port,
-                    protocol: r.protocol,
-                    what: r.what,
-                });
+                return Err(r.refusal(&svc.name));
             }
         }
         Ok(())
@@ -287,6 +282,18 @@ pub struct ReservedPort {
     pub protocol: Protocol,
     /// What uses it, for the error: "the data path (VXLAN) port".
     pub what: &'static str,
+}
+
+impl ReservedPort {
+    /// The error for `service` publishing this port.
+    fn refusal(&self, service: &str) -> SpecError {
+        SpecError::ReservedPort {
+            service: service.to_owned(),
+            port: self.port,
+            protocol: self.protocol,
+            what: self.what,
+        }
+    }
 }
 
 impl OverlayNetwork {
