@@ -56,8 +56,11 @@ const SOCK_GETPEERNAME: &str = "sock_getpeername";
 const SOCK_HOOKS: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
 
 /// Pinned maps of earlier versions whose layout changed (now under `..._V<n>` names).
-const RETIRED_MAPS: [&str; 4] = ["SHOAL_NODE_CONFIG", "SHOAL_NODE_CONFIG_V2", "SHOAL_STATS", "SHOAL_CONNTRACK"];
+/// (`SHOAL_CONNTRACK` too, once its flows are carried over: `retire_old_conntrack`.)
+const RETIRED_MAPS: [&str; 3] = ["SHOAL_NODE_CONFIG", "SHOAL_NODE_CONFIG_V2", "SHOAL_STATS"];
 
+/// Insert only if the key is absent (`BPF_NOEXIST`).
+const BPF_NOEXIST: u64 = 1;
 /// The conntrack map before it kept backend IDs (`NatEntry` values).
 const RETIRED_CONNTRACK: &str = "SHOAL_CONNTRACK";
 
@@ -108,8 +111,9 @@ impl Datapath {
         for name in SOCK_HOOKS {
             sock_addr(&mut ebpf, name)?.load().map_err(|source| NetError::Program { program: name, source })?;
         }
-        // Flows an older shoald tracked, before their map goes: an upgrade must not reset
-        // every balanced connection.
+        // Flows an older shoald tracked: an upgrade must not reset every balanced connection.
+        // Its workload programs go on tracking in the old map until the restore attaches
+        // ours, so the flows are carried over now and again then (`retire_old_conntrack`).
         let old = pin_dir.join(RETIRED_CONNTRACK);
         if old.exists() {
             match migrate_conntrack(&mut ebpf, &old) {
@@ -127,6 +131,22 @@ impl Datapath {
         let attachments = Attachments { dir: pin_dir.join("links"), links: BTreeMap::new() };
         std::fs::create_dir_all(&attachments.dir)?;
         Ok(Datapath { ebpf, attachments })
+    }
+
+    /// Carries over what an older version's programs tracked since `load` (they stay
+    /// attached until the restore replaces them), then removes its map.
+    pub fn retire_old_conntrack(&mut self, pin_dir: &Path) {
+        let old = pin_dir.join(RETIRED_CONNTRACK);
+        if !old.exists() {
+            return;
+        }
+        match migrate_conntrack(&mut self.ebpf, &old) {
+            Ok(flows) => info!(flows, "carried the last tracked flows of an older version over"),
+            Err(e) => warn!(error = %e, "could not carry an older version's tracked flows over"),
+        }
+        if std::fs::remove_file(&old).is_ok() {
+            info!(map = RETIRED_CONNTRACK, "removed a retired map's pin");
+        }
     }
 
     /// Tells the programs the node's devices and address.
@@ -367,8 +387,9 @@ impl Datapath {
     }
 }
 
-/// Copies the flows of the retired conntrack map at `old` into the current one, as entries
-/// with no backend ID (never taken for a backend that left) seen now.
+/// Copies the flows of the retired conntrack map at `old` into the current one, seen now,
+/// each forward entry with the ID of the backend at its address and port (so it is balanced
+/// again if that backend leaves); entries the current map has already are left alone.
 fn migrate_conntrack(ebpf: &mut Ebpf, old: &Path) -> Result<usize, NetError> {
     let data = MapData::from_pin(old).map_err(|e| map_error(RETIRED_CONNTRACK, e))?;
     let flows: HashMap<MapData, FlowKey, NatEntry> =
@@ -376,6 +397,14 @@ fn migrate_conntrack(ebpf: &mut Ebpf, old: &Path) -> Result<usize, NetError> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .map_err(|e| NetError::Kernel(format!("the monotonic clock: {e}")))?
         .tv_sec() as u32;
+    let backends: StdHashMap<(u32, u16), u32> = {
+        let map = ebpf
+            .map(maps::BACKENDS)
+            .ok_or_else(|| map_error(maps::BACKENDS, MapError::InvalidName { name: maps::BACKENDS.into() }))?;
+        let backends: HashMap<&MapData, u32, Backend> =
+            HashMap::try_from(map).map_err(|e| map_error(maps::BACKENDS, e))?;
+        backends.iter().filter_map(Result::ok).map(|(id, b)| ((b.addr, b.port), id)).collect()
+    };
     let map = ebpf
         .map_mut(maps::CONNTRACK)
         .ok_or_else(|| map_error(maps::CONNTRACK, MapError::InvalidName { name: maps::CONNTRACK.into() }))?;
@@ -384,8 +413,17 @@ fn migrate_conntrack(ebpf: &mut Ebpf, old: &Path) -> Result<usize, NetError> {
     let mut carried = 0;
     for item in flows.iter() {
         let (flow, nat) = item.map_err(|e| map_error(RETIRED_CONNTRACK, e))?;
-        current.insert(flow, CtEntry { nat, backend: 0, seen: now }, 0).map_err(|e| map_error(maps::CONNTRACK, e))?;
-        carried += 1;
+        // A forward entry names a backend; a reverse one a VIP or published address (never
+        // a backend's) or, with flags, a way back.
+        let backend = match nat.flags {
+            0 => backends.get(&(nat.addr, nat.port)).copied().unwrap_or(0),
+            _ => 0,
+        };
+        match current.insert(flow, CtEntry { nat, backend, seen: now }, BPF_NOEXIST) {
+            Ok(()) => carried += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::EEXIST) => {}
+            Err(e) => return Err(map_error(maps::CONNTRACK, e)),
+        }
     }
     Ok(carried)
 }

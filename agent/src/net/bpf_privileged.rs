@@ -438,25 +438,41 @@ fn the_only_backend_calling_its_own_vip_reaches_itself_from_the_vip() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn an_older_versions_tracked_flows_are_carried_over() {
     use shoal_common::lb::{FlowKey, PROTO_TCP};
-    let flow = FlowKey {
+    let flow = |sport: u16| FlowKey {
         saddr: u32::from_ne_bytes(CLIENT),
         daddr: u32::from_ne_bytes(VIP),
-        sport: 40000u16.to_be(),
+        sport: sport.to_be(),
         dport: 80u16.to_be(),
         proto: PROTO_TCP,
         _pad: [0; 3],
+    };
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool").args(args).output().map_err(crate::net::NetError::Io)?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(crate::net::NetError::Kernel(String::from_utf8_lossy(&out.stderr).into_owned())),
+        }
+    };
+    // An old flow CLIENT:sport -> VIP:80 pinned to REMOTE:8080, as the old map held it.
+    let track_old = |old: &str, sport: u16| {
+        let key: Vec<String> = [CLIENT, VIP]
+            .concat()
+            .iter()
+            .chain(&sport.to_be_bytes())
+            .chain(&[0, 80, 6, 0, 0, 0])
+            .map(|b| b.to_string())
+            .collect();
+        let value: Vec<String> = REMOTE.iter().chain(&[0x1f, 0x90, 0, 0]).map(|b| b.to_string()).collect();
+        let mut update = vec!["map", "update", "pinned", old, "key"];
+        update.extend(key.iter().map(String::as_str));
+        update.push("value");
+        update.extend(value.iter().map(String::as_str));
+        bpftool(&update)
     };
     // The conntrack map as shoald pinned it before it kept backend IDs: 8-byte values.
     let mut fx = Testbed::with_pins(|dir| {
         let old = dir.join("SHOAL_CONNTRACK");
         let old = old.to_str().unwrap();
-        let bpftool = |args: &[&str]| {
-            let out = std::process::Command::new("bpftool").args(args).output().map_err(crate::net::NetError::Io)?;
-            match out.status.success() {
-                true => Ok(()),
-                false => Err(crate::net::NetError::Kernel(String::from_utf8_lossy(&out.stderr).into_owned())),
-            }
-        };
         bpftool(&[
             "map",
             "create",
@@ -472,24 +488,27 @@ fn an_older_versions_tracked_flows_are_carried_over() {
             "name",
             "SHOAL_CONNTRACK",
         ])?;
-        let key: Vec<String> =
-            [CLIENT, VIP].concat().iter().chain(&[0x9c, 0x40, 0, 80, 6, 0, 0, 0]).map(|b| b.to_string()).collect();
-        let value: Vec<String> = REMOTE.iter().chain(&[0x1f, 0x90, 0, 0]).map(|b| b.to_string()).collect();
-        let mut update = vec!["map", "update", "pinned", old, "key"];
-        update.extend(key.iter().map(String::as_str));
-        update.push("value");
-        update.extend(value.iter().map(String::as_str));
-        bpftool(&update)
+        track_old(old, 40000)
     })
     .unwrap();
-    let carried = fx.tracked(&flow).unwrap().expect("the old flow was not carried over");
-    assert_eq!(
-        (carried.nat.addr, u16::from_be(carried.nat.port), carried.backend),
-        (u32::from_ne_bytes(REMOTE), 8080, 0)
-    );
-    // And it is still followed: its next segment goes to the backend it had.
+    let carried = fx.tracked(&flow(40000)).unwrap().expect("the old flow was not carried over at load");
+    assert_eq!((carried.nat.addr, u16::from_be(carried.nat.port)), (u32::from_ne_bytes(REMOTE), 8080));
+
+    // The old programs go on tracking until ours are attached: a flow they tracked since is
+    // carried over when the restore ends, with the ID of its backend; then the old map goes.
     fx.with_service().unwrap();
-    let (_, out) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, 40000, VIP, 80)).unwrap();
-    assert_eq!(&out[30..34], &REMOTE);
-    assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 1);
+    let old = fx.pin_dir().join("SHOAL_CONNTRACK");
+    track_old(old.to_str().unwrap(), 40001).unwrap();
+    fx.retire_old_conntrack();
+    assert!(!old.exists(), "the old map's pin stayed");
+    let late = fx.tracked(&flow(40001)).unwrap().expect("a flow tracked after the load was lost");
+    assert_eq!(late.backend, 9, "the backend at its address and port");
+    assert_eq!(fx.tracked(&flow(40000)).unwrap(), Some(carried), "a carried flow is not written twice");
+
+    // Both are still followed: their next segments go to the backend they had.
+    for sport in [40000, 40001] {
+        let (_, out) = fx.run(FROM_WORKLOAD, &tcp(CLIENT, sport, VIP, 80)).unwrap();
+        assert_eq!(&out[30..34], &REMOTE);
+    }
+    assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 2);
 }

@@ -230,6 +230,17 @@ impl Testbed {
         backends.remove(&gone).map_err(|e| map_error(maps::BACKENDS, e))
     }
 
+    /// The pin directory (an older version's pins go there before `with_pins` loads).
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// `Datapath::retire_old_conntrack`, as a restore ends it.
+    pub fn retire_old_conntrack(&mut self) {
+        let pin_dir = self.pin_dir.clone();
+        self.datapath().retire_old_conntrack(&pin_dir);
+    }
+
     /// The tracked state of `flow`, if any.
     pub fn tracked(&mut self, flow: &FlowKey) -> Result<Option<CtEntry>, NetError> {
         let flows: HashMap<&mut MapData, FlowKey, CtEntry> = self.datapath().map_mut(maps::CONNTRACK)?;

@@ -270,17 +270,22 @@ pub struct Ids {
     taken_backends: BTreeSet<u32>,
     cursor_tables: u32,
     cursor_backends: u32,
-    /// Table IDs freed (or held by the maps at start), by table name.
+    /// Table IDs freed by changes, by table name.
     reuse_tables: HashMap<TableName, u32>,
-    /// Backend IDs freed (or held by the maps at start), by table name, address and port.
+    /// Backend IDs freed by changes, by table name, address and port.
     reuse_backends: HashMap<(TableName, u32, u16), u32>,
+    /// Table IDs the maps held at start, by table name (until the resync is done).
+    held_tables: HashMap<TableName, u32>,
+    /// Backend IDs the maps held at start, by table name, address and port.
+    held_backends: HashMap<(TableName, u32, u16), u32>,
     /// Backend IDs the maps held at start in no table (draining backends), by address and
     /// port.
     orphans: HashMap<(u32, u16), Vec<u32>>,
 }
 
-/// Freed IDs remembered for their backend's return; past this many the oldest are forgotten
-/// wholesale (they only save the flows of a backend that comes back).
+/// IDs freed by changes remembered for their backend's return; past this many they are
+/// forgotten wholesale (they only save the flows of a backend that comes back). What the
+/// maps held at start is kept apart, whatever its size, until the resync is done.
 const REUSE_MAX: usize = 1 << 16;
 
 /// What the maps hold, read at start: tables by name, backends by table name and by value.
@@ -306,7 +311,7 @@ impl Ids {
         self.cursor_backends = self.cursor_backends.max(most(&mut kernel.backends.iter().map(|(_, id, _)| *id)));
         for (names, id) in &kernel.tables {
             for name in names {
-                self.reuse_tables.insert(name.clone(), *id);
+                self.held_tables.insert(name.clone(), *id);
             }
         }
         for (names, id, backend) in &kernel.backends {
@@ -314,26 +319,37 @@ impl Ids {
                 self.orphans.entry((backend.addr, backend.port)).or_default().push(*id);
             }
             for name in names {
-                self.reuse_backends.insert((name.clone(), backend.addr, backend.port), *id);
+                self.held_backends.insert((name.clone(), backend.addr, backend.port), *id);
             }
         }
     }
 
+    /// Forgets what the maps held at start (the resync has replaced it).
+    fn forget_kernel(&mut self) {
+        self.held_tables.clear();
+        self.held_backends.clear();
+        self.orphans.clear();
+    }
+
     /// The ID of table `name`: the one it had, or a new one.
     pub fn table_for(&mut self, name: &TableName) -> Result<u32, NetError> {
-        match self.reuse_tables.remove(name) {
-            Some(id) if self.taken_tables.insert(id) => Ok(id),
-            _ => next_free(&mut self.cursor_tables, &mut self.taken_tables),
+        for had in [self.reuse_tables.remove(name), self.held_tables.remove(name)].into_iter().flatten() {
+            if self.taken_tables.insert(had) {
+                return Ok(had);
+            }
         }
+        next_free(&mut self.cursor_tables, &mut self.taken_tables)
     }
 
     /// The ID of `backend` in table `table`: the one it had there, or one the maps held for
     /// the same address and port in no table (a draining backend), or a new one.
     pub fn backend_for(&mut self, table: &TableName, backend: &Backend) -> Result<u32, NetError> {
         // A remembered ID is taken back only if nobody has it (the cursor came round).
-        let had = self.reuse_backends.remove(&(table.clone(), backend.addr, backend.port));
-        if let Some(id) = had.filter(|id| self.taken_backends.insert(*id)) {
-            return Ok(id);
+        let key = (table.clone(), backend.addr, backend.port);
+        for had in [self.reuse_backends.remove(&key), self.held_backends.remove(&key)].into_iter().flatten() {
+            if self.taken_backends.insert(had) {
+                return Ok(had);
+            }
         }
         while let Some(id) = self.orphans.get_mut(&(backend.addr, backend.port)).and_then(Vec::pop) {
             if self.taken_backends.insert(id) {
@@ -345,10 +361,10 @@ impl Ids {
 
     /// Remembers IDs an owner no longer uses, for their table or backend's return.
     fn freed(&mut self, tables: &[(TableName, u32)], backends: &[(TableName, u32, u16, u32)]) {
-        if self.reuse_tables.len() > REUSE_MAX {
+        if !tables.is_empty() && self.reuse_tables.len() + tables.len() > REUSE_MAX {
             self.reuse_tables.clear();
         }
-        if self.reuse_backends.len() > REUSE_MAX {
+        if !backends.is_empty() && self.reuse_backends.len() + backends.len() > REUSE_MAX {
             self.reuse_backends.clear();
         }
         for (name, id) in tables {
@@ -455,7 +471,7 @@ impl Mirror {
     /// Frees the IDs held at start that no entry uses (the maps no longer hold them once
     /// synced to this mirror).
     pub fn forget_held(&mut self) {
-        self.ids.orphans.clear();
+        self.ids.forget_kernel();
         self.ids.taken_tables = self.parts.values().flat_map(|e| e.tables.iter().map(|(_, id, _)| *id)).collect();
         self.ids.taken_backends = self.parts.values().flat_map(|e| e.backends.iter().map(|(_, id, _)| *id)).collect();
     }

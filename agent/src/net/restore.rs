@@ -47,6 +47,8 @@ impl Dataplane {
                 }
             }
         }
+        // Our workload programs are attached now: an older version's tracking has stopped.
+        self.datapath.retire_old_conntrack(&self.config.pin_dir);
         let snapshot = Snapshot { sequence: self.sequence, spec: self.desired.to_spec() };
         if let Err(e) = self.save(&snapshot) {
             warn!(error = %e, "could not save the restored state");
