@@ -77,11 +77,6 @@ pub fn owners(desired: &Desired) -> Vec<Owner> {
         .collect()
 }
 
-/// Names of the interfaces of endpoints that run on this node.
-pub fn local_interfaces(desired: &Desired, node_addr: Ipv4Addr) -> impl Iterator<Item = &str> {
-    desired.endpoints().filter(move |ep| ep.node_addr == node_addr).filter_map(|ep| ep.interface.as_deref())
-}
-
 /// A network's gateway answers ARP like an endpoint; packets to it go to this node's stack.
 fn network_entries(net: &OverlayNetwork) -> Entries {
     let mut entries = Entries::default();
@@ -211,8 +206,6 @@ mod tests {
         assert_eq!(plan.interfaces[&7].vni, 4097);
         assert_eq!(plan.interfaces[&7].addr, u32::from_ne_bytes([10, 78, 0, 2]), "packet byte order");
         assert_eq!(plan.attach, [(7, "shw-a".to_owned())].into_iter().collect());
-        let desired = Desired::from_spec(&spec, Rules::default()).unwrap();
-        assert_eq!(local_interfaces(&desired, HERE).collect::<Vec<_>>(), ["shw-a"]);
     }
 
     #[test]

@@ -516,7 +516,7 @@ fn twice(change: &Change) -> SpecError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::{
         dataplane::{PublishedPort, ServicePort},
@@ -538,7 +538,8 @@ mod tests {
         }
     }
 
-    fn web() -> ServiceVip {
+    /// Service "web" on "blue": VIP 10.78.0.100, 80/tcp to 8080 on 10.78.0.2.
+    pub(in crate::dataplane) fn web() -> ServiceVip {
         ServiceVip {
             name: "web".into(),
             network: "blue".into(),

@@ -354,19 +354,13 @@ mod tests {
                 interface: Some("shw-a".into()),
             }],
             services: vec![ServiceVip {
-                name: "web".into(),
-                network: "blue".into(),
-                vip: "10.78.0.100".parse().unwrap(),
-                ports: vec![ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 8080 }],
-                backends: vec!["10.78.0.2".parse().unwrap()],
-                draining: vec![],
-                dnsrr: false,
                 published: vec![PublishedPort {
                     protocol: Protocol::Tcp,
                     published_port: 8080,
                     target_port: 8080,
                     publish_mode: PublishMode::Ingress,
                 }],
+                ..desired::tests::web()
             }],
             nodes: vec!["10.77.0.11".parse().unwrap(), "10.77.0.12".parse().unwrap()],
         }
