@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr};
 
 use shoal_api::dataplane::{Protocol, PublishMode, PublishedPort};
 use shoal_common::stats::{INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN};
-use shoal_lab::{tcp_exchange, Conversation, TextServer, UdpClient, UdpTextServer};
+use shoal_lab::{tcp_exchange, BulkServer, Conversation, TextServer, UdpClient, UdpTextServer};
 use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
 const CLIENT: &str = "10.77.3.1";
@@ -15,38 +15,6 @@ const CLIENT: &str = "10.77.3.1";
 /// Each backend's bulk port: a connection gets `BULK_BYTES` and the end.
 const BULK_PORT: u16 = 81;
 const BULK_BYTES: usize = 256 << 10;
-
-/// Writes `BULK_BYTES` to each connection on `BULK_PORT`, in a workload's namespace.
-struct BulkServer {
-    _thread: std::thread::JoinHandle<()>,
-}
-
-impl BulkServer {
-    fn start(netns: &str) -> BulkServer {
-        let listener =
-            shoal_lab::in_netns(netns, || std::net::TcpListener::bind(("0.0.0.0", BULK_PORT))).unwrap().unwrap();
-        let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let _ = std::io::Write::write_all(&mut stream, &vec![b'x'; BULK_BYTES]);
-            }
-        });
-        BulkServer { _thread: thread }
-    }
-
-    /// How many bytes a connection from `netns` to `to` gets before the server closes it.
-    fn fetch(netns: &str, to: SocketAddr) -> usize {
-        shoal_lab::in_netns(netns, move || {
-            let mut stream = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            let mut got = Vec::new();
-            std::io::Read::read_to_end(&mut stream, &mut got)?;
-            Ok::<_, std::io::Error>(got.len())
-        })
-        .unwrap()
-        .unwrap_or_else(|e| panic!("fetching from {to}: {e}"))
-    }
-}
 
 fn published(protocol: Protocol, published_port: u16, target_port: u16, mode: PublishMode) -> PublishedPort {
     PublishedPort { protocol, published_port, target_port, publish_mode: mode }
@@ -83,7 +51,8 @@ fn a_published_port_answers_on_every_host_from_every_backend_with_the_client_add
         published(Protocol::Udp, 5353, 5300, PublishMode::Ingress),
         published(Protocol::Tcp, 8081, BULK_PORT, PublishMode::Ingress),
     ];
-    let _bulk: Vec<BulkServer> = backends.iter().map(|b| BulkServer::start(&b.netns)).collect();
+    let _bulk: Vec<BulkServer> =
+        backends.iter().map(|b| BulkServer::start(&b.netns, BULK_PORT, BULK_BYTES).unwrap()).collect();
     let mut local = blue_service("local", "10.78.0.101", Protocol::Tcp, 80, 80, &["10.78.0.12"]);
     local.published = vec![published(Protocol::Tcp, 9090, 80, PublishMode::Host)];
     spec.services = vec![web, local];
@@ -108,7 +77,7 @@ fn a_published_port_answers_on_every_host_from_every_backend_with_the_client_add
         // Replies far bigger than a packet (the stack segments them; GSO/GRO packets are
         // far past the MTU on the way) come back whole, from local and remote backends.
         for _ in 0..6 {
-            let got = BulkServer::fetch(&client, SocketAddr::from((host.addr, 8081)));
+            let got = BulkServer::fetch(&client, SocketAddr::from((host.addr, 8081))).unwrap();
             assert_eq!(got, BULK_BYTES, "a bulk reply through {} came back cut", host.name);
         }
         // Local and remote backends both served, and every reply left through this host.

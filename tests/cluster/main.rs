@@ -5,6 +5,7 @@
 
 mod api_input;
 mod api_tls;
+mod big_packets;
 mod changes;
 mod dns;
 mod ingress;

@@ -147,7 +147,7 @@ pub fn run(keep: bool) -> Result<()> {
     for host in &lab.hosts {
         let counters = host.counters()?;
         let get = |code| counters.iter().find(|c| c.code == code).map_or(0, |c| c.packets);
-        let drops: u64 = counters.iter().filter(|c| c.code >= stats::DROP_FIRST).map(|c| c.packets).sum();
+        let drops: u64 = counters.iter().filter(|c| stats::is_drop(c.code)).map(|c| c.packets).sum();
         let ingress = format!(
             "{}/{}",
             get(stats::INGRESS_LOCAL) + get(stats::INGRESS_REMOTE),

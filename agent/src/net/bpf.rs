@@ -100,6 +100,7 @@ impl Datapath {
             maps::CONNTRACK,
             maps::SOCK_VIPS,
             maps::SOCK_PEERS,
+            maps::FRAGMENTS,
         ] {
             if ebpf.map(name).is_none() {
                 return Err(map_error(name, MapError::InvalidName { name: name.into() }));

@@ -139,7 +139,10 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
         tcp(CLIENT, 40000, REMOTE, 80),
         syn(CLIENT, 40000, NODE, PUBLISHED),
         arp_request(REMOTE),
+        icmp_error(CLIENT, VIP, 3, 3, 0, &tcp(VIP, 80, CLIENT, 40000)),
     ];
+    let workload_seeds: Vec<Vec<u8>> =
+        workload_seeds.into_iter().chain(udp_fragments(CLIENT, 40000, VIP, 80, 3000, 1400)).collect();
     let from_workload = fuzz(
         &fx,
         &mut rng,
@@ -171,6 +174,7 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
         udp(OUTSIDE, 50000, NODE, PUBLISHED),
         tcp(OUTSIDE, 50000, NODE, 22),
         udp(OUTSIDE, 50000, NODE, DATA_PATH_PORT),
+        icmp_error([198, 51, 100, 1], NODE, 3, 4, 1280, &tcp(NODE, PUBLISHED, OUTSIDE, 50000)),
     ];
     let from_underlay = fuzz(
         &fx,
@@ -180,9 +184,18 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
         |input, verdict, out| match verdict {
             TC_ACT_OK => assert_eq!(out, input, "a packet the mesh does not own was changed"),
             TC_ACT_REDIRECT => {
-                assert!(input.len() >= 38 && input[12..14] == [0x08, 0x00], "{input:02x?}");
+                assert!(input.len() >= 34 && input[12..14] == [0x08, 0x00], "{input:02x?}");
                 assert_eq!(&input[30..34], &NODE, "taken for another address: {input:02x?}");
-                assert_eq!(&input[36..38], &PUBLISHED.to_be_bytes(), "taken for another port: {input:02x?}");
+                if input[23] == 1 {
+                    // An ICMP error: about a reply the mesh sent from the published port.
+                    assert!(input.len() >= 66, "{input:02x?}");
+                    assert_eq!(&input[54..58], &NODE, "an error about another address: {input:02x?}");
+                    assert_eq!(&input[62..64], &PUBLISHED.to_be_bytes(), "about another port: {input:02x?}");
+                } else if u16::from_be_bytes([input[20], input[21]]) & 0x1fff == 0 {
+                    // (A later fragment carries no port: it goes where its first went.)
+                    assert!(input.len() >= 38, "{input:02x?}");
+                    assert_eq!(&input[36..38], &PUBLISHED.to_be_bytes(), "taken for another port: {input:02x?}");
+                }
             }
             _ => {}
         },

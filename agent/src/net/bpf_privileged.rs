@@ -320,7 +320,11 @@ fn each_refusal_is_counted_under_its_own_reason() {
     let mut fx = testbed();
     fx.with_service().unwrap();
     let drops = |fx: &Testbed| -> Vec<(u32, u64)> {
-        (stats::DROP_FIRST..stats::MAX).map(|c| (c, fx.count(c).unwrap())).filter(|(_, n)| *n > 0).collect()
+        (0..stats::MAX)
+            .filter(|c| stats::is_drop(*c))
+            .map(|c| (c, fx.count(c).unwrap()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     };
     let expect = |fx: &mut Testbed, packet: Vec<u8>, reason: u32| {
         let before = drops(fx);
@@ -511,4 +515,139 @@ fn an_older_versions_tracked_flows_are_carried_over() {
         assert_eq!(&out[30..34], &REMOTE);
     }
     assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 2);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_fragmented_datagram_follows_its_first_fragment_both_ways() {
+    let mut fx = testbed();
+    fx.with_service().unwrap();
+    fx.with_udp_service().unwrap();
+
+    // Client -> VIP:80, 3000 bytes in three fragments: every one goes to the backend, the
+    // ports and the datagram's checksum rewritten once, in the first.
+    let fragments = udp_fragments(CLIENT, 5000, VIP, 80, 3000, 1400);
+    assert_eq!(fragments.len(), 3);
+    let mut out = Vec::new();
+    for fragment in &fragments {
+        let (verdict, packet) = fx.run(FROM_WORKLOAD, fragment).unwrap();
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&packet[30..34], &REMOTE, "every fragment goes to the first one's backend");
+        assert_eq!(&packet[0..6], &REMOTE_MAC);
+        out.push(packet);
+    }
+    assert_eq!(&out[0][36..38], &8080u16.to_be_bytes(), "the first fragment's port rewritten");
+    assert_eq!(out[1][34..], fragments[1][34..], "a later fragment's payload is left alone");
+    assert!(reassembles(&out), "the datagram no longer verifies once reassembled");
+    assert_eq!(fx.count(stats::LB_NEW_FLOW).unwrap(), 1);
+    assert_eq!(fx.count(stats::LB_TRACKED).unwrap(), 2);
+
+    // A later fragment of a datagram whose first was never seen names no flow: dropped, and
+    // said why (it is not balanced by whatever its payload holds where ports would be).
+    let stray = udp_fragments(CLIENT, 5001, VIP, 80, 3000, 1400);
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &stray[2]).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.count(stats::DROP_FRAGMENT_UNKNOWN).unwrap(), 1);
+
+    // The backend's fragmented reply (`lo` now plays its veth) comes from VIP:80 in every
+    // fragment.
+    fx.set_workload_addr(REMOTE).unwrap();
+    fx.set_client_behind_local_veth().unwrap();
+    let mut back = Vec::new();
+    for fragment in udp_fragments(REMOTE, 8080, CLIENT, 5000, 4000, 1400) {
+        let (verdict, packet) = fx.run(FROM_WORKLOAD, &fragment).unwrap();
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&packet[26..30], &VIP, "every fragment of the reply comes from the VIP");
+        back.push(packet);
+    }
+    assert_eq!(&back[0][34..36], &80u16.to_be_bytes());
+    assert!(reassembles(&back), "the reply no longer verifies once reassembled");
+    assert_eq!(fx.count(stats::LB_REVERSE_NAT).unwrap(), back.len() as u64);
+}
+
+/// ICMP "destination unreachable", and its codes used here.
+const ICMP_UNREACHABLE: u8 = 3;
+const PORT_UNREACHABLE: u8 = 3;
+const FRAGMENTATION_NEEDED: u8 = 4;
+/// A router between the node and a client outside (TEST-NET-2).
+const ROUTER: [u8; 4] = [198, 51, 100, 1];
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn an_icmp_error_about_a_vip_flow_is_translated_both_ways() {
+    let mut fx = testbed();
+    fx.with_service().unwrap();
+    fx.run(FROM_WORKLOAD, &syn(CLIENT, 40000, VIP, 80)).unwrap();
+
+    // The client's error about a reply it got from VIP:80 goes to the backend, quoting the
+    // backend's own address and port.
+    let reply_seen = tcp(VIP, 80, CLIENT, 40000);
+    let error = icmp_error(CLIENT, VIP, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &reply_seen);
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &error).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&out[26..30], &out[30..34]), (&CLIENT[..], &REMOTE[..]), "to the backend, from the client");
+    assert_eq!((&out[54..58], &out[62..64]), (&REMOTE[..], &8080u16.to_be_bytes()[..]), "quoting the backend");
+    assert_eq!(&out[0..6], &REMOTE_MAC);
+    assert!(icmp_checksums_ok(&out), "checksums broken by the translation");
+    assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 1);
+
+    // The backend's error about the client's packet (`lo` now plays its veth) reaches the
+    // client from the VIP, quoting VIP:80, as if the VIP had sent it.
+    fx.set_workload_addr(REMOTE).unwrap();
+    fx.set_client_behind_local_veth().unwrap();
+    let packet_seen = tcp(CLIENT, 40000, REMOTE, 8080);
+    let error = icmp_error(REMOTE, CLIENT, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &packet_seen);
+    let (verdict, back) = fx.run(FROM_WORKLOAD, &error).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&back[26..30], &back[30..34]), (&VIP[..], &CLIENT[..]), "from the VIP, to the client");
+    assert_eq!((&back[58..62], &back[64..66]), (&VIP[..], &80u16.to_be_bytes()[..]), "quoting VIP:80");
+    assert_eq!((&back[54..58], &back[62..64]), (&CLIENT[..], &40000u16.to_be_bytes()[..]));
+    assert!(icmp_checksums_ok(&back), "checksums broken by the translation");
+    assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 2);
+
+    // An error about no balanced flow is delivered as it is.
+    let other = icmp_error(REMOTE, CLIENT, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &tcp(CLIENT, 40001, REMOTE, 8080));
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &other).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out[14..], other[14..]);
+    assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 2);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn fragmentation_needed_for_a_mesh_reply_reaches_its_backend() {
+    let mut fx = testbed();
+    fx.with_published_port().unwrap();
+    fx.run(FROM_UNDERLAY, &syn(OUTSIDE, 50000, NODE, PUBLISHED)).unwrap();
+
+    // A router on the way to the client could not take a reply (NODE:8080 -> client): its
+    // error reaches the backend, still from the router, quoting the backend's address.
+    let reply_sent = tcp(NODE, PUBLISHED, OUTSIDE, 50000);
+    let error = icmp_error(ROUTER, NODE, ICMP_UNREACHABLE, FRAGMENTATION_NEEDED, 1280, &reply_sent);
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &error).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&out[26..30], &out[30..34]), (&ROUTER[..], &REMOTE[..]), "to the backend, from the router");
+    assert_eq!((&out[54..58], &out[62..64]), (&REMOTE[..], &80u16.to_be_bytes()[..]), "quoting the backend");
+    assert_eq!(&out[40..42], &1280u16.to_be_bytes(), "the MTU it reports kept");
+    assert_eq!(&out[0..6], &REMOTE_MAC, "over the overlay to the backend");
+    assert!(icmp_checksums_ok(&out), "checksums broken by the translation");
+    assert_eq!((fx.count(stats::LB_ICMP_ERROR).unwrap(), fx.count(stats::INGRESS_REMOTE).unwrap()), (1, 2));
+
+    // About a flow the mesh does not know: the node's own business, passed untouched.
+    let unknown =
+        icmp_error(ROUTER, NODE, ICMP_UNREACHABLE, FRAGMENTATION_NEEDED, 1280, &tcp(NODE, 22, OUTSIDE, 50000));
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &unknown).unwrap();
+    assert_eq!((verdict, out), (TC_ACT_OK, unknown));
+
+    // The backend's own error about the client's packet (`lo` plays its veth) leaves
+    // through the underlay from NODE, quoting NODE:8080.
+    fx.set_workload_addr(REMOTE).unwrap();
+    let packet_seen = tcp(OUTSIDE, 50000, REMOTE, 80);
+    let error = icmp_error(REMOTE, OUTSIDE, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &packet_seen);
+    let (verdict, back) = fx.run(FROM_WORKLOAD, &error).unwrap();
+    leaves_through_the_underlay(&fx, verdict);
+    assert_eq!((&back[26..30], &back[30..34]), (&NODE[..], &OUTSIDE[..]), "from the node, to the client");
+    assert_eq!((&back[58..62], &back[64..66]), (&NODE[..], &PUBLISHED.to_be_bytes()[..]), "quoting NODE:8080");
+    assert!(icmp_checksums_ok(&back), "checksums broken by the translation");
+    assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 2);
 }

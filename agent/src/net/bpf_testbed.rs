@@ -392,6 +392,89 @@ pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     p
 }
 
+/// A UDP datagram `src:sport -> dst:dport` with `payload` bytes (checksummed), cut into IPv4
+/// fragments of at most `mtu` bytes of IP packet each, as a sender's stack cuts it.
+pub fn udp_fragments(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: usize, mtu: usize) -> Vec<Vec<u8>> {
+    let mut datagram = Vec::new();
+    datagram.extend_from_slice(&sport.to_be_bytes());
+    datagram.extend_from_slice(&dport.to_be_bytes());
+    datagram.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend((0..payload).map(|i| i as u8));
+    let mut pseudo_words = 0u32;
+    for c in src.chunks(2).chain(dst.chunks(2)) {
+        pseudo_words += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    let sum = checksum(&datagram, pseudo_words + 17 + datagram.len() as u32);
+    datagram[6..8].copy_from_slice(&sum.to_be_bytes());
+    let step = (mtu - 20) / 8 * 8;
+    datagram
+        .chunks(step)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let more = (i + 1) * step < datagram.len();
+            let frag_off = ((i * step / 8) as u16) | if more { 0x2000 } else { 0 };
+            let mut p = Vec::new();
+            p.extend_from_slice(&ROUTER_MAC);
+            p.extend_from_slice(&CLIENT_MAC);
+            p.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+            p.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            // Its own identification per source port, so two datagrams' fragments differ.
+            p.extend_from_slice(&sport.to_be_bytes());
+            p.extend_from_slice(&frag_off.to_be_bytes());
+            p.extend_from_slice(&[64, 17, 0, 0]);
+            p.extend_from_slice(&src);
+            p.extend_from_slice(&dst);
+            p.extend_from_slice(chunk);
+            let ip = checksum(&p[14..34], 0);
+            p[24..26].copy_from_slice(&ip.to_be_bytes());
+            p
+        })
+        .collect()
+}
+
+/// Whether `fragments` (in order) reassemble into a UDP datagram whose checksum verifies
+/// against the addresses they now carry, all of them with verifying IPv4 headers.
+pub fn reassembles(fragments: &[Vec<u8>]) -> bool {
+    let same_addresses = fragments.iter().all(|f| f[26..34] == fragments[0][26..34]);
+    let datagram: Vec<u8> = fragments.iter().flat_map(|f| f[34..].to_vec()).collect();
+    let mut pseudo_words = 0u32;
+    for c in fragments[0][26..34].chunks(2) {
+        pseudo_words += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    same_addresses
+        && fragments.iter().all(|f| ip_checksum_ok(f))
+        && checksum(&datagram, pseudo_words + 17 + datagram.len() as u32) == 0
+}
+
+/// An ICMP error (`icmp_type`, `code`) from `src` to `dst` quoting `packet` (a frame from
+/// the builders here): its IPv4 header and the first 8 bytes after it, as RFC 792 asks.
+/// For "fragmentation needed" the next hop's MTU goes in `mtu`.
+pub fn icmp_error(src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, mtu: u16, packet: &[u8]) -> Vec<u8> {
+    let quoted = &packet[14..42];
+    let mut p = Vec::new();
+    p.extend_from_slice(&ROUTER_MAC);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    p.extend_from_slice(&((20 + 8 + quoted.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[icmp_type, code, 0, 0, 0, 0]);
+    p.extend_from_slice(&mtu.to_be_bytes());
+    p.extend_from_slice(quoted);
+    let ip = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip.to_be_bytes());
+    let icmp = checksum(&p[34..], 0);
+    p[36..38].copy_from_slice(&icmp.to_be_bytes());
+    p
+}
+
+/// Whether an ICMP error's IPv4, ICMP and quoted IPv4 checksums all verify.
+pub fn icmp_checksums_ok(p: &[u8]) -> bool {
+    ip_checksum_ok(p) && checksum(&p[34..], 0) == 0 && checksum(&p[42..62], 0) == 0
+}
+
 /// Sets the IPv4 TTL of `p` (fixing the header checksum).
 pub fn with_ttl(mut p: Vec<u8>, ttl: u8) -> Vec<u8> {
     p[22] = ttl;

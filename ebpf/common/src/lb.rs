@@ -161,7 +161,33 @@ pub struct SockPeerKey {
     pub _pad: u16,
 }
 
+/// A datagram's fragments as the balancer tells them apart (RFC 791: source, destination,
+/// protocol and identification), for `FRAGMENTS`: only the first fragment carries the ports,
+/// so the later ones take them from here and follow it to the same backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+    /// The IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The ports of a fragmented datagram, from its first fragment (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 const _: () = assert!(core::mem::size_of::<SockPeerKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragmentPorts>() == 4);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
@@ -195,4 +221,8 @@ mod pod {
     unsafe impl aya::Pod for super::NatEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragmentKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragmentPorts {}
 }

@@ -40,4 +40,7 @@ pub mod maps {
     /// LRU `SockPeerKey` -> `NatEntry`: the VIP a backend's datagrams to a socket must appear
     /// to come from (`recvmsg`).
     pub const SOCK_PEERS: &str = "SHOAL_SOCK_PEERS";
+    /// LRU `FragmentKey` -> `FragmentPorts`: the ports of each fragmented datagram's first
+    /// fragment, for its later ones.
+    pub const FRAGMENTS: &str = "SHOAL_FRAGMENTS";
 }

@@ -53,7 +53,7 @@ pub const SOCK_LB_RECVMSG: u32 = 14;
 /// `UDP_IDLE_SECONDS` (counted instead of `LB_NEW_FLOW`).
 pub const LB_REPICKED: u32 = 15;
 
-/// First drop code; everything from here on is a drop.
+/// First drop code: codes from here up to `MORE_OUTCOMES_FIRST` are drops (see `is_drop`).
 pub const DROP_FIRST: u32 = 16;
 /// Frame too short for the headers its EtherType promises, or an ARP that is not
 /// Ethernet/IPv4.
@@ -104,8 +104,24 @@ pub const DROP_FRAG_NEEDED: u32 = 34;
 /// the node's own paths.
 pub const DROP_TO_HOST_PROTOCOL: u32 = 35;
 
+/// A later fragment of a datagram to a VIP whose first fragment was not seen here (it
+/// carries no ports, so nothing says which backend its datagram went to).
+pub const DROP_FRAGMENT_UNKNOWN: u32 = 36;
+
+/// First code of the second run of outcomes (the first, below `DROP_FIRST`, is full).
+pub const MORE_OUTCOMES_FIRST: u32 = 48;
+/// An ICMP error about a balanced flow (port unreachable, fragmentation needed, time
+/// exceeded), translated as that flow's packets are: to the client with the VIP or the
+/// published address in it, or to the backend with the backend's.
+pub const LB_ICMP_ERROR: u32 = 48;
+
 /// Size of the `STATS` array.
 pub const MAX: u32 = 64;
+
+/// Whether `code` counts a dropped packet.
+pub fn is_drop(code: u32) -> bool {
+    (DROP_FIRST..MORE_OUTCOMES_FIRST).contains(&code)
+}
 
 /// Human name of a code, for `shoal` output and test messages; `None` for codes not in use.
 pub fn name(code: u32) -> Option<&'static str> {
@@ -146,6 +162,8 @@ pub fn name(code: u32) -> Option<&'static str> {
         DROP_FIB_NOT_FORWARDED => "drop_fib_not_forwarded",
         DROP_FRAG_NEEDED => "drop_frag_needed",
         DROP_TO_HOST_PROTOCOL => "drop_to_host_protocol",
+        DROP_FRAGMENT_UNKNOWN => "drop_fragment_unknown",
+        LB_ICMP_ERROR => "lb_icmp_error",
         _ => return None,
     })
 }

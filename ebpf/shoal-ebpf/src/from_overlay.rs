@@ -23,7 +23,7 @@ use crate::{
     forward::deliver_local,
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
     ingress::{self, Hop},
-    lb::flow_of,
+    lb::{flow_of, member_of},
     maps::{lookup, ENDPOINTS, NODES},
     stats::drop_packet,
 };
@@ -106,8 +106,8 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
         // A backend's reply to a client that connected to this node's published port,
         // crossing the mesh once more.
         _ if !from_client => {
-            let Some(flow) = flow_of(ctx)? else { return Err(DROP_NO_ENDPOINT) };
-            ingress::reply(ctx, &flow, vni, Hop::Again)?.ok_or(DROP_NO_ENDPOINT)
+            let Some((flow, member)) = member_of(ctx)? else { return Err(DROP_NO_ENDPOINT) };
+            ingress::reply(ctx, &flow, member, vni, Hop::Again)?.ok_or(DROP_NO_ENDPOINT)
         }
         _ => Err(DROP_NO_ENDPOINT),
     }

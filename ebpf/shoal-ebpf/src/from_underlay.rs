@@ -2,8 +2,10 @@
 //!
 //! A TCP or UDP packet to a port published on this node's address goes to the flow's backend,
 //! on this node or over the overlay to the backend's node, with the client's address kept as
-//! its source. Everything else (the node's own traffic, VXLAN, the control plane) passes to
-//! the stack untouched; a packet the mesh cannot parse is not its business, so it passes too.
+//! its source; an ICMP error about a reply the mesh sent (a hop towards the client could not
+//! take it) goes to that flow's backend, translated. Everything else (the node's own
+//! traffic, VXLAN, the control plane) passes to the stack untouched; a packet the mesh cannot
+//! parse is not its business, so it passes too.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use shoal_common::lb::PROTO_UDP;
@@ -31,8 +33,11 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
     if unsafe { (*eth).proto } != ETH_P_IP_BE {
         return Ok(TC_ACT_OK);
     }
-    let Ok(Some(flow)) = flow_of(ctx) else { return Ok(TC_ACT_OK) };
     let Some(config) = node_config() else { return Ok(TC_ACT_OK) };
+    let Ok(Some(flow)) = flow_of(ctx) else {
+        // An ICMP error about a reply the mesh sent out: the backend must hear of it.
+        return Ok(ingress::enter_error(ctx, config.underlay_addr)?.unwrap_or(TC_ACT_OK));
+    };
     // The data path port is the overlay's, whatever a published port says.
     if flow.daddr != config.underlay_addr || (flow.proto == PROTO_UDP && flow.dport == config.data_path_port) {
         return Ok(TC_ACT_OK);

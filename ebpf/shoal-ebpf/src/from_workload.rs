@@ -11,9 +11,9 @@ use shoal_common::{
     lb::{PROTO_TCP, PROTO_UDP},
     overlay::{EndpointKey, InterfaceEntry, GATEWAY_NODE, IFACE_OUTBOUND},
     stats::{
-        DROP_IP_OPTIONS, DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE,
-        DROP_TO_DATA_PATH_PORT, DROP_TO_HOST_PROTOCOL, DROP_UNKNOWN_INTERFACE, FORWARD_HOST, FORWARD_LOCAL,
-        FORWARD_REMOTE,
+        DROP_FRAGMENT_UNKNOWN, DROP_IP_OPTIONS, DROP_MALFORMED, DROP_NOT_IPV4, DROP_NO_BACKEND, DROP_NO_ENDPOINT,
+        DROP_SPOOFED_SOURCE, DROP_TO_DATA_PATH_PORT, DROP_TO_HOST_PROTOCOL, DROP_UNKNOWN_INTERFACE, FORWARD_HOST,
+        FORWARD_LOCAL, FORWARD_REMOTE,
     },
 };
 
@@ -22,7 +22,7 @@ use crate::{
     forward::{deliver_local, encapsulate, hand_to_workload, node_config},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE},
     ingress::{self, Client, Hop},
-    lb,
+    lb::{self, Member},
     maps::{lookup, ENDPOINTS, INTERFACES},
     stats::{count, drop_packet},
 };
@@ -60,14 +60,15 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     let dst = u32::from_ne_bytes(daddr);
     let key = EndpointKey { vni: iface.vni, addr: dst };
     let Some(to) = lookup(&ENDPOINTS, &key) else {
-        if let Some(flow) = lb::flow_of(ctx)? {
-            // A backend's reply to a client of a published port, on its way back.
-            if let Some(verdict) = ingress::reply(ctx, &flow, iface.vni, Hop::First)? {
+        if let Some((flow, member)) = lb::member_of(ctx)? {
+            // A backend's reply to a client of a published port (or its error about the
+            // client's packet), on its way back.
+            if let Some(verdict) = ingress::reply(ctx, &flow, member, iface.vni, Hop::First)? {
                 return Ok(verdict);
             }
             // A published port on this node's own address: the mesh, as for a client outside
             // (the node's stack would only find nothing listening there).
-            if node_config().is_some_and(|config| config.underlay_addr == dst) {
+            if member == Member::Packet && node_config().is_some_and(|config| config.underlay_addr == dst) {
                 if let Some(verdict) = ingress::enter(ctx, &flow, Client::Workload)? {
                     return Ok(verdict);
                 }
@@ -90,9 +91,16 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
             let me = lookup(&ENDPOINTS, &EndpointKey { vni: iface.vni, addr: iface.addr }).ok_or(DROP_NO_ENDPOINT)?;
             return hand_to_workload(ctx, &me, FORWARD_LOCAL);
         }
-        // A VIP not balanced: with IP options (never balanced, as IPVS does not), or not on
-        // a port of its service (or not TCP/UDP): nothing answers there.
-        return Err(if has_ip_options(ctx)? { DROP_IP_OPTIONS } else { DROP_NO_BACKEND });
+        // A VIP not balanced: with IP options (never balanced, as IPVS does not), a later
+        // fragment whose first was not seen, or not on a port of its service (or not
+        // TCP/UDP): nothing answers there.
+        return Err(if has_ip_options(ctx)? {
+            DROP_IP_OPTIONS
+        } else if lb::later_fragment(ctx) {
+            DROP_FRAGMENT_UNKNOWN
+        } else {
+            DROP_NO_BACKEND
+        });
     }
     if to.ifindex != 0 {
         deliver_local(ctx, &to, FORWARD_LOCAL)

@@ -14,14 +14,18 @@ use shoal_common::{
     lb::{CtEntry, FlowKey, IngressEntry, IngressKey, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
     overlay::{EndpointEntry, EndpointKey, GATEWAY_NODE},
     stats::{
-        DROP_NAT, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN,
-        LB_NEW_FLOW, LB_REPICKED, LB_TRACKED,
+        DROP_MALFORMED, DROP_NAT, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY,
+        INGRESS_RETURN, LB_ICMP_ERROR, LB_NEW_FLOW, LB_REPICKED, LB_TRACKED,
     },
 };
 
 use crate::{
     forward::{encapsulate, hand_to_workload, out_underlay, take_hop},
-    lb::{may_start, now_seconds, pick, reply_of, rewrite_destination, rewrite_source, track, tracked, Tracked},
+    headers::{ptr_at, Ipv4Hdr, ETH_HLEN},
+    lb::{
+        error_flow, may_start, now_seconds, pick, reply_of, rewrite_destination, rewrite_error_destination,
+        rewrite_source_of, track, tracked, Member, Tracked,
+    },
     maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS},
     stats::count,
 };
@@ -47,14 +51,45 @@ pub fn enter(ctx: &TcContext, flow: &FlowKey, client: Client) -> Result<Option<i
         return Err(DROP_SPOOFED_SOURCE);
     }
     let Some(backend) = balance(ctx, flow, &port)? else { return Ok(None) };
-    let to = lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
+    to_backend(ctx, port.vni, &backend).map(Some)
+}
+
+/// If the ICMP error in `ctx` is about a reply of a flow to a port published on this node
+/// at `node` (a hop on the way to the client could not take it: "fragmentation needed",
+/// say), sends it to the flow's backend, translated, and returns the verdict. Never makes
+/// state.
+#[inline(always)]
+pub fn enter_error(ctx: &TcContext, node: u32) -> Result<Option<i32>, u32> {
+    let Some(flow) = error_flow(ctx)? else { return Ok(None) };
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let to = u32::from_ne_bytes(unsafe { (*ip).daddr });
+    // To this node, about a packet this node sent.
+    if to != node || flow.daddr != node {
+        return Ok(None);
+    }
+    let key = IngressKey { port: flow.dport, proto: flow.proto, _pad: 0 };
+    let Some(port) = lookup(&INGRESS, &key) else { return Ok(None) };
+    let Some(CtEntry { nat: backend, backend: id, .. }) = lookup_lru(&CONNTRACK, &flow) else { return Ok(None) };
+    if id == 0 || backend.flags != 0 {
+        return Ok(None);
+    }
+    rewrite_error_destination(ctx, &flow, &backend)?;
+    count(ctx, LB_ICMP_ERROR);
+    to_backend(ctx, port.vni, &backend).map(Some)
+}
+
+/// Sends a packet of a published port's flow to its backend on network `vni`.
+#[inline(always)]
+fn to_backend(ctx: &TcContext, vni: u32, backend: &NatEntry) -> Result<i32, u32> {
+    let to = lookup(&ENDPOINTS, &EndpointKey { vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
     if to.ifindex != 0 {
-        hand_to_workload(ctx, &to, INGRESS_LOCAL).map(Some)
+        hand_to_workload(ctx, &to, INGRESS_LOCAL)
     } else if to.node_addr == 0 || to.node_addr == GATEWAY_NODE {
         // A VIP or a gateway named as a backend: no workload there.
         Err(DROP_NO_ENDPOINT)
     } else {
-        encapsulate(ctx, &to, port.vni, INGRESS_REMOTE).map(Some)
+        encapsulate(ctx, &to, vni, INGRESS_REMOTE)
     }
 }
 
@@ -107,18 +142,19 @@ pub enum Hop {
     Again,
 }
 
-/// If the packet is a backend's reply to an ingress client, sends it on its way (out the
-/// underlay with the published address as its source, or back to the ingress node over
-/// network `vni`) and returns the verdict; `None` for any other packet.
+/// If the packet is a backend's reply to an ingress client (or an ICMP error about the
+/// client's flow), sends it on its way (out the underlay with the published address as its
+/// source, or back to the ingress node over network `vni`) and returns the verdict; `None`
+/// for any other packet.
 #[inline(always)]
-pub fn reply(ctx: &TcContext, flow: &FlowKey, vni: u32, hop: Hop) -> Result<Option<i32>, u32> {
+pub fn reply(ctx: &TcContext, flow: &FlowKey, member: Member, vni: u32, hop: Hop) -> Result<Option<i32>, u32> {
     let Some(CtEntry { nat: entry, .. }) = lookup_lru(&CONNTRACK, flow) else { return Ok(None) };
     if hop == Hop::Again && (entry.flags == NAT_REPLY_TO_UNDERLAY || entry.flags == NAT_RETURN_VIA_NODE) {
         take_hop(ctx)?;
     }
     match entry.flags {
         NAT_REPLY_TO_UNDERLAY => {
-            rewrite_source(ctx, flow, &entry)?;
+            rewrite_source_of(ctx, member, flow, &entry)?;
             out_underlay(ctx, INGRESS_REPLY).map(Some)
         }
         NAT_RETURN_VIA_NODE => {

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use shoal_common::{
     lb::{
-        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey,
-        SockPeerKey,
+        Backend, CtEntry, FlowKey, FragmentKey, FragmentPorts, IngressEntry, IngressKey, MaglevTable, NatEntry,
+        ServiceEntry, ServiceKey, SockPeerKey,
     },
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
     stats::{Counter, MAX},
@@ -79,3 +79,8 @@ pub static SOCK_VIPS: LruHashMap<u64, NatEntry> = LruHashMap::pinned(262144, 0);
 /// The VIP behind each backend a socket sent datagrams to, so `recvmsg` shows the VIP.
 #[map(name = "SHOAL_SOCK_PEERS")]
 pub static SOCK_PEERS: LruHashMap<SockPeerKey, NatEntry> = LruHashMap::pinned(262144, 0);
+
+/// The ports of each fragmented datagram, from its first fragment, for its later ones (as
+/// Cilium's `cilium_ipv4_frag_datagrams`); least recently used go first when full.
+#[map(name = "SHOAL_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> = LruHashMap::pinned(8192, 0);

@@ -35,7 +35,7 @@ pub use cmd::{run, run_ok, run_with_stdin};
 pub use netns::{command as netns_command, in_netns};
 pub use teardown::down;
 pub use workload::{
-    ping, tcp_exchange, tcp_exchange_from, Conversation, TextServer, UdpClient, UdpTextServer, Workload,
+    ping, tcp_exchange, tcp_exchange_from, BulkServer, Conversation, TextServer, UdpClient, UdpTextServer, Workload,
 };
 
 /// Lab name used by `cargo xtask lab` when none is given.
@@ -282,6 +282,44 @@ impl Lab {
         let netns = format!("{}-{name}", self.name);
         netns::create_plugged(&self.name, &netns, name, addr)?;
         Ok(netns)
+    }
+
+    /// Adds a client outside the cluster behind a router, for paths narrower than the links
+    /// at either end: router namespace `<lab>-<name>rtr` at `router` on the underlay, and
+    /// client namespace `<lab>-<name>` at `<subnet>.2/24` behind it, both links 1500 bytes,
+    /// but the router's route to the client takes only `path_mtu` bytes (so it answers
+    /// bigger packets with "fragmentation needed", as a narrow hop on the way would). Every
+    /// host routes `<subnet>.0/24` through the router. Returns the client's namespace and
+    /// address.
+    pub fn add_client_behind_router(
+        &self,
+        name: &str,
+        router: Ipv4Addr,
+        subnet: [u8; 3],
+        path_mtu: u32,
+    ) -> Result<(String, Ipv4Addr)> {
+        let router_ns = self.add_client(&format!("{name}rtr"), router)?;
+        let netns = format!("{}-{name}", self.name);
+        let [a, b, c] = subnet;
+        let (client, inside, network) =
+            (Ipv4Addr::new(a, b, c, 2), format!("{a}.{b}.{c}.1"), format!("{a}.{b}.{c}.0/24"));
+        run_ok(&["ip", "netns", "add", &netns])?;
+        run_ok(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+        run_ok(&[
+            "ip", "-n", &router_ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ])?;
+        run_ok(&["ip", "-n", &router_ns, "addr", "add", &format!("{inside}/24"), "dev", "eth1"])?;
+        run_ok(&["ip", "-n", &router_ns, "link", "set", "eth1", "up"])?;
+        run_ok(&["ip", "-n", &netns, "addr", "add", &format!("{client}/24"), "dev", "eth0"])?;
+        run_ok(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
+        run_ok(&["ip", "-n", &netns, "route", "add", "default", "via", &inside])?;
+        let mtu = path_mtu.to_string();
+        run_ok(&["ip", "-n", &router_ns, "route", "replace", &network, "dev", "eth1", "mtu", "lock", &mtu])?;
+        run_ok(&["nsenter", &format!("--net=/run/netns/{router_ns}"), "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        for host in &self.hosts {
+            run_ok(&["ip", "-n", &host.netns, "route", "replace", &network, "via", &router.to_string()])?;
+        }
+        Ok((netns, client))
     }
 
     /// Cuts `hosts` off from the other hosts on the lab switch (they still reach each other).

@@ -174,7 +174,8 @@ impl UdpTextServer {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, text) = (stop.clone(), text.to_owned());
         let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            // Room for the largest datagram (those past the MTU arrive in fragments).
+            let mut buf = vec![0u8; 65536];
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let Ok((len, from)) = socket.recv_from(&mut buf) else { continue };
                 let text = text.replace("{peer}", &from.ip().to_string());
@@ -194,6 +195,38 @@ impl Drop for UdpTextServer {
     }
 }
 
+/// A TCP server inside a namespace that writes `bytes` bytes to each connection and closes
+/// it, on a thread of this process (for transfers far bigger than a packet).
+pub struct BulkServer {
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl BulkServer {
+    pub fn start(netns: &str, port: u16, bytes: usize) -> Result<BulkServer> {
+        let listener = crate::in_netns(netns, move || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let _ = std::io::Write::write_all(&mut stream, &vec![b'x'; bytes]);
+            }
+        });
+        Ok(BulkServer { _thread: thread })
+    }
+
+    /// How many bytes a connection from `netns` to `to` gets before the server closes it;
+    /// an error if any read waits more than 5 seconds.
+    pub fn fetch(netns: &str, to: std::net::SocketAddr) -> Result<usize> {
+        crate::in_netns(netns, move || {
+            let mut stream = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut stream, &mut got)?;
+            Ok::<_, std::io::Error>(got.len())
+        })?
+        .with_context(|| format!("fetching from {to}"))
+    }
+}
+
 /// A UDP socket opened inside a namespace on a port of the kernel's choosing, kept across
 /// exchanges: every datagram it sends belongs to the same client flow.
 pub struct UdpClient {
@@ -210,7 +243,7 @@ impl UdpClient {
     /// Sends `message` to `to` and waits for one answer; returns it with where it came from.
     pub fn ask(&self, to: std::net::SocketAddr, message: &str) -> Result<(String, std::net::SocketAddr)> {
         self.socket.send_to(message.as_bytes(), to)?;
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         let (len, from) = self.socket.recv_from(&mut buf).with_context(|| format!("no answer from {to}"))?;
         Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
     }

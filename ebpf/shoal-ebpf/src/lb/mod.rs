@@ -1,28 +1,32 @@
 //! Per-packet service load balancing (the TC path, Cilium's `lb4` + conntrack + reverse NAT):
 //! a packet to a service VIP gets the backend its flow was pinned to, or, for a new flow, the
 //! one the service's Maglev table picks; replies get the VIP back as their source where they
-//! are delivered. One concern per file: `flow` (the packet), `conntrack` (the connection
-//! table), `maglev` (the choice), `nat` (the rewrites).
+//! are delivered; ICMP errors about a balanced flow are translated with it. One concern per
+//! file: `flow` (the packet), `conntrack` (the connection table), `maglev` (the choice),
+//! `nat` (the rewrites), `icmp` (errors about flows).
 
 mod conntrack;
 mod flow;
+mod icmp;
 mod maglev;
 mod nat;
 
 use aya_ebpf::programs::TcContext;
 use shoal_common::{
     lb::{CtEntry, FlowKey, NatEntry, ServiceKey, NAT_HAIRPIN, NAT_RETURN_VIA_NODE},
-    stats::{LB_NEW_FLOW, LB_REPICKED, LB_REVERSE_NAT, LB_TRACKED},
+    stats::{LB_ICMP_ERROR, LB_NEW_FLOW, LB_REPICKED, LB_REVERSE_NAT, LB_TRACKED},
 };
 
 use self::{
     conntrack::track_hairpin,
     flow::{opens_connection, IP_DADDR, IP_SADDR, L4_DPORT, L4_SPORT},
+    icmp::rewrite_error_source,
     nat::rewrite,
 };
 pub use self::{
     conntrack::{now_seconds, track, tracked, Tracked},
-    flow::{flow_of, may_start, reply_of},
+    flow::{flow_of, later_fragment, may_start, reply_of},
+    icmp::{error_flow, rewrite_error_destination},
     maglev::pick,
     nat::{rewrite_destination, rewrite_source},
 };
@@ -31,11 +35,59 @@ use crate::{
     stats::count,
 };
 
+/// What a packet is to a flow: one of its own, or an ICMP error about it (which travels the
+/// flow's way, quoting a packet that went the other).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    Packet,
+    Error,
+}
+
+/// The flow the packet belongs to, and how.
+#[inline(always)]
+pub fn member_of(ctx: &TcContext) -> Result<Option<(FlowKey, Member)>, u32> {
+    if let Some(flow) = flow_of(ctx)? {
+        return Ok(Some((flow, Member::Packet)));
+    }
+    Ok(error_flow(ctx)?.map(|flow| (flow, Member::Error)))
+}
+
+/// `rewrite_source` for a member of `flow`: the packet's own source, or the address an
+/// error quotes.
+#[inline(always)]
+pub fn rewrite_source_of(ctx: &TcContext, member: Member, flow: &FlowKey, from: &NatEntry) -> Result<(), u32> {
+    match member {
+        Member::Packet => rewrite_source(ctx, flow, from),
+        Member::Error => {
+            rewrite_error_source(ctx, flow, from)?;
+            count(ctx, LB_ICMP_ERROR);
+            Ok(())
+        }
+    }
+}
+
+/// If the ICMP error in `ctx` is about a flow balanced to a backend (its flow pinned in
+/// `CONNTRACK`), points it at the backend as `rewrite_error_destination` does and returns
+/// true. Never makes state.
+#[inline(always)]
+pub fn error_to_backend(ctx: &TcContext) -> Result<bool, u32> {
+    let Some(flow) = error_flow(ctx)? else { return Ok(false) };
+    match lookup_lru(&CONNTRACK, &flow) {
+        Some(CtEntry { nat, backend, .. }) if backend != 0 && nat.flags == 0 => {
+            rewrite_error_destination(ctx, &flow, &nat)?;
+            count(ctx, LB_ICMP_ERROR);
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// If the packet goes to a service VIP on network `vni`, rewrites its destination to the
-/// flow's backend and returns true; the caller then forwards it to the backend.
+/// flow's backend and returns true; the caller then forwards it to the backend. An ICMP
+/// error about a VIP flow's reply goes to that flow's backend.
 #[inline(always)]
 pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
-    let Some(flow) = flow_of(ctx)? else { return Ok(false) };
+    let Some(flow) = flow_of(ctx)? else { return error_to_backend(ctx) };
     let key = ServiceKey { vni, vip: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
     let Some(service) = lookup(&SERVICES, &key) else {
         if opens_connection(ctx, &flow) {
@@ -101,16 +153,21 @@ fn hairpin_back(ctx: &TcContext, flow: &FlowKey, vip: &NatEntry) -> Result<(), u
     Ok(())
 }
 
-/// Gives a backend's reply the VIP back as its source, if it belongs to a balanced flow.
+/// Gives a backend's reply the VIP back as its source (or, to an ICMP error about a
+/// balanced flow, the VIP back where it quotes the backend), if it belongs to a balanced
+/// flow.
 #[inline(always)]
 pub fn reverse_nat(ctx: &TcContext) -> Result<(), u32> {
-    let Some(flow) = flow_of(ctx)? else { return Ok(()) };
+    let Some((flow, member)) = member_of(ctx)? else { return Ok(()) };
     let Some(CtEntry { nat: vip, .. }) = lookup_lru(&CONNTRACK, &flow) else { return Ok(()) };
-    if vip.flags == NAT_RETURN_VIA_NODE {
-        // Another node's ingress flow: that node restores the published address.
+    if vip.flags == NAT_RETURN_VIA_NODE || (member == Member::Error && vip.flags != 0) {
+        // Another node's ingress flow: that node restores the published address. (Errors
+        // about hairpin flows are not translated: their client is their backend.)
         return Ok(());
     }
-    rewrite_source(ctx, &flow, &vip)?;
-    count(ctx, LB_REVERSE_NAT);
+    rewrite_source_of(ctx, member, &flow, &vip)?;
+    if member == Member::Packet {
+        count(ctx, LB_REVERSE_NAT);
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use shoal_common::{
     stats::DROP_NAT,
 };
 
-use super::flow::{IP_CSUM, IP_DADDR, IP_SADDR, L4_DPORT, L4_SPORT, TCP_CSUM, UDP_CSUM};
+use super::flow::{later_fragment, IP_CSUM, IP_DADDR, IP_SADDR, L4_DPORT, L4_SPORT, TCP_CSUM, UDP_CSUM};
 use crate::headers::ptr_at;
 
 /// Points the packet of `flow` at `to` (DNAT).
@@ -26,7 +26,8 @@ pub fn rewrite_source(ctx: &TcContext, flow: &FlowKey, from: &NatEntry) -> Resul
 }
 
 /// Replaces an address and a port (both network byte order) and fixes the IP and L4
-/// checksums incrementally.
+/// checksums incrementally. A later fragment has no L4 header: only its address changes (the
+/// datagram's L4 checksum, in its first fragment, took the whole change).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(super) fn rewrite(
@@ -39,6 +40,15 @@ pub(super) fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), u32> {
+    if later_fragment(ctx) {
+        if old_addr != new_addr {
+            ctx.l3_csum_replace(IP_CSUM, old_addr as u64, new_addr as u64, 4).map_err(|_| DROP_NAT)?;
+            let addr: *mut u32 = ptr_at(ctx, addr_off).ok_or(DROP_NAT)?;
+            // SAFETY: bounds-checked by ptr_at just above.
+            unsafe { addr.write_unaligned(new_addr) };
+        }
+        return Ok(());
+    }
     let (csum_off, mangled) = if proto == PROTO_TCP { (TCP_CSUM, 0) } else { (UDP_CSUM, BPF_F_MARK_MANGLED_0 as u64) };
     if old_addr != new_addr {
         ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
