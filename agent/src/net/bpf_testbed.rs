@@ -61,6 +61,8 @@ pub const REMOTE_NODE: [u8; 4] = [10, 77, 2, 1];
 pub const OTHER_NODE: [u8; 4] = [10, 77, 2, 2];
 /// `from_overlay` with the tunnel key taken from the test's context (see the program).
 pub const FROM_OVERLAY_TEST: &str = "from_overlay_test";
+/// A TC program that does nothing: the floor of the per-packet costs.
+pub const EMPTY_TC: &str = "empty_tc";
 
 /// A datapath with its own pin directory, removed (with bpffs if we mounted it) on drop.
 /// One at a time per process: one may have to mount bpffs and unmount it afterwards.
@@ -136,9 +138,11 @@ impl Testbed {
             data_path_port: DATA_PATH_PORT.to_be(),
             ..Default::default()
         })?;
-        super::classifier(&mut datapath.ebpf, FROM_OVERLAY_TEST)?
-            .load()
-            .map_err(|source| NetError::Program { program: FROM_OVERLAY_TEST, source })?;
+        for program in [FROM_OVERLAY_TEST, EMPTY_TC] {
+            super::classifier(&mut datapath.ebpf, program)?
+                .load()
+                .map_err(|source| NetError::Program { program, source })?;
+        }
         testbed.datapath = Some(datapath);
         Ok(testbed)
     }
@@ -546,11 +550,20 @@ pub fn checksums_ok(p: &[u8]) -> bool {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramCost {
     pub program: &'static str,
+    /// `FLOOR`, `FORWARDING`, `NAT` or `OTHER`.
+    pub kind: &'static str,
     pub case: &'static str,
     pub verdict: u32,
     /// Nanoseconds per packet, one value per round.
     pub rounds_ns: Vec<f64>,
 }
+
+/// What a measured path is to the report: the floor (the empty program), the plain
+/// forwarding path the NAT paths are compared with, a NAT path, or another.
+pub const FLOOR: &str = "floor";
+pub const FORWARDING: &str = "forwarding";
+pub const NAT: &str = "nat";
+pub const OTHER: &str = "other";
 
 /// Single runs per round: their median is the round's figure.
 const SAMPLES: usize = 20_000;
@@ -568,30 +581,66 @@ pub fn program_costs(repeat: u32, rounds: usize) -> Result<Vec<ProgramCost>, Net
     bed.with_service()?;
     bed.with_published_port()?;
     let pass = tcp(OUTSIDE, 50000, NODE, 22);
+    // Flows are opened first (the mesh tracks a flow from its SYN only), so the tracked
+    // cases measure what they say.
+    bed.run(FROM_UNDERLAY, &syn(OUTSIDE, 50000, NODE, PUBLISHED))?;
+    bed.run(FROM_WORKLOAD, &syn(CLIENT, 40001, VIP, 80))?;
+    // (program, kind, path, packet, the verdict that shows the path was taken)
     let cases = [
-        (FROM_UNDERLAY, "not a published port (pass)", pass.clone()),
-        (FROM_UNDERLAY, "published port, tracked flow (DNAT + encapsulate)", tcp(OUTSIDE, 50000, NODE, PUBLISHED)),
-        (FROM_WORKLOAD, "ARP request answered", arp_request(REMOTE)),
-        (FROM_WORKLOAD, "to a remote endpoint (encapsulate)", tcp(CLIENT, 40000, REMOTE, 80)),
-        (FROM_WORKLOAD, "to a local endpoint (redirect_peer)", tcp(CLIENT, 40000, LOCAL, 80)),
-        (FROM_WORKLOAD, "to a VIP, tracked flow (DNAT + encapsulate)", tcp(CLIENT, 40001, VIP, 80)),
-        (FROM_OVERLAY, "no tunnel metadata (drop; test_run cannot set any)", tcp(REMOTE, 80, CLIENT, 40000)),
-        // Last: `lo` then plays the backend's veth.
-        (FROM_WORKLOAD, "ingress reply (reverse NAT + FIB lookup)", tcp(REMOTE, 80, OUTSIDE, 50000)),
+        (EMPTY_TC, FLOOR, "nothing (the floor every TC program pays)", pass.clone(), TC_ACT_OK),
+        (FROM_UNDERLAY, OTHER, "not a published port (pass)", pass.clone(), TC_ACT_OK),
+        (
+            FROM_UNDERLAY,
+            NAT,
+            "published port, tracked flow (DNAT + encapsulate)",
+            tcp(OUTSIDE, 50000, NODE, PUBLISHED),
+            TC_ACT_REDIRECT,
+        ),
+        (FROM_WORKLOAD, OTHER, "ARP request answered", arp_request(REMOTE), TC_ACT_REDIRECT),
+        (
+            FROM_WORKLOAD,
+            FORWARDING,
+            "to a remote endpoint (encapsulate)",
+            tcp(CLIENT, 40000, REMOTE, 80),
+            TC_ACT_REDIRECT,
+        ),
+        (FROM_WORKLOAD, OTHER, "to a local endpoint (redirect_peer)", tcp(CLIENT, 40000, LOCAL, 80), TC_ACT_REDIRECT),
+        (
+            FROM_WORKLOAD,
+            NAT,
+            "to a VIP, tracked flow (DNAT + encapsulate)",
+            tcp(CLIENT, 40001, VIP, 80),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            FROM_OVERLAY,
+            OTHER,
+            "no tunnel metadata (drop; test_run cannot set any)",
+            tcp(REMOTE, 80, CLIENT, 40000),
+            TC_ACT_SHOT,
+        ),
+        // Last: `lo` then plays the backend's veth. Under test_run the route lookup never
+        // forwards (the frame arrives on `lo`), so the path ends in a drop after every step.
+        (FROM_WORKLOAD, NAT, "ingress reply (reverse NAT + FIB lookup)", tcp(REMOTE, 80, OUTSIDE, 50000), TC_ACT_SHOT),
     ];
     let mut costs = Vec::new();
-    for (program, case, packet) in cases {
+    for (program, kind, case, packet, expected) in cases {
         if case.starts_with("ingress reply") {
             bed.set_workload_addr(REMOTE)?;
         }
         let (verdict, _) = bed.run(program, &packet)?;
+        if verdict != expected {
+            return Err(NetError::Kernel(format!(
+                "{program}, {case}: verdict {verdict}, not {expected}: the path measured is not the one named"
+            )));
+        }
         let mut rounds_ns = Vec::new();
         for _ in 0..rounds {
             let overhead = bed.single_run_median(FROM_UNDERLAY, &pass)?
                 - bed.time(FROM_UNDERLAY, &pass, repeat)?.1.as_secs_f64() * 1e9;
             rounds_ns.push(bed.single_run_median(program, &packet)? - overhead);
         }
-        costs.push(ProgramCost { program, case, verdict, rounds_ns });
+        costs.push(ProgramCost { program, kind, case, verdict, rounds_ns });
     }
     Ok(costs)
 }

@@ -55,11 +55,21 @@ fn try_from_workload(ctx: &TcContext) -> Result<i32, u32> {
     if u32::from_ne_bytes(saddr) != iface.addr {
         return Err(DROP_SPOOFED_SOURCE);
     }
-    // A service VIP: the destination becomes the flow's backend before forwarding.
-    let daddr = if lb::balance(ctx, iface.vni)? { current_daddr(ctx)? } else { daddr };
-    let dst = u32::from_ne_bytes(daddr);
-    let key = EndpointKey { vni: iface.vni, addr: dst };
-    let Some(to) = lookup(&ENDPOINTS, &key) else {
+    let mut dst = u32::from_ne_bytes(daddr);
+    let mut to = lookup(&ENDPOINTS, &EndpointKey { vni: iface.vni, addr: dst });
+    match to {
+        // A service VIP (an endpoint with no interface and no node): the destination
+        // becomes the flow's backend before forwarding. Services are looked up for VIPs
+        // only, so plain forwarding pays for one lookup.
+        Some(vip) if vip.ifindex == 0 && vip.node_addr == 0 => {
+            if lb::balance(ctx, iface.vni)? {
+                dst = u32::from_ne_bytes(current_daddr(ctx)?);
+                to = lookup(&ENDPOINTS, &EndpointKey { vni: iface.vni, addr: dst });
+            }
+        }
+        _ => lb::forget_reused_port(ctx)?,
+    }
+    let Some(to) = to else {
         if let Some((flow, member)) = lb::member_of(ctx)? {
             // A backend's reply to a client of a published port (or its error about the
             // client's packet), on its way back.

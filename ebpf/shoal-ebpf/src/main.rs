@@ -4,6 +4,7 @@
 //! - `from_overlay`: TC ingress on the node's `vxlan external` device (what other nodes send).
 //! - `from_underlay`: TC ingress on the node's underlay interface (clients of published ports).
 //! - `sock_connect`, `sock_getpeername`: cgroup socket hooks of the workloads (VIPs per socket).
+//! - `empty_tc`: nothing, the floor the per-packet cost benchmark measures beside the others.
 //!
 //! All maps are declared in `maps.rs`; packet layouts in `headers.rs`; shared steps (ARP
 //! answers, delivery, encapsulation, counters) in modules of their own, as in Cilium's `bpf/lib`.
@@ -11,6 +12,7 @@
 #![no_main]
 
 mod arp;
+mod baseline;
 mod forward;
 mod from_overlay;
 mod from_underlay;

@@ -19,7 +19,10 @@ use shoal_common::{
     stats::DROP_NAT,
 };
 
-use super::flow::{reply_of, IP_CSUM, IP_DADDR, IP_SADDR};
+use super::{
+    flow::{reply_of, IP_DADDR, IP_SADDR},
+    nat::{checksum_replace_u32, set_ip_address},
+};
 use crate::headers::{ptr_at, Ipv4Hdr, ETH_HLEN};
 
 const PROTO_ICMP: u8 = 1;
@@ -120,10 +123,7 @@ fn rewrite_quoted(
     let outer: *mut u32 = ptr_at(ctx, outer_off).ok_or(DROP_NAT)?;
     // SAFETY: bounds-checked by ptr_at just above.
     if unsafe { outer.read_unaligned() } == old_addr && old_addr != new_addr {
-        ctx.l3_csum_replace(IP_CSUM, old_addr as u64, new_addr as u64, 4).map_err(|_| DROP_NAT)?;
-        let outer: *mut u32 = ptr_at(ctx, outer_off).ok_or(DROP_NAT)?;
-        // SAFETY: bounds-checked by ptr_at just above (after the helper may have moved the data).
-        unsafe { outer.write_unaligned(new_addr) };
+        set_ip_address(ctx, outer_off, old_addr, new_addr)?;
     }
     let quoted_csum: *mut u16 = ptr_at(ctx, QUOTED_CSUM).ok_or(DROP_NAT)?;
     // SAFETY: bounds-checked by ptr_at just above.
@@ -144,18 +144,4 @@ fn rewrite_quoted(
         port.write_unaligned(new_port);
     }
     Ok(())
-}
-
-/// The Internet checksum `check` after a 32-bit word of what it covers went from `old` to
-/// `new` (RFC 1624: HC' = ~(~HC + ~m + m')). All three as they lie in the packet.
-#[inline(always)]
-fn checksum_replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    // One's complement sums are the same in either byte order, so the words are added as
-    // they lie in memory.
-    let (old_hi, old_lo) = ((old >> 16) as u16, old as u16);
-    let (new_hi, new_lo) = ((new >> 16) as u16, new as u16);
-    let mut sum = u32::from(!check) + u32::from(!old_hi) + u32::from(!old_lo) + u32::from(new_hi) + u32::from(new_lo);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

@@ -82,6 +82,19 @@ pub fn error_to_backend(ctx: &TcContext) -> Result<bool, u32> {
     }
 }
 
+/// For a packet not to a VIP: a TCP SYN from a port an earlier VIP flow may have used must
+/// not have its replies rewritten by that flow's reverse NAT state (a socket-balanced
+/// connect() goes to a backend's own address, from a recycled port), so the state goes.
+#[inline(always)]
+pub fn forget_reused_port(ctx: &TcContext) -> Result<(), u32> {
+    if let Some(flow) = flow_of(ctx)? {
+        if opens_connection(ctx, &flow) {
+            let _ = CONNTRACK.remove(reply_of(&flow));
+        }
+    }
+    Ok(())
+}
+
 /// If the packet goes to a service VIP on network `vni`, rewrites its destination to the
 /// flow's backend and returns true; the caller then forwards it to the backend. An ICMP
 /// error about a VIP flow's reply goes to that flow's backend.
@@ -89,15 +102,7 @@ pub fn error_to_backend(ctx: &TcContext) -> Result<bool, u32> {
 pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
     let Some(flow) = flow_of(ctx)? else { return error_to_backend(ctx) };
     let key = ServiceKey { vni, vip: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
-    let Some(service) = lookup(&SERVICES, &key) else {
-        if opens_connection(ctx, &flow) {
-            // Not to a VIP, but from a port an earlier VIP flow may have used: its reverse
-            // NAT state must not rewrite this connection's replies (a socket-balanced
-            // connect() goes to a backend's own address, from a recycled port).
-            let _ = CONNTRACK.remove(reply_of(&flow));
-        }
-        return Ok(false);
-    };
+    let Some(service) = lookup(&SERVICES, &key) else { return Ok(false) };
     let backend = match tracked(ctx, &flow) {
         Tracked::Live(backend) => {
             count(ctx, LB_TRACKED);

@@ -311,6 +311,7 @@ fn program_costs(bin_dir: &Path, rounds: usize) -> Result<Vec<CostRow>> {
         .map(|c| {
             Ok(CostRow {
                 program: c["program"].as_str().context("program")?.to_owned(),
+                kind: c["kind"].as_str().context("kind")?.to_owned(),
                 case: c["case"].as_str().context("case")?.to_owned(),
                 rounds_ns: c["rounds_ns"].as_array().context("rounds")?.iter().filter_map(|v| v.as_f64()).collect(),
             })

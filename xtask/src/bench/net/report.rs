@@ -51,6 +51,9 @@ pub struct ProgramRow {
 /// The kernel's time per packet of one program path, one figure per round.
 pub struct CostRow {
     pub program: String,
+    /// "floor" (the empty program), "forwarding" (plain forwarding, the NAT paths' yardstick),
+    /// "nat" or "other".
+    pub kind: String,
     pub case: String,
     pub rounds_ns: Vec<f64>,
 }
@@ -152,11 +155,43 @@ fn seconds(s: f64) -> String {
     }
 }
 
+/// Each path's time per packet, what it costs above the empty program's, and that against
+/// plain forwarding's (both taken round by round), then how the NAT paths compare.
 pub fn cost_table(rows: &[CostRow]) -> String {
-    let mut out = String::from("| program | path | ns/packet min | median | max |\n|---|---|---|---|---|\n");
+    let of_kind = |kind: &str| rows.iter().find(|r| r.kind == kind).map(|r| r.rounds_ns.clone()).unwrap_or_default();
+    let (floor, forwarding) = (of_kind("floor"), of_kind("forwarding"));
+    let above = |row: &CostRow| -> Vec<f64> { row.rounds_ns.iter().zip(&floor).map(|(ns, f)| ns - f).collect() };
+    let forwarding_above: Vec<f64> = forwarding.iter().zip(&floor).map(|(ns, f)| ns - f).collect();
+    let mut out = String::from(
+        "| program | path | ns/packet min | median | max | above the empty program (median) | x plain forwarding |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let mut worst_nat: Option<f64> = None;
     for row in rows {
         let (min, med, max) = spread(&row.rounds_ns);
-        let _ = writeln!(out, "| `{}` | {} | {min:.0} | {med:.0} | {max:.0} |", row.program, row.case);
+        let net = above(row);
+        let ratios: Vec<f64> =
+            net.iter().zip(&forwarding_above).filter(|(_, f)| **f > 0.0).map(|(n, f)| n / f).collect();
+        let (ratio, floor_cell) = if row.kind == "floor" {
+            ("".to_owned(), "".to_owned())
+        } else {
+            (format!("{:.2}", median(&ratios)), format!("{:.0}", median(&net)))
+        };
+        if row.kind == "nat" && !ratios.is_empty() {
+            worst_nat = Some(worst_nat.map_or(median(&ratios), |w: f64| w.max(median(&ratios))));
+        }
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {min:.0} | {med:.0} | {max:.0} | {floor_cell} | {ratio} |",
+            row.program, row.case
+        );
+    }
+    if let Some(worst) = worst_nat {
+        let _ = writeln!(
+            out,
+            "\nThe costliest NAT path, above the empty program, is {worst:.2} x plain forwarding's \
+             (target: at most 1.5 x)."
+        );
     }
     out
 }
