@@ -140,7 +140,13 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
         syn(CLIENT, 40000, NODE, PUBLISHED),
         arp_request(REMOTE),
         icmp_error(CLIENT, VIP, 3, 3, 0, &tcp(VIP, 80, CLIENT, 40000)),
+        // An error about an outside client's flow through the mesh, whose backend (REMOTE)
+        // this workload is not.
+        icmp_error(CLIENT, OUTSIDE, 3, 4, 1280, &tcp(OUTSIDE, 50000, REMOTE, 80)),
     ];
+    // That flow, opened from outside; nothing the workload sends may reply for it.
+    fx.run(FROM_UNDERLAY, &syn(OUTSIDE, 50000, NODE, PUBLISHED)).unwrap();
+    let replies_before = fx.count(stats::INGRESS_REPLY).unwrap();
     let workload_seeds: Vec<Vec<u8>> =
         workload_seeds.into_iter().chain(udp_fragments(CLIENT, 40000, VIP, 80, 3000, 1400)).collect();
     let from_workload = fuzz(
@@ -164,6 +170,11 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
                 assert!([1, 6, 17].contains(&input[23]), "a protocol the node's stack may not take: {input:02x?}");
             }
         },
+    );
+    assert_eq!(
+        fx.count(stats::INGRESS_REPLY).unwrap(),
+        replies_before,
+        "a workload that is no flow's backend sent a reply out through the mesh"
     );
 
     // What the underlay brings: only TCP/UDP to the published port on the node's address

@@ -549,6 +549,24 @@ fn a_fragmented_datagram_follows_its_first_fragment_both_ways() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(fx.count(stats::DROP_FRAGMENT_UNKNOWN).unwrap(), 1);
 
+    // A first fragment too short for its L4 header (RFC 1858) is refused.
+    let mut tiny = udp_fragments(CLIENT, 5002, VIP, 80, 3000, 1400).remove(0);
+    tiny.truncate(14 + 20 + 4);
+    tiny[16..18].copy_from_slice(&24u16.to_be_bytes());
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &with_ttl(tiny, 64)).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.count(stats::DROP_MALFORMED).unwrap(), 1);
+
+    // A later fragment follows a live flow or nothing: once its datagram's backend has left,
+    // it is dropped, not balanced anew.
+    let moved = udp_fragments(CLIENT, 5003, VIP, 80, 3000, 1400);
+    fx.run(FROM_WORKLOAD, &moved[0]).unwrap();
+    fx.replace_backend(7, 9, 10, LOCAL, 8080).unwrap();
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &moved[1]).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.count(stats::DROP_FRAGMENT_UNKNOWN).unwrap(), 2);
+    fx.replace_backend(7, 10, 9, REMOTE, 8080).unwrap();
+
     // The backend's fragmented reply (`lo` now plays its veth) comes from VIP:80 in every
     // fragment.
     fx.set_workload_addr(REMOTE).unwrap();
@@ -605,6 +623,22 @@ fn an_icmp_error_about_a_vip_flow_is_translated_both_ways() {
     assert!(icmp_checksums_ok(&back), "checksums broken by the translation");
     assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 2);
 
+    // A client's error may only speak for its own flows: quoting another's, it goes nowhere.
+    fx.set_workload_addr(LOCAL).unwrap();
+    fx.run(FROM_WORKLOAD, &syn(LOCAL, 40000, VIP, 80)).unwrap();
+    fx.set_workload_addr(CLIENT).unwrap();
+    let other_flow = icmp_error(CLIENT, VIP, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &tcp(VIP, 80, LOCAL, 40000));
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &other_flow).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    // Nor may anyone but the backend speak for its flow to the client.
+    fx.set_workload_addr(LOCAL).unwrap();
+    let forged = icmp_error(LOCAL, CLIENT, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &packet_seen);
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &forged).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to the client as it is");
+    assert_eq!(out[14..], forged[14..], "untranslated");
+    assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 2);
+    fx.set_workload_addr(REMOTE).unwrap();
+
     // An error about no balanced flow is delivered as it is.
     let other = icmp_error(REMOTE, CLIENT, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &tcp(CLIENT, 40001, REMOTE, 8080));
     let (verdict, out) = fx.run(FROM_WORKLOAD, &other).unwrap();
@@ -633,11 +667,24 @@ fn fragmentation_needed_for_a_mesh_reply_reaches_its_backend() {
     assert!(icmp_checksums_ok(&out), "checksums broken by the translation");
     assert_eq!((fx.count(stats::LB_ICMP_ERROR).unwrap(), fx.count(stats::INGRESS_REMOTE).unwrap()), (1, 2));
 
+    // From an address of the overlay: nobody outside may send as a workload.
+    let spoofed = icmp_error(LOCAL, NODE, ICMP_UNREACHABLE, FRAGMENTATION_NEEDED, 1280, &reply_sent);
+    let (verdict, _) = fx.run(FROM_UNDERLAY, &spoofed).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.count(stats::DROP_SPOOFED_SOURCE).unwrap(), 1);
+
     // About a flow the mesh does not know: the node's own business, passed untouched.
     let unknown =
         icmp_error(ROUTER, NODE, ICMP_UNREACHABLE, FRAGMENTATION_NEEDED, 1280, &tcp(NODE, 22, OUTSIDE, 50000));
     let (verdict, out) = fx.run(FROM_UNDERLAY, &unknown).unwrap();
     assert_eq!((verdict, out), (TC_ACT_OK, unknown));
+
+    // A workload that is not the flow's backend cannot send the client an error through the
+    // mesh (it would leave the node through the underlay, past every rule of the way out).
+    let forged = icmp_error(CLIENT, OUTSIDE, ICMP_UNREACHABLE, PORT_UNREACHABLE, 0, &tcp(OUTSIDE, 50000, REMOTE, 80));
+    let (verdict, _) = fx.run(FROM_WORKLOAD, &forged).unwrap();
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 1, "translated for a workload that is not the backend");
 
     // The backend's own error about the client's packet (`lo` plays its veth) leaves
     // through the underlay from NODE, quoting NODE:8080.

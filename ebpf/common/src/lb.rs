@@ -162,8 +162,10 @@ pub struct SockPeerKey {
 }
 
 /// A datagram's fragments as the balancer tells them apart (RFC 791: source, destination,
-/// protocol and identification), for `FRAGMENTS`: only the first fragment carries the ports,
-/// so the later ones take them from here and follow it to the same backend.
+/// protocol and identification), and where they arrive, for `FRAGMENTS`: only the first
+/// fragment carries the ports, so the later ones take them from here and follow it to the
+/// same backend. The interface keeps senders apart: what arrives on the underlay cannot
+/// speak for a workload's datagrams, nor one workload for another's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragmentKey {
@@ -171,23 +173,31 @@ pub struct FragmentKey {
     pub saddr: u32,
     /// Network byte order.
     pub daddr: u32,
+    /// The interface the fragments arrive on.
+    pub ifindex: u32,
     /// The IPv4 identification, network byte order.
     pub id: u16,
     pub proto: u8,
     pub _pad: u8,
 }
 
-/// The ports of a fragmented datagram, from its first fragment (network byte order).
+/// The ports of a fragmented datagram, from its first fragment (network byte order), and
+/// when it was seen (seconds, as `CtEntry::seen`): a later fragment is taken for it for
+/// `FRAGMENT_SECONDS` only, as the kernel gives up reassembling after `ipfrag_time`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FragmentPorts {
     pub sport: u16,
     pub dport: u16,
+    pub seen: u32,
 }
 
+/// How long a first fragment's ports serve its later ones (Linux's `ipfrag_time`).
+pub const FRAGMENT_SECONDS: u32 = 30;
+
 const _: () = assert!(core::mem::size_of::<SockPeerKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
-const _: () = assert!(core::mem::size_of::<FragmentPorts>() == 4);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FragmentPorts>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);

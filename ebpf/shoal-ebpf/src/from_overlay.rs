@@ -23,7 +23,7 @@ use crate::{
     forward::deliver_local,
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
     ingress::{self, Hop},
-    lb::{flow_of, member_of},
+    lb::{flow_of, later_fragment, member_of},
     maps::{lookup, ENDPOINTS, NODES},
     stats::drop_packet,
 };
@@ -93,7 +93,8 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     };
     match lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(daddr) }) {
         Some(to) if to.ifindex != 0 => {
-            if from_client {
+            // (A later fragment's flow is its first's, already remembered.)
+            if from_client && !later_fragment(ctx) {
                 if let Some(flow) = flow_of(ctx)? {
                     // Its replies go back to the sending node. Kept up on every packet (a
                     // lookup when nothing changed), so a flow whose entry the LRU evicted

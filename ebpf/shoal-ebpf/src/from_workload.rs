@@ -3,8 +3,10 @@
 //! ARP requests for peers are answered here; IPv4 to a peer on the same overlay network is
 //! delivered locally or encapsulated to the peer's node; TCP, UDP and ICMP echo to the
 //! gateway or off the network go to the node's stack, except datagrams to the data path
-//! port. Anything else is dropped: overlays carry IPv4 only, and a workload must not reach
-//! the host's stack through its veth with anything the node might take for its own.
+//! port; a backend's replies to a published port's clients (and its ICMP errors about their
+//! packets) go back through the mesh. Anything else is dropped: overlays carry IPv4 only,
+//! and a workload must not reach the host's stack through its veth with anything the node
+//! might take for its own.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use shoal_common::{

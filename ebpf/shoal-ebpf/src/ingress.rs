@@ -14,17 +14,16 @@ use shoal_common::{
     lb::{CtEntry, FlowKey, IngressEntry, IngressKey, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
     overlay::{EndpointEntry, EndpointKey, GATEWAY_NODE},
     stats::{
-        DROP_MALFORMED, DROP_NAT, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY,
-        INGRESS_RETURN, LB_ICMP_ERROR, LB_NEW_FLOW, LB_REPICKED, LB_TRACKED,
+        DROP_FRAGMENT_UNKNOWN, DROP_NAT, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, INGRESS_LOCAL, INGRESS_REMOTE,
+        INGRESS_REPLY, INGRESS_RETURN, LB_ICMP_ERROR, LB_NEW_FLOW, LB_REPICKED, LB_TRACKED,
     },
 };
 
 use crate::{
     forward::{encapsulate, hand_to_workload, out_underlay, take_hop},
-    headers::{ptr_at, Ipv4Hdr, ETH_HLEN},
     lb::{
-        error_flow, may_start, now_seconds, pick, reply_of, rewrite_destination, rewrite_error_destination,
-        rewrite_source_of, track, tracked, Member, Tracked,
+        backend_live, error_flow, later_fragment, may_start, now_seconds, pick, remember_fragment, reply_of,
+        rewrite_destination, rewrite_error_destination, rewrite_source_of, track, tracked, FlowError, Member, Tracked,
     },
     maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS},
     stats::count,
@@ -60,23 +59,25 @@ pub fn enter(ctx: &TcContext, flow: &FlowKey, client: Client) -> Result<Option<i
 /// state.
 #[inline(always)]
 pub fn enter_error(ctx: &TcContext, node: u32) -> Result<Option<i32>, u32> {
-    let Some(flow) = error_flow(ctx)? else { return Ok(None) };
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
-    // SAFETY: bounds-checked by ptr_at just above.
-    let to = u32::from_ne_bytes(unsafe { (*ip).daddr });
+    let Some(FlowError { flow, sender, to }) = error_flow(ctx)? else { return Ok(None) };
     // To this node, about a packet this node sent.
     if to != node || flow.daddr != node {
         return Ok(None);
     }
     let key = IngressKey { port: flow.dport, proto: flow.proto, _pad: 0 };
     let Some(port) = lookup(&INGRESS, &key) else { return Ok(None) };
-    let Some(CtEntry { nat: backend, backend: id, .. }) = lookup_lru(&CONNTRACK, &flow) else { return Ok(None) };
-    if id == 0 || backend.flags != 0 {
-        return Ok(None);
+    // As for the flow's own packets: from outside, no overlay address.
+    if lookup(&ENDPOINTS, &EndpointKey { vni: port.vni, addr: sender }).is_some() {
+        return Err(DROP_SPOOFED_SOURCE);
     }
-    rewrite_error_destination(ctx, &flow, &backend)?;
-    count(ctx, LB_ICMP_ERROR);
-    to_backend(ctx, port.vni, &backend).map(Some)
+    match lookup_lru(&CONNTRACK, &flow) {
+        Some(entry) if entry.backend != 0 && entry.nat.flags == 0 && backend_live(&entry) => {
+            rewrite_error_destination(ctx, &flow, &entry.nat)?;
+            count(ctx, LB_ICMP_ERROR);
+            to_backend(ctx, port.vni, &entry.nat).map(Some)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Sends a packet of a published port's flow to its backend on network `vni`.
@@ -106,6 +107,8 @@ pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<O
             backend
         }
         Tracked::Untracked if !may_start(ctx, flow) => return Ok(None),
+        // A later fragment follows its datagram's live flow, or nothing: it never makes one.
+        _ if later_fragment(ctx) => return Err(DROP_FRAGMENT_UNKNOWN),
         state => {
             // A flow whose backend left gets another (a TCP one is then reset by it, rather
             // than left to time out against a task that is gone).
@@ -116,6 +119,7 @@ pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<O
             chosen
         }
     };
+    remember_fragment(ctx, flow)?;
     rewrite_destination(ctx, flow, &backend)?;
     Ok(Some(backend))
 }
@@ -149,7 +153,17 @@ pub enum Hop {
 #[inline(always)]
 pub fn reply(ctx: &TcContext, flow: &FlowKey, member: Member, vni: u32, hop: Hop) -> Result<Option<i32>, u32> {
     let Some(CtEntry { nat: entry, .. }) = lookup_lru(&CONNTRACK, flow) else { return Ok(None) };
-    if hop == Hop::Again && (entry.flags == NAT_REPLY_TO_UNDERLAY || entry.flags == NAT_RETURN_VIA_NODE) {
+    if entry.flags != NAT_REPLY_TO_UNDERLAY && entry.flags != NAT_RETURN_VIA_NODE {
+        return Ok(None);
+    }
+    if !member.speaks_for(flow) {
+        // An error about the flow from anyone but its backend: not the mesh's to carry.
+        return Ok(None);
+    }
+    if member == Member::Packet {
+        remember_fragment(ctx, flow)?;
+    }
+    if hop == Hop::Again {
         take_hop(ctx)?;
     }
     match entry.flags {

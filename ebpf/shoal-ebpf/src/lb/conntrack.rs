@@ -39,11 +39,8 @@ pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Tracked {
     if entry.backend == 0 && entry.nat.flags == NAT_HAIRPIN {
         return Tracked::HairpinReply(entry.nat);
     }
-    if entry.backend != 0 {
-        match lookup(&BACKENDS, &entry.backend) {
-            Some(b) if b.addr == entry.nat.addr && b.port == entry.nat.port => {}
-            _ => return Tracked::Stale,
-        }
+    if entry.backend != 0 && !backend_live(&entry) {
+        return Tracked::Stale;
     }
     if flow.proto == PROTO_UDP {
         let now = now_seconds();
@@ -61,6 +58,13 @@ pub fn tracked(ctx: &TcContext, flow: &FlowKey) -> Tracked {
         }
     }
     Tracked::Live(entry.nat)
+}
+
+/// Whether the backend a forward entry names is still in its service: its ID still names
+/// the same address and port in `BACKENDS`.
+#[inline(always)]
+pub fn backend_live(entry: &CtEntry) -> bool {
+    matches!(lookup(&BACKENDS, &entry.backend), Some(b) if b.addr == entry.nat.addr && b.port == entry.nat.port)
 }
 
 /// Seconds of the kernel's monotonic coarse clock.

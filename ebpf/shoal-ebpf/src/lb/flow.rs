@@ -1,13 +1,14 @@
 //! The packet as the balancer sees it: the flow of an IPv4 TCP/UDP packet without options
-//! (a fragmented datagram's later fragments take their ports from its first), whether it may
-//! start a flow, and where its fields are.
+//! (a fragmented datagram's later fragments take their ports from its first, remembered
+//! where it was balanced), whether it may start a flow, and where its fields are.
 
 use aya_ebpf::programs::TcContext;
 use shoal_common::{
-    lb::{FlowKey, FragmentKey, FragmentPorts, PROTO_TCP, PROTO_UDP},
-    stats::{DROP_FRAGMENT_UNKNOWN, DROP_MALFORMED},
+    lb::{FlowKey, FragmentKey, FragmentPorts, FRAGMENT_SECONDS, PROTO_TCP, PROTO_UDP},
+    stats::DROP_MALFORMED,
 };
 
+use super::conntrack::now_seconds;
 use crate::{
     headers::{ptr_at, Ipv4Hdr, ETH_HLEN},
     maps::{lookup_lru, FRAGMENTS},
@@ -32,6 +33,9 @@ pub(super) const UDP_CSUM: usize = L4 + 6;
 /// `frag_off` bits (host order): more fragments follow; where this one starts.
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
+/// The whole L4 header a first fragment must carry (TCP without options, UDP).
+const TCP_HEADER: usize = 20;
+const UDP_HEADER: usize = 8;
 
 #[repr(C)]
 struct Ports {
@@ -39,39 +43,64 @@ struct Ports {
     dst: u16,
 }
 
-/// The flow of the IPv4 TCP/UDP packet in `ctx`, if it is one we can balance. A first
-/// fragment's ports are remembered for the later ones, which carry none; a later fragment
-/// whose first was not seen here has no flow.
+/// The flow of the IPv4 TCP/UDP packet in `ctx`, if it is one we can balance. A later
+/// fragment takes its ports from its first (`remember_fragment`); one whose first was not
+/// remembered here has no flow. A first fragment too short for its whole L4 header is
+/// malformed (RFC 1858's tiny fragments: its flags or checksum would be in the next one).
 #[inline(always)]
 pub fn flow_of(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
-    let (version_ihl, proto, saddr, daddr, id, frag_off) =
-        unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).saddr, (*ip).daddr, (*ip).id, (*ip).frag_off) };
+    let (version_ihl, proto, saddr, daddr, frag_off) =
+        unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).saddr, (*ip).daddr, (*ip).frag_off) };
     if version_ihl != IPV4_PLAIN || (proto != PROTO_TCP && proto != PROTO_UDP) {
         return Ok(None);
     }
     let (saddr, daddr) = (u32::from_ne_bytes(saddr), u32::from_ne_bytes(daddr));
-    let fragment = FragmentKey { saddr, daddr, id, proto, _pad: 0 };
     let frag_off = u16::from_be(frag_off);
     let (sport, dport) = if frag_off & IP_OFFSET_MASK != 0 {
-        match lookup_lru(&FRAGMENTS, &fragment) {
-            Some(ports) => (ports.sport, ports.dport),
-            None => return Ok(None),
+        match lookup_lru(&FRAGMENTS, &fragment_key(ctx, saddr, daddr, proto)?) {
+            Some(ports) if now_seconds().wrapping_sub(ports.seen) <= FRAGMENT_SECONDS => (ports.sport, ports.dport),
+            _ => return Ok(None),
         }
     } else {
+        if frag_off & IP_MORE_FRAGMENTS != 0 {
+            let whole = if proto == PROTO_TCP { TCP_HEADER } else { UDP_HEADER };
+            if ctx.data() + L4 + whole > ctx.data_end() {
+                return Err(DROP_MALFORMED);
+            }
+        }
         let ports: *const Ports = ptr_at(ctx, L4).ok_or(DROP_MALFORMED)?;
         // SAFETY: bounds-checked by ptr_at just above.
-        let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
-        if frag_off & IP_MORE_FRAGMENTS != 0 {
-            // Written for each program that looks (the same value): a datagram is
-            // fragmented only when it is bigger than the way, which is rare, and each
-            // program must find it where it runs.
-            FRAGMENTS.insert(fragment, FragmentPorts { sport, dport }, 0).map_err(|_| DROP_FRAGMENT_UNKNOWN)?;
-        }
-        (sport, dport)
+        unsafe { ((*ports).src, (*ports).dst) }
     };
     Ok(Some(FlowKey { saddr, daddr, sport, dport, proto, _pad: [0; 3] }))
+}
+
+/// Remembers a first fragment's ports for the datagram's later fragments, arriving on the
+/// same interface. Called only where the datagram is balanced or translated (never for what
+/// merely passes, which anyone could send to fill the map).
+#[inline(always)]
+pub fn remember_fragment(ctx: &TcContext, flow: &FlowKey) -> Result<(), u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let frag_off = u16::from_be(unsafe { (*ip).frag_off });
+    if frag_off & IP_MORE_FRAGMENTS != 0 && frag_off & IP_OFFSET_MASK == 0 {
+        let key = fragment_key(ctx, flow.saddr, flow.daddr, flow.proto)?;
+        let ports = FragmentPorts { sport: flow.sport, dport: flow.dport, seen: now_seconds() };
+        // A failure leaves the later fragments unknown: they are dropped and counted then.
+        let _ = FRAGMENTS.insert(key, ports, 0);
+    }
+    Ok(())
+}
+
+/// The `FRAGMENTS` key of the packet in `ctx` (its addresses as they are now).
+#[inline(always)]
+fn fragment_key(ctx: &TcContext, saddr: u32, daddr: u32, proto: u8) -> Result<FragmentKey, u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above; the context is valid for the run.
+    let (id, ifindex) = unsafe { ((*ip).id, (*ctx.skb.skb).ifindex) };
+    Ok(FragmentKey { saddr, daddr, ifindex, id, proto, _pad: 0 })
 }
 
 /// Whether the packet is a fragment after the first: it has no L4 header (its "ports" are

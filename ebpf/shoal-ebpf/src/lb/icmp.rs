@@ -33,6 +33,8 @@ const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const IPV4_PLAIN: u8 = 0x45;
 /// `frag_off` bits (host order) of a fragment: more follow, or not the first.
 const IP_FRAGMENT: u16 = 0x3fff;
+/// `frag_off` bits (host order) of a fragment after the first.
+const IP_OFFSET_MASK: u16 = 0x1fff;
 
 /// Where things are in an error (outer IPv4 without options).
 const ICMP: usize = ETH_HLEN + 20;
@@ -52,14 +54,25 @@ struct Quoted {
     dport: u16,
 }
 
-/// The flow the ICMP error in `ctx` travels with: the other direction of the TCP or UDP
-/// packet it quotes. `None` for anything else (an error with options, a fragment of one, a
-/// quoted packet with options or of another protocol).
+/// An ICMP error about a flow: the flow it travels with, who sent it and to whom (its own
+/// addresses, which need not be the flow's: a router on the way sends from its own).
+#[derive(Clone, Copy)]
+pub struct FlowError {
+    pub flow: FlowKey,
+    pub sender: u32,
+    pub to: u32,
+}
+
+/// The ICMP error in `ctx`, with the flow it travels with: the other direction of the TCP
+/// or UDP packet it quotes. `None` for anything else (an error with options, a fragment of
+/// one, a quoted packet with options, of another protocol, or a later fragment, whose
+/// "ports" are payload).
 #[inline(always)]
-pub fn error_flow(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
+pub fn error_flow(ctx: &TcContext) -> Result<Option<FlowError>, u32> {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else { return Ok(None) };
     // SAFETY: bounds-checked by ptr_at just above.
-    let (version_ihl, protocol, frag_off) = unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).frag_off) };
+    let (version_ihl, protocol, frag_off, sender, to) =
+        unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).frag_off, (*ip).saddr, (*ip).daddr) };
     if version_ihl != IPV4_PLAIN || protocol != PROTO_ICMP || u16::from_be(frag_off) & IP_FRAGMENT != 0 {
         return Ok(None);
     }
@@ -70,17 +83,14 @@ pub fn error_flow(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
     }
     let Some(quoted) = ptr_at::<Quoted>(ctx, QUOTED) else { return Ok(None) };
     // SAFETY: bounds-checked by ptr_at just above.
-    let (version_ihl, proto, saddr, daddr, sport, dport) = unsafe {
-        (
-            (*quoted).ip.version_ihl,
-            (*quoted).ip.protocol,
-            (*quoted).ip.saddr,
-            (*quoted).ip.daddr,
-            (*quoted).sport,
-            (*quoted).dport,
-        )
+    let (version_ihl, proto, quoted_frag_off, saddr, daddr, sport, dport) = unsafe {
+        let q = &*quoted;
+        (q.ip.version_ihl, q.ip.protocol, q.ip.frag_off, q.ip.saddr, q.ip.daddr, q.sport, q.dport)
     };
-    if version_ihl != IPV4_PLAIN || (proto != PROTO_TCP && proto != PROTO_UDP) {
+    if version_ihl != IPV4_PLAIN
+        || (proto != PROTO_TCP && proto != PROTO_UDP)
+        || u16::from_be(quoted_frag_off) & IP_OFFSET_MASK != 0
+    {
         return Ok(None);
     }
     let quoted = FlowKey {
@@ -91,7 +101,7 @@ pub fn error_flow(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
         proto,
         _pad: [0; 3],
     };
-    Ok(Some(reply_of(&quoted)))
+    Ok(Some(FlowError { flow: reply_of(&quoted), sender: u32::from_ne_bytes(sender), to: u32::from_ne_bytes(to) }))
 }
 
 /// The source rewrite of the error's flow (reverse NAT): `flow`'s source, the quoted

@@ -14,7 +14,7 @@ mod nat;
 use aya_ebpf::programs::TcContext;
 use shoal_common::{
     lb::{CtEntry, FlowKey, NatEntry, ServiceKey, NAT_HAIRPIN, NAT_RETURN_VIA_NODE},
-    stats::{LB_ICMP_ERROR, LB_NEW_FLOW, LB_REPICKED, LB_REVERSE_NAT, LB_TRACKED},
+    stats::{DROP_FRAGMENT_UNKNOWN, LB_ICMP_ERROR, LB_NEW_FLOW, LB_REPICKED, LB_REVERSE_NAT, LB_TRACKED},
 };
 
 use self::{
@@ -24,9 +24,9 @@ use self::{
     nat::rewrite,
 };
 pub use self::{
-    conntrack::{now_seconds, track, tracked, Tracked},
-    flow::{flow_of, later_fragment, may_start, reply_of},
-    icmp::{error_flow, rewrite_error_destination},
+    conntrack::{backend_live, now_seconds, track, tracked, Tracked},
+    flow::{flow_of, later_fragment, may_start, remember_fragment, reply_of},
+    icmp::{error_flow, rewrite_error_destination, FlowError},
     maglev::pick,
     nat::{rewrite_destination, rewrite_source},
 };
@@ -36,11 +36,26 @@ use crate::{
 };
 
 /// What a packet is to a flow: one of its own, or an ICMP error about it (which travels the
-/// flow's way, quoting a packet that went the other).
+/// flow's way, quoting a packet that went the other), from `sender`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Member {
     Packet,
-    Error,
+    Error { sender: u32 },
+}
+
+impl Member {
+    /// Whether the packet may speak for `flow` where its source is not rewritten by anyone
+    /// else: a packet always (its source was checked where it entered), an error only from
+    /// the flow's own source (the peer the quoted packet went to; a stack sends errors about
+    /// its own packets from that address). Anyone else's error would carry what it likes,
+    /// translated, wherever the flow goes.
+    #[inline(always)]
+    pub fn speaks_for(self, flow: &FlowKey) -> bool {
+        match self {
+            Member::Packet => true,
+            Member::Error { sender } => sender == flow.saddr,
+        }
+    }
 }
 
 /// The flow the packet belongs to, and how.
@@ -49,7 +64,7 @@ pub fn member_of(ctx: &TcContext) -> Result<Option<(FlowKey, Member)>, u32> {
     if let Some(flow) = flow_of(ctx)? {
         return Ok(Some((flow, Member::Packet)));
     }
-    Ok(error_flow(ctx)?.map(|flow| (flow, Member::Error)))
+    Ok(error_flow(ctx)?.map(|error| (error.flow, Member::Error { sender: error.sender })))
 }
 
 /// `rewrite_source` for a member of `flow`: the packet's own source, or the address an
@@ -58,7 +73,7 @@ pub fn member_of(ctx: &TcContext) -> Result<Option<(FlowKey, Member)>, u32> {
 pub fn rewrite_source_of(ctx: &TcContext, member: Member, flow: &FlowKey, from: &NatEntry) -> Result<(), u32> {
     match member {
         Member::Packet => rewrite_source(ctx, flow, from),
-        Member::Error => {
+        Member::Error { .. } => {
             rewrite_error_source(ctx, flow, from)?;
             count(ctx, LB_ICMP_ERROR);
             Ok(())
@@ -66,15 +81,20 @@ pub fn rewrite_source_of(ctx: &TcContext, member: Member, flow: &FlowKey, from: 
     }
 }
 
-/// If the ICMP error in `ctx` is about a flow balanced to a backend (its flow pinned in
-/// `CONNTRACK`), points it at the backend as `rewrite_error_destination` does and returns
-/// true. Never makes state.
+/// If the ICMP error in `ctx` is a client's about a reply it had from a VIP of network `vni`
+/// (to that VIP, quoting the client itself), and the client's flow is pinned to a backend
+/// still in its service, points it at the backend as `rewrite_error_destination` does and
+/// returns true. Never makes state. The caller has checked the error's source.
 #[inline(always)]
-pub fn error_to_backend(ctx: &TcContext) -> Result<bool, u32> {
-    let Some(flow) = error_flow(ctx)? else { return Ok(false) };
+pub fn error_to_backend(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
+    let Some(FlowError { flow, sender, to }) = error_flow(ctx)? else { return Ok(false) };
+    let key = ServiceKey { vni, vip: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
+    if sender != flow.saddr || to != flow.daddr || lookup(&SERVICES, &key).is_none() {
+        return Ok(false);
+    }
     match lookup_lru(&CONNTRACK, &flow) {
-        Some(CtEntry { nat, backend, .. }) if backend != 0 && nat.flags == 0 => {
-            rewrite_error_destination(ctx, &flow, &nat)?;
+        Some(entry) if entry.backend != 0 && entry.nat.flags == 0 && backend_live(&entry) => {
+            rewrite_error_destination(ctx, &flow, &entry.nat)?;
             count(ctx, LB_ICMP_ERROR);
             Ok(true)
         }
@@ -100,7 +120,7 @@ pub fn forget_reused_port(ctx: &TcContext) -> Result<(), u32> {
 /// error about a VIP flow's reply goes to that flow's backend.
 #[inline(always)]
 pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
-    let Some(flow) = flow_of(ctx)? else { return error_to_backend(ctx) };
+    let Some(flow) = flow_of(ctx)? else { return error_to_backend(ctx, vni) };
     let key = ServiceKey { vni, vip: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
     let Some(service) = lookup(&SERVICES, &key) else { return Ok(false) };
     let backend = match tracked(ctx, &flow) {
@@ -113,6 +133,8 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
             hairpin_back(ctx, &flow, &vip)?;
             return Ok(true);
         }
+        // A later fragment follows its datagram's live flow, or nothing: it never makes one.
+        _ if later_fragment(ctx) => return Err(DROP_FRAGMENT_UNKNOWN),
         state => {
             let (mut chosen, id) = pick(service.id, service.backends, &flow)?;
             let vip = NatEntry { addr: flow.daddr, port: flow.dport, flags: 0 };
@@ -126,6 +148,7 @@ pub fn balance(ctx: &TcContext, vni: u32) -> Result<bool, u32> {
             chosen
         }
     };
+    remember_fragment(ctx, &flow)?;
     rewrite_destination(ctx, &flow, &backend)?;
     if backend.flags == NAT_HAIRPIN {
         // The source port stays: the reply comes back to it.
@@ -165,9 +188,14 @@ fn hairpin_back(ctx: &TcContext, flow: &FlowKey, vip: &NatEntry) -> Result<(), u
 pub fn reverse_nat(ctx: &TcContext) -> Result<(), u32> {
     let Some((flow, member)) = member_of(ctx)? else { return Ok(()) };
     let Some(CtEntry { nat: vip, .. }) = lookup_lru(&CONNTRACK, &flow) else { return Ok(()) };
-    if vip.flags == NAT_RETURN_VIA_NODE || (member == Member::Error && vip.flags != 0) {
-        // Another node's ingress flow: that node restores the published address. (Errors
-        // about hairpin flows are not translated: their client is their backend.)
+    if vip.flags == NAT_RETURN_VIA_NODE || !member.speaks_for(&flow) {
+        // Another node's ingress flow: that node restores the published address.
+        return Ok(());
+    }
+    if member == Member::Packet {
+        remember_fragment(ctx, &flow)?;
+    } else if vip.flags == NAT_HAIRPIN {
+        // Errors about hairpin flows are not translated: their client is their backend.
         return Ok(());
     }
     rewrite_source_of(ctx, member, &flow, &vip)?;
