@@ -49,6 +49,12 @@ pub struct Config {
     /// The workloads' cgroup (v2): socket-level balancing attaches there.
     #[arg(long)]
     pub workload_cgroup: Option<PathBuf>,
+    /// Direct server return for the routing mesh: a backend on another node answers this
+    /// node's published-port clients itself, from this node's address (fewer hops, the
+    /// replies skip this node). Needs an underlay that lets a node send from another's
+    /// address (not most clouds' anti-spoofing) and every node on a version that knows it.
+    #[arg(long)]
+    pub mesh_dsr: bool,
     /// Port of the embedded DNS server on the advertise address.
     #[arg(long, default_value_t = 53)]
     pub dns_port: u16,
@@ -136,6 +142,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         pin_dir: config.bpf_root.join(&node_name),
         vxlan_port,
         dns: Some(dns_addr),
+        mesh_dsr: config.mesh_dsr,
     };
     let mut dataplane = match start_dataplane(net, names, config.workload_cgroup.as_deref()).await {
         Ok(dataplane) => dataplane,

@@ -180,3 +180,66 @@ fn an_ingress_connection_survives_restarts_and_a_drained_backend_keeps_it() {
     assert!(talk.say("gone").is_err(), "the connection to a gone backend went on");
     assert!(repicked() > before, "not counted as re-picked");
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn with_direct_server_return_the_backends_node_answers_the_client_itself() {
+    let lab = plain_lab("e2edsr", 1, 1);
+    // mgr1 asks for direct server return; wrk1 does not.
+    lab.stop("mgr1").unwrap();
+    lab.start_with("mgr1", &["--mesh-dsr".to_owned()]).unwrap();
+    let backends = [workload(&lab, "mgr1", "web1", "10.78.0.11"), workload(&lab, "wrk1", "web2", "10.78.0.12")];
+    let _tcp: Vec<TextServer> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TextServer::start(&b.netns, 80, &format!("web{} {{peer}}", i + 1)).unwrap())
+        .collect();
+    let _udp: Vec<UdpTextServer> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| UdpTextServer::start(&b.netns, 5300, &format!("web{}", i + 1)).unwrap())
+        .collect();
+    let _bulk: Vec<BulkServer> =
+        backends.iter().map(|b| BulkServer::start(&b.netns, BULK_PORT, BULK_BYTES).unwrap()).collect();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &backends.iter().collect::<Vec<_>>()).unwrap();
+    let mut web = blue_service("web", "10.78.0.100", Protocol::Tcp, 80, 80, &["10.78.0.11", "10.78.0.12"]);
+    web.published = vec![
+        published(Protocol::Tcp, 8080, 80, PublishMode::Ingress),
+        published(Protocol::Udp, 5353, 5300, PublishMode::Ingress),
+        published(Protocol::Tcp, 8081, BULK_PORT, PublishMode::Ingress),
+    ];
+    spec.services = vec![web];
+    lab.apply_dataplane(&spec).unwrap();
+    let client = lab.add_client("outside", addr(CLIENT)).unwrap();
+    let (mgr1, wrk1) = (lab.host("mgr1").unwrap(), lab.host("wrk1").unwrap());
+
+    // Through mgr1, both backends answer, with the client's address kept, and the answers
+    // come from the address and port the client used (or its connection would not take
+    // them): wrk1 sends web2's straight to the client, never back through mgr1.
+    let mut seen = BTreeSet::new();
+    for i in 0..40 {
+        let reply = tcp_exchange(&client, mgr1.addr, 8080, &format!("hello{i}")).unwrap();
+        let words: Vec<&str> = reply.split(' ').collect();
+        assert_eq!(words[1..], [CLIENT, &format!("hello{i}")], "{reply}");
+        seen.insert(words[0].to_owned());
+    }
+    assert_eq!(seen, BTreeSet::from(["web1".to_owned(), "web2".to_owned()]));
+    for _ in 0..6 {
+        let got = BulkServer::fetch(&client, SocketAddr::from((mgr1.addr, 8081))).unwrap();
+        assert_eq!(got, BULK_BYTES, "a bulk reply came back cut");
+    }
+    for _ in 0..8 {
+        let socket = UdpClient::open(&client).unwrap();
+        let to = SocketAddr::from((mgr1.addr, 5353));
+        let (_, from) = socket.ask(to, "q").unwrap();
+        assert_eq!(from, to, "the answer must come from the published address");
+    }
+    assert!(wrk1.packets(INGRESS_REPLY).unwrap() >= 1, "wrk1 sent no reply to the client itself");
+    assert_eq!(wrk1.packets(INGRESS_RETURN).unwrap(), 0, "wrk1 sent replies back through mgr1");
+
+    // Through wrk1, which did not ask: web1's replies go back through wrk1, as without.
+    for i in 0..20 {
+        tcp_exchange(&client, wrk1.addr, 8080, &format!("via{i}")).unwrap();
+    }
+    assert!(mgr1.packets(INGRESS_RETURN).unwrap() >= 1, "mgr1 answered wrk1's client itself");
+}

@@ -698,3 +698,54 @@ fn fragmentation_needed_for_a_mesh_reply_reaches_its_backend() {
     assert!(icmp_checksums_ok(&back), "checksums broken by the translation");
     assert_eq!(fx.count(stats::LB_ICMP_ERROR).unwrap(), 2);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn with_direct_server_return_the_backends_node_answers_the_client_itself() {
+    use shoal_common::{
+        lb::{FlowKey, NatEntry, NAT_REPLY_TO_UNDERLAY, PROTO_TCP},
+        overlay::{NodeConfig, NODE_MESH_DSR},
+    };
+    let mut fx = testbed();
+    fx.with_published_port().unwrap();
+    fx.configure(NodeConfig {
+        vxlan_ifindex: LO,
+        underlay_ifindex: LO,
+        underlay_addr: u32::from_ne_bytes(NODE),
+        data_path_port: DATA_PATH_PORT.to_be(),
+        flags: NODE_MESH_DSR,
+    })
+    .unwrap();
+    // The ingress node still balances and sends the client's flow over the overlay (the
+    // port rides in the VXLAN header, which test_run cannot show).
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &syn(OUTSIDE, 50000, NODE, PUBLISHED)).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &REMOTE);
+
+    // On the backend's node: a client's packet from OTHER_NODE's ingress, asking for direct
+    // return from port 8080. The backend's replies are to leave here, from OTHER_NODE:8080.
+    let (verdict, _) =
+        fx.run_from_overlay_with_policy(VNI, OTHER_NODE, PUBLISHED, &syn(OUTSIDE, 50001, LOCAL, 80)).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let reverse = FlowKey {
+        saddr: u32::from_ne_bytes(LOCAL),
+        daddr: u32::from_ne_bytes(OUTSIDE),
+        sport: 80u16.to_be(),
+        dport: 50001u16.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let entry = fx.tracked(&reverse).unwrap().expect("the reply's way remembered");
+    let from = NatEntry { addr: u32::from_ne_bytes(OTHER_NODE), port: PUBLISHED.to_be(), flags: NAT_REPLY_TO_UNDERLAY };
+    assert_eq!(entry.nat, from);
+    fx.set_workload_addr(LOCAL).unwrap();
+    let (verdict, reply) = fx.run(FROM_WORKLOAD, &tcp(LOCAL, 80, OUTSIDE, 50001)).unwrap();
+    leaves_through_the_underlay(&fx, verdict);
+    assert_eq!((&reply[26..30], &reply[34..36]), (&OTHER_NODE[..], &PUBLISHED.to_be_bytes()[..]));
+    assert!(checksums_ok(&reply));
+
+    // Without the request, the replies go back through the ingress node.
+    fx.run_from_overlay(VNI, OTHER_NODE, &syn(OUTSIDE, 50002, LOCAL, 80)).unwrap();
+    let entry = fx.tracked(&FlowKey { dport: 50002u16.to_be(), ..reverse }).unwrap().unwrap();
+    assert_eq!(entry.nat.flags, shoal_common::lb::NAT_RETURN_VIA_NODE);
+}

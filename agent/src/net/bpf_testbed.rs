@@ -158,10 +158,23 @@ impl Testbed {
 
     /// Runs `from_overlay` once on `packet` as if node `sender` sent it over VXLAN on `vni`.
     pub fn run_from_overlay(&self, vni: u32, sender: [u8; 4], packet: &[u8]) -> Result<(u32, Vec<u8>), NetError> {
+        self.run_from_overlay_with_policy(vni, sender, 0, packet)
+    }
+
+    /// `run_from_overlay` with `policy` as the VXLAN group policy ID (a published port the
+    /// sending node asks this one to answer from: direct server return).
+    pub fn run_from_overlay_with_policy(
+        &self,
+        vni: u32,
+        sender: [u8; 4],
+        policy: u16,
+        packet: &[u8],
+    ) -> Result<(u32, Vec<u8>), NetError> {
         // `__sk_buff` up to its `cb` (offset 48, five u32): the rest the kernel zeroes.
         let mut skb = [0u8; 68];
         skb[48..52].copy_from_slice(&vni.to_ne_bytes());
         skb[52..56].copy_from_slice(&u32::from_be_bytes(sender).to_ne_bytes());
+        skb[56..60].copy_from_slice(&u32::from(policy).to_ne_bytes());
         self.run_with(FROM_OVERLAY_TEST, packet, Some(&skb))
     }
 
@@ -284,7 +297,7 @@ impl Testbed {
             underlay_ifindex: LO,
             underlay_addr: u32::from_ne_bytes(NODE),
             data_path_port: DATA_PATH_PORT.to_be(),
-            _pad: 0,
+            flags: 0,
         })?;
         let key = IngressKey { port: PUBLISHED.to_be(), proto: PROTO_TCP, _pad: 0 };
         let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = datapath.map_mut(maps::INGRESS)?;

@@ -69,7 +69,10 @@ impl Links {
             info!(device = name, "replacing a device that is not an external VXLAN on our port");
             self.handle.link().del(existing.header.index).execute().await?;
         }
-        let request = LinkVxlan::new(name, 0).port(port).collect_metadata(true).learning(false).mtu(mtu).up().build();
+        // With the group policy extension: the routing mesh's direct server return carries
+        // the published port there (a header without a policy is the plain one).
+        let request =
+            LinkVxlan::new(name, 0).port(port).collect_metadata(true).learning(false).gbp().mtu(mtu).up().build();
         // `LinkVxlan::new` always sets a VNI; an external device must not carry one.
         let request = strip_vni(request);
         self.handle.link().add(request).execute().await?;
@@ -212,7 +215,11 @@ fn is_external_vxlan(msg: &LinkMessage, port: u16) -> bool {
         _ => None,
     });
     link_kind(msg) == Some(&InfoKind::Vxlan)
-        && data.is_some_and(|d| d.contains(&InfoVxlan::CollectMetadata(true)) && d.contains(&InfoVxlan::Port(port)))
+        && data.is_some_and(|d| {
+            d.contains(&InfoVxlan::CollectMetadata(true))
+                && d.contains(&InfoVxlan::Port(port))
+                && d.contains(&InfoVxlan::Gbp)
+        })
 }
 
 /// The route message of a workload's host route.

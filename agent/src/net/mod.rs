@@ -24,7 +24,7 @@ use shoal_api::dataplane::{
     Change, ChangeBatch, ChangeReport, ChangeResult, Counter, DataplaneSpec, Desired, Protocol, ReservedPort, Rules,
     DEFAULT_OVERLAY_MTU,
 };
-use shoal_common::overlay::NodeConfig;
+use shoal_common::overlay::{NodeConfig, NODE_MESH_DSR};
 use tracing::{error, info, instrument, warn};
 
 pub use error::NetError;
@@ -55,6 +55,8 @@ pub struct NetConfig {
     pub vxlan_port: u16,
     /// Where this node's DNS server listens (queries to gateways are sent there).
     pub dns: Option<std::net::SocketAddrV4>,
+    /// Direct server return for the clients of this node's published ports.
+    pub mesh_dsr: bool,
 }
 
 pub struct Dataplane {
@@ -95,7 +97,7 @@ impl Dataplane {
             underlay_ifindex: underlay.as_ref().map_or(0, |(index, _)| *index),
             underlay_addr: u32::from_ne_bytes(config.node_addr.octets()),
             data_path_port: config.vxlan_port.to_be(),
-            _pad: 0,
+            flags: if config.mesh_dsr { NODE_MESH_DSR } else { 0 },
         };
         // Until a sync replaces them, the maps' entries keep their IDs to themselves.
         let held = datapath.lb_ids()?;

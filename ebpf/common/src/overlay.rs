@@ -69,8 +69,16 @@ pub struct NodeConfig {
     /// to it never reach the node's stack, where the VXLAN device would take them for
     /// another node's.
     pub data_path_port: u16,
-    pub _pad: u16,
+    /// `NODE_*` flags.
+    pub flags: u16,
 }
+
+/// `NodeConfig::flags`: the routing mesh answers this node's clients by direct server
+/// return: a published port's flow to a backend on another node carries the port in its
+/// VXLAN header (the GBP policy ID), and that node sends the replies straight to the client
+/// from this node's address and the port, instead of back through this node. Opt-in: the
+/// underlay must let a node send from another's address.
+pub const NODE_MESH_DSR: u16 = 1;
 
 /// Value of the `NODES` map: nothing yet (the key is what counts).
 #[repr(C)]

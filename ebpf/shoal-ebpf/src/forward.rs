@@ -1,6 +1,7 @@
 //! The ways out for a packet: into a local workload (`bpf_redirect_peer`, which skips the
 //! host-side veth's backlog queue), to another node through the VXLAN device with a tunnel
-//! key naming the network (VNI) and the node, or out the underlay to a client outside the
+//! key naming the network (VNI) and the node (and, for the mesh's direct server return, the
+//! published port as the VXLAN group policy ID), or out the underlay to a client outside the
 //! cluster (a FIB lookup for the next hop, as Cilium's `fib_redirect`).
 
 use aya_ebpf::{
@@ -12,6 +13,7 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key,
+        bpf_skb_set_tunnel_opt,
     },
     programs::TcContext,
     EbpfContext,
@@ -61,6 +63,26 @@ pub fn hand_to_workload(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Re
 /// Sends the frame to the node running `to`, inside VXLAN with `vni`.
 #[inline(always)]
 pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) -> Result<i32, u32> {
+    encapsulate_with_policy(ctx, to, vni, 0, counter)
+}
+
+/// The VXLAN group policy extension's metadata (the kernel's `struct vxlan_metadata`).
+#[repr(C)]
+pub struct VxlanMetadata {
+    /// The 16-bit group policy ID (and flags above it).
+    pub gbp: u32,
+}
+
+/// `encapsulate`, with `policy` (when not 0) as the VXLAN header's group policy ID: the
+/// routing mesh's direct server return carries the published port there.
+#[inline(always)]
+pub fn encapsulate_with_policy(
+    ctx: &TcContext,
+    to: &EndpointEntry,
+    vni: u32,
+    policy: u16,
+    counter: u32,
+) -> Result<i32, u32> {
     let (vxlan_ifindex, source) = match node_config() {
         // The node's address as the source only where an interface holds it: the kernel
         // refuses to send from an address that is not local.
@@ -90,6 +112,16 @@ pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) 
         unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, core::mem::size_of::<bpf_tunnel_key>() as u32, flags) };
     if rc != 0 {
         return Err(DROP_TUNNEL_KEY);
+    }
+    if policy != 0 {
+        // After the key, which resets the options.
+        let mut metadata = VxlanMetadata { gbp: u32::from(policy) };
+        let size = core::mem::size_of::<VxlanMetadata>() as u32;
+        // SAFETY: `metadata` lives on our stack for the call and the size passed is its own.
+        let rc = unsafe { bpf_skb_set_tunnel_opt(ctx.skb.skb, (&raw mut metadata).cast(), size) };
+        if rc != 0 {
+            return Err(DROP_TUNNEL_KEY);
+        }
     }
     count(ctx, counter);
     // SAFETY: plain helper call; egress redirect to the VXLAN device, which reads the key.

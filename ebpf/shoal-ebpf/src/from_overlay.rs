@@ -3,11 +3,14 @@
 //!
 //! Trust: VXLAN counts only from the cluster's nodes (`NODES`); an inner source that is an
 //! endpoint of the network must be one on the sending node; any other inner source is a
-//! client of the sending node's published port, allowed to reach local endpoints only.
+//! client of the sending node's published port, allowed to reach local endpoints only (and
+//! answered straight, when that node asked for direct server return).
 
 use aya_ebpf::{
     bindings::bpf_tunnel_key,
-    helpers::generated::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    helpers::generated::{
+        bpf_skb_get_tunnel_key, bpf_skb_get_tunnel_opt, bpf_skb_set_tunnel_key, bpf_skb_set_tunnel_opt,
+    },
     macros::classifier,
     programs::TcContext,
 };
@@ -20,7 +23,7 @@ use shoal_common::{
 };
 
 use crate::{
-    forward::deliver_local,
+    forward::{deliver_local, VxlanMetadata},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
     ingress::{self, Hop},
     lb::{flow_of, later_fragment, member_of},
@@ -37,12 +40,13 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
 }
 
 /// `from_overlay` as BPF_PROG_TEST_RUN can run it: a test frame has no tunnel metadata, so
-/// this sets it first, from the test's `cb[0]` (VNI) and `cb[1]` (the sending node, host
-/// byte order). Loaded by the program tests only, never attached.
+/// this sets it first, from the test's `cb[0]` (VNI), `cb[1]` (the sending node, host byte
+/// order) and `cb[2]` (the group policy ID, when not 0). Loaded by the program tests only,
+/// never attached.
 #[classifier]
 pub fn from_overlay_test(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
-    let (vni, sender) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
+    let (vni, sender, policy) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1], (*ctx.skb.skb).cb[2]) };
     // SAFETY: bpf_tunnel_key is plain old data; all-zero is its "no options" value.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = vni;
@@ -54,9 +58,33 @@ pub fn from_overlay_test(ctx: TcContext) -> i32 {
     if rc != 0 {
         return drop_packet(&ctx, DROP_TUNNEL_KEY);
     }
+    if policy != 0 {
+        let mut metadata = VxlanMetadata { gbp: policy };
+        let size = core::mem::size_of::<VxlanMetadata>() as u32;
+        // SAFETY: `metadata` lives on our stack for the call and the size passed is its own.
+        if unsafe { bpf_skb_set_tunnel_opt(ctx.skb.skb, (&raw mut metadata).cast(), size) } != 0 {
+            return drop_packet(&ctx, DROP_TUNNEL_KEY);
+        }
+    }
     match try_from_overlay(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => drop_packet(&ctx, reason),
+    }
+}
+
+/// The published port a mesh flow's ingress node asked this node to answer from (the VXLAN
+/// group policy ID; 0 when there is none: replies go back through that node).
+#[inline(always)]
+fn dsr_port(ctx: &TcContext) -> u16 {
+    let mut metadata = VxlanMetadata { gbp: 0 };
+    let size = core::mem::size_of::<VxlanMetadata>() as u32;
+    // SAFETY: `metadata` lives on our stack for the call and the size passed is its own.
+    let rc = unsafe { bpf_skb_get_tunnel_opt(ctx.skb.skb, (&raw mut metadata).cast(), size) };
+    // The low 16 bits are the policy ID; the bits above, the kernel's flags.
+    if rc < 0 {
+        0
+    } else {
+        metadata.gbp as u16
     }
 }
 
@@ -96,10 +124,11 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
             // (A later fragment's flow is its first's, already remembered.)
             if from_client && !later_fragment(ctx) {
                 if let Some(flow) = flow_of(ctx)? {
-                    // Its replies go back to the sending node. Kept up on every packet (a
-                    // lookup when nothing changed), so a flow whose entry the LRU evicted
-                    // here gets it back with its next packet.
-                    ingress::remember_return(&flow, sender)?;
+                    // Its replies go back to the sending node, or with direct server return
+                    // straight to the client. Kept up on every packet (a lookup when
+                    // nothing changed), so a flow whose entry the LRU evicted here gets it
+                    // back with its next packet.
+                    ingress::remember_return(&flow, sender, dsr_port(ctx))?;
                 }
             }
             deliver_local(ctx, &to, DELIVER_FROM_OVERLAY)

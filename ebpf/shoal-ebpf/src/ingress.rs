@@ -7,12 +7,14 @@
 //! go to C, so they must be caught before anything routes them: on N they get N:P back as
 //! their source and leave through N's underlay; on M they go back over the overlay to N first
 //! (the ingress node is the one that knows the published address, and the one C's flow state
-//! in any stateful middlebox between C and N expects).
+//! in any stateful middlebox between C and N expects). With direct server return
+//! (`NODE_MESH_DSR` on N, opt-in) N tells M the published port in the VXLAN header, and M
+//! sends B's replies to C itself, from N:P.
 
 use aya_ebpf::programs::TcContext;
 use shoal_common::{
     lb::{CtEntry, FlowKey, IngressEntry, IngressKey, NatEntry, NAT_REPLY_TO_UNDERLAY, NAT_RETURN_VIA_NODE},
-    overlay::{EndpointEntry, EndpointKey, GATEWAY_NODE},
+    overlay::{EndpointEntry, EndpointKey, GATEWAY_NODE, NODE_MESH_DSR},
     stats::{
         DROP_FRAGMENT_UNKNOWN, DROP_NAT, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE, INGRESS_LOCAL, INGRESS_REMOTE,
         INGRESS_REPLY, INGRESS_RETURN, LB_ICMP_ERROR, LB_NEW_FLOW, LB_REPICKED, LB_TRACKED,
@@ -20,7 +22,7 @@ use shoal_common::{
 };
 
 use crate::{
-    forward::{encapsulate, hand_to_workload, out_underlay, take_hop},
+    forward::{encapsulate, encapsulate_with_policy, hand_to_workload, node_config, out_underlay, take_hop},
     lb::{
         backend_live, error_flow, later_fragment, may_start, now_seconds, pick, remember_fragment, reply_of,
         rewrite_destination, rewrite_error_destination, rewrite_source_of, track, tracked, FlowError, Member, Tracked,
@@ -50,7 +52,11 @@ pub fn enter(ctx: &TcContext, flow: &FlowKey, client: Client) -> Result<Option<i
         return Err(DROP_SPOOFED_SOURCE);
     }
     let Some(backend) = balance(ctx, flow, &port)? else { return Ok(None) };
-    to_backend(ctx, port.vni, &backend).map(Some)
+    // Direct server return, where this node asks for it: the backend's node answers the
+    // client itself, told the published port (the client is outside: a workload's replies
+    // must come back over the overlay).
+    let dsr = client == Client::Outside && node_config().is_some_and(|c| c.flags & NODE_MESH_DSR != 0);
+    to_backend(ctx, port.vni, &backend, if dsr { u16::from_be(flow.dport) } else { 0 }).map(Some)
 }
 
 /// If the ICMP error in `ctx` is about a reply of a flow to a port published on this node
@@ -74,15 +80,16 @@ pub fn enter_error(ctx: &TcContext, node: u32) -> Result<Option<i32>, u32> {
         Some(entry) if entry.backend != 0 && entry.nat.flags == 0 && backend_live(&entry) => {
             rewrite_error_destination(ctx, &flow, &entry.nat)?;
             count(ctx, LB_ICMP_ERROR);
-            to_backend(ctx, port.vni, &entry.nat).map(Some)
+            to_backend(ctx, port.vni, &entry.nat, 0).map(Some)
         }
         _ => Ok(None),
     }
 }
 
-/// Sends a packet of a published port's flow to its backend on network `vni`.
+/// Sends a packet of a published port's flow to its backend on network `vni`; to another
+/// node with `dsr_port` (when not 0) as the published port its replies come from.
 #[inline(always)]
-fn to_backend(ctx: &TcContext, vni: u32, backend: &NatEntry) -> Result<i32, u32> {
+fn to_backend(ctx: &TcContext, vni: u32, backend: &NatEntry, dsr_port: u16) -> Result<i32, u32> {
     let to = lookup(&ENDPOINTS, &EndpointKey { vni, addr: backend.addr }).ok_or(DROP_NO_ENDPOINT)?;
     if to.ifindex != 0 {
         hand_to_workload(ctx, &to, INGRESS_LOCAL)
@@ -90,7 +97,7 @@ fn to_backend(ctx: &TcContext, vni: u32, backend: &NatEntry) -> Result<i32, u32>
         // A VIP or a gateway named as a backend: no workload there.
         Err(DROP_NO_ENDPOINT)
     } else {
-        encapsulate(ctx, &to, vni, INGRESS_REMOTE)
+        encapsulate_with_policy(ctx, &to, vni, dsr_port, INGRESS_REMOTE)
     }
 }
 
@@ -124,12 +131,18 @@ pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<O
     Ok(Some(backend))
 }
 
-/// On a backend's node: remembers that replies of `flow` (a client's packet that another
-/// node's ingress sent here) go back to that node, `ingress_node` (host byte order).
+/// On a backend's node: remembers where replies of `flow` (a client's packet that another
+/// node's ingress, `ingress_node` (host byte order), sent here) go: back to that node, or
+/// with `dsr_port` (the published port, host order; 0 for none) straight to the client,
+/// from that node's address and the port.
 #[inline(always)]
-pub fn remember_return(flow: &FlowKey, ingress_node: u32) -> Result<(), u32> {
+pub fn remember_return(flow: &FlowKey, ingress_node: u32, dsr_port: u16) -> Result<(), u32> {
     let reply = reply_of(flow);
-    let via = NatEntry { addr: ingress_node, port: 0, flags: NAT_RETURN_VIA_NODE };
+    let via = if dsr_port != 0 {
+        NatEntry { addr: ingress_node.to_be(), port: dsr_port.to_be(), flags: NAT_REPLY_TO_UNDERLAY }
+    } else {
+        NatEntry { addr: ingress_node, port: 0, flags: NAT_RETURN_VIA_NODE }
+    };
     // Written once per flow, not per packet: an unchanged entry is left alone.
     if lookup_lru(&CONNTRACK, &reply).map(|e| e.nat) != Some(via) {
         let entry = CtEntry { nat: via, backend: 0, seen: now_seconds() };
