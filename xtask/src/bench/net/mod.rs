@@ -41,6 +41,8 @@ const LAB: &str = "benchnet";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 1);
 const MESH_LOCAL_PORT: u16 = 30000;
 const MESH_REMOTE_PORT: u16 = 30001;
+/// Published on every node, answered through wrk1 by direct server return.
+const MESH_DSR_PORT: u16 = 30002;
 /// Published ports of the other services start here.
 const FILLER_PORTS: u16 = 20000;
 /// VIPs of the measured services with a local and with a remote backend.
@@ -131,6 +133,9 @@ struct Rig {
     routers: Vec<Router>,
     /// Backends on mgr1 (local to the ingress node) and wrk1.
     local: Workload,
+    /// A backend of its own on mgr1 for the mesh with DSR (through wrk1): a backend shared
+    /// with another path would see the client's recycled ports still in TIME_WAIT from it.
+    dsr_backend: Workload,
     remote: Workload,
     /// A workload on mgr1 that connects to the VIP.
     vip_client: Workload,
@@ -142,7 +147,7 @@ struct Rig {
 
 impl Rig {
     fn build(lab: &Lab) -> Result<Rig> {
-        eprintln!("== rig: a client, 4 routers with an nginx backend each, 2 nginx workloads, a VIP client");
+        eprintln!("== rig: a client, 4 routers with an nginx backend each, 3 nginx workloads, a VIP client");
         // wrk1 answers its clients by direct server return (mgr1, the other paths' ingress
         // node, does not): the mesh with DSR, measured beside the mesh without.
         lab.stop("wrk1")?;
@@ -153,15 +158,31 @@ impl Rig {
         let local = lab.add_workload("mgr1", "web1", Ipv4Addr::new(10, 78, 0, 11), 16, DEFAULT_OVERLAY_MTU)?;
         let remote = lab.add_workload("wrk1", "web2", Ipv4Addr::new(10, 78, 0, 12), 16, DEFAULT_OVERLAY_MTU)?;
         let vip_client = lab.add_workload("mgr1", "vc", Ipv4Addr::new(10, 78, 0, 2), 16, DEFAULT_OVERLAY_MTU)?;
+        let dsr_backend = lab.add_workload("mgr1", "web3", Ipv4Addr::new(10, 78, 0, 13), 16, DEFAULT_OVERLAY_MTU)?;
         let cgroup = lab.host("mgr1")?.cgroup.clone().context("this machine has no cgroup2 mount")?;
-        let base = overlay_spec("bench", 4097, "10.78.0.0/16", &[&local, &remote, &vip_client])?;
+        let base = overlay_spec("bench", 4097, "10.78.0.0/16", &[&local, &remote, &vip_client, &dsr_backend])?;
         lab.apply_dataplane(&base)?;
         let dir = Path::new(shoal_lab::STATE_ROOT).join(LAB);
-        let mut servers = vec![http::start_nginx(&local.netns, &dir)?, http::start_nginx(&remote.netns, &dir)?];
+        let mut servers = vec![
+            http::start_nginx(&local.netns, &dir)?,
+            http::start_nginx(&remote.netns, &dir)?,
+            http::start_nginx(&dsr_backend.netns, &dir)?,
+        ];
         for router in &routers {
             servers.push(http::start_nginx(&router.backend, &dir)?);
         }
-        Ok(Rig { client, dsr_ingress, routers, local, remote, vip_client, cgroup, base, _servers: servers })
+        Ok(Rig {
+            client,
+            dsr_ingress,
+            routers,
+            local,
+            dsr_backend,
+            remote,
+            vip_client,
+            cgroup,
+            base,
+            _servers: servers,
+        })
     }
 
     /// Programs `services` services into shoal (on mgr1, timed, from a state without
@@ -212,6 +233,7 @@ impl Rig {
         spec.services = vec![
             service("local".into(), Ipv4Addr::new(10, 78, 1, 1), vec![self.local.addr], Some(MESH_LOCAL_PORT)),
             service("remote".into(), Ipv4Addr::new(10, 78, 1, 2), vec![self.remote.addr], Some(MESH_REMOTE_PORT)),
+            service("dsr".into(), Ipv4Addr::new(10, 78, 1, 5), vec![self.dsr_backend.addr], Some(MESH_DSR_PORT)),
             service("viplocal".into(), VIP_LOCAL, vec![self.local.addr], None),
             service("vipremote".into(), VIP_REMOTE, vec![self.remote.addr], None),
         ];
@@ -231,7 +253,7 @@ impl Rig {
             from_client("mesh, local backend", format!("http://10.77.1.1:{MESH_LOCAL_PORT}/")),
             from_client("mesh, remote backend", format!("http://10.77.1.1:{MESH_REMOTE_PORT}/")),
             // Through wrk1 to the backend on mgr1: remote, answered by direct server return.
-            from_client("mesh, remote backend, DSR", format!("http://{}:{MESH_LOCAL_PORT}/", self.dsr_ingress)),
+            from_client("mesh, remote backend, DSR", format!("http://{}:{MESH_DSR_PORT}/", self.dsr_ingress)),
             self.in_workload("VIP, socket LB, local backend", true, VIP_LOCAL),
             self.in_workload("VIP, socket LB, remote backend", true, VIP_REMOTE),
             self.in_workload("VIP, TC path, remote backend", false, VIP_REMOTE),
@@ -353,7 +375,7 @@ fn render(
          the last service, the worst case for rules walked in order. **shoal's mesh**: the client\n\
          connects to mgr1's published port; the backend is on mgr1 (local) or wrk1 (remote, over\n\
          VXLAN, replies back through mgr1); **with DSR** it connects to wrk1's (started with\n\
-         `--mesh-dsr`), whose backend is on mgr1, which answers the client itself. **shoal's VIP**: a workload on mgr1 connects to a service VIP whose backend is on mgr1\n\
+         `--mesh-dsr`), whose backend (one of its own) is on mgr1, which answers the client itself. **shoal's VIP**: a workload on mgr1 connects to a service VIP whose backend is on mgr1\n\
          or on wrk1, as a process in the workloads' cgroup (socket LB) and outside it (per-packet TC\n\
          path, conntrack and reverse NAT in BPF).\n\
          At each scale shoal holds the measured services plus N - 1 others, each with a VIP and a\n\
