@@ -201,7 +201,11 @@ fn with_direct_server_return_the_backends_node_answers_the_client_itself() {
         .collect();
     let _bulk: Vec<BulkServer> =
         backends.iter().map(|b| BulkServer::start(&b.netns, BULK_PORT, BULK_BYTES).unwrap()).collect();
-    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &backends.iter().collect::<Vec<_>>()).unwrap();
+    // A workload on wrk1 calling mgr1's published port: masqueraded to wrk1's address, a node
+    // of the cluster, which wrk1 cannot answer straight.
+    let caller = workload(&lab, "wrk1", "caller", "10.78.0.2");
+    let all: Vec<_> = backends.iter().chain([&caller]).collect();
+    let mut spec = overlay_spec("blue", 4097, "10.78.0.0/24", &all).unwrap();
     let mut web = blue_service("web", "10.78.0.100", Protocol::Tcp, 80, 80, &["10.78.0.11", "10.78.0.12"]);
     web.published = vec![
         published(Protocol::Tcp, 8080, 80, PublishMode::Ingress),
@@ -236,6 +240,15 @@ fn with_direct_server_return_the_backends_node_answers_the_client_itself() {
     }
     assert!(wrk1.packets(INGRESS_REPLY).unwrap() >= 1, "wrk1 sent no reply to the client itself");
     assert_eq!(wrk1.packets(INGRESS_RETURN).unwrap(), 0, "wrk1 sent replies back through mgr1");
+
+    // The caller on wrk1 gets its answers from both backends, web2's back through mgr1.
+    let mut seen = BTreeSet::new();
+    for i in 0..30 {
+        let reply = tcp_exchange(&caller.netns, mgr1.addr, 8080, &format!("own{i}")).unwrap();
+        seen.insert(reply.split(' ').next().unwrap().to_owned());
+    }
+    assert_eq!(seen, BTreeSet::from(["web1".to_owned(), "web2".to_owned()]), "through mgr1 from wrk1");
+    assert!(wrk1.packets(INGRESS_RETURN).unwrap() >= 1, "a node's call was answered straight");
 
     // Through wrk1, which did not ask: web1's replies go back through wrk1, as without.
     for i in 0..20 {

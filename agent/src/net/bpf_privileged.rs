@@ -738,14 +738,25 @@ fn with_direct_server_return_the_backends_node_answers_the_client_itself() {
     let entry = fx.tracked(&reverse).unwrap().expect("the reply's way remembered");
     let from = NatEntry { addr: u32::from_ne_bytes(OTHER_NODE), port: PUBLISHED.to_be(), flags: NAT_REPLY_TO_UNDERLAY };
     assert_eq!(entry.nat, from);
+    // Under test_run the route lookup never finds a way out (the frame arrives on `lo`): with
+    // no route to the client, the reply goes back through the ingress node after all,
+    // untouched.
     fx.set_workload_addr(LOCAL).unwrap();
-    let (verdict, reply) = fx.run(FROM_WORKLOAD, &tcp(LOCAL, 80, OUTSIDE, 50001)).unwrap();
-    leaves_through_the_underlay(&fx, verdict);
-    assert_eq!((&reply[26..30], &reply[34..36]), (&OTHER_NODE[..], &PUBLISHED.to_be_bytes()[..]));
-    assert!(checksums_ok(&reply));
+    let reply = tcp(LOCAL, 80, OUTSIDE, 50001);
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &reply).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out[14..], reply[14..], "sent back as it is");
+    assert_eq!(fx.count(stats::INGRESS_RETURN).unwrap(), 1);
 
-    // Without the request, the replies go back through the ingress node.
-    fx.run_from_overlay(VNI, OTHER_NODE, &syn(OUTSIDE, 50002, LOCAL, 80)).unwrap();
-    let entry = fx.tracked(&FlowKey { dport: 50002u16.to_be(), ..reverse }).unwrap().unwrap();
-    assert_eq!(entry.nat.flags, shoal_common::lb::NAT_RETURN_VIA_NODE);
+    // Without the request, with a port not published on the network, or for a client that is
+    // a node of the cluster, the replies go back through the ingress node.
+    let via_node = |fx: &mut Testbed, policy: u16, client: [u8; 4], port: u16| {
+        fx.run_from_overlay_with_policy(VNI, OTHER_NODE, policy, &syn(client, port, LOCAL, 80)).unwrap();
+        let key = FlowKey { daddr: u32::from_ne_bytes(client), dport: port.to_be(), ..reverse };
+        fx.tracked(&key).unwrap().unwrap().nat.flags == shoal_common::lb::NAT_RETURN_VIA_NODE
+    };
+    assert!(via_node(&mut fx, 0, OUTSIDE, 50002), "no request");
+    assert!(via_node(&mut fx, 22, OUTSIDE, 50003), "a port not published");
+    assert!(via_node(&mut fx, DATA_PATH_PORT, OUTSIDE, 50004), "the data path port");
+    assert!(via_node(&mut fx, PUBLISHED, REMOTE_NODE, 50005), "a node as the client");
 }

@@ -6,7 +6,7 @@ use rtnetlink::{
     packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
     Handle, LinkVxlan,
 };
-use tracing::info;
+use tracing::warn;
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -66,7 +66,9 @@ impl Links {
                 self.set_up(existing.header.index).await?;
                 return Ok(existing.header.index);
             }
-            info!(device = name, "replacing a device that is not an external VXLAN on our port");
+            // Once, on the first start of a version that needs `gbp` (the kernel cannot add
+            // it to a device): overlay traffic stops until the programs are attached again.
+            warn!(device = name, "replacing a device that is not an external VXLAN with gbp on our port");
             self.handle.link().del(existing.header.index).execute().await?;
         }
         // With the group policy extension: the routing mesh's direct server return carries

@@ -63,7 +63,7 @@ pub fn hand_to_workload(ctx: &TcContext, to: &EndpointEntry, counter: u32) -> Re
 /// Sends the frame to the node running `to`, inside VXLAN with `vni`.
 #[inline(always)]
 pub fn encapsulate(ctx: &TcContext, to: &EndpointEntry, vni: u32, counter: u32) -> Result<i32, u32> {
-    encapsulate_with_policy(ctx, to, vni, 0, counter)
+    encapsulate_inner(ctx, to, vni, None, counter)
 }
 
 /// The VXLAN group policy extension's metadata (the kernel's `struct vxlan_metadata`).
@@ -73,14 +73,26 @@ pub struct VxlanMetadata {
     pub gbp: u32,
 }
 
-/// `encapsulate`, with `policy` (when not 0) as the VXLAN header's group policy ID: the
-/// routing mesh's direct server return carries the published port there.
+/// `encapsulate`, with `policy` as the VXLAN header's group policy ID (0: none): the routing
+/// mesh's direct server return carries the published port there.
 #[inline(always)]
 pub fn encapsulate_with_policy(
     ctx: &TcContext,
     to: &EndpointEntry,
     vni: u32,
     policy: u16,
+    counter: u32,
+) -> Result<i32, u32> {
+    encapsulate_inner(ctx, to, vni, Some(policy), counter)
+}
+
+/// `encapsulate`; with a policy, the VXLAN options are set too.
+#[inline(always)]
+fn encapsulate_inner(
+    ctx: &TcContext,
+    to: &EndpointEntry,
+    vni: u32,
+    policy: Option<u16>,
     counter: u32,
 ) -> Result<i32, u32> {
     let (vxlan_ifindex, source) = match node_config() {
@@ -113,8 +125,11 @@ pub fn encapsulate_with_policy(
     if rc != 0 {
         return Err(DROP_TUNNEL_KEY);
     }
-    if policy != 0 {
-        // After the key, which resets the options.
+    if let Some(policy) = policy {
+        // After the key, which resets the options. Set even when 0: a VXLAN device with the
+        // group policy extension builds the header from the options, and without any it
+        // would read a policy it never had (an uninitialised stack word on some kernels),
+        // which the receiving node would take for a direct-return request.
         let mut metadata = VxlanMetadata { gbp: u32::from(policy) };
         let size = core::mem::size_of::<VxlanMetadata>() as u32;
         // SAFETY: `metadata` lives on our stack for the call and the size passed is its own.
@@ -128,12 +143,13 @@ pub fn encapsulate_with_policy(
     redirect_verdict(unsafe { bpf_redirect(vxlan_ifindex, 0) })
 }
 
-/// Sends the IPv4 packet out of the node's underlay interface towards its destination, as
-/// the node's own routing table says, with the next hop's MAC. A route lookup that does not
-/// give a way out is a drop with its reason; only a next hop whose MAC is not known yet is
-/// left to the kernel (`bpf_redirect_neigh` resolves it, as Cilium does).
+/// The way out of the node's underlay interface for the packet's destination, as the
+/// node's own routing table says (`bpf_fib_lookup`, as Cilium's `fib_redirect`): the
+/// lookup's result, to send with `send_out` (the lookup does not depend on the source, so
+/// a rewrite may come between), or a drop reason when it gives no way out. A next hop whose
+/// MAC is not known yet is left to the kernel (`bpf_redirect_neigh` resolves it).
 #[inline(always)]
-pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
+pub fn route_out(ctx: &TcContext) -> Result<Route, u32> {
     let ifindex = match node_config() {
         Some(config) if config.underlay_ifindex != 0 => config.underlay_ifindex,
         _ => return Err(DROP_FIB),
@@ -158,32 +174,45 @@ pub fn out_underlay(ctx: &TcContext, counter: u32) -> Result<i32, u32> {
     };
     let rc = u32::try_from(rc).map_err(|_| DROP_FIB)?;
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(Route { fib, resolved: true }),
         // An IPv4 route through an IPv6 next hop: not a way out shoal takes.
-        BPF_FIB_LKUP_RET_NO_NEIGH if fib.family != AF_INET => return Err(DROP_FIB_NOT_FORWARDED),
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            // The lookup filled in the interface and the next hop; the kernel resolves its
-            // MAC and queues the packet meanwhile.
-            // SAFETY: plain old data; the IPv4 member of the union is the one written.
-            let mut next_hop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-            next_hop.nh_family = u32::from(AF_INET);
-            // SAFETY: the lookup wrote the IPv4 member of its destination union.
-            next_hop.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
-            count(ctx, counter);
-            // SAFETY: `next_hop` lives on our stack for the call and the size passed is its own.
-            let rc = unsafe {
-                bpf_redirect_neigh(fib.ifindex, &mut next_hop, core::mem::size_of::<bpf_redir_neigh>() as i32, 0)
-            };
-            return redirect_verdict(rc);
-        }
+        BPF_FIB_LKUP_RET_NO_NEIGH if fib.family != AF_INET => Err(DROP_FIB_NOT_FORWARDED),
+        // The lookup filled in the interface and the next hop; the kernel resolves its MAC.
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route { fib, resolved: false }),
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return Err(DROP_FIB_UNREACHABLE)
+            Err(DROP_FIB_UNREACHABLE)
         }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DROP_FRAG_NEEDED),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(DROP_FRAG_NEEDED),
         BPF_FIB_LKUP_RET_NOT_FWDED | BPF_FIB_LKUP_RET_FWD_DISABLED | BPF_FIB_LKUP_RET_UNSUPP_LWT => {
-            return Err(DROP_FIB_NOT_FORWARDED)
+            Err(DROP_FIB_NOT_FORWARDED)
         }
-        _ => return Err(DROP_FIB),
+        _ => Err(DROP_FIB),
+    }
+}
+
+/// A way out of the underlay (`route_out`): the lookup, and whether it knew the next hop's
+/// MAC.
+pub struct Route {
+    fib: bpf_fib_lookup,
+    resolved: bool,
+}
+
+/// Sends the packet the way `route` says.
+#[inline(always)]
+pub fn send_out(ctx: &TcContext, route: &Route, counter: u32) -> Result<i32, u32> {
+    let fib = &route.fib;
+    if !route.resolved {
+        // SAFETY: plain old data; the IPv4 member of the union is the one written.
+        let mut next_hop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        next_hop.nh_family = u32::from(AF_INET);
+        // SAFETY: the lookup wrote the IPv4 member of its destination union.
+        next_hop.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        count(ctx, counter);
+        // SAFETY: `next_hop` lives on our stack for the call and the size passed is its own.
+        let rc = unsafe {
+            bpf_redirect_neigh(fib.ifindex, &mut next_hop, core::mem::size_of::<bpf_redir_neigh>() as i32, 0)
+        };
+        return redirect_verdict(rc);
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.

@@ -15,6 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use shoal_common::{
+    lb::{FlowKey, IngressKey},
     overlay::EndpointKey,
     stats::{
         DELIVER_FROM_OVERLAY, DROP_MALFORMED, DROP_NOT_A_NODE, DROP_NOT_IPV4, DROP_NO_ENDPOINT, DROP_SPOOFED_SOURCE,
@@ -23,11 +24,11 @@ use shoal_common::{
 };
 
 use crate::{
-    forward::{deliver_local, VxlanMetadata},
+    forward::{deliver_local, node_config, VxlanMetadata},
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE},
     ingress::{self, Hop},
     lb::{flow_of, later_fragment, member_of},
-    maps::{lookup, ENDPOINTS, NODES},
+    maps::{lookup, ENDPOINTS, INGRESS, NODES},
     stats::drop_packet,
 };
 
@@ -72,19 +73,24 @@ pub fn from_overlay_test(ctx: TcContext) -> i32 {
     }
 }
 
-/// The published port a mesh flow's ingress node asked this node to answer from (the VXLAN
-/// group policy ID; 0 when there is none: replies go back through that node).
+/// The published port a mesh flow's ingress node asked this node to answer `flow` from (the
+/// VXLAN group policy ID; 0 when there is none: replies go back through that node). Only a
+/// port published on network `vni` for the flow's protocol, and never the data path port:
+/// the node answers from another's address only as that node would.
 #[inline(always)]
-fn dsr_port(ctx: &TcContext) -> u16 {
+fn dsr_port(ctx: &TcContext, flow: &FlowKey, vni: u32) -> u16 {
     let mut metadata = VxlanMetadata { gbp: 0 };
     let size = core::mem::size_of::<VxlanMetadata>() as u32;
     // SAFETY: `metadata` lives on our stack for the call and the size passed is its own.
     let rc = unsafe { bpf_skb_get_tunnel_opt(ctx.skb.skb, (&raw mut metadata).cast(), size) };
     // The low 16 bits are the policy ID; the bits above, the kernel's flags.
-    if rc < 0 {
-        0
-    } else {
-        metadata.gbp as u16
+    let port = if rc < 0 { 0 } else { metadata.gbp as u16 };
+    if port == 0 || node_config().is_some_and(|config| config.data_path_port == port.to_be()) {
+        return 0;
+    }
+    match lookup(&INGRESS, &IngressKey { port: port.to_be(), proto: flow.proto, _pad: 0 }) {
+        Some(published) if published.vni == vni => port,
+        _ => 0,
     }
 }
 
@@ -128,7 +134,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
                     // straight to the client. Kept up on every packet (a lookup when
                     // nothing changed), so a flow whose entry the LRU evicted here gets it
                     // back with its next packet.
-                    ingress::remember_return(&flow, sender, dsr_port(ctx))?;
+                    ingress::remember_return(&flow, sender, dsr_port(ctx, &flow, vni))?;
                 }
             }
             deliver_local(ctx, &to, DELIVER_FROM_OVERLAY)

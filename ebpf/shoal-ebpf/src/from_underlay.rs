@@ -38,8 +38,11 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
         // An ICMP error about a reply the mesh sent out: the backend must hear of it.
         return Ok(ingress::enter_error(ctx, config.underlay_addr)?.unwrap_or(TC_ACT_OK));
     };
-    // The data path port is the overlay's, whatever a published port says.
-    if flow.daddr != config.underlay_addr || (flow.proto == PROTO_UDP && flow.dport == config.data_path_port) {
+    // The data path port is the overlay's, whatever a published port says; and a client
+    // "at" it would have the replies sent to another node's VXLAN socket.
+    if flow.daddr != config.underlay_addr
+        || (flow.proto == PROTO_UDP && (flow.dport == config.data_path_port || flow.sport == config.data_path_port))
+    {
         return Ok(TC_ACT_OK);
     }
     Ok(ingress::enter(ctx, &flow, Client::Outside)?.unwrap_or(TC_ACT_OK))

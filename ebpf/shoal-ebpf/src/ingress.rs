@@ -22,12 +22,12 @@ use shoal_common::{
 };
 
 use crate::{
-    forward::{encapsulate, encapsulate_with_policy, hand_to_workload, node_config, out_underlay, take_hop},
+    forward::{encapsulate, encapsulate_with_policy, hand_to_workload, node_config, route_out, send_out, take_hop},
     lb::{
         backend_live, error_flow, later_fragment, may_start, now_seconds, pick, remember_fragment, reply_of,
         rewrite_destination, rewrite_error_destination, rewrite_source_of, track, tracked, FlowError, Member, Tracked,
     },
-    maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS},
+    maps::{lookup, lookup_lru, CONNTRACK, ENDPOINTS, INGRESS, NODES},
     stats::count,
 };
 
@@ -138,7 +138,12 @@ pub fn balance(ctx: &TcContext, flow: &FlowKey, port: &IngressEntry) -> Result<O
 #[inline(always)]
 pub fn remember_return(flow: &FlowKey, ingress_node: u32, dsr_port: u16) -> Result<(), u32> {
     let reply = reply_of(flow);
-    let via = if dsr_port != 0 {
+    // Never straight to a node of the cluster (a workload's call masqueraded to its node's
+    // address, this node's own included): a node's address is not one this node can send
+    // to from another's, and its replies must come back the way the call went.
+    let client_is_a_node = lookup(&NODES, &u32::from_be(flow.saddr)).is_some()
+        || node_config().is_some_and(|config| config.underlay_addr == flow.saddr);
+    let via = if dsr_port != 0 && !client_is_a_node {
         NatEntry { addr: ingress_node.to_be(), port: dsr_port.to_be(), flags: NAT_REPLY_TO_UNDERLAY }
     } else {
         NatEntry { addr: ingress_node, port: 0, flags: NAT_RETURN_VIA_NODE }
@@ -179,15 +184,32 @@ pub fn reply(ctx: &TcContext, flow: &FlowKey, member: Member, vni: u32, hop: Hop
     if hop == Hop::Again {
         take_hop(ctx)?;
     }
+    let own_address = node_config().map_or(0, |config| config.underlay_addr);
     match entry.flags {
-        NAT_REPLY_TO_UNDERLAY => {
+        NAT_REPLY_TO_UNDERLAY if entry.addr == own_address || hop == Hop::Again => {
             rewrite_source_of(ctx, member, flow, &entry)?;
-            out_underlay(ctx, INGRESS_REPLY).map(Some)
+            let route = route_out(ctx)?;
+            send_out(ctx, &route, INGRESS_REPLY).map(Some)
         }
-        NAT_RETURN_VIA_NODE => {
-            let node = EndpointEntry { ifindex: 0, node_addr: entry.addr, mac: [0; 6], router_mac: [0; 6] };
-            encapsulate(ctx, &node, vni, INGRESS_RETURN).map(Some)
-        }
+        // Direct server return: the published address is another node's. The way out is
+        // found first: with none to the client from here, the reply goes back through the
+        // ingress node after all (it received the client's packets), untouched.
+        NAT_REPLY_TO_UNDERLAY => match route_out(ctx) {
+            Ok(route) => {
+                rewrite_source_of(ctx, member, flow, &entry)?;
+                send_out(ctx, &route, INGRESS_REPLY).map(Some)
+            }
+            Err(_) => return_via(ctx, u32::from_be(entry.addr), vni).map(Some),
+        },
+        NAT_RETURN_VIA_NODE => return_via(ctx, entry.addr, vni).map(Some),
         _ => Ok(None),
     }
+}
+
+/// Sends a backend's reply back over network `vni` to the ingress node `node` (host byte
+/// order), which gives it the published address and sends it to the client.
+#[inline(always)]
+fn return_via(ctx: &TcContext, node: u32, vni: u32) -> Result<i32, u32> {
+    let node = EndpointEntry { ifindex: 0, node_addr: node, mac: [0; 6], router_mac: [0; 6] };
+    encapsulate(ctx, &node, vni, INGRESS_RETURN)
 }

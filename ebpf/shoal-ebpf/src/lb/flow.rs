@@ -66,7 +66,8 @@ pub fn flow_of(ctx: &TcContext) -> Result<Option<FlowKey>, u32> {
     } else {
         if frag_off & IP_MORE_FRAGMENTS != 0 {
             let whole = if proto == PROTO_TCP { TCP_HEADER } else { UDP_HEADER };
-            if ctx.data() + L4 + whole > ctx.data_end() {
+            // Against the whole packet (its L4 header may lie past the linear part).
+            if (ctx.len() as usize) < L4 + whole {
                 return Err(DROP_MALFORMED);
             }
         }

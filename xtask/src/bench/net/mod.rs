@@ -98,6 +98,12 @@ pub fn run(options: Options) -> Result<()> {
         let new_connections = measure(&targets, services, Mode::NewConnections, &options)?;
         scales.push(HttpScale { services, keep_alive, new_connections });
     }
+    // mgr1 is the DSR path's backend node and the ingress node of every other mesh path: a
+    // reply it sent back through wrk1 would mean that row did not measure what it says.
+    let returned = lab.host("mgr1")?.packets(shoal_common::stats::INGRESS_RETURN)?;
+    if returned != 0 {
+        bail!("mgr1 sent {returned} replies back through wrk1: the DSR path was not direct");
+    }
 
     eprintln!("== single changes at {largest} services ({} rounds)", options.change_rounds);
     let changes = changes::measure(&lab, "mgr1", &rig.base, &rig.spec(largest), largest, options.change_rounds)?;

@@ -174,6 +174,9 @@ pub fn cost_table(rows: &[CostRow]) -> String {
             net.iter().zip(&forwarding_above).filter(|(_, f)| **f > 0.0).map(|(n, f)| n / f).collect();
         let (ratio, floor_cell) = if row.kind == "floor" {
             ("".to_owned(), "".to_owned())
+        } else if ratios.is_empty() {
+            // No round where plain forwarding cost more than the floor: nothing to compare.
+            ("n/a".to_owned(), format!("{:.0}", median(&net)))
         } else {
             (format!("{:.2}", median(&ratios)), format!("{:.0}", median(&net)))
         };
