@@ -194,3 +194,79 @@ fn changes_apply_one_by_one_refuse_alone_and_survive_a_kill() {
         assert!(names.contains(&who), "after the restart, {who} answered");
     }
 }
+
+/// The IDs of the tables `map` (a Maglev map pinned on `host`) holds.
+fn tables_in(lab: &Lab, host: &str, map: &str) -> BTreeSet<u32> {
+    let path = format!("{}/{}/{host}/{map}", shoal_lab::BPF_ROOT, lab.name);
+    let dump: serde_json::Value =
+        serde_json::from_str(&shoal_lab::run_ok(&["bpftool", "-j", "map", "dump", "pinned", &path]).unwrap()).unwrap();
+    dump.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["key"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+                .collect();
+            u32::from_ne_bytes(bytes.try_into().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_service_past_32_backends_gets_a_large_table_and_back() {
+    use shoal_common::maps::{MAGLEV, MAGLEV_LARGE};
+    let lab = plain_lab("e2emaglev", 1, 0);
+    let client = workload(&lab, "mgr1", "client", "10.78.0.2");
+    let webs = [workload(&lab, "mgr1", "web1", "10.78.0.11"), workload(&lab, "mgr1", "web2", "10.78.0.12")];
+    let _servers: Vec<TextServer> = webs
+        .iter()
+        .enumerate()
+        .map(|(i, w)| TextServer::start(&w.netns, 7000, &format!("web{}", i + 1)).unwrap())
+        .collect();
+    let real = ["10.78.0.11", "10.78.0.12"];
+    let spec = DataplaneSpec {
+        networks: vec![OverlayNetwork::new("blue", 4097, "10.78.0.0/24".parse().unwrap())],
+        endpoints: [&client, &webs[0], &webs[1]].iter().map(|w| w.endpoint("blue")).collect(),
+        services: vec![blue_service("web", VIP, Protocol::Tcp, 80, 7000, &real)],
+        ..Default::default()
+    };
+    lab.apply_dataplane(&spec).unwrap();
+    let small = tables_in(&lab, "mgr1", MAGLEV);
+    assert_eq!((small.len(), tables_in(&lab, "mgr1", MAGLEV_LARGE).len()), (1, 0));
+
+    // 40 backends (38 of them addresses nobody answers on: only the table is looked at): the
+    // table keeps its ID and moves to the large map.
+    let many: Vec<std::net::Ipv4Addr> =
+        real.iter().map(|a| addr(a)).chain((50..88).map(|i| addr(&format!("10.78.0.{i}")))).collect();
+    let set = |backends: Vec<std::net::Ipv4Addr>| ChangeBatch {
+        sequence: None,
+        changes: vec![Change::SetBackends {
+            network: "blue".into(),
+            service: "web".into(),
+            backends,
+            draining: vec![],
+        }],
+    };
+    let reports = lab.apply_changes(&set(many)).unwrap();
+    assert_eq!(statuses(&reports), [[200]], "{reports:?}");
+    assert_eq!(tables_in(&lab, "mgr1", MAGLEV_LARGE), small, "the table moved to the large map");
+    assert!(tables_in(&lab, "mgr1", MAGLEV).is_empty(), "its small copy went");
+
+    // And survives a restart (resynced into the maps it left).
+    lab.kill("mgr1").unwrap();
+    lab.start("mgr1").unwrap();
+    assert_eq!(tables_in(&lab, "mgr1", MAGLEV_LARGE), small);
+    assert!(tables_in(&lab, "mgr1", MAGLEV).is_empty());
+
+    // Back to the two real backends: the small map again, and both answer.
+    let reports = lab.apply_changes(&set(real.iter().map(|a| addr(a)).collect())).unwrap();
+    assert_eq!(statuses(&reports), [[200]], "{reports:?}");
+    assert_eq!(tables_in(&lab, "mgr1", MAGLEV), small);
+    assert!(tables_in(&lab, "mgr1", MAGLEV_LARGE).is_empty());
+    let seen: BTreeSet<String> = answers(&client.netns, 20).into_iter().collect();
+    assert_eq!(seen, BTreeSet::from(["web1".to_owned(), "web2".to_owned()]));
+}

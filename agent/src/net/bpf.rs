@@ -24,8 +24,8 @@ use nix::{
 use shoal_api::dataplane::Counter;
 use shoal_common::{
     lb::{
-        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevTable, NatEntry, ServiceEntry, ServiceKey,
-        SOCKET_VNI,
+        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevLargeTable, MaglevTable, NatEntry, ServiceEntry,
+        ServiceKey, SOCKET_VNI,
     },
     maps,
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
@@ -101,6 +101,7 @@ impl Datapath {
             maps::SOCK_VIPS,
             maps::SOCK_PEERS,
             maps::FRAGMENTS,
+            maps::MAGLEV_LARGE,
         ] {
             if ebpf.map(name).is_none() {
                 return Err(map_error(name, MapError::InvalidName { name: name.into() }));
@@ -208,8 +209,9 @@ impl Datapath {
     /// points at something missing.
     pub fn write(&mut self, delta: &Delta) -> Result<(), NetError> {
         self.put(maps::BACKENDS, &delta.backends.put)?;
-        let tables: Vec<(u32, &MaglevTable)> = delta.maglev.put.iter().map(|(id, t)| (*id, &**t)).collect();
-        self.put::<u32, MaglevTable, _>(maps::MAGLEV, &tables)?;
+        let (small, large) = by_size(delta.maglev.put.iter().map(|(id, t)| (*id, &**t)));
+        self.put::<u32, MaglevTable, _>(maps::MAGLEV, &small)?;
+        self.put::<u32, MaglevLargeTable, _>(maps::MAGLEV_LARGE, &large)?;
         self.put(maps::ENDPOINTS, &delta.endpoints.put)?;
         self.put(maps::NODES, &delta.nodes.put)?;
         self.put(maps::INTERFACES, &delta.interfaces.put)?;
@@ -230,7 +232,14 @@ impl Datapath {
         self.delete::<u32, InterfaceEntry>(maps::INTERFACES, &delta.interfaces.delete)?;
         self.delete::<u32, NodeEntry>(maps::NODES, &delta.nodes.delete)?;
         self.delete::<EndpointKey, EndpointEntry>(maps::ENDPOINTS, &delta.endpoints.delete)?;
+        // A table whose service crossed `LARGE_TABLE_BACKENDS` keeps its ID and moves map:
+        // its copy in the other one goes once the services point at the new.
+        let moved_out_of_small: Vec<u32> = large.iter().map(|(id, _)| *id).collect();
+        let moved_out_of_large: Vec<u32> = small.iter().map(|(id, _)| *id).collect();
+        self.delete::<u32, MaglevTable>(maps::MAGLEV, &moved_out_of_small)?;
+        self.delete::<u32, MaglevLargeTable>(maps::MAGLEV_LARGE, &moved_out_of_large)?;
         self.delete::<u32, MaglevTable>(maps::MAGLEV, &delta.maglev.delete)?;
+        self.delete::<u32, MaglevLargeTable>(maps::MAGLEV_LARGE, &delta.maglev.delete)?;
         self.delete::<u32, Backend>(maps::BACKENDS, &delta.backends.delete)
     }
 
@@ -282,17 +291,23 @@ impl Datapath {
     /// Services, make before break: backends and tables a service will point to go in before
     /// the service, and go away only after no service points to them.
     fn sync_lb(&mut self, plan: &Plan) -> Result<(), NetError> {
-        let tables: StdHashMap<u32, &MaglevTable> = plan.maglev.iter().map(|(id, t)| (*id, &**t)).collect();
+        let (small, large) = by_size(plan.maglev.iter().map(|(id, t)| (*id, &**t)));
+        let (small, large): (StdHashMap<u32, &MaglevTable>, StdHashMap<u32, &MaglevLargeTable>) =
+            (small.into_iter().collect(), large.into_iter().collect());
         let mut backends: HashMap<&mut MapData, u32, Backend> = self.map_mut(maps::BACKENDS)?;
         upsert(&mut backends, maps::BACKENDS, &wanted(&plan.backends))?;
         let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = self.map_mut(maps::MAGLEV)?;
-        upsert(&mut maglev, maps::MAGLEV, &tables)?;
+        upsert(&mut maglev, maps::MAGLEV, &small)?;
+        let mut maglev_large: HashMap<&mut MapData, u32, MaglevLargeTable> = self.map_mut(maps::MAGLEV_LARGE)?;
+        upsert(&mut maglev_large, maps::MAGLEV_LARGE, &large)?;
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = self.map_mut(maps::SERVICES)?;
         sync_hash_map(&mut services, maps::SERVICES, &wanted(&plan.services))?;
         let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = self.map_mut(maps::INGRESS)?;
         sync_hash_map(&mut ingress, maps::INGRESS, &wanted(&plan.ingress))?;
         let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = self.map_mut(maps::MAGLEV)?;
-        prune(&mut maglev, maps::MAGLEV, &tables)?;
+        prune(&mut maglev, maps::MAGLEV, &small)?;
+        let mut maglev_large: HashMap<&mut MapData, u32, MaglevLargeTable> = self.map_mut(maps::MAGLEV_LARGE)?;
+        prune(&mut maglev_large, maps::MAGLEV_LARGE, &large)?;
         let mut backends: HashMap<&mut MapData, u32, Backend> = self.map_mut(maps::BACKENDS)?;
         prune(&mut backends, maps::BACKENDS, &wanted(&plan.backends))
     }
@@ -310,6 +325,8 @@ impl Datapath {
             HashMap::try_from(map(maps::INGRESS)?).map_err(|e| map_error(maps::INGRESS, e))?;
         let tables: HashMap<&MapData, u32, MaglevTable> =
             HashMap::try_from(map(maps::MAGLEV)?).map_err(|e| map_error(maps::MAGLEV, e))?;
+        let large_tables: HashMap<&MapData, u32, MaglevLargeTable> =
+            HashMap::try_from(map(maps::MAGLEV_LARGE)?).map_err(|e| map_error(maps::MAGLEV_LARGE, e))?;
         let backends: HashMap<&MapData, u32, Backend> =
             HashMap::try_from(map(maps::BACKENDS)?).map_err(|e| map_error(maps::BACKENDS, e))?;
         let mut names: BTreeMap<u32, Vec<TableName>> = BTreeMap::new();
@@ -328,10 +345,16 @@ impl Datapath {
             }
         }
         let mut serving: StdHashMap<u32, Vec<TableName>> = StdHashMap::new();
-        for item in tables.iter() {
-            let (id, table) = item.map_err(|e| map_error(maps::MAGLEV, e))?;
+        let small = tables
+            .iter()
+            .map(|item| item.map(|(id, t)| (id, t.slots.to_vec())).map_err(|e| map_error(maps::MAGLEV, e)));
+        let large = large_tables
+            .iter()
+            .map(|item| item.map(|(id, t)| (id, t.slots.to_vec())).map_err(|e| map_error(maps::MAGLEV_LARGE, e)));
+        for item in small.chain(large) {
+            let (id, slots) = item?;
             names.entry(id).or_default();
-            let members: BTreeSet<u32> = table.slots.iter().copied().collect();
+            let members: BTreeSet<u32> = slots.iter().copied().collect();
             for backend in members {
                 serving.entry(backend).or_default().extend(names[&id].iter().cloned());
             }
@@ -629,3 +652,18 @@ mod privileged;
 #[cfg(test)]
 #[path = "bpf_fuzz.rs"]
 mod fuzz;
+
+/// Tables by the map that holds them.
+type BySize<'a> = (Vec<(u32, &'a MaglevTable)>, Vec<(u32, &'a MaglevLargeTable)>);
+
+/// Splits `tables` by size (`SHOAL_MAGLEV`, `SHOAL_MAGLEV_LARGE`).
+fn by_size<'a>(tables: impl Iterator<Item = (u32, &'a lb::Table)>) -> BySize<'a> {
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    for (id, table) in tables {
+        match table {
+            lb::Table::Small(t) => small.push((id, &**t)),
+            lb::Table::Large(t) => large.push((id, &**t)),
+        }
+    }
+    (small, large)
+}

@@ -19,8 +19,8 @@ use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
 use serde::Serialize;
 use shoal_common::{
     lb::{
-        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, MAGLEV_SLOTS,
-        PROTO_TCP, PROTO_UDP,
+        Backend, CtEntry, FlowKey, IngressEntry, IngressKey, MaglevLargeTable, MaglevTable, ServiceEntry, ServiceKey,
+        MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP,
     },
     maps,
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry, GATEWAY_NODE, IFACE_OUTBOUND},
@@ -286,6 +286,48 @@ impl Testbed {
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = datapath.map_mut(maps::SERVICES)?;
         services.insert(key, ServiceEntry { id: 7, backends: 1 }, 0).map_err(|e| map_error(maps::SERVICES, e))?;
         add_table(datapath, 7, 9, REMOTE, 8080)
+    }
+
+    /// Makes VIP:80/tcp a service of `count` backends, 10.78.1.1:8080 and on, on REMOTE's
+    /// node, with the table the agent builds for them (a large one past
+    /// `LARGE_TABLE_BACKENDS`); returns the backends' addresses.
+    pub fn with_many_backends(&mut self, count: u8) -> Result<Vec<[u8; 4]>, NetError> {
+        let addrs: Vec<[u8; 4]> = (1..=count).map(|i| [10, 78, 1, i]).collect();
+        let datapath = self.datapath();
+        let mut backends: HashMap<&mut MapData, u32, Backend> = datapath.map_mut(maps::BACKENDS)?;
+        let mut members = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = 100 + i as u32;
+            let entry = Backend { addr: u32::from_ne_bytes(*addr), port: 8080u16.to_be(), _pad: 0 };
+            backends.insert(id, entry, 0).map_err(|e| map_error(maps::BACKENDS, e))?;
+            members.push((format!("{}:8080", std::net::Ipv4Addr::from(*addr)), id));
+        }
+        let mut endpoints: HashMap<&mut MapData, EndpointKey, EndpointEntry> = datapath.map_mut(maps::ENDPOINTS)?;
+        for addr in &addrs {
+            let key = EndpointKey { vni: VNI, addr: u32::from_ne_bytes(*addr) };
+            let entry = EndpointEntry {
+                ifindex: 0,
+                node_addr: u32::from_be_bytes(REMOTE_NODE),
+                mac: REMOTE_MAC,
+                router_mac: [0; 6],
+            };
+            endpoints.insert(key, entry, 0).map_err(|e| map_error(maps::ENDPOINTS, e))?;
+        }
+        match crate::net::lb::maglev(&members) {
+            crate::net::lb::Table::Small(table) => {
+                let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = datapath.map_mut(maps::MAGLEV)?;
+                maglev.insert(20, *table, 0).map_err(|e| map_error(maps::MAGLEV, e))?;
+            }
+            crate::net::lb::Table::Large(table) => {
+                let mut maglev: HashMap<&mut MapData, u32, MaglevLargeTable> = datapath.map_mut(maps::MAGLEV_LARGE)?;
+                maglev.insert(20, *table, 0).map_err(|e| map_error(maps::MAGLEV_LARGE, e))?;
+            }
+        }
+        let key = ServiceKey { vni: VNI, vip: u32::from_ne_bytes(VIP), port: 80u16.to_be(), proto: PROTO_TCP, _pad: 0 };
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = datapath.map_mut(maps::SERVICES)?;
+        let entry = ServiceEntry { id: 20, backends: u32::from(count) };
+        services.insert(key, entry, 0).map_err(|e| map_error(maps::SERVICES, e))?;
+        Ok(addrs)
     }
 
     /// Makes `lo` this node's underlay interface at NODE, publishing TCP PUBLISHED, balanced

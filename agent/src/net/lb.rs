@@ -10,8 +10,9 @@ use std::{net::Ipv4Addr, sync::Arc};
 use shoal_api::dataplane::{OverlayNetwork, Protocol, PublishMode, ServiceVip};
 use shoal_common::{
     lb::{
-        Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey, HAIRPIN_PROBES, MAGLEV_PRIME,
-        MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP, SOCKET_VNI,
+        Backend, IngressEntry, IngressKey, MaglevLargeTable, MaglevTable, ServiceEntry, ServiceKey, HAIRPIN_PROBES,
+        LARGE_TABLE_BACKENDS, MAGLEV_LARGE_PRIME, MAGLEV_LARGE_SLOTS, MAGLEV_PRIME, MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP,
+        SOCKET_VNI,
     },
     overlay::{EndpointEntry, EndpointKey},
 };
@@ -136,13 +137,46 @@ fn proto_number(protocol: Protocol) -> u8 {
     }
 }
 
+/// A service's Maglev table as the maps hold it: 1021 slots (`SHOAL_MAGLEV`), or 16381 for a
+/// service with more than `LARGE_TABLE_BACKENDS` backends (`SHOAL_MAGLEV_LARGE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Table {
+    Small(Box<MaglevTable>),
+    Large(Box<MaglevLargeTable>),
+}
+
+impl Table {
+    /// Every slot, the repeated ones past the prime included.
+    pub fn slots(&self) -> &[u32] {
+        match self {
+            Table::Small(table) => &table.slots,
+            Table::Large(table) => &table.slots,
+        }
+    }
+}
+
 /// Maglev's table (Eisenbud et al., NSDI 2016, section 3.4): each backend walks its own
 /// permutation of the slots, taking turns, until every slot is taken. `backends` are
-/// (name, ID); the names alone decide the permutations.
-pub fn maglev(backends: &[(String, u32)]) -> MaglevTable {
+/// (name, ID); the names alone decide the permutations. Large past
+/// `LARGE_TABLE_BACKENDS` backends.
+pub fn maglev(backends: &[(String, u32)]) -> Table {
+    if backends.len() > LARGE_TABLE_BACKENDS as usize {
+        let mut table = Box::new(MaglevLargeTable { slots: [u32::MAX; MAGLEV_LARGE_SLOTS] });
+        fill(backends, MAGLEV_LARGE_PRIME, &mut table.slots);
+        Table::Large(table)
+    } else {
+        let mut table = Box::new(MaglevTable { slots: [u32::MAX; MAGLEV_SLOTS] });
+        fill(backends, MAGLEV_PRIME, &mut table.slots);
+        Table::Small(table)
+    }
+}
+
+/// Fills the first `prime` of `slots` (all `u32::MAX`) by Maglev's walks, and the rest (up
+/// to a power of two the programs index with a mask) with the first ones again.
+fn fill(backends: &[(String, u32)], prime: usize, slots: &mut [u32]) {
     let mut sorted: Vec<&(String, u32)> = backends.iter().collect();
     sorted.sort();
-    let m = MAGLEV_PRIME as u64;
+    let m = prime as u64;
     let walks: Vec<(u64, u64)> = sorted
         .iter()
         .map(|(name, _)| {
@@ -151,7 +185,6 @@ pub fn maglev(backends: &[(String, u32)]) -> MaglevTable {
             (offset, skip)
         })
         .collect();
-    let mut slots = [u32::MAX; MAGLEV_SLOTS];
     let mut next = vec![0u64; sorted.len()];
     let mut filled = 0;
     'fill: loop {
@@ -164,16 +197,15 @@ pub fn maglev(backends: &[(String, u32)]) -> MaglevTable {
             slots[slot] = sorted[i].1;
             next[i] += 1;
             filled += 1;
-            if filled == MAGLEV_PRIME {
+            if filled == prime {
                 break 'fill;
             }
         }
     }
-    break_long_runs(&mut slots[..MAGLEV_PRIME]);
-    for extra in MAGLEV_PRIME..MAGLEV_SLOTS {
-        slots[extra] = slots[extra - MAGLEV_PRIME];
+    break_long_runs(&mut slots[..prime]);
+    for extra in prime..slots.len() {
+        slots[extra] = slots[extra - prime];
     }
-    MaglevTable { slots }
 }
 
 /// The longest run of one backend a table may hold (cyclically, over its `MAGLEV_PRIME`
@@ -243,17 +275,46 @@ mod tests {
     #[test]
     fn every_backend_gets_a_fair_share() {
         let table = maglev(&backends(3));
+        assert!(matches!(table, Table::Small(_)));
+        let slots = table.slots();
         for id in 1..=3 {
-            let share = table.slots[..MAGLEV_PRIME].iter().filter(|s| **s == id).count();
+            let share = slots[..MAGLEV_PRIME].iter().filter(|s| **s == id).count();
             assert!((330..=350).contains(&share), "backend {id} has {share} of {MAGLEV_PRIME}");
         }
-        assert_eq!(table.slots[MAGLEV_PRIME..], table.slots[..MAGLEV_SLOTS - MAGLEV_PRIME]);
+        assert_eq!(slots[MAGLEV_PRIME..], slots[..MAGLEV_SLOTS - MAGLEV_PRIME]);
+    }
+
+    #[test]
+    fn many_backends_get_a_large_table_and_a_fair_share_of_it() {
+        let table = maglev(&backends(LARGE_TABLE_BACKENDS));
+        assert!(matches!(table, Table::Small(_)), "up to the limit, the small table");
+        let table = maglev(&backends(100));
+        assert!(matches!(table, Table::Large(_)));
+        let slots = table.slots();
+        assert_eq!(slots.len(), MAGLEV_LARGE_SLOTS);
+        // 163.8 slots each: Maglev keeps every share within a slot or two of it.
+        for id in 1..=100 {
+            let share = slots[..MAGLEV_LARGE_PRIME].iter().filter(|s| **s == id).count();
+            assert!((160..=168).contains(&share), "backend {id} has {share} of {MAGLEV_LARGE_PRIME}");
+        }
+        assert_eq!(slots[MAGLEV_LARGE_PRIME..], slots[..MAGLEV_LARGE_SLOTS - MAGLEV_LARGE_PRIME]);
+        // In the small table, 100 backends would have had 10 or 11 slots each: 10% apart.
+        assert!(probes_always_find_another(&table));
+    }
+
+    /// The table's Maglev prime (its slots past it repeat the first ones).
+    fn prime_of(table: &Table) -> usize {
+        match table {
+            Table::Small(_) => MAGLEV_PRIME,
+            Table::Large(_) => MAGLEV_LARGE_PRIME,
+        }
     }
 
     /// Whether every window the TC path probes (from any slot, wrapping) holds two backends.
-    fn probes_always_find_another(table: &MaglevTable) -> bool {
-        (0..MAGLEV_SLOTS).all(|first| {
-            let window: Vec<u32> = (0..HAIRPIN_PROBES).map(|k| table.slots[(first + k) & (MAGLEV_SLOTS - 1)]).collect();
+    fn probes_always_find_another(table: &Table) -> bool {
+        let slots = table.slots();
+        (0..slots.len()).all(|first| {
+            let window: Vec<u32> = (0..HAIRPIN_PROBES).map(|k| slots[(first + k) & (slots.len() - 1)]).collect();
             window.iter().any(|b| *b != window[0])
         })
     }
@@ -278,9 +339,8 @@ mod tests {
                 .collect();
             let table = maglev(&set);
             assert!(probes_always_find_another(&table), "round {round}: {count} backends");
-            let longest = (0..MAGLEV_PRIME)
-                .map(|s| (0..).take_while(|k| table.slots[(s + k) % MAGLEV_PRIME] == table.slots[s]).count())
-                .max();
+            let (slots, prime) = (table.slots(), prime_of(&table));
+            let longest = (0..prime).map(|s| (0..).take_while(|k| slots[(s + k) % prime] == slots[s]).count()).max();
             assert!(longest <= Some(MAX_RUN), "round {round}: a run of {longest:?}");
         }
     }
@@ -289,7 +349,7 @@ mod tests {
     fn removing_a_backend_moves_mostly_its_own_slots() {
         let before = maglev(&backends(5));
         let after = maglev(&backends(4));
-        let moved = before.slots.iter().zip(after.slots.iter()).filter(|(b, a)| b != a && **b != 5).count();
+        let moved = before.slots().iter().zip(after.slots()).filter(|(b, a)| b != a && **b != 5).count();
         assert!(moved < MAGLEV_PRIME / 10, "{moved} slots of surviving backends moved");
     }
 

@@ -16,11 +16,11 @@ use std::{
 use ipnet::Ipv4Net;
 use shoal_api::dataplane::{EndpointId, ServiceId};
 use shoal_common::{
-    lb::{Backend, IngressEntry, IngressKey, MaglevTable, ServiceEntry, ServiceKey},
+    lb::{Backend, IngressEntry, IngressKey, ServiceEntry, ServiceKey},
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeEntry},
 };
 
-use crate::net::{host::HostRoute, NetError};
+use crate::net::{host::HostRoute, lb::Table, NetError};
 
 /// An object of the desired state, as the owner of map entries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,7 +50,7 @@ pub struct Entries {
     /// (table, backend address, target port) -> ID, and the backend.
     pub backends: Vec<((u32, Ipv4Addr, u16), u32, Backend)>,
     /// A table with no backend keeps its ID but has no Maglev table in the map.
-    pub tables: Vec<(TableName, u32, Option<Arc<MaglevTable>>)>,
+    pub tables: Vec<(TableName, u32, Option<Arc<Table>>)>,
     pub masquerade: Vec<Ipv4Net>,
     pub gateways: Vec<Ipv4Addr>,
 }
@@ -144,7 +144,7 @@ pub struct Plan {
     pub services: Counted<ServiceKey, ServiceEntry>,
     pub ingress: Counted<IngressKey, IngressEntry>,
     pub backends: Counted<u32, Backend>,
-    pub maglev: Counted<u32, Arc<MaglevTable>>,
+    pub maglev: Counted<u32, Arc<Table>>,
     pub masquerade: Counted<Ipv4Net, ()>,
     pub gateways: Counted<Ipv4Addr, ()>,
 }
@@ -245,7 +245,7 @@ pub struct Delta {
     pub services: MapDelta<ServiceKey, ServiceEntry>,
     pub ingress: MapDelta<IngressKey, IngressEntry>,
     pub backends: MapDelta<u32, Backend>,
-    pub maglev: MapDelta<u32, Arc<MaglevTable>>,
+    pub maglev: MapDelta<u32, Arc<Table>>,
     pub masquerade: MapDelta<Ipv4Net, ()>,
     pub gateways: MapDelta<Ipv4Addr, ()>,
 }

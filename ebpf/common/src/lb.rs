@@ -9,6 +9,17 @@ pub const MAGLEV_PRIME: usize = 1021;
 /// past `MAGLEV_PRIME` repeat the first ones.
 pub const MAGLEV_SLOTS: usize = 1024;
 
+/// A service with more backends than this gets a large table (`MaglevLargeTable`): with
+/// 1021 slots each of 33 or more backends would hold 31 or fewer, and a slot more or less is
+/// a share 3% off; 16381 slots keep it within a few tenths of a percent up to
+/// `MAGLEV_LARGE_PRIME` / 100 backends (Maglev's rule of thumb: 100 slots a backend).
+/// `ServiceEntry::backends` (and `IngressEntry::backends`) say which table a service has.
+pub const LARGE_TABLE_BACKENDS: u32 = 32;
+/// Maglev's permutation space of a large table (a prime).
+pub const MAGLEV_LARGE_PRIME: usize = 16381;
+/// Slots in each stored large table: the next power of two, as `MAGLEV_SLOTS`.
+pub const MAGLEV_LARGE_SLOTS: usize = 16384;
+
 /// Consecutive slots (from the flow's, wrapping at `MAGLEV_SLOTS`) the TC path tries to find
 /// a backend other than the client itself: a packet balanced back to its sender would come
 /// into its namespace with its own address as source, which the kernel drops as martian.
@@ -62,6 +73,14 @@ pub struct Backend {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaglevTable {
     pub slots: [u32; MAGLEV_SLOTS],
+}
+
+/// A large Maglev table (for services with more than `LARGE_TABLE_BACKENDS` backends):
+/// slot -> backend ID. 64 KiB, so only the services that need it have one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevLargeTable {
+    pub slots: [u32; MAGLEV_LARGE_SLOTS],
 }
 
 /// A published port, as clients outside the overlay address it on any of the node's
@@ -202,6 +221,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_SLOTS);
+const _: () = assert!(core::mem::size_of::<MaglevLargeTable>() == 4 * MAGLEV_LARGE_SLOTS);
 const _: () = assert!(core::mem::size_of::<IngressKey>() == 4);
 const _: () = assert!(core::mem::size_of::<IngressEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
@@ -219,6 +239,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MaglevTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MaglevLargeTable {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IngressKey {}
     // SAFETY: as above.

@@ -29,8 +29,11 @@ pub mod maps {
     pub const SERVICES: &str = "SHOAL_SERVICES";
     /// backend ID -> `Backend`.
     pub const BACKENDS: &str = "SHOAL_BACKENDS";
-    /// service ID -> `MaglevTable`.
+    /// table ID -> `MaglevTable`.
     pub const MAGLEV: &str = "SHOAL_MAGLEV";
+    /// table ID -> `MaglevLargeTable`: the tables of services with more than
+    /// `lb::LARGE_TABLE_BACKENDS` backends.
+    pub const MAGLEV_LARGE: &str = "SHOAL_MAGLEV_LARGE";
     /// `IngressKey` -> `IngressEntry`: the ports published on this node's underlay address.
     pub const INGRESS: &str = "SHOAL_INGRESS";
     /// LRU `FlowKey` -> `CtEntry`: forward (client -> VIP) and reverse (backend -> client).

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use shoal_common::{
     lb::{
-        Backend, CtEntry, FlowKey, FragmentKey, FragmentPorts, IngressEntry, IngressKey, MaglevTable, NatEntry,
-        ServiceEntry, ServiceKey, SockPeerKey,
+        Backend, CtEntry, FlowKey, FragmentKey, FragmentPorts, IngressEntry, IngressKey, MaglevLargeTable, MaglevTable,
+        NatEntry, ServiceEntry, ServiceKey, SockPeerKey,
     },
     overlay::{EndpointEntry, EndpointKey, InterfaceEntry, NodeConfig, NodeEntry},
     stats::{Counter, MAX},
@@ -63,6 +63,11 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(262144, 0);
 /// tables in use (10,000 services with a VIP and a published port each take 80 MiB).
 #[map(name = "SHOAL_MAGLEV")]
 pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
+
+/// The large Maglev tables (services with more than `LARGE_TABLE_BACKENDS` backends), by
+/// ID. Not preallocated: 64 KiB a table.
+#[map(name = "SHOAL_MAGLEV_LARGE")]
+pub static MAGLEV_LARGE: HashMap<u32, MaglevLargeTable> = HashMap::pinned(4096, BPF_F_NO_PREALLOC);
 
 /// Ports published on the node's underlay address (the routing mesh and host-mode ports).
 #[map(name = "SHOAL_INGRESS")]

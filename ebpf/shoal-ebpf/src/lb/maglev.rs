@@ -1,30 +1,48 @@
 //! Choosing a flow's backend: its hash's slot in the service's Maglev table (the same on
-//! every node), past the client itself when it is a backend.
+//! every node; 1021 slots, or 16381 for a service with many backends), past the client
+//! itself when it is a backend.
 
 use shoal_common::{
-    lb::{FlowKey, NatEntry, HAIRPIN_PROBES, MAGLEV_SLOTS},
+    lb::{FlowKey, NatEntry, HAIRPIN_PROBES, LARGE_TABLE_BACKENDS, MAGLEV_LARGE_SLOTS, MAGLEV_SLOTS},
     stats::DROP_NO_BACKEND,
 };
 
-use crate::maps::{lookup, BACKENDS, MAGLEV};
+use crate::maps::{lookup, BACKENDS, MAGLEV, MAGLEV_LARGE};
 
-/// The backend the service's Maglev table gives this flow, and its ID.
+/// The backend the service's Maglev table gives this flow, and its ID: the large table
+/// when the service has more than `LARGE_TABLE_BACKENDS` backends.
 #[inline(always)]
 pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<(NatEntry, u32), u32> {
     if backends == 0 {
         return Err(DROP_NO_BACKEND);
     }
-    let table = MAGLEV.get_ptr(service).ok_or(DROP_NO_BACKEND)?;
     let first = flow_hash(flow) as usize;
-    let mut chosen = None;
-    // A client that is itself a backend is not sent to itself on this path: the packet
-    // would come back into its own namespace with its own address as source, which the
-    // kernel drops as martian. The next slots give another backend (the socket path has no
-    // such limit: a connect() to oneself goes over loopback).
-    for probe in 0..HAIRPIN_PROBES {
-        let slot = (first + probe) & (MAGLEV_SLOTS - 1);
+    if backends > LARGE_TABLE_BACKENDS {
+        let table = MAGLEV_LARGE.get_ptr(service).ok_or(DROP_NO_BACKEND)?;
         // SAFETY: the pointer is valid for this program run; `get` bounds the index.
-        let Some(backend_id) = (unsafe { (*table).slots.get(slot).copied() }) else { break };
+        probe(first, backends, flow, |slot| unsafe { (*table).slots.get(slot & (MAGLEV_LARGE_SLOTS - 1)).copied() })
+    } else {
+        let table = MAGLEV.get_ptr(service).ok_or(DROP_NO_BACKEND)?;
+        // SAFETY: as above.
+        probe(first, backends, flow, |slot| unsafe { (*table).slots.get(slot & (MAGLEV_SLOTS - 1)).copied() })
+    }
+}
+
+/// The backend in the flow's slot (`first`), or, when that is the client itself, in one of
+/// the next slots. A client that is itself a backend is not sent to itself on this path:
+/// the packet would come back into its own namespace with its own address as source, which
+/// the kernel drops as martian. The next slots give another backend (the socket path has
+/// no such limit: a connect() to oneself goes over loopback).
+#[inline(always)]
+fn probe(
+    first: usize,
+    backends: u32,
+    flow: &FlowKey,
+    slot_at: impl Fn(usize) -> Option<u32>,
+) -> Result<(NatEntry, u32), u32> {
+    let mut chosen = None;
+    for step in 0..HAIRPIN_PROBES {
+        let Some(backend_id) = slot_at(first + step) else { break };
         let Some(backend) = lookup(&BACKENDS, &backend_id) else { break };
         chosen = Some((NatEntry { addr: backend.addr, port: backend.port, flags: 0 }, backend_id));
         if backend.addr != flow.saddr || backends == 1 {
