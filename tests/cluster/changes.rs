@@ -255,6 +255,19 @@ fn a_service_past_32_backends_gets_a_large_table_and_back() {
     assert_eq!(statuses(&reports), [[200]], "{reports:?}");
     assert_eq!(tables_in(&lab, "mgr1", MAGLEV_LARGE), small, "the table moved to the large map");
     assert!(tables_in(&lab, "mgr1", MAGLEV).is_empty(), "its small copy went");
+    // Connections are balanced over it (most to addresses nobody has, where they are
+    // dropped), and none finds no table.
+    let mgr1 = lab.host("mgr1").unwrap();
+    let new_flows = || mgr1.packets(shoal_common::stats::LB_NEW_FLOW).unwrap();
+    let before = new_flows();
+    for _ in 0..20 {
+        let to = std::net::SocketAddr::from((addr(VIP), 80));
+        let _ = shoal_lab::in_netns(&client.netns, move || {
+            std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_millis(100))
+        });
+    }
+    assert!(new_flows() - before >= 20, "the connections were not balanced");
+    assert_eq!(mgr1.packets(shoal_common::stats::DROP_NO_BACKEND).unwrap(), 0);
 
     // And survives a restart (resynced into the maps it left).
     lab.kill("mgr1").unwrap();
@@ -269,4 +282,5 @@ fn a_service_past_32_backends_gets_a_large_table_and_back() {
     assert!(tables_in(&lab, "mgr1", MAGLEV_LARGE).is_empty());
     let seen: BTreeSet<String> = answers(&client.netns, 20).into_iter().collect();
     assert_eq!(seen, BTreeSet::from(["web1".to_owned(), "web2".to_owned()]));
+    assert_eq!(mgr1.packets(shoal_common::stats::DROP_NO_BACKEND).unwrap(), 0);
 }

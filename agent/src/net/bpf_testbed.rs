@@ -290,8 +290,10 @@ impl Testbed {
 
     /// Makes VIP:80/tcp a service of `count` backends, 10.78.1.1:8080 and on, on REMOTE's
     /// node, with the table the agent builds for them (a large one past
-    /// `LARGE_TABLE_BACKENDS`); returns the backends' addresses.
-    pub fn with_many_backends(&mut self, count: u8) -> Result<Vec<[u8; 4]>, NetError> {
+    /// `LARGE_TABLE_BACKENDS`), its entry saying so when `flagged` (not: as an older
+    /// version's entry, or one read just before its table moved); returns the backends'
+    /// addresses.
+    pub fn with_many_backends(&mut self, count: u8, flagged: bool) -> Result<Vec<[u8; 4]>, NetError> {
         let addrs: Vec<[u8; 4]> = (1..=count).map(|i| [10, 78, 1, i]).collect();
         let datapath = self.datapath();
         let mut backends: HashMap<&mut MapData, u32, Backend> = datapath.map_mut(maps::BACKENDS)?;
@@ -313,7 +315,9 @@ impl Testbed {
             };
             endpoints.insert(key, entry, 0).map_err(|e| map_error(maps::ENDPOINTS, e))?;
         }
-        match crate::net::lb::maglev(&members) {
+        let table = crate::net::lb::maglev(&members);
+        let large = matches!(table, crate::net::lb::Table::Large(_));
+        match table {
             crate::net::lb::Table::Small(table) => {
                 let mut maglev: HashMap<&mut MapData, u32, MaglevTable> = datapath.map_mut(maps::MAGLEV)?;
                 maglev.insert(20, *table, 0).map_err(|e| map_error(maps::MAGLEV, e))?;
@@ -325,7 +329,8 @@ impl Testbed {
         }
         let key = ServiceKey { vni: VNI, vip: u32::from_ne_bytes(VIP), port: 80u16.to_be(), proto: PROTO_TCP, _pad: 0 };
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> = datapath.map_mut(maps::SERVICES)?;
-        let entry = ServiceEntry { id: 20, backends: u32::from(count) };
+        let flag = if large && flagged { shoal_common::lb::LARGE_TABLE } else { 0 };
+        let entry = ServiceEntry { id: 20, backends: u32::from(count) | flag };
         services.insert(key, entry, 0).map_err(|e| map_error(maps::SERVICES, e))?;
         Ok(addrs)
     }

@@ -11,8 +11,8 @@ use shoal_api::dataplane::{OverlayNetwork, Protocol, PublishMode, ServiceVip};
 use shoal_common::{
     lb::{
         Backend, IngressEntry, IngressKey, MaglevLargeTable, MaglevTable, ServiceEntry, ServiceKey, HAIRPIN_PROBES,
-        LARGE_TABLE_BACKENDS, MAGLEV_LARGE_PRIME, MAGLEV_LARGE_SLOTS, MAGLEV_PRIME, MAGLEV_SLOTS, PROTO_TCP, PROTO_UDP,
-        SOCKET_VNI,
+        LARGE_TABLE, LARGE_TABLE_BACKENDS, MAGLEV_LARGE_PRIME, MAGLEV_LARGE_SLOTS, MAGLEV_PRIME, MAGLEV_SLOTS,
+        PROTO_TCP, PROTO_UDP, SMALL_TABLE_AGAIN, SOCKET_VNI,
     },
     overlay::{EndpointEntry, EndpointKey},
 };
@@ -99,9 +99,10 @@ impl Tables<'_> {
         draining: &[Ipv4Addr],
         target_port: u16,
     ) -> Result<ServiceEntry, NetError> {
-        let had = self.previous.and_then(|p| p.tables.iter().find(|(n, _, _)| *n == name)).map(|(_, id, _)| *id);
-        let id = match had {
-            Some(id) => id,
+        let previous_table = self.previous.and_then(|p| p.tables.iter().find(|(n, _, _)| *n == name));
+        let was_large = matches!(previous_table, Some((_, _, Some(table))) if matches!(**table, Table::Large(_)));
+        let id = match previous_table {
+            Some((_, id, _)) => *id,
             None => self.ids.table_for(&name)?,
         };
         let had: std::collections::HashMap<(u32, Ipv4Addr, u16), u32> =
@@ -124,9 +125,11 @@ impl Tables<'_> {
                 members.push((format!("{addr}:{target_port}"), backend_id));
             }
         }
-        let table = (!members.is_empty()).then(|| Arc::new(maglev(&members)));
+        let count = members.len() as u32;
+        let large = count > LARGE_TABLE_BACKENDS || (was_large && count > SMALL_TABLE_AGAIN);
+        let table = (!members.is_empty()).then(|| Arc::new(maglev_sized(&members, large)));
         entries.tables.push((name, id, table));
-        Ok(ServiceEntry { id, backends: members.len() as u32 })
+        Ok(ServiceEntry { id, backends: if large && count > 0 { count | LARGE_TABLE } else { count } })
     }
 }
 
@@ -160,7 +163,15 @@ impl Table {
 /// (name, ID); the names alone decide the permutations. Large past
 /// `LARGE_TABLE_BACKENDS` backends.
 pub fn maglev(backends: &[(String, u32)]) -> Table {
-    if backends.len() > LARGE_TABLE_BACKENDS as usize {
+    maglev_sized(backends, backends.len() > LARGE_TABLE_BACKENDS as usize)
+}
+
+/// `maglev`, large or not as the caller says (a service keeps a large table until it is
+/// down to `SMALL_TABLE_AGAIN` backends).
+pub fn maglev_sized(backends: &[(String, u32)], large: bool) -> Table {
+    if large {
+        // (64 KiB may pass through the stack on its way to the box: the agent's threads
+        // have 2 MiB.)
         let mut table = Box::new(MaglevLargeTable { slots: [u32::MAX; MAGLEV_LARGE_SLOTS] });
         fill(backends, MAGLEV_LARGE_PRIME, &mut table.slots);
         Table::Large(table)
@@ -214,6 +225,9 @@ fn fill(backends: &[(String, u32)], prime: usize, slots: &mut [u32]) {
 /// slots and see as few as `HAIRPIN_PROBES - 3` distinct ones, so runs must stay shorter
 /// than that for the probes always to find another backend.
 pub const MAX_RUN: usize = HAIRPIN_PROBES - 4;
+// The reasoning above holds for both table sizes because both repeat the same number of
+// slots past their prime.
+const _: () = assert!(MAGLEV_SLOTS - MAGLEV_PRIME == MAGLEV_LARGE_SLOTS - MAGLEV_LARGE_PRIME);
 
 /// Breaks every run of one backend longer than `MAX_RUN` by swapping a slot of the run with
 /// the nearest slot of another backend that sits between two slots not of the run's
@@ -300,6 +314,35 @@ mod tests {
         assert_eq!(slots[MAGLEV_LARGE_PRIME..], slots[..MAGLEV_LARGE_SLOTS - MAGLEV_LARGE_PRIME]);
         // In the small table, 100 backends would have had 10 or 11 slots each: 10% apart.
         assert!(probes_always_find_another(&table));
+    }
+
+    #[test]
+    fn a_large_table_stays_large_until_the_service_is_well_below_the_line() {
+        let net = shoal_api::dataplane::OverlayNetwork::new("blue", 4097, "10.78.0.0/16".parse().unwrap());
+        let addrs = |n: usize| (0..n).map(|i| Ipv4Addr::new(10, 78, 1, i as u8 + 1)).collect::<Vec<_>>();
+        let service = |n: usize| ServiceVip {
+            name: "web".into(),
+            network: "blue".into(),
+            vip: Ipv4Addr::new(10, 78, 0, 100),
+            ports: vec![shoal_api::dataplane::ServicePort { protocol: Protocol::Tcp, port: 80, target_port: 80 }],
+            backends: addrs(n),
+            draining: vec![],
+            dnsrr: false,
+            published: vec![],
+        };
+        let mut ids = Ids::default();
+        let mut previous: Option<Entries> = None;
+        let mut sizes = Vec::new();
+        for n in [30, 33, 32, 25, 24, 30, 33] {
+            let entries = service_entries(&service(n), &net, &[], &[], previous.as_ref(), &mut ids).unwrap();
+            let (_, entry) = entries.services[0];
+            let large = entry.backends & LARGE_TABLE != 0;
+            assert_eq!(entry.backends & !LARGE_TABLE, n as u32);
+            assert_eq!(matches!(entries.tables[0].2.as_deref(), Some(Table::Large(_))), large);
+            sizes.push(large);
+            previous = Some(entries);
+        }
+        assert_eq!(sizes, [false, true, true, true, false, false, true]);
     }
 
     /// The table's Maglev prime (its slots past it repeat the first ones).

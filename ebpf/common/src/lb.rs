@@ -12,9 +12,14 @@ pub const MAGLEV_SLOTS: usize = 1024;
 /// A service with more backends than this gets a large table (`MaglevLargeTable`): with
 /// 1021 slots each of 33 or more backends would hold 31 or fewer, and a slot more or less is
 /// a share 3% off; 16381 slots keep it within a few tenths of a percent up to
-/// `MAGLEV_LARGE_PRIME` / 100 backends (Maglev's rule of thumb: 100 slots a backend).
-/// `ServiceEntry::backends` (and `IngressEntry::backends`) say which table a service has.
+/// `MAGLEV_LARGE_PRIME` / 100 backends (Maglev's rule of thumb: 100 slots a backend). The
+/// agent keeps a large table until the service is down to `SMALL_TABLE_AGAIN` backends, so
+/// one task stopped and started again does not rebuild every slot twice.
 pub const LARGE_TABLE_BACKENDS: u32 = 32;
+pub const SMALL_TABLE_AGAIN: u32 = 24;
+/// Set in `ServiceEntry::backends` (and `IngressEntry::backends`) when the service's table
+/// is a large one, in `SHOAL_MAGLEV_LARGE`; the bits below are the count.
+pub const LARGE_TABLE: u32 = 1 << 31;
 /// Maglev's permutation space of a large table (a prime).
 pub const MAGLEV_LARGE_PRIME: usize = 16381;
 /// Slots in each stored large table: the next power of two, as `MAGLEV_SLOTS`.
@@ -53,7 +58,8 @@ pub struct ServiceKey {
 pub struct ServiceEntry {
     /// Key of the service's Maglev table.
     pub id: u32,
-    /// Backends in the table; 0 means no backend (the packet is refused).
+    /// Backends in the table; 0 means no backend (the packet is refused). With
+    /// `LARGE_TABLE` set, the table is a large one.
     pub backends: u32,
 }
 
@@ -100,7 +106,8 @@ pub struct IngressKey {
 pub struct IngressEntry {
     /// Key of the port's Maglev table; its backends carry the target port.
     pub id: u32,
-    /// Backends in the table; 0 means no backend (the packet is refused).
+    /// Backends in the table; 0 means no backend (the packet is refused). With
+    /// `LARGE_TABLE` set, the table is a large one.
     pub backends: u32,
     /// Network the backends are reached on.
     pub vni: u32,

@@ -67,7 +67,7 @@ pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(65536, BPF_F_NO_P
 /// The large Maglev tables (services with more than `LARGE_TABLE_BACKENDS` backends), by
 /// ID. Not preallocated: 64 KiB a table.
 #[map(name = "SHOAL_MAGLEV_LARGE")]
-pub static MAGLEV_LARGE: HashMap<u32, MaglevLargeTable> = HashMap::pinned(4096, BPF_F_NO_PREALLOC);
+pub static MAGLEV_LARGE: HashMap<u32, MaglevLargeTable> = HashMap::pinned(1024, BPF_F_NO_PREALLOC);
 
 /// Ports published on the node's underlay address (the routing mesh and host-mode ports).
 #[map(name = "SHOAL_INGRESS")]

@@ -3,29 +3,45 @@
 //! itself when it is a backend.
 
 use shoal_common::{
-    lb::{FlowKey, NatEntry, HAIRPIN_PROBES, LARGE_TABLE_BACKENDS, MAGLEV_LARGE_SLOTS, MAGLEV_SLOTS},
+    lb::{FlowKey, NatEntry, HAIRPIN_PROBES, LARGE_TABLE, MAGLEV_LARGE_SLOTS, MAGLEV_SLOTS},
     stats::DROP_NO_BACKEND,
 };
 
 use crate::maps::{lookup, BACKENDS, MAGLEV, MAGLEV_LARGE};
 
-/// The backend the service's Maglev table gives this flow, and its ID: the large table
-/// when the service has more than `LARGE_TABLE_BACKENDS` backends.
+/// The backend the service's Maglev table gives this flow, and its ID. `backends` is the
+/// service entry's: the count, with `LARGE_TABLE` set when the table is a large one. A table
+/// moving between the maps keeps its ID, so when the one the entry names is not there (an
+/// entry read just before the move, or one an older version wrote) the other map has it.
 #[inline(always)]
 pub fn pick(service: u32, backends: u32, flow: &FlowKey) -> Result<(NatEntry, u32), u32> {
-    if backends == 0 {
+    let (large, count) = (backends & LARGE_TABLE != 0, backends & !LARGE_TABLE);
+    if count == 0 {
         return Err(DROP_NO_BACKEND);
     }
     let first = flow_hash(flow) as usize;
-    if backends > LARGE_TABLE_BACKENDS {
-        let table = MAGLEV_LARGE.get_ptr(service).ok_or(DROP_NO_BACKEND)?;
-        // SAFETY: the pointer is valid for this program run; `get` bounds the index.
-        probe(first, backends, flow, |slot| unsafe { (*table).slots.get(slot & (MAGLEV_LARGE_SLOTS - 1)).copied() })
+    let small_table = || MAGLEV.get_ptr(service);
+    let large_table = || MAGLEV_LARGE.get_ptr(service);
+    let (small, big) = if large {
+        match large_table() {
+            Some(table) => (None, Some(table)),
+            None => (small_table(), None),
+        }
     } else {
-        let table = MAGLEV.get_ptr(service).ok_or(DROP_NO_BACKEND)?;
-        // SAFETY: as above.
-        probe(first, backends, flow, |slot| unsafe { (*table).slots.get(slot & (MAGLEV_SLOTS - 1)).copied() })
+        match small_table() {
+            Some(table) => (Some(table), None),
+            None => (None, large_table()),
+        }
+    };
+    if let Some(table) = big {
+        // SAFETY: the pointer is valid for this program run; `get` bounds the index.
+        return probe(first, count, flow, |slot| unsafe {
+            (*table).slots.get(slot & (MAGLEV_LARGE_SLOTS - 1)).copied()
+        });
     }
+    let table = small.ok_or(DROP_NO_BACKEND)?;
+    // SAFETY: as above.
+    probe(first, count, flow, |slot| unsafe { (*table).slots.get(slot & (MAGLEV_SLOTS - 1)).copied() })
 }
 
 /// The backend in the flow's slot (`first`), or, when that is the client itself, in one of
