@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr};
 
 use shoal_api::dataplane::{Protocol, PublishMode, PublishedPort};
 use shoal_common::stats::{INGRESS_LOCAL, INGRESS_REMOTE, INGRESS_REPLY, INGRESS_RETURN};
-use shoal_lab::{tcp_exchange, BulkServer, Conversation, TextServer, UdpClient, UdpTextServer};
+use shoal_lab::{tcp_exchange, BulkServer, Conversation, TextServer, UdpClient, UdpTextServer, Workload};
 use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
 const CLIENT: &str = "10.77.3.1";
@@ -15,6 +15,25 @@ const CLIENT: &str = "10.77.3.1";
 /// Each backend's bulk port: a connection gets `BULK_BYTES` and the end.
 const BULK_PORT: u16 = 81;
 const BULK_BYTES: usize = 256 << 10;
+
+/// What each backend `web<n>` serves: TCP 80 (`web<n> <client> <message>`), UDP 5300
+/// (`web<n> <message>`) and `BULK_BYTES` on `BULK_PORT`.
+struct Servers {
+    _tcp: Vec<TextServer>,
+    _udp: Vec<UdpTextServer>,
+    _bulk: Vec<BulkServer>,
+}
+
+impl Servers {
+    fn start(backends: &[Workload]) -> Servers {
+        let named = || backends.iter().enumerate().map(|(i, b)| (format!("web{}", i + 1), &b.netns));
+        Servers {
+            _tcp: named().map(|(name, ns)| TextServer::start(ns, 80, &format!("{name} {{peer}}")).unwrap()).collect(),
+            _udp: named().map(|(name, ns)| UdpTextServer::start(ns, 5300, &name).unwrap()).collect(),
+            _bulk: backends.iter().map(|b| BulkServer::start(&b.netns, BULK_PORT, BULK_BYTES).unwrap()).collect(),
+        }
+    }
+}
 
 fn published(protocol: Protocol, published_port: u16, target_port: u16, mode: PublishMode) -> PublishedPort {
     PublishedPort { protocol, published_port, target_port, publish_mode: mode }
@@ -30,16 +49,7 @@ fn a_published_port_answers_on_every_host_from_every_backend_with_the_client_add
         .enumerate()
         .map(|(i, h)| workload(&lab, h, &format!("web{}", i + 1), &format!("10.78.0.1{}", i + 1)))
         .collect();
-    let _tcp: Vec<TextServer> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TextServer::start(&b.netns, 80, &format!("web{} {{peer}}", i + 1)).unwrap())
-        .collect();
-    let _udp: Vec<UdpTextServer> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| UdpTextServer::start(&b.netns, 5300, &format!("web{}", i + 1)).unwrap())
-        .collect();
+    let _servers = Servers::start(&backends);
     // A workload that calls the published port too, as containers call a node's address.
     let caller = workload(&lab, "mgr1", "caller", "10.78.0.2");
     let all: Vec<_> = backends.iter().chain([&caller]).collect();
@@ -51,8 +61,6 @@ fn a_published_port_answers_on_every_host_from_every_backend_with_the_client_add
         published(Protocol::Udp, 5353, 5300, PublishMode::Ingress),
         published(Protocol::Tcp, 8081, BULK_PORT, PublishMode::Ingress),
     ];
-    let _bulk: Vec<BulkServer> =
-        backends.iter().map(|b| BulkServer::start(&b.netns, BULK_PORT, BULK_BYTES).unwrap()).collect();
     let mut local = blue_service("local", "10.78.0.101", Protocol::Tcp, 80, 80, &["10.78.0.12"]);
     local.published = vec![published(Protocol::Tcp, 9090, 80, PublishMode::Host)];
     spec.services = vec![web, local];
@@ -189,18 +197,7 @@ fn with_direct_server_return_the_backends_node_answers_the_client_itself() {
     lab.stop("mgr1").unwrap();
     lab.start_with("mgr1", &["--mesh-dsr".to_owned()]).unwrap();
     let backends = [workload(&lab, "mgr1", "web1", "10.78.0.11"), workload(&lab, "wrk1", "web2", "10.78.0.12")];
-    let _tcp: Vec<TextServer> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TextServer::start(&b.netns, 80, &format!("web{} {{peer}}", i + 1)).unwrap())
-        .collect();
-    let _udp: Vec<UdpTextServer> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| UdpTextServer::start(&b.netns, 5300, &format!("web{}", i + 1)).unwrap())
-        .collect();
-    let _bulk: Vec<BulkServer> =
-        backends.iter().map(|b| BulkServer::start(&b.netns, BULK_PORT, BULK_BYTES).unwrap()).collect();
+    let _servers = Servers::start(&backends);
     // A workload on wrk1 calling mgr1's published port: masqueraded to wrk1's address, a node
     // of the cluster, which wrk1 cannot answer straight.
     let caller = workload(&lab, "wrk1", "caller", "10.78.0.2");

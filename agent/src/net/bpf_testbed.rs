@@ -465,11 +465,7 @@ pub fn udp_fragments(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload
     datagram.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
     datagram.extend_from_slice(&[0, 0]);
     datagram.extend((0..payload).map(|i| i as u8));
-    let mut pseudo_words = 0u32;
-    for c in src.chunks(2).chain(dst.chunks(2)) {
-        pseudo_words += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    let sum = checksum(&datagram, pseudo_words + 17 + datagram.len() as u32);
+    let sum = checksum(&datagram, udp_pseudo(&src, &dst, datagram.len()));
     datagram[6..8].copy_from_slice(&sum.to_be_bytes());
     let step = (mtu - 20) / 8 * 8;
     datagram
@@ -502,13 +498,9 @@ pub fn udp_fragments(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload
 pub fn reassembles(fragments: &[Vec<u8>]) -> bool {
     let same_addresses = fragments.iter().all(|f| f[26..34] == fragments[0][26..34]);
     let datagram: Vec<u8> = fragments.iter().flat_map(|f| f[34..].to_vec()).collect();
-    let mut pseudo_words = 0u32;
-    for c in fragments[0][26..34].chunks(2) {
-        pseudo_words += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
     same_addresses
         && fragments.iter().all(|f| ip_checksum_ok(f))
-        && checksum(&datagram, pseudo_words + 17 + datagram.len() as u32) == 0
+        && checksum(&datagram, udp_pseudo(&fragments[0][26..30], &fragments[0][30..34], datagram.len())) == 0
 }
 
 /// An ICMP error (`icmp_type`, `code`) from `src` to `dst` quoting `packet` (a frame from
@@ -537,6 +529,12 @@ pub fn icmp_error(src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, mtu: u16,
 /// Whether an ICMP error's IPv4, ICMP and quoted IPv4 checksums all verify.
 pub fn icmp_checksums_ok(p: &[u8]) -> bool {
     ip_checksum_ok(p) && checksum(&p[34..], 0) == 0 && checksum(&p[42..62], 0) == 0
+}
+
+/// The sum of a UDP datagram's pseudo-header (addresses, protocol, length) for `checksum`.
+fn udp_pseudo(src: &[u8], dst: &[u8], len: usize) -> u32 {
+    let words: u32 = src.chunks(2).chain(dst.chunks(2)).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    words + 17 + len as u32
 }
 
 /// Sets the IPv4 TTL of `p` (fixing the header checksum).
