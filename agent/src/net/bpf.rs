@@ -453,7 +453,17 @@ fn migrate_conntrack(ebpf: &mut Ebpf, old: &Path) -> Result<usize, NetError> {
 }
 
 fn map_error(map: &'static str, source: MapError) -> NetError {
-    NetError::Map { map, source }
+    match &source {
+        // A hash map at its `max_entries` says E2BIG ("argument list too long"): said plainly.
+        MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(nix::libc::E2BIG) => {
+            let capacity = match map {
+                maps::MAGLEV_LARGE => "at most 1024 service ports with more than 32 backends on a node",
+                _ => "every entry it can hold is taken",
+            };
+            NetError::MapFull { map, capacity }
+        }
+        _ => NetError::Map { map, source },
+    }
 }
 
 fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, NetError> {
@@ -666,4 +676,28 @@ fn by_size<'a>(tables: impl Iterator<Item = (u32, &'a lb::Table)>) -> BySize<'a>
         }
     }
     (small, large)
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::{maps::MapError, sys::SyscallError};
+
+    use super::*;
+
+    fn failed(errno: i32) -> MapError {
+        MapError::SyscallError(SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn a_full_map_says_so_and_what_it_holds() {
+        let full = map_error(maps::MAGLEV_LARGE, failed(nix::libc::E2BIG));
+        assert!(matches!(full, NetError::MapFull { map: maps::MAGLEV_LARGE, .. }), "{full:?}");
+        assert!(full.to_string().contains("more than 32 backends"), "{full}");
+        assert_eq!(full.status(), 500);
+        let other = map_error(maps::MAGLEV_LARGE, failed(nix::libc::ENOMEM));
+        assert!(matches!(other, NetError::Map { .. }), "{other:?}");
+    }
 }

@@ -48,6 +48,8 @@ pub enum NetError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("BPF map {map} is full ({capacity})")]
+    MapFull { map: &'static str, capacity: &'static str },
     #[error("BPF map {map}: {source}")]
     Map {
         map: &'static str,
