@@ -354,6 +354,13 @@ impl Testbed {
         add_table(datapath, 11, 12, REMOTE, 80)
     }
 
+    /// Publishes UDP PUBLISHED too (after `with_published_port`), to the same backend.
+    pub fn with_udp_published_port(&mut self) -> Result<(), NetError> {
+        let key = IngressKey { port: PUBLISHED.to_be(), proto: PROTO_UDP, _pad: 0 };
+        let mut ingress: HashMap<&mut MapData, IngressKey, IngressEntry> = self.datapath().map_mut(maps::INGRESS)?;
+        ingress.insert(key, IngressEntry { id: 11, backends: 1, vni: VNI }, 0).map_err(|e| map_error(maps::INGRESS, e))
+    }
+
     /// Replaces the node's settings (`NODE_CONFIG`).
     pub fn configure(&mut self, config: NodeConfig) -> Result<(), NetError> {
         self.datapath().configure(config)
