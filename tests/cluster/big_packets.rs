@@ -12,7 +12,7 @@ use std::{
 };
 
 use shoal_api::dataplane::{Protocol, PublishMode, PublishedPort};
-use shoal_common::stats::LB_ICMP_ERROR;
+use shoal_common::stats::{INGRESS_RETURN, LB_ICMP_ERROR};
 use shoal_lab::{in_netns, BulkServer, Lab, UdpClient, UdpTextServer, Workload};
 use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
 
@@ -125,6 +125,11 @@ fn fragmented_datagrams_and_icmp_errors_cross_vips_and_the_mesh_translated() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn path_mtu_discovery_works_through_the_mesh() {
     let (lab, _client, backends) = two_hosts_two_backends("e2epmtu");
+    // mgr1 answers by direct server return (wrk1 sends the replies of its backend to the
+    // client itself, from mgr1's address: the router's errors still go to mgr1); wrk1 does
+    // not.
+    lab.stop("mgr1").unwrap();
+    lab.start_with("mgr1", &["--mesh-dsr".to_owned()]).unwrap();
     // A backend remembers a path's MTU once told: forgotten before each transfer, so that
     // every one needs its "fragmentation needed" to come through the mesh.
     let forget_path_mtus = || {
@@ -140,7 +145,7 @@ fn path_mtu_discovery_works_through_the_mesh() {
     // to the node whose address they carry.
     let (far, _) = lab.add_client_behind_router("far", addr("10.77.3.254"), [10, 79, 0], 1280).unwrap();
     // Through each host, flows to its own backend and to the other host's (the error then
-    // crosses the overlay to reach it).
+    // crosses the overlay to reach it), with and without direct server return.
     for host in &lab.hosts {
         for round in 0..6 {
             forget_path_mtus();
@@ -154,4 +159,6 @@ fn path_mtu_discovery_works_through_the_mesh() {
             host.name
         );
     }
+    let wrk1 = lab.host("wrk1").unwrap();
+    assert_eq!(wrk1.packets(INGRESS_RETURN).unwrap(), 0, "mgr1's clients were not answered directly");
 }

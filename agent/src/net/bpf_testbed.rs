@@ -693,10 +693,22 @@ pub fn program_costs(repeat: u32, rounds: usize) -> Result<Vec<ProgramCost>, Net
         if case.starts_with("ingress reply") {
             bed.set_workload_addr(REMOTE)?;
         }
+        // A path that ends in a drop must end in its own: the one test_run imposes.
+        let reason = match (program, expected) {
+            (FROM_OVERLAY, TC_ACT_SHOT) => Some(shoal_common::stats::DROP_TUNNEL_KEY),
+            (_, TC_ACT_SHOT) => Some(shoal_common::stats::DROP_FIB_NOT_FORWARDED),
+            _ => None,
+        };
+        let dropped_before = reason.map(|r| bed.count(r)).transpose()?;
         let (verdict, _) = bed.run(program, &packet)?;
-        if verdict != expected {
+        let dropped_as_named = match (reason, dropped_before) {
+            (Some(r), Some(before)) => bed.count(r)? == before + 1,
+            _ => true,
+        };
+        if verdict != expected || !dropped_as_named {
             return Err(NetError::Kernel(format!(
-                "{program}, {case}: verdict {verdict}, not {expected}: the path measured is not the one named"
+                "{program}, {case}: verdict {verdict} (not {expected}, or not dropped where named): the path \
+                 measured is not the one named"
             )));
         }
         let mut rounds_ns = Vec::new();
