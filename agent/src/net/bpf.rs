@@ -663,6 +663,10 @@ mod privileged;
 #[path = "bpf_fuzz.rs"]
 mod fuzz;
 
+#[cfg(test)]
+#[path = "bpf_fragments_errors.rs"]
+mod fragments_errors;
+
 /// Tables by the map that holds them.
 type BySize<'a> = (Vec<(u32, &'a MaglevTable)>, Vec<(u32, &'a MaglevLargeTable)>);
 
