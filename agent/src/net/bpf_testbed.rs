@@ -630,6 +630,15 @@ pub const FORWARDING: &str = "forwarding";
 pub const NAT: &str = "nat";
 pub const OTHER: &str = "other";
 
+/// How a measured path ends, which shows it was the path named.
+#[derive(Debug, Clone, Copy)]
+enum Ends {
+    Pass,
+    Redirect,
+    /// Dropped, counted under this reason.
+    Drop(u32),
+}
+
 /// Single runs per round: their median is the round's figure.
 const SAMPLES: usize = 20_000;
 
@@ -650,65 +659,69 @@ pub fn program_costs(repeat: u32, rounds: usize) -> Result<Vec<ProgramCost>, Net
     // cases measure what they say.
     bed.run(FROM_UNDERLAY, &syn(OUTSIDE, 50000, NODE, PUBLISHED))?;
     bed.run(FROM_WORKLOAD, &syn(CLIENT, 40001, VIP, 80))?;
-    // (program, kind, path, packet, the verdict that shows the path was taken)
+    // (program, kind, path, packet, the outcome that shows the path was taken)
     let cases = [
-        (EMPTY_TC, FLOOR, "nothing (the floor every TC program pays)", pass.clone(), TC_ACT_OK),
-        (FROM_UNDERLAY, OTHER, "not a published port (pass)", pass.clone(), TC_ACT_OK),
+        (EMPTY_TC, FLOOR, "nothing (the floor every TC program pays)", pass.clone(), Ends::Pass),
+        (FROM_UNDERLAY, OTHER, "not a published port (pass)", pass.clone(), Ends::Pass),
         (
             FROM_UNDERLAY,
             NAT,
             "published port, tracked flow (DNAT + encapsulate)",
             tcp(OUTSIDE, 50000, NODE, PUBLISHED),
-            TC_ACT_REDIRECT,
+            Ends::Redirect,
         ),
-        (FROM_WORKLOAD, OTHER, "ARP request answered", arp_request(REMOTE), TC_ACT_REDIRECT),
+        (FROM_WORKLOAD, OTHER, "ARP request answered", arp_request(REMOTE), Ends::Redirect),
         (
             FROM_WORKLOAD,
             FORWARDING,
             "to a remote endpoint (encapsulate)",
             tcp(CLIENT, 40000, REMOTE, 80),
-            TC_ACT_REDIRECT,
+            Ends::Redirect,
         ),
-        (FROM_WORKLOAD, OTHER, "to a local endpoint (redirect_peer)", tcp(CLIENT, 40000, LOCAL, 80), TC_ACT_REDIRECT),
+        (FROM_WORKLOAD, OTHER, "to a local endpoint (redirect_peer)", tcp(CLIENT, 40000, LOCAL, 80), Ends::Redirect),
         (
             FROM_WORKLOAD,
             NAT,
             "to a VIP, tracked flow (DNAT + encapsulate)",
             tcp(CLIENT, 40001, VIP, 80),
-            TC_ACT_REDIRECT,
+            Ends::Redirect,
         ),
         (
             FROM_OVERLAY,
             OTHER,
             "no tunnel metadata (drop; test_run cannot set any)",
             tcp(REMOTE, 80, CLIENT, 40000),
-            TC_ACT_SHOT,
+            Ends::Drop(shoal_common::stats::DROP_TUNNEL_KEY),
         ),
         // Last: `lo` then plays the backend's veth. Under test_run the route lookup never
         // forwards (the frame arrives on `lo`), so the path ends in a drop after every step.
-        (FROM_WORKLOAD, NAT, "ingress reply (reverse NAT + FIB lookup)", tcp(REMOTE, 80, OUTSIDE, 50000), TC_ACT_SHOT),
+        (
+            FROM_WORKLOAD,
+            NAT,
+            "ingress reply (reverse NAT + FIB lookup)",
+            tcp(REMOTE, 80, OUTSIDE, 50000),
+            Ends::Drop(shoal_common::stats::DROP_FIB_NOT_FORWARDED),
+        ),
     ];
     let mut costs = Vec::new();
     for (program, kind, case, packet, expected) in cases {
         if case.starts_with("ingress reply") {
             bed.set_workload_addr(REMOTE)?;
         }
-        // A path that ends in a drop must end in its own: the one test_run imposes.
-        let reason = match (program, expected) {
-            (FROM_OVERLAY, TC_ACT_SHOT) => Some(shoal_common::stats::DROP_TUNNEL_KEY),
-            (_, TC_ACT_SHOT) => Some(shoal_common::stats::DROP_FIB_NOT_FORWARDED),
-            _ => None,
+        let dropped_before = match expected {
+            Ends::Drop(reason) => bed.count(reason)?,
+            _ => 0,
         };
-        let dropped_before = reason.map(|r| bed.count(r)).transpose()?;
         let (verdict, _) = bed.run(program, &packet)?;
-        let dropped_as_named = match (reason, dropped_before) {
-            (Some(r), Some(before)) => bed.count(r)? == before + 1,
-            _ => true,
+        let as_named = match expected {
+            Ends::Pass => verdict == TC_ACT_OK,
+            Ends::Redirect => verdict == TC_ACT_REDIRECT,
+            // A path that ends in a drop must end in its own: the one test_run imposes.
+            Ends::Drop(reason) => verdict == TC_ACT_SHOT && bed.count(reason)? == dropped_before + 1,
         };
-        if verdict != expected || !dropped_as_named {
+        if !as_named {
             return Err(NetError::Kernel(format!(
-                "{program}, {case}: verdict {verdict} (not {expected}, or not dropped where named): the path \
-                 measured is not the one named"
+                "{program}, {case}: verdict {verdict}, not {expected:?}: the path measured is not the one named"
             )));
         }
         let mut rounds_ns = Vec::new();
