@@ -52,6 +52,19 @@ pub fn vxlan_packets(host: &Host) -> Result<(u64, u64)> {
     Ok((read("tx")?, read("rx")?))
 }
 
+/// Packets the notrack rule of `host`'s `shoal_raw` `chain` (output or prerouting) kept out
+/// of connection tracking: VXLAN through the kernel's device.
+pub fn untracked(host: &Host, chain: &str) -> Result<u64> {
+    let argv = ["ip", "netns", "exec", &host.netns, "nft", "-j", "list", "chain", "ip", "shoal_raw", chain];
+    let out = shoal_lab::run_ok(&argv)?;
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let rules = json["nftables"].as_array().cloned().unwrap_or_default();
+    rules
+        .iter()
+        .find_map(|r| r["rule"]["expr"].as_array()?.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+        .with_context(|| format!("no notrack counter in {out}"))
+}
+
 pub fn addr(text: &str) -> Ipv4Addr {
     text.parse().unwrap()
 }

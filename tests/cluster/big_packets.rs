@@ -12,9 +12,9 @@ use std::{
 };
 
 use shoal_api::dataplane::{Protocol, PublishMode, PublishedPort};
-use shoal_common::stats::{INGRESS_RETURN, LB_ICMP_ERROR};
+use shoal_common::stats::{DECAP_BY_DEVICE, ENCAP_BY_DEVICE, INGRESS_RETURN, LB_ICMP_ERROR};
 use shoal_lab::{in_netns, BulkServer, Lab, UdpClient, UdpTextServer, Workload};
-use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, workload};
+use shoal_tests::{addr, blue_service, overlay_spec, plain_lab, untracked, workload};
 
 /// The datagram service (answers on 5300) and the one nothing listens behind (5400).
 const ECHO_VIP: &str = "10.78.0.100";
@@ -94,6 +94,20 @@ fn fragmented_datagrams_and_icmp_errors_cross_vips_and_the_mesh_translated() {
             }
         }
         assert_eq!(seen, everyone, "not every backend answered whole through {}", host.name);
+    }
+    // The client's 1500-byte fragments do not fit the underlay once encapsulated: the
+    // programs leave those to the kernel's VXLAN device, which fragments the outer packet
+    // (its notrack rule keeping them out of connection tracking); the far end's programs
+    // leave the outer fragments to its device too.
+    for host in &lab.hosts {
+        assert!(host.packets(ENCAP_BY_DEVICE).unwrap() >= 1, "{} encapsulated no fragment by its device", host.name);
+        assert!(
+            host.packets(DECAP_BY_DEVICE).unwrap() >= 1,
+            "{} took no outer fragment apart by its device",
+            host.name
+        );
+        assert!(untracked(host, "output").unwrap() >= 1, "{}'s VXLAN packets out were tracked", host.name);
+        assert!(untracked(host, "prerouting").unwrap() >= 1, "{}'s VXLAN packets in were tracked", host.name);
     }
     // Through the VIP, from a workload on the TC path (a process outside the workloads'
     // cgroup).

@@ -655,6 +655,9 @@ fn adopt(prog: &mut SchedClassifier, pinned: PinnedLink, program: &'static str) 
 #[path = "bpf_testbed.rs"]
 pub mod testbed;
 
+#[path = "bpf_packets.rs"]
+pub mod packets;
+
 #[cfg(test)]
 #[path = "bpf_privileged.rs"]
 mod privileged;
@@ -666,6 +669,10 @@ mod fuzz;
 #[cfg(test)]
 #[path = "bpf_fragments_errors.rs"]
 mod fragments_errors;
+
+#[cfg(test)]
+#[path = "bpf_vxlan.rs"]
+mod vxlan;
 
 /// Tables by the map that holds them.
 type BySize<'a> = (Vec<(u32, &'a MaglevTable)>, Vec<(u32, &'a MaglevLargeTable)>);

@@ -7,7 +7,7 @@ use shoal_common::stats;
 
 use super::{testbed::*, FROM_UNDERLAY, FROM_WORKLOAD};
 
-/// Packets per program; three programs, so 3x this in all.
+/// Packets per program and kind of sender (four in all).
 const PACKETS: usize = 40_000;
 
 /// xorshift64*: small, fast, and the same sequence everywhere.
@@ -247,7 +247,49 @@ fn every_program_survives_hostile_packets_and_forwards_only_what_it_may() {
     );
     assert!(stranger_runs.get() > PACKETS / 4, "strangers were tried");
 
-    let total = from_workload + from_underlay + from_overlay;
+    // The same, as it really arrives: VXLAN on the underlay, taken apart by `from_underlay`,
+    // the inner frame mutated and, one time in three, the outer headers too.
+    let group_policies = [0, PUBLISHED, 22, DATA_PATH_PORT];
+    let delivered = std::cell::Cell::new(0);
+    let vxlan_runs = fuzz(
+        &fx,
+        &mut rng,
+        &overlay_seeds,
+        |fx, rng, inner| {
+            let mut frame = vxlan(rng.pick(&senders), VNI, rng.pick(&group_policies), inner);
+            if rng.below(3) == 0 {
+                for _ in 0..=rng.below(3) {
+                    let at = 14 + rng.below(50);
+                    frame[at] = rng.byte();
+                }
+            }
+            let (verdict, out) = fx.run(FROM_UNDERLAY, &frame).ok()?;
+            // The frame sent travels in front of the output, for `check` (given the inner).
+            Some((verdict, [&(frame.len() as u16).to_be_bytes()[..], &frame, &out].concat()))
+        },
+        |_, verdict, both| {
+            let (frame, out) = both[2..].split_at(usize::from(u16::from_be_bytes([both[0], both[1]])));
+            match verdict {
+                TC_ACT_OK => assert_eq!(out, frame, "a packet passed on changed: {frame:02x?}"),
+                TC_ACT_REDIRECT if frame[23] == 17 && frame[36..38] == DATA_PATH_PORT.to_be_bytes() => {
+                    delivered.set(delivered.get() + 1);
+                    let sender: [u8; 4] = frame[26..30].try_into().unwrap();
+                    assert!(sender == REMOTE_NODE || sender == OTHER_NODE, "VXLAN from a stranger taken: {frame:02x?}");
+                    let inner_source = ipv4_source(&frame[50..]);
+                    assert_ne!(inner_source, Some(LOCAL), "this node's endpoint's address from elsewhere");
+                    assert!(
+                        inner_source != Some(REMOTE) || sender == REMOTE_NODE,
+                        "REMOTE's address from another node"
+                    );
+                }
+                _ => {}
+            }
+        },
+    );
+
+    assert!(delivered.get() > PACKETS / 10, "only {} VXLAN frames were taken apart", delivered.get());
+
+    let total = from_workload + from_underlay + from_overlay + vxlan_runs;
     assert!(total >= 100_000, "only {total} packets ran ({from_workload} + {from_underlay} + {from_overlay})");
     // The hostile mix was seen as such: the drops that say why are all there.
     for code in [

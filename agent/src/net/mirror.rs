@@ -150,6 +150,14 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether the node must forward: the way out (masquerade), the mesh's replies to
+    /// clients and the VXLAN the programs send to other nodes all leave through the kernel's
+    /// route lookup for forwarding (`bpf_fib_lookup`), which refuses on an interface that
+    /// does not forward (VXLAN would still go, slower, through the device).
+    pub fn needs_forwarding(&self) -> bool {
+        !self.masquerade.is_empty() || !self.ingress.is_empty() || !self.nodes.is_empty()
+    }
+
     /// The ports published on this node, whatever their protocol.
     pub fn published_ports(&self) -> BTreeSet<u16> {
         self.ingress.keys().map(|key| u16::from_be(key.port)).collect()

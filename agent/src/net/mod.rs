@@ -518,11 +518,9 @@ impl Dataplane {
     /// reservation, routes to local workloads.
     async fn apply_host(&mut self, delta: &Delta) -> Result<(), NetError> {
         let plan = self.mirror.plan();
-        // Ingress replies need forwarding too: the FIB lookup that sends them out refuses
-        // otherwise.
         // (A service's new backend changes its ports' entries, not which ports there are.)
         let ports_come_or_go = delta.ingress.changes_keys();
-        if (delta.touches_nat() || ports_come_or_go) && (!plan.masquerade.is_empty() || !plan.ingress.is_empty()) {
+        if (delta.touches_nat() || ports_come_or_go || delta.nodes.changes_keys()) && plan.needs_forwarding() {
             host::enable_forwarding()?;
         }
         if delta.touches_nat() {
@@ -552,7 +550,7 @@ impl Dataplane {
 
     /// The host's side of a whole plan (at start: whatever an earlier run left goes).
     async fn apply_host_whole(&mut self, plan: &mirror::Plan) -> Result<(), NetError> {
-        if !plan.masquerade.is_empty() || !plan.ingress.is_empty() {
+        if plan.needs_forwarding() {
             host::enable_forwarding()?;
         }
         host::sync_nat(&plan.masquerade(), &plan.gateways(), self.config.dns)?;

@@ -114,6 +114,14 @@ pub const MORE_OUTCOMES_FIRST: u32 = 48;
 /// exceeded), translated as that flow's packets are: to the client with the VIP or the
 /// published address in it, or to the backend with the backend's.
 pub const LB_ICMP_ERROR: u32 = 48;
+/// Encapsulated by the kernel's VXLAN device rather than by the program: too large for the
+/// underlay once encapsulated (the device fragments the outer packet), no route to the node
+/// from the program's lookup, or encapsulated once already.
+pub const ENCAP_BY_DEVICE: u32 = 49;
+/// VXLAN to this node left to the kernel's VXLAN device rather than taken apart by the
+/// program: an outer fragment, flags the program does not know, an outer length that is not
+/// the packet's, or a GSO packet for somewhere other than a local workload.
+pub const DECAP_BY_DEVICE: u32 = 50;
 
 /// Size of the `STATS` array.
 pub const MAX: u32 = 64;
@@ -164,6 +172,8 @@ pub fn name(code: u32) -> Option<&'static str> {
         DROP_TO_HOST_PROTOCOL => "drop_to_host_protocol",
         DROP_FRAGMENT_UNKNOWN => "drop_fragment_unknown",
         LB_ICMP_ERROR => "lb_icmp_error",
+        ENCAP_BY_DEVICE => "encap_by_device",
+        DECAP_BY_DEVICE => "decap_by_device",
         _ => return None,
     })
 }

@@ -1,8 +1,9 @@
 //! The ways out for a packet: into a local workload (`bpf_redirect_peer`, which skips the
-//! host-side veth's backlog queue), to another node through the VXLAN device with a tunnel
-//! key naming the network (VNI) and the node (and, for the mesh's direct server return, the
-//! published port as the VXLAN group policy ID), or out the underlay to a client outside the
-//! cluster (a FIB lookup for the next hop, as Cilium's `fib_redirect`).
+//! host-side veth's backlog queue), to another node inside VXLAN naming the network (VNI)
+//! (and, for the mesh's direct server return, the published port as the group policy ID),
+//! encapsulated here (`vxlan`) or by the VXLAN device told by a tunnel key, or out the
+//! underlay to a client outside the cluster (a FIB lookup for the next hop, as Cilium's
+//! `fib_redirect`).
 
 use aya_ebpf::{
     bindings::{
@@ -22,7 +23,7 @@ use shoal_common::{
     overlay::{EndpointEntry, NodeConfig},
     stats::{
         DROP_FIB, DROP_FIB_NOT_FORWARDED, DROP_FIB_UNREACHABLE, DROP_FRAG_NEEDED, DROP_MALFORMED,
-        DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TTL_EXCEEDED, DROP_TUNNEL_KEY,
+        DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TTL_EXCEEDED, DROP_TUNNEL_KEY, ENCAP_BY_DEVICE,
     },
 };
 
@@ -30,10 +31,9 @@ use crate::{
     headers::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN},
     maps::NODE_CONFIG,
     stats::count,
+    vxlan,
 };
 
-/// TTL of the outer IPv4 header of encapsulated packets.
-const TUNNEL_TTL: u8 = 64;
 /// Offset of the IPv4 header checksum in the frame.
 const IP_CSUM: usize = ETH_HLEN + 10;
 const AF_INET: u8 = 2;
@@ -86,7 +86,8 @@ pub fn encapsulate_with_policy(
     encapsulate_inner(ctx, to, vni, Some(policy), counter)
 }
 
-/// `encapsulate`; with a policy, the VXLAN options are set too.
+/// `encapsulate`: by the program where it can (`vxlan::encapsulate`), through the VXLAN
+/// device otherwise; with a policy, the VXLAN options are set too.
 #[inline(always)]
 fn encapsulate_inner(
     ctx: &TcContext,
@@ -95,18 +96,35 @@ fn encapsulate_inner(
     policy: Option<u16>,
     counter: u32,
 ) -> Result<i32, u32> {
-    let (vxlan_ifindex, source) = match node_config() {
-        // The node's address as the source only where an interface holds it: the kernel
-        // refuses to send from an address that is not local.
-        Some(config) if config.vxlan_ifindex != 0 => {
-            (config.vxlan_ifindex, if config.underlay_ifindex != 0 { u32::from_be(config.underlay_addr) } else { 0 })
-        }
-        _ => return Err(DROP_NO_OVERLAY_DEVICE),
-    };
+    let config = node_config().ok_or(DROP_NO_OVERLAY_DEVICE)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     unsafe { (*eth).dst = to.mac };
+    if config.underlay_ifindex != 0 {
+        if let Some(verdict) = vxlan::encapsulate(ctx, &config, to.node_addr, vni, policy.unwrap_or(0), counter) {
+            return verdict;
+        }
+    }
+    through_device(ctx, &config, to, vni, policy, counter)
+}
 
+/// Sends the frame to `to`'s node through the node's VXLAN device, told where by a tunnel
+/// key (and, with a policy, the VXLAN options).
+#[inline(always)]
+fn through_device(
+    ctx: &TcContext,
+    config: &NodeConfig,
+    to: &EndpointEntry,
+    vni: u32,
+    policy: Option<u16>,
+    counter: u32,
+) -> Result<i32, u32> {
+    if config.vxlan_ifindex == 0 {
+        return Err(DROP_NO_OVERLAY_DEVICE);
+    }
+    // The node's address as the source only where an interface holds it: the kernel
+    // refuses to send from an address that is not local.
+    let source = if config.underlay_ifindex != 0 { u32::from_be(config.underlay_addr) } else { 0 };
     // SAFETY: bpf_tunnel_key is plain old data; all-zero is its "no options" value.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = vni;
@@ -114,7 +132,7 @@ fn encapsulate_inner(
     // From the node's own address, whatever the route would pick on a node with several:
     // the receiver takes VXLAN from the cluster's node addresses only.
     key.__bindgen_anon_3.local_ipv4 = source;
-    key.tunnel_ttl = TUNNEL_TTL;
+    key.tunnel_ttl = vxlan::TUNNEL_TTL;
     // No outer UDP checksum (RFC 7348 allows it over IPv4, and the kernel's own VXLAN
     // devices default to it): the inner packet carries its own, and the sender skips a pass
     // over every byte.
@@ -139,8 +157,9 @@ fn encapsulate_inner(
         }
     }
     count(ctx, counter);
+    count(ctx, ENCAP_BY_DEVICE);
     // SAFETY: plain helper call; egress redirect to the VXLAN device, which reads the key.
-    redirect_verdict(unsafe { bpf_redirect(vxlan_ifindex, 0) })
+    redirect_verdict(unsafe { bpf_redirect(config.vxlan_ifindex, 0) })
 }
 
 /// The way out of the node's underlay interface for the packet's destination, as the
@@ -155,19 +174,34 @@ pub fn route_out(ctx: &TcContext) -> Result<Route, u32> {
         _ => return Err(DROP_FIB),
     };
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at just above.
+    let (protocol, saddr, daddr) = unsafe { ((*ip).protocol, (*ip).saddr, (*ip).daddr) };
+    // No length: with one the kernel checks it against the route's MTU, and a GSO/GRO
+    // packet's length is far past it (the stack segments those); without, it checks the
+    // packet as the stack would forward it.
+    route_to(ctx, ifindex, protocol, u32::from_ne_bytes(saddr), u32::from_ne_bytes(daddr), 0)
+}
+
+/// `route_out` for a packet from `saddr` to `daddr` (network byte order) of IPv4 length
+/// `tot_len` (0: the packet's own size, as it is now, is checked against the way out).
+#[inline(always)]
+pub fn route_to(
+    ctx: &TcContext,
+    ifindex: u32,
+    protocol: u8,
+    saddr: u32,
+    daddr: u32,
+    tot_len: u16,
+) -> Result<Route, u32> {
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.ifindex = ifindex;
-    // No `tot_len`: with one the kernel checks it against the route's MTU, and a GSO/GRO
-    // packet's length is far past it (the stack segments those); without, it checks the
-    // packet as the stack would forward it.
-    // SAFETY: bounds-checked by ptr_at above; the union fields written are the IPv4 ones.
-    unsafe {
-        fib.l4_protocol = (*ip).protocol;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).saddr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).daddr);
-    }
+    fib.l4_protocol = protocol;
+    fib.__bindgen_anon_1.tot_len = tot_len;
+    // The union fields written are the IPv4 ones.
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: `fib` lives on our stack for the call and the size passed is its own.
     let rc = unsafe {
         fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, BPF_FIB_LOOKUP_OUTPUT)

@@ -1,5 +1,7 @@
 //! TC ingress on the node's `vxlan external` device: frames other nodes sent over the overlay,
-//! already decapsulated by the kernel, with the VNI and the sender in the tunnel metadata.
+//! already decapsulated by the kernel, with the VNI and the sender in the tunnel metadata;
+//! and what happens to such a frame (`arrived`), wherever its outer headers came off (most
+//! come off in `from_underlay`, by `vxlan::decapsulate`, and never reach the device).
 //!
 //! Trust: VXLAN counts only from the cluster's nodes (`NODES`); an inner source that is an
 //! endpoint of the network must be one on the sending node; any other inner source is a
@@ -73,23 +75,26 @@ pub fn from_overlay_test(ctx: TcContext) -> i32 {
     }
 }
 
+/// Where an overlay frame came from: the sending node (host byte order), the network, and
+/// the VXLAN group policy ID (0: none).
+#[derive(Clone, Copy)]
+pub struct Tunnel {
+    pub sender: u32,
+    pub vni: u32,
+    pub policy: u16,
+}
+
 /// The published port a mesh flow's ingress node asked this node to answer `flow` from (the
 /// VXLAN group policy ID; 0 when there is none: replies go back through that node). Only a
 /// port published on network `vni` for the flow's protocol, and never the data path port:
 /// the node answers from another's address only as that node would.
 #[inline(always)]
-fn dsr_port(ctx: &TcContext, flow: &FlowKey, vni: u32) -> u16 {
-    let mut metadata = VxlanMetadata { gbp: 0 };
-    let size = core::mem::size_of::<VxlanMetadata>() as u32;
-    // SAFETY: `metadata` lives on our stack for the call and the size passed is its own.
-    let rc = unsafe { bpf_skb_get_tunnel_opt(ctx.skb.skb, (&raw mut metadata).cast(), size) };
-    // The low 16 bits are the policy ID; the bits above, the kernel's flags.
-    let port = if rc < 0 { 0 } else { metadata.gbp as u16 };
-    if port == 0 || node_config().is_some_and(|config| config.data_path_port == port.to_be()) {
+fn dsr_port(policy: u16, flow: &FlowKey, vni: u32) -> u16 {
+    if policy == 0 || node_config().is_some_and(|config| config.data_path_port == policy.to_be()) {
         return 0;
     }
-    match lookup(&INGRESS, &IngressKey { port: port.to_be(), proto: flow.proto, _pad: 0 }) {
-        Some(published) if published.vni == vni => port,
+    match lookup(&INGRESS, &IngressKey { port: policy.to_be(), proto: flow.proto, _pad: 0 }) {
+        Some(published) if published.vni == vni => policy,
         _ => 0,
     }
 }
@@ -103,8 +108,22 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     if rc != 0 {
         return Err(DROP_TUNNEL_KEY);
     }
+    let mut metadata = VxlanMetadata { gbp: 0 };
+    let size = core::mem::size_of::<VxlanMetadata>() as u32;
+    // SAFETY: `metadata` lives on our stack for the call and the size passed is its own.
+    let rc = unsafe { bpf_skb_get_tunnel_opt(ctx.skb.skb, (&raw mut metadata).cast(), size) };
+    // The low 16 bits are the policy ID; the bits above, the kernel's flags.
+    let policy = if rc < 0 { 0 } else { metadata.gbp as u16 };
     // SAFETY: the helper filled the key of an IPv4 tunnel: the IPv4 member.
     let sender = unsafe { key.__bindgen_anon_1.remote_ipv4 };
+    arrived(ctx, &Tunnel { sender, vni: key.tunnel_id, policy })
+}
+
+/// Delivers a frame that came over the overlay as `tunnel` says (its outer headers already
+/// off), by the trust rules above.
+#[inline(always)]
+pub fn arrived(ctx: &TcContext, tunnel: &Tunnel) -> Result<i32, u32> {
+    let Tunnel { sender, vni, policy } = *tunnel;
     if lookup(&NODES, &sender).is_none() {
         return Err(DROP_NOT_A_NODE);
     }
@@ -116,7 +135,6 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
-    let vni = key.tunnel_id;
     let from_client = match lookup(&ENDPOINTS, &EndpointKey { vni, addr: u32::from_ne_bytes(saddr) }) {
         // An endpoint of the network sends from its own node, and from nowhere else.
         Some(from) if from.ifindex == 0 && from.node_addr == sender => false,
@@ -134,7 +152,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, u32> {
                     // straight to the client. Kept up on every packet (a lookup when
                     // nothing changed), so a flow whose entry the LRU evicted here gets it
                     // back with its next packet.
-                    ingress::remember_return(&flow, sender, dsr_port(ctx, &flow, vni))?;
+                    ingress::remember_return(&flow, sender, dsr_port(policy, &flow, vni))?;
                 }
             }
             deliver_local(ctx, &to, DELIVER_FROM_OVERLAY)

@@ -1,10 +1,11 @@
-//! TC ingress on the node's underlay interface: the routing mesh's way in.
+//! TC ingress on the node's underlay interface: the routing mesh's way in, and the
+//! overlay's (VXLAN from the other nodes comes off here, `vxlan::decapsulate`).
 //!
 //! A TCP or UDP packet to a port published on this node's address goes to the flow's backend,
 //! on this node or over the overlay to the backend's node, with the client's address kept as
 //! its source; an ICMP error about a reply the mesh sent (a hop towards the client could not
 //! take it) goes to that flow's backend, translated. Everything else (the node's own
-//! traffic, VXLAN, the control plane) passes to the stack untouched; a packet the mesh cannot
+//! traffic, VXLAN left to the device, the control plane) passes to the stack untouched; a packet the mesh cannot
 //! parse is not its business, so it passes too.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
@@ -16,6 +17,7 @@ use crate::{
     ingress::{self, Client},
     lb::flow_of,
     stats::drop_packet,
+    vxlan,
 };
 
 #[classifier]
@@ -34,6 +36,9 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
         return Ok(TC_ACT_OK);
     }
     let Some(config) = node_config() else { return Ok(TC_ACT_OK) };
+    if let Some(verdict) = vxlan::decapsulate(ctx, &config)? {
+        return Ok(verdict);
+    }
     let Ok(Some(flow)) = flow_of(ctx) else {
         // An ICMP error about a reply the mesh sent out: the backend must hear of it.
         return Ok(ingress::enter_error(ctx, config.underlay_addr)?.unwrap_or(TC_ACT_OK));

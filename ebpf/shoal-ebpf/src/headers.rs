@@ -62,3 +62,30 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     }
     Some((start + offset) as *mut T)
 }
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+/// The VXLAN header (RFC 7348), with the group policy extension's fields
+/// (draft-smith-vxlan-group-policy) where the reserved ones were.
+#[repr(C)]
+pub struct VxlanHdr {
+    /// `VXLAN_FLAG_*`.
+    pub flags: u8,
+    /// The group policy extension's own flags (don't learn, policy applied); 0 here.
+    pub gbp_flags: u8,
+    /// The group policy ID, network byte order, when `VXLAN_FLAG_GBP` is set.
+    pub policy: u16,
+    /// The VNI in the first three bytes; the last is reserved.
+    pub vni: [u8; 4],
+}
+
+/// `VxlanHdr::flags`: the VNI is valid (always set).
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
+/// `VxlanHdr::flags`: the group policy ID is valid.
+pub const VXLAN_FLAG_GBP: u8 = 0x80;

@@ -1,13 +1,15 @@
 //! shoal's BPF programs, one file per attach point, over shared helpers:
 //!
 //! - `from_workload`: TC ingress on the host side of a workload's veth (what the workload sends).
-//! - `from_overlay`: TC ingress on the node's `vxlan external` device (what other nodes send).
-//! - `from_underlay`: TC ingress on the node's underlay interface (clients of published ports).
+//! - `from_underlay`: TC ingress on the node's underlay interface (clients of published ports,
+//!   and what other nodes send over VXLAN, taken apart there).
+//! - `from_overlay`: TC ingress on the node's `vxlan external` device (what other nodes send
+//!   that the program above leaves to the device).
 //! - `sock_connect`, `sock_getpeername`: cgroup socket hooks of the workloads (VIPs per socket).
 //! - `empty_tc`: nothing, the floor the per-packet cost benchmark measures beside the others.
 //!
 //! All maps are declared in `maps.rs`; packet layouts in `headers.rs`; shared steps (ARP
-//! answers, delivery, encapsulation, counters) in modules of their own, as in Cilium's `bpf/lib`.
+//! answers, delivery, VXLAN, counters) in modules of their own, as in Cilium's `bpf/lib`.
 #![no_std]
 #![no_main]
 
@@ -23,6 +25,7 @@ mod lb;
 mod maps;
 mod sock;
 mod stats;
+mod vxlan;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -409,9 +409,11 @@ fn render(
          ## Per-packet cost of each BPF program\n\n\
          `shoal-bpf-cost`: the programs on a testbed network, {} rounds; each figure is the median of\n\
          20,000 single `BPF_PROG_TEST_RUN`s on a fresh packet less the timing overhead of a single run\n\
-         (repeat mode would run later iterations on the packet the first one rewrote). The\n\
-         `from_overlay` figure is only its drop path: test_run cannot attach tunnel metadata.\n\
-         The cgroup socket hooks cannot be test-run.\n\n{}\n{throughput}",
+         (repeat mode would run later iterations on the packet the first one rewrote). The testbed\n\
+         has an underlay of its own (a veth in a namespace of its own, the next hops' MACs known),\n\
+         so the programs encapsulate VXLAN themselves and replies find their way out, as on a node;\n\
+         the kernel's work after a redirect is not in these figures. The cgroup socket hooks cannot\n\
+         be test-run.\n\n{}\n{throughput}",
         report::program_table(load_times),
         options.runs,
         report::cost_table(costs),

@@ -63,7 +63,7 @@ impl Throughput {
         format!(
             "## TCP throughput: overlay vs underlay\n\n\
              iperf3 ({} s per run, one stream) from a workload on mgr1 to a workload on wrk1 over\n\
-             shoal's overlay (from_workload -> VXLAN -> from_overlay, MTU 1450), alternating with\n\
+             shoal's overlay (from_workload pushes VXLAN, from_underlay takes it off, MTU 1450), alternating with\n\
              host to host over the same lab underlay (veths and a bridge, MTU 1500), {} runs each.\n\n\
              | path | min Gbit/s | median Gbit/s | max Gbit/s |\n\
              |---|---|---|---|\n\
