@@ -55,6 +55,12 @@ pub struct Config {
     /// address (not most clouds' anti-spoofing) and every node on a version that knows it.
     #[arg(long)]
     pub mesh_dsr: bool,
+    /// Send and receive VXLAN through the kernel's VXLAN device, as the stack does, instead
+    /// of building and taking it apart in the BPF programs. For nodes whose traffic to other
+    /// nodes needs the stack's path: IPsec policies on the node addresses, netfilter rules
+    /// on VXLAN, routing policy by port or mark. Slower.
+    #[arg(long)]
+    pub vxlan_by_device: bool,
     /// Port of the embedded DNS server on the advertise address.
     #[arg(long, default_value_t = 53)]
     pub dns_port: u16,
@@ -143,6 +149,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         vxlan_port,
         dns: Some(dns_addr),
         mesh_dsr: config.mesh_dsr,
+        vxlan_by_device: config.vxlan_by_device,
     };
     let mut dataplane = match start_dataplane(net, names, config.workload_cgroup.as_deref()).await {
         Ok(dataplane) => dataplane,

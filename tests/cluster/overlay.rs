@@ -300,3 +300,41 @@ fn vxlan_from_a_workload_or_a_stranger_never_reaches_a_workload() {
     assert_eq!((&buf[..len], from.ip()), (&b"real"[..], std::net::IpAddr::V4(a.addr)));
     assert_eq!(wrk1.packets(shoal_common::stats::DROP_SPOOFED_SOURCE).unwrap(), 0);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn bulk_tcp_crosses_in_bpf_and_through_the_device_where_the_underlay_is_smaller() {
+    use shoal_lab::BulkServer;
+    const BYTES: usize = 4 << 20;
+
+    let lab = plain_lab("e2ebulk", 1, 1);
+    let a = workload(&lab, "mgr1", "a", "10.78.0.2");
+    let b = workload(&lab, "wrk1", "b", "10.78.0.3");
+    lab.apply_dataplane(&overlay_spec("blue", 4097, "10.78.0.0/24", &[&a, &b]).unwrap()).unwrap();
+    let _bulk = BulkServer::start(&b.netns, PORT, BYTES).unwrap();
+    let (mgr1, wrk1) = (lab.host("mgr1").unwrap(), lab.host("wrk1").unwrap());
+    let to_b = std::net::SocketAddr::from((b.addr, PORT));
+
+    // 4 MiB from b to a: GSO packets of 64 KiB, pushed into VXLAN and taken out of it by the
+    // programs, none by the devices.
+    assert_eq!(BulkServer::fetch(&a.netns, to_b).unwrap(), BYTES);
+    for host in [mgr1, wrk1] {
+        let by_device = (host.packets(ENCAP_BY_DEVICE).unwrap(), host.packets(DECAP_BY_DEVICE).unwrap());
+        assert_eq!(by_device, (0, 0), "{}'s VXLAN device took packets the programs could have", host.name);
+    }
+
+    // An underlay of 1400 bytes: the workloads' 1450-byte segments no longer fit once
+    // encapsulated, so the programs leave them to the device, which fragments the outer
+    // packets (as the kernel's VXLAN does), and the transfer still completes whole.
+    for host in [mgr1, wrk1] {
+        shoal_lab::run_ok(&["ip", "-n", &host.netns, "link", "set", "eth0", "mtu", "1400"]).unwrap();
+    }
+    assert_eq!(BulkServer::fetch(&a.netns, to_b).unwrap(), BYTES);
+    // Most of the 4 MiB went through the device (counted packets may be GSO packets of up to
+    // 64 KiB each, or single segments).
+    let bytes =
+        |host: &shoal_lab::Host, code| host.counters().unwrap().iter().find(|c| c.code == code).map_or(0, |c| c.bytes);
+    let by_device = bytes(wrk1, ENCAP_BY_DEVICE);
+    assert!(by_device >= BYTES as u64 / 2, "wrk1 left {by_device} bytes to its device");
+    assert!(mgr1.packets(DECAP_BY_DEVICE).unwrap() > 0, "mgr1 left the outer fragments to its device");
+}

@@ -1,7 +1,8 @@
 //! `shoal-bpf-cost`: the kernel's time per packet for each of shoald's BPF programs on its
 //! common paths (BPF_PROG_TEST_RUN in repeat mode on the testbed network), as JSON on stdout.
 //! `cargo xtask bench net` runs it; it needs root and touches nothing but a scratch pin
-//! directory it removes.
+//! directory it removes and a network namespace of its own (the testbed's underlay), gone
+//! when it exits.
 #![forbid(unsafe_code)]
 
 use clap::Parser;

@@ -128,6 +128,13 @@ pub fn with_ttl(mut p: Vec<u8>, ttl: u8) -> Vec<u8> {
     p
 }
 
+/// Sets the IPv4 TOS byte of `p` (DSCP and ECN; fixing the header checksum).
+pub fn with_tos(mut p: Vec<u8>, tos: u8) -> Vec<u8> {
+    p[15] = tos;
+    let ttl = p[22];
+    with_ttl(p, ttl)
+}
+
 /// A TCP SYN `src:sport -> dst:dport` (a connection's first packet).
 pub fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     tcp_with_flags(src, sport, dst, dport, TCP_SYN)

@@ -187,6 +187,16 @@ impl Testbed {
         self.run_with(FROM_OVERLAY_TEST, packet, Some(&skb))
     }
 
+    /// Runs `program` once on `packet` as a GSO packet of `gso_size`-byte segments (what a
+    /// TCP socket or GRO hands on as one).
+    pub fn run_gso(&self, program: &'static str, packet: &[u8], gso_size: u32) -> Result<(u32, Vec<u8>), NetError> {
+        // `__sk_buff` up to its `gso_size` (offset 176); `gso_segs` is at 164.
+        let mut skb = [0u8; 180];
+        skb[164..168].copy_from_slice(&2u32.to_ne_bytes());
+        skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        self.run_with(program, packet, Some(&skb))
+    }
+
     fn run_with(&self, program: &'static str, packet: &[u8], ctx: Option<&[u8]>) -> Result<(u32, Vec<u8>), NetError> {
         let mut out = vec![0u8; packet.len() + 64];
         let (verdict, size, _) = self.test_run(program, packet, Some(&mut out), 1, ctx)?;

@@ -5,7 +5,7 @@
 
 use shoal_common::{
     lb::{FlowKey, NatEntry, NAT_REPLY_TO_UNDERLAY, PROTO_TCP},
-    overlay::{NodeConfig, NODE_MESH_DSR},
+    overlay::{NodeConfig, NODE_MESH_DSR, NODE_VXLAN_BY_DEVICE},
     stats,
 };
 
@@ -176,4 +176,86 @@ fn vxlan_from_the_clusters_nodes_is_taken_apart_here_and_from_anyone_else_droppe
 fn with_vxlan_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
     frame[42] = flags;
     frame
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn gso_packets_and_congestion_marks_cross_and_what_only_the_stack_checks_goes_to_the_device() {
+    let mut fx = testbed();
+    let ifindex = fx.with_underlay().unwrap();
+
+    // GSO: each segment must fit once encapsulated (1411 bytes of TCP payload make 1501).
+    // (test_run cannot give a packet its GSO type, without which the kernel refuses to push
+    // headers onto it: segments that fit are the lab's to show, `overlay.rs`.)
+    let inner = tcp(CLIENT, 40000, REMOTE, 80);
+    let (verdict, out) = fx.run_gso(FROM_WORKLOAD, &inner, 1411).unwrap();
+    assert_eq!((verdict, &out[14..]), (TC_ACT_REDIRECT, &inner[14..]), "segments too large: the device's");
+    assert_eq!(fx.count(stats::ENCAP_BY_DEVICE).unwrap(), 1);
+
+    // The inner packet's ECN field goes outside, so a congested hop can mark it; CE itself
+    // as ECT(0).
+    for (inner_tos, outer_tos) in [(0x00, 0x00), (0x01, 0x01), (0xb8 | 0x02, 0x02), (0x03, 0x02)] {
+        let (_, out) = fx.run(FROM_WORKLOAD, &with_tos(tcp(CLIENT, 40000, REMOTE, 80), inner_tos)).unwrap();
+        assert_eq!(out[15], outer_tos, "inner TOS {inner_tos:#x}");
+        assert!(ip_checksum_ok(&out));
+    }
+
+    // In: a congestion mark on the outer header reaches the inner one (ECN-capable), with
+    // its checksum right; an inner packet that cannot carry it is the device's to drop.
+    let marked = |tos| with_tos(vxlan(REMOTE_NODE, VNI, 0, &with_tos(tcp(REMOTE, 80, LOCAL, 40000), tos)), 0x03);
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &marked(0x02)).unwrap();
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out[15] & 0x03, 0x03, "CE carried on");
+    assert!(checksums_ok(&out));
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &marked(0x00)).unwrap();
+    assert_eq!((verdict, out), (TC_ACT_OK, marked(0x00)));
+
+    // GSO in, for anywhere but a local workload: the device's (a tunnel GSO packet would
+    // leave marked as one). (For a local one, as above: the lab's.)
+    let onward = vxlan(REMOTE_NODE, VNI, 0, &tcp(REMOTE, 80, OUTSIDE, 50000));
+    let (verdict, out) = fx.run_gso(FROM_UNDERLAY, &onward, 1400).unwrap();
+    assert_eq!((verdict, out), (TC_ACT_OK, onward));
+    assert_eq!(fx.count(stats::DECAP_BY_DEVICE).unwrap(), 2, "the unmarkable one and the GSO one");
+
+    // What the stack would check and the programs do not: a bad outer checksum, a UDP length
+    // that lies, reserved bits set. All the device's, untouched.
+    let plain = vxlan(REMOTE_NODE, VNI, 0, &tcp(REMOTE, 80, LOCAL, 40000));
+    let mut bad_checksum = plain.clone();
+    bad_checksum[24] ^= 0xff;
+    let mut udp_len_lies = plain.clone();
+    udp_len_lies[39] -= 1;
+    let mut reserved_byte = plain.clone();
+    reserved_byte[49] = 1;
+    let mut policy_without_flag = plain.clone();
+    policy_without_flag[45] = 80;
+    for (i, frame) in [bad_checksum, udp_len_lies, reserved_byte, policy_without_flag].into_iter().enumerate() {
+        let (verdict, out) = fx.run(FROM_UNDERLAY, &frame).unwrap();
+        assert_eq!((verdict, out), (TC_ACT_OK, frame), "case {i}");
+    }
+    assert_eq!(fx.count(stats::DECAP_BY_DEVICE).unwrap(), 6);
+
+    // A later fragment has no UDP header: a client's whose payload happens to read as the
+    // data path port is not VXLAN from a stranger.
+    let mut later = grown(udp(OUTSIDE, 12345, NODE, 9999), 64);
+    later[20..22].copy_from_slice(&0x0010u16.to_be_bytes());
+    later[36..38].copy_from_slice(&DATA_PATH_PORT.to_be_bytes());
+    let later = with_ttl(later, 64);
+    let (verdict, _) = fx.run(FROM_UNDERLAY, &later).unwrap();
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(fx.count(stats::DROP_NOT_A_NODE).unwrap(), 0);
+
+    // A node told to leave VXLAN to its device (`shoald --vxlan-by-device`) does, both ways.
+    fx.configure(NodeConfig {
+        vxlan_ifindex: LO,
+        underlay_ifindex: ifindex,
+        underlay_addr: u32::from_ne_bytes(NODE),
+        data_path_port: DATA_PATH_PORT.to_be(),
+        flags: NODE_VXLAN_BY_DEVICE,
+    })
+    .unwrap();
+    let (verdict, out) = fx.run(FROM_WORKLOAD, &inner).unwrap();
+    assert_eq!((verdict, &out[14..]), (TC_ACT_REDIRECT, &inner[14..]));
+    assert_eq!(fx.count(stats::ENCAP_BY_DEVICE).unwrap(), 2);
+    let (verdict, out) = fx.run(FROM_UNDERLAY, &plain).unwrap();
+    assert_eq!((verdict, out), (TC_ACT_OK, plain));
 }

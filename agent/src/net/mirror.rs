@@ -150,12 +150,18 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether the node must forward: the way out (masquerade), the mesh's replies to
-    /// clients and the VXLAN the programs send to other nodes all leave through the kernel's
-    /// route lookup for forwarding (`bpf_fib_lookup`), which refuses on an interface that
-    /// does not forward (VXLAN would still go, slower, through the device).
+    /// Whether the node must forward: the way out (masquerade) and the mesh's replies to
+    /// clients leave through the kernel's route lookup for forwarding (`bpf_fib_lookup`),
+    /// which refuses on an interface that does not forward.
     pub fn needs_forwarding(&self) -> bool {
-        !self.masquerade.is_empty() || !self.ingress.is_empty() || !self.nodes.is_empty()
+        !self.masquerade.is_empty() || !self.ingress.is_empty()
+    }
+
+    /// Whether the node should forward: as it must (`needs_forwarding`), or for the VXLAN
+    /// the programs send to other nodes (through the same lookup; without forwarding it goes
+    /// through the VXLAN device, slower).
+    pub fn wants_forwarding(&self) -> bool {
+        self.needs_forwarding() || !self.nodes.is_empty()
     }
 
     /// The ports published on this node, whatever their protocol.

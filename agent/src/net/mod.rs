@@ -24,7 +24,7 @@ use shoal_api::dataplane::{
     Change, ChangeBatch, ChangeReport, ChangeResult, Counter, DataplaneSpec, Desired, Protocol, ReservedPort, Rules,
     DEFAULT_OVERLAY_MTU,
 };
-use shoal_common::overlay::{NodeConfig, NODE_MESH_DSR};
+use shoal_common::overlay::{NodeConfig, NODE_MESH_DSR, NODE_VXLAN_BY_DEVICE};
 use tracing::{error, info, instrument, warn};
 
 pub use error::NetError;
@@ -57,6 +57,20 @@ pub struct NetConfig {
     pub dns: Option<std::net::SocketAddrV4>,
     /// Direct server return for the clients of this node's published ports.
     pub mesh_dsr: bool,
+    /// VXLAN through the kernel's device rather than the programs (`NODE_VXLAN_BY_DEVICE`).
+    pub vxlan_by_device: bool,
+}
+
+/// Turns forwarding on for `plan`: a failure fails the change where the plan needs it, and is
+/// only a warning where VXLAN alone wants it (it then goes through the device).
+fn enable_forwarding(plan: &mirror::Plan) -> Result<(), NetError> {
+    match host::enable_forwarding() {
+        Err(e) if !plan.needs_forwarding() => {
+            warn!(error = %e, "could not turn forwarding on: VXLAN goes through the VXLAN device");
+            Ok(())
+        }
+        result => result,
+    }
 }
 
 pub struct Dataplane {
@@ -97,7 +111,8 @@ impl Dataplane {
             underlay_ifindex: underlay.as_ref().map_or(0, |(index, _)| *index),
             underlay_addr: u32::from_ne_bytes(config.node_addr.octets()),
             data_path_port: config.vxlan_port.to_be(),
-            flags: if config.mesh_dsr { NODE_MESH_DSR } else { 0 },
+            flags: if config.mesh_dsr { NODE_MESH_DSR } else { 0 }
+                | if config.vxlan_by_device { NODE_VXLAN_BY_DEVICE } else { 0 },
         };
         // Until a sync replaces them, the maps' entries keep their IDs to themselves.
         let held = datapath.lb_ids()?;
@@ -520,8 +535,8 @@ impl Dataplane {
         let plan = self.mirror.plan();
         // (A service's new backend changes its ports' entries, not which ports there are.)
         let ports_come_or_go = delta.ingress.changes_keys();
-        if (delta.touches_nat() || ports_come_or_go || delta.nodes.changes_keys()) && plan.needs_forwarding() {
-            host::enable_forwarding()?;
+        if (delta.touches_nat() || ports_come_or_go || delta.nodes.changes_keys()) && plan.wants_forwarding() {
+            enable_forwarding(plan)?;
         }
         if delta.touches_nat() {
             host::sync_nat(&plan.masquerade(), &plan.gateways(), self.config.dns)?;
@@ -550,8 +565,8 @@ impl Dataplane {
 
     /// The host's side of a whole plan (at start: whatever an earlier run left goes).
     async fn apply_host_whole(&mut self, plan: &mirror::Plan) -> Result<(), NetError> {
-        if plan.needs_forwarding() {
-            host::enable_forwarding()?;
+        if plan.wants_forwarding() {
+            enable_forwarding(plan)?;
         }
         host::sync_nat(&plan.masquerade(), &plan.gateways(), self.config.dns)?;
         if let Err(e) = self.reserved_local_ports.sync(&plan.published_ports()) {

@@ -80,6 +80,12 @@ pub struct NodeConfig {
 /// underlay must let a node send from another's address.
 pub const NODE_MESH_DSR: u16 = 1;
 
+/// `NodeConfig::flags`: VXLAN goes through the node's VXLAN device both ways, as the
+/// kernel's own, instead of being built and taken apart by the programs. For a node whose
+/// traffic to other nodes needs the stack's output and input path: IPsec policies (xfrm) on
+/// the node addresses, netfilter rules on VXLAN, routing policy by port or mark. Slower.
+pub const NODE_VXLAN_BY_DEVICE: u16 = 2;
+
 /// Value of the `NODES` map: nothing yet (the key is what counts).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

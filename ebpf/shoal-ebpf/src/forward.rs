@@ -20,7 +20,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use shoal_common::{
-    overlay::{EndpointEntry, NodeConfig},
+    overlay::{EndpointEntry, NodeConfig, NODE_VXLAN_BY_DEVICE},
     stats::{
         DROP_FIB, DROP_FIB_NOT_FORWARDED, DROP_FIB_UNREACHABLE, DROP_FRAG_NEEDED, DROP_MALFORMED,
         DROP_NO_OVERLAY_DEVICE, DROP_REDIRECT, DROP_TTL_EXCEEDED, DROP_TUNNEL_KEY, ENCAP_BY_DEVICE,
@@ -100,7 +100,7 @@ fn encapsulate_inner(
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at just above.
     unsafe { (*eth).dst = to.mac };
-    if config.underlay_ifindex != 0 {
+    if config.underlay_ifindex != 0 && config.flags & NODE_VXLAN_BY_DEVICE == 0 {
         if let Some(verdict) = vxlan::encapsulate(ctx, &config, to.node_addr, vni, policy.unwrap_or(0), counter) {
             return verdict;
         }
@@ -183,7 +183,8 @@ pub fn route_out(ctx: &TcContext) -> Result<Route, u32> {
 }
 
 /// `route_out` for a packet from `saddr` to `daddr` (network byte order) of IPv4 length
-/// `tot_len` (0: the packet's own size, as it is now, is checked against the way out).
+/// `tot_len`, checked against the route's MTU (0: the kernel checks the packet as it is
+/// against the device's MTU instead, and lets any GSO packet through).
 #[inline(always)]
 pub fn route_to(
     ctx: &TcContext,

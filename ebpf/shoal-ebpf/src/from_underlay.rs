@@ -9,7 +9,7 @@
 //! parse is not its business, so it passes too.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use shoal_common::lb::PROTO_UDP;
+use shoal_common::{lb::PROTO_UDP, overlay::NODE_VXLAN_BY_DEVICE};
 
 use crate::{
     forward::node_config,
@@ -36,8 +36,10 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
         return Ok(TC_ACT_OK);
     }
     let Some(config) = node_config() else { return Ok(TC_ACT_OK) };
-    if let Some(verdict) = vxlan::decapsulate(ctx, &config)? {
-        return Ok(verdict);
+    if config.flags & NODE_VXLAN_BY_DEVICE == 0 {
+        if let Some(verdict) = vxlan::decapsulate(ctx, &config)? {
+            return Ok(verdict);
+        }
     }
     let Ok(Some(flow)) = flow_of(ctx) else {
         // An ICMP error about a reply the mesh sent out: the backend must hear of it.
